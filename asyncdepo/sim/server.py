@@ -1,0 +1,191 @@
+"""Running a simulator: in the current event loop (tests), in a thread of its own (the demo), or as
+``asyncdepo sim NAME`` in the foreground.
+
+Every simulator module in ``asyncdepo.sim`` provides::
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None   # its own flags (besides --port/--root/--fault)
+    def build_app(root: Path, faults: FaultInjector, args: argparse.Namespace | None) -> web.Application
+
+and is listed in :data:`SIMULATORS`. ``build_app`` must install ``faults.middleware`` and call
+``faults.add_routes(app)``; :func:`make_app` does both around the simulator's own routes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType, TracebackType
+from typing import Any
+
+from aiohttp import web
+
+from asyncdepo.sim.faults import FaultInjector, parse_rule
+
+SIMULATORS: dict[str, str] = {
+    "tus": "asyncdepo.sim.tus",
+    "pdis": "asyncdepo.sim.pdis",
+    "gypsum": "asyncdepo.sim.gypsum",
+    "empiar": "asyncdepo.sim.empiar",
+    "globus": "asyncdepo.sim.globus",
+    "immport": "asyncdepo.sim.immport",
+}
+
+FAULTS_KEY: web.AppKey[FaultInjector] = web.AppKey("asyncdepo_faults", FaultInjector)
+
+
+def make_app(faults: FaultInjector, *, client_max_size: int = 1 << 30) -> web.Application:
+    """An Application with the fault middleware and the ``/_sim/`` control routes installed."""
+    app = web.Application(middlewares=[faults.middleware], client_max_size=client_max_size)
+    app[FAULTS_KEY] = faults
+    faults.add_routes(app)
+    return app
+
+
+def load(name: str) -> ModuleType:
+    """The simulator module called ``name``; raises KeyError with the known names."""
+    if name not in SIMULATORS:
+        raise KeyError(f"unknown simulator {name!r}; known: {', '.join(sorted(SIMULATORS))}")
+    return importlib.import_module(SIMULATORS[name])
+
+
+class SimServer:
+    """An aiohttp app listening on 127.0.0.1 in the running loop: ``async with SimServer(app) as s: s.url``."""
+
+    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def faults(self) -> FaultInjector:
+        return self.app[FAULTS_KEY]
+
+    async def start(self) -> "SimServer":
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        server = site._server  # the bound port when 0 was asked for
+        if self.port == 0 and server is not None and getattr(server, "sockets", None):
+            self.port = server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> "SimServer":
+        return await self.start()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+class ThreadedSim:
+    """A simulator in a thread with its own event loop, so the caller's loop stays free (demo, CLI tests).
+
+    ``with ThreadedSim(lambda: build_app(...)) as sim: sim.url``
+    """
+
+    def __init__(self, factory: Callable[[], web.Application], port: int = 0) -> None:
+        self._factory = factory
+        self._port = port
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self.server: SimServer | None = None
+        self._thread = threading.Thread(target=self._run, name="asyncdepo-sim", daemon=True)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return self.server.url
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            try:
+                self.server = await SimServer(self._factory(), port=self._port).start()
+            except BaseException as exc:  # reported to the starting thread
+                self._error = exc
+                self._ready.set()
+                return
+            self._ready.set()
+            try:
+                await self._stop.wait()
+            finally:
+                await self.server.stop()
+
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._loop.run_until_complete(main())
+        finally:
+            self._loop.close()
+
+    def call(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` in the simulator's loop (e.g. to change faults)."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(fn)
+
+    def __enter__(self) -> "ThreadedSim":
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=30)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, default=8080, help="TCP port on 127.0.0.1 (0: any free port)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--root", type=Path, required=True, help="directory holding the simulator's storage")
+    parser.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="RULE",
+        help="inject a fault: 'METHOD PATH KIND [key=value ...]', e.g. "
+        "'PATCH /files/* drop after=1M first=2' or 'POST * status=429 retry-after=1' (repeatable)",
+    )
+
+
+def serve_forever(name: str, args: argparse.Namespace) -> int:
+    """``asyncdepo sim NAME``: build the app from ``args`` and serve until interrupted."""
+    module = load(name)
+    faults = FaultInjector([parse_rule(r) for r in args.fault])
+    args.root.mkdir(parents=True, exist_ok=True)
+    app = module.build_app(args.root, faults, args)
+
+    async def main() -> None:
+        server = SimServer(app, host=args.host, port=args.port)
+        await server.start()
+        print(f"asyncdepo sim {name} listening on {server.url} (storage {args.root})", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.stop()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
