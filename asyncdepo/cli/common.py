@@ -1,0 +1,144 @@
+"""What every command shares: engine options, the reporter for the chosen output, running a coroutine
+with Ctrl-C handling, and turning errors into one message and an exit status.
+
+Exit statuses: 0 everything done; 1 some items failed (the report lists them); 2 bad usage or input
+(nothing was sent); 3 authentication or permission refused; 4 a permanent refusal by the archive
+(quota, conflict, validation); 5 a transient failure that outlasted the retries; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+
+from asyncdepo import config as cfgmod
+from asyncdepo.config import EngineConfig
+from asyncdepo.errors import AuthError, DepoError, PermanentError, TransientError, UsageError
+from asyncdepo.events import JsonSink, LogSink, Reporter
+
+T = TypeVar("T")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_REFUSED, EXIT_TRANSIENT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
+
+
+class Interrupted(Exception):
+    """Raised by :func:`run` when SIGINT/SIGTERM cancelled the work."""
+
+
+def add_engine_options(parser: argparse.ArgumentParser, *, journal: bool = True) -> None:
+    """The engine's option table as flags, plus --json / --quiet / --journal."""
+    cfgmod.add_arguments(parser)
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="write one JSON object per event and periodic "
+                     "snapshots to stdout instead of a progress display")
+    out.add_argument("-q", "--quiet", action="store_true", help="no progress display; only the final report")
+    out.add_argument("-v", "--verbose", action="store_true", help="log retries and details to stderr")
+    if journal:
+        out.add_argument("--journal", metavar="PATH",
+                         help="resume journal (default $XDG_STATE_HOME/asyncdepo/journal.sqlite)")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """EngineConfig from flags, ASYNCDEPO_* variables and the config file; raises UsageError."""
+    return cfgmod.load(args)
+
+
+def make_reporter(args: argparse.Namespace, title: str = "asyncdepo") -> Reporter:
+    """JSON lines with --json; rich progress on a terminal; log lines otherwise."""
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(message)s", stream=sys.stderr)
+    if getattr(args, "json", False):
+        return Reporter([JsonSink(sys.stdout)])
+    if not getattr(args, "quiet", False) and sys.stderr.isatty():
+        from asyncdepo.render import RichSink
+
+        return Reporter([RichSink(title=title)])
+    return Reporter([LogSink()])
+
+
+def error_exit(exc: BaseException) -> int:
+    """Print ``exc`` as a person should see it and return the exit status for it."""
+    if isinstance(exc, DepoError):
+        print(f"asyncdepo: error: {exc.describe()}", file=sys.stderr)
+        if isinstance(exc, UsageError):
+            return EXIT_USAGE
+        if isinstance(exc, AuthError):
+            return EXIT_AUTH
+        if isinstance(exc, PermanentError):
+            return EXIT_REFUSED
+        if isinstance(exc, TransientError):
+            return EXIT_TRANSIENT
+        return EXIT_FAILED
+    raise exc
+
+
+def run(main: Callable[[], Awaitable[T]], reporter: Reporter | None = None) -> T:
+    """Run ``main`` on uvloop when available; SIGINT/SIGTERM cancel it cleanly and raise Interrupted.
+
+    The coroutine's own ``finally`` blocks (shielded cleanups) run before this returns.
+    """
+    interrupted = False
+
+    async def wrapper() -> T:
+        nonlocal interrupted
+        result: list[T] = []
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                nonlocal interrupted
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        interrupted = True
+                        tg.cancel_scope.cancel()
+                        return
+
+            async def body() -> None:
+                result.append(await main())
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            tg.start_soon(body)
+        if interrupted or not result:
+            raise Interrupted()
+        return result[0]
+
+    backend_options: dict[str, Any] = {}
+    try:
+        import uvloop  # noqa: F401
+
+        backend_options["use_uvloop"] = True
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        return anyio.run(wrapper, backend_options=backend_options)
+    finally:
+        if reporter is not None:
+            reporter.close()
+
+
+def print_report(report: Any, *, json_out: bool = False, resume_hint: str | None = None) -> int:
+    """The final report on stderr (stdout JSON with --json), and the exit status for it."""
+    if json_out:
+        return EXIT_OK if report.ok else EXIT_FAILED
+    secs = report.seconds
+    lines = [
+        f"job {report.job_id}: {report.files_done} sent, {report.files_skipped} skipped, "
+        f"{report.files_failed} failed; {report.bytes / 1e6:,.1f} MB in {secs:.2f} s "
+        f"({report.mb_per_s:,.1f} MB/s on the wire), {report.retries} retries",
+    ]
+    for rel, err in report.failures[:20]:
+        lines.append(f"  failed: {rel}: {err}")
+    if len(report.failures) > 20:
+        lines.append(f"  ... and {len(report.failures) - 20} more (asyncdepo status {report.job_id})")
+    for key, value in (report.summary or {}).items():
+        lines.append(f"  {key}: {value}")
+    if not report.ok and resume_hint:
+        lines.append(f"to retry the failed items: {resume_hint}")
+    print("\n".join(lines), file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_FAILED

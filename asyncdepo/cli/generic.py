@@ -1,0 +1,277 @@
+"""The archive-neutral commands: push/pull to URL targets, resume, status, jobs, sim, bench."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from asyncdepo.cli import common
+from asyncdepo.errors import DepoError, UsageError
+
+SECRET_ENV = {"tus+http": "ASYNCDEPO_TUS_TOKEN", "tus+https": "ASYNCDEPO_TUS_TOKEN"}
+
+EPILOG = """\
+targets:
+  file:///DIR                      a local directory (files appear only when complete)
+  tus+http://HOST:PORT/files/      a tus 1.0.0 server (token, if any, from ASYNCDEPO_TUS_TOKEN)
+  s3://BUCKET/PREFIX               S3 or compatible (--endpoint-url; AWS_* credentials / profiles)
+archives:
+  asyncdepo push pdis DIR --pdb 1ABC          asyncdepo push gypsum DIR PROJECT/ASSET/VERSION
+  asyncdepo push empiar TOKEN DEPOSITION.json DATA
+  asyncdepo pull gypsum PROJECT/ASSET[/VERSION] DIR    asyncdepo pull immport PATH... OUTDIR
+  (each has --help)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="asyncdepo", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Push scientific datasets into public archives and pull them back: concurrent, "
+                    "resumable after any crash, verified by digest end to end.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    push = sub.add_parser("push", help="send a directory or file to a target URL (or an archive)",
+                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+                          description="Send SOURCE to TARGET. Re-running the same command resumes: files "
+                                      "done and unchanged are skipped, partial ones continue where the "
+                                      "server stopped.")
+    push.add_argument("source", type=Path, help="directory or file to send")
+    push.add_argument("target", help="target URL (file://, tus+http://, s3://)")
+    push.add_argument("--endpoint-url", help="S3 endpoint (e.g. http://127.0.0.1:9000)")
+    push.add_argument("--region", help="S3 region")
+    push.add_argument("--profile", help="AWS profile name")
+    common.add_engine_options(push)
+
+    pull = sub.add_parser("pull", help="fetch from a target URL (or an archive) into a directory")
+    pull.add_argument("source", help="URL to fetch from (file://, s3://)")
+    pull.add_argument("outdir", type=Path, help="directory to write into")
+    pull.add_argument("--endpoint-url")
+    pull.add_argument("--region")
+    pull.add_argument("--profile")
+    common.add_engine_options(pull)
+
+    res = sub.add_parser("resume", help="continue an interrupted or failed job")
+    res.add_argument("job", help="job id (a unique prefix is enough; see `asyncdepo jobs`)")
+    res.add_argument("--journal", metavar="PATH")
+
+    st = sub.add_parser("status", help="per-state counts and failures of a job")
+    st.add_argument("job")
+    st.add_argument("--journal", metavar="PATH")
+    st.add_argument("--json", action="store_true")
+
+    jobs = sub.add_parser("jobs", help="list recent jobs")
+    jobs.add_argument("--journal", metavar="PATH")
+    jobs.add_argument("--json", action="store_true")
+
+    sim = sub.add_parser("sim", help="run a local simulator of an archive (tus, pdis, gypsum, empiar, "
+                                     "globus, immport)", add_help=False)
+    sim.add_argument("name", nargs="?")
+    sim.add_argument("rest", nargs=argparse.REMAINDER)
+
+    bench = sub.add_parser("bench", help="benchmarks: `asyncdepo bench sweep TARGET ...`", add_help=False)
+    bench.add_argument("what", nargs="?")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+def make_adapter(url: str, args: argparse.Namespace) -> Any:
+    """The adapter for a target URL; raises UsageError naming the known schemes."""
+    from asyncdepo.adapters import base
+
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    factory = base.lookup(scheme)
+    if factory is None:
+        raise UsageError(f"unknown target {url!r}; use one of: "
+                         + ", ".join(f"{s}://" for s in base.schemes()),
+                         hint="archives have their own commands: asyncdepo push pdis|gypsum|empiar --help")
+    secrets = {}
+    env = SECRET_ENV.get(scheme)
+    if env and os.environ.get(env):
+        secrets["token"] = os.environ[env]
+    kw: dict[str, Any] = {}
+    if scheme == "s3":
+        kw = {"endpoint_url": args.endpoint_url, "region": args.region, "profile": args.profile}
+    return factory(url, None, secrets, **kw)
+
+
+def _push(args: argparse.Namespace, argv: list[str]) -> int:
+    from asyncdepo.engine.journal import job_id
+    from asyncdepo.engine.scheduler import push, target_identity
+
+    config = common.engine_config(args)
+    adapter = make_adapter(args.target, args)
+    reporter = common.make_reporter(args)
+    jid = job_id("push", str(args.source.absolute()), target_identity(adapter, config))
+    # the command that resumes this job, with the source made absolute (resume may run elsewhere)
+    stored = ["push", *argv]
+    if str(args.source) in stored:
+        stored[stored.index(str(args.source))] = str(args.source.absolute())
+    try:
+        report = common.run(lambda: push(args.source, adapter, config, reporter=reporter,
+                                         argv=stored), reporter)
+    except common.Interrupted:
+        print(f"\ninterrupted; the journal holds the progress. Resume with:\n  asyncdepo resume {jid}",
+              file=sys.stderr)
+        return common.EXIT_INTERRUPTED
+    return common.print_report(report, json_out=args.json, resume_hint=f"asyncdepo resume {jid}")
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from asyncdepo.engine.pull import pull
+
+    config = common.engine_config(args)
+    adapter = make_adapter(args.source, args)
+    if not adapter.features.pull:
+        raise UsageError(f"{args.source}: this target cannot be pulled from")
+    reporter = common.make_reporter(args)
+    try:
+        report = common.run(lambda: pull(adapter, args.outdir, config, reporter=reporter), reporter)
+    except common.Interrupted:
+        print("\ninterrupted; run the same command again to continue (partial files resume)", file=sys.stderr)
+        return common.EXIT_INTERRUPTED
+    return common.print_report(report, json_out=args.json)
+
+
+async def _journal(path: str | None) -> Any:
+    from asyncdepo.engine.journal import Journal
+
+    return await Journal.open(Path(path) if path else None)
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    import orjson
+
+    async def main() -> list[dict[str, Any]]:
+        j = await _journal(args.journal)
+        try:
+            return await j.jobs()  # type: ignore[no-any-return]
+        finally:
+            await j.close()
+
+    rows = anyio.run(main)
+    if args.json:
+        print(orjson.dumps(rows).decode())
+        return 0
+    if not rows:
+        print("no jobs yet")
+    for r in rows:
+        print(f"{r['id']}  {r['state']:<11} {r['done']}/{r['items']} done  {r['kind']} {r['source']} -> "
+              f"{r['target']}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import orjson
+
+    async def main() -> tuple[Any, Any]:
+        j = await _journal(args.journal)
+        try:
+            row = await j.job(args.job)
+            if row is None:
+                raise UsageError(f"no job {args.job!r} (or the prefix is ambiguous); see `asyncdepo jobs`")
+            return row, await j.status(row["id"])
+        finally:
+            await j.close()
+
+    row, st = anyio.run(main)
+    if args.json:
+        print(orjson.dumps({"job": row, **st}).decode())
+        return 0
+    print(f"job {row['id']} ({row['state']}): {row['kind']} {row['source']} -> {row['target']}")
+    for state, c in sorted(st["counts"].items()):
+        print(f"  {state:<8} {c['files']:>8} files {c['bytes'] / 1e6:>12,.1f} MB")
+    for f in st["failures"]:
+        print(f"  failed: {f['rel']}: {f['error']}" + (" (transient)" if f["transient"] else ""))
+    return 0 if not st["failures"] else 1
+
+
+def _resume(args: argparse.Namespace) -> int:
+    async def main() -> Any:
+        j = await _journal(args.journal)
+        try:
+            return await j.job(args.job)
+        finally:
+            await j.close()
+
+    row = anyio.run(main)
+    if row is None:
+        raise UsageError(f"no job {args.job!r} (or the prefix is ambiguous); see `asyncdepo jobs`")
+    if row["kind"] != "push":
+        import importlib
+
+        from asyncdepo.cli import ARCHIVES
+
+        module = importlib.import_module(ARCHIVES[row["kind"]]) if row["kind"] in ARCHIVES else None
+        fn = getattr(module, "resume_job", None)
+        if fn is None:
+            raise UsageError(f"job {row['id']} ({row['kind']}) cannot be resumed by this version")
+        return int(fn(row))
+    argv = list(row["argv"])
+    if not argv:
+        raise UsageError(f"job {row['id']} has no recorded command; run the original push again")
+    if args.journal and "--journal" not in argv:
+        argv += ["--journal", args.journal]
+    print("resuming: asyncdepo " + " ".join(argv), file=sys.stderr)
+    from asyncdepo.cli import main as cli_main
+
+    return cli_main(argv)
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from asyncdepo.sim import server
+
+    names = ", ".join(sorted(server.SIMULATORS))
+    if not args.name or args.name in ("-h", "--help"):
+        print(f"usage: asyncdepo sim NAME --port P --root DIR [--fault RULE ...]\nsimulators: {names}")
+        return 0 if args.name else 2
+    try:
+        module = server.load(args.name)
+    except KeyError as exc:
+        raise UsageError(str(exc.args[0])) from None
+    p = argparse.ArgumentParser(prog=f"asyncdepo sim {args.name}",
+                                description=(module.__doc__ or "").split("\n\n")[0])
+    server.add_common_arguments(p)
+    module.add_arguments(p)
+    return server.serve_forever(args.name, p.parse_args(args.rest))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.what == "sweep":
+        from asyncdepo.bench_sweep import sweep_main
+
+        return sweep_main(args.rest)
+    print("usage: asyncdepo bench sweep TARGET --transfers 1,2,4,8 --chunk-size 8M,16M [--dataset DIR]\n"
+          "(the throughput benchmarks run with `make bench`)")
+    return 2
+
+
+def main(argv: list[str]) -> int:
+    parser = _parser()
+    if not argv:
+        parser.print_help()
+        return 2
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "push":
+            return _push(args, argv[1:])
+        if args.command == "pull":
+            return _pull(args)
+        if args.command == "jobs":
+            return _jobs(args)
+        if args.command == "status":
+            return _status(args)
+        if args.command == "resume":
+            return _resume(args)
+        if args.command == "sim":
+            return _sim(args)
+        if args.command == "bench":
+            return _bench(args)
+    except DepoError as exc:
+        return common.error_exit(exc)
+    parser.print_help()
+    return 2

@@ -1,0 +1,43 @@
+"""The engine facade adapters may use (with ``engine.types`` and ``engine.ascp``); nothing else of the
+engine is theirs to import. Everything here is documented in its own module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+
+from asyncdepo.engine.compress import TarSource, tar_source
+from asyncdepo.engine.hashing import MultiHash, digest_bytes, hash_file
+from asyncdepo.engine.httpbody import SourcePayload, client_session, request_timeout, transport_error
+from asyncdepo.engine.pipeline import FileSource
+from asyncdepo.engine.retry import RetryPolicy, retry_call
+from asyncdepo.engine.source import iter_items
+from asyncdepo.engine.source import walk as _walk_batches
+from asyncdepo.engine.types import ByteSource, Chunk, Item, PartInfo, RemoteItem
+
+__all__ = (
+    "ByteSource", "Chunk", "FileSource", "Item", "MultiHash", "PartInfo", "RemoteItem", "RetryPolicy",
+    "SourcePayload", "TarSource", "client_session", "digest_bytes", "file_source", "hash_file",
+    "iter_items", "request_timeout", "retry_call", "tar_source", "transport_error", "walk",
+)
+
+
+def file_source(path: str | Path, *, offset: int = 0, length: int | None = None,
+                digests: tuple[str, ...] = ("md5",), chunk_size: int = 1 << 20,
+                expect: Item | None = None) -> FileSource:
+    """A streamed ByteSource of a file (see ``pipeline.FileSource``); ``expect`` pins size and mtime so a
+    file that changes while it is read raises SourceChangedError."""
+    p = Path(path)
+    if expect is None:
+        st = p.stat()
+        expect = Item(str(p), p.name, st.st_size, st.st_mtime_ns)
+    return FileSource(expect, offset=offset, length=length, digests=digests, block=chunk_size)
+
+
+async def walk(root: str | Path, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+               follow_symlinks: bool = False):  # type: ignore[no-untyped-def]
+    """Items under ``root``, one at a time (batched walk in a thread underneath)."""
+    async for batch in _walk_batches(root, include, exclude, follow_symlinks):
+        for item in batch:
+            yield item

@@ -1,0 +1,375 @@
+"""The root of a run: walk -> bounded stream -> N workers, job-level hooks, per-run retries, the report.
+
+Structure (one anyio task group): a walker task streams batches of items, already checked against the
+journal, through a memory object stream of ``2 * transfers`` items; ``transfers`` workers each take
+one item at a time and send it (``transfer.send_item``); a ticker polls the statistics for the
+renderers. Backpressure is the stream's capacity: the walker waits when workers are busy, so memory
+does not grow with the number of files. Requests in flight are capped by a CapacityLimiter of
+``min(transfers, features.max_concurrency)``, buffered bytes by the BufferPool.
+
+Cancellation (Ctrl-C) cancels the task group; cleanup is shielded: the journal is flushed, the adapter's
+``finish(ok=False)`` runs (it aborts job-level state such as a lock unless told to keep it), and the
+job is marked ``interrupted`` so ``asyncdepo resume`` can continue it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from asyncdepo.adapters.base import Adapter
+from asyncdepo.config import EngineConfig
+from asyncdepo.engine.bandwidth import TokenBucket
+from asyncdepo.engine.compress import TarSource
+from asyncdepo.engine.hashing import hash_path_sync
+from asyncdepo.engine.journal import Journal
+from asyncdepo.engine.pipeline import BufferPool
+from asyncdepo.engine.retry import RetryPolicy
+from asyncdepo.engine.source import walk
+from asyncdepo.engine.transfer import Run, describe, first_error, send_item
+from asyncdepo.engine.types import Item
+from asyncdepo.errors import is_transient
+from asyncdepo.events import ItemDone, ItemFailed, ItemSkipped, JobFinished, JobStarted, Reporter
+
+
+@dataclasses.dataclass
+class RunReport:
+    """The outcome of a run, as the CLI prints it and ``--json`` writes it."""
+
+    ok: bool
+    job_id: str
+    files_done: int = 0
+    files_skipped: int = 0
+    files_failed: int = 0
+    bytes: int = 0
+    bytes_sent: int = 0
+    seconds: float = 0.0
+    retries: int = 0
+    failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    interrupted: bool = False
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_sent / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mb_per_s"] = round(self.mb_per_s, 2)
+        d["failures"] = [{"rel": r, "error": e} for r, e in self.failures]
+        return d
+
+
+def _hashes(config: EngineConfig, adapter: Adapter) -> tuple[str, ...]:
+    f = adapter.features
+    want = list(config.hash) + list(f.item_digests) + ([f.server_digest] if f.server_digest else [])
+    return tuple(dict.fromkeys(want))
+
+
+def target_identity(adapter: Adapter, config: EngineConfig) -> str:
+    ident = adapter.describe()
+    return ident + ("#zstd" if config.compress else "")
+
+
+async def _ticker(reporter: Reporter, interval: float) -> None:
+    while True:
+        await anyio.sleep(interval)
+        reporter.tick()
+
+
+def _make_run(config: EngineConfig, adapter: Adapter, reporter: Reporter, journal: Journal, job: str) -> Run:
+    f = adapter.features
+    transfers = min(config.transfers, f.max_concurrency or config.transfers)
+    chunk = config.chunk_size
+    if f.max_part_size:
+        chunk = min(chunk, f.max_part_size)
+    config = config.replace(chunk_size=max(chunk, f.min_part_size))
+    capacity = max(config.memory_bound(), 2 * config.chunk_size)
+    io = config.io_threads or max(4, 2 * (os.cpu_count() or 2))
+    return Run(config=config, adapter=adapter, reporter=reporter, journal=journal, job=job,
+               pool=BufferPool(capacity, reporter.stats), io=anyio.CapacityLimiter(io),
+               slots=anyio.CapacityLimiter(transfers),
+               bucket=TokenBucket(config.bwlimit) if config.bwlimit else None,
+               policy=RetryPolicy(attempts=config.request_attempts), hashes=_hashes(config, adapter))
+
+
+async def _fail(run: Run, item: Item, exc: BaseException, report: RunReport) -> None:
+    err = first_error(exc)
+    msg = describe(err)
+    transient = is_transient(err)
+    await run.journal.record(run.job, item.rel, size=item.size, mtime_ns=item.mtime_ns, state="failed",
+                             error=msg.splitlines()[0], transient=int(transient))
+    run.reporter.stats.files_failed += 1
+    run.reporter.emit(ItemFailed(rel=item.rel, error=msg, transient=transient))
+    report.failures.append((item.rel, msg.splitlines()[0]))
+
+
+async def _items(run: Run, root: Path, only: list[str] | None, skip: set[str],
+                 digests: dict[str, dict[str, str]]) -> AsyncIterator[tuple[Item, dict[str, Any] | None]]:
+    """Walked (or, for a retry round, named) items that still need sending, with their saved state."""
+    cfg, stats = run.config, run.reporter.stats
+
+    def warn(rel: str, why: str) -> None:
+        run.reporter.warning(f"skipped {rel}: {why}")
+
+    async def batches() -> AsyncIterator[list[Item]]:
+        if only is None:
+            async for b in walk(root, cfg.include, cfg.exclude, cfg.follow_symlinks, warn):
+                yield b
+            return
+        for i in range(0, len(only), 256):
+            out = []
+            for rel in only[i:i + 256]:
+                p = root / rel if root.is_dir() else root
+                try:
+                    st = p.stat()
+                except OSError:
+                    warn(rel, "no longer exists")
+                    continue
+                out.append(Item(str(p), rel, st.st_size, st.st_mtime_ns))
+            yield out
+
+    async for batch in batches():
+        rows = await run.journal.lookup(run.job, [i.rel for i in batch])
+        for item in batch:
+            if only is None:
+                stats.files_total += 1
+                stats.bytes_total += item.size
+            row = rows.get(item.rel)
+            same = row is not None and row.get("size") == item.size and row.get("mtime_ns") == item.mtime_ns
+            if item.rel in skip:
+                await run.journal.record(run.job, item.rel, size=item.size, mtime_ns=item.mtime_ns,
+                                         state="done", digests=digests.get(item.rel), error=None)
+                stats.files_skipped += 1
+                stats.bytes_done += item.size
+                run.reporter.emit(ItemSkipped(rel=item.rel, size=item.size, reason="archive already has it"))
+                continue
+            if same and row is not None and row.get("state") == "done":
+                stats.files_skipped += 1
+                stats.bytes_done += item.size
+                run.reporter.emit(ItemSkipped(rel=item.rel, size=item.size, reason="unchanged since last run"))
+                continue
+            if row is not None and not same:
+                # changed since it was recorded: forget the old state, re-send from zero
+                await run.journal.record(run.job, item.rel, size=item.size, mtime_ns=item.mtime_ns,
+                                         state="queued", offset=0, remote=None, error=None)
+                row = None
+            yield item, (row or {}).get("remote") if row else None
+    stats.walk_done = True
+
+
+async def _pass(run: Run, root: Path, report: RunReport, only: list[str] | None, skip: set[str],
+                digests: dict[str, dict[str, str]]) -> None:
+    """One pass over the items with ``transfers`` workers fed through a bounded stream."""
+    workers = run.config.transfers
+    send, recv = anyio.create_memory_object_stream[tuple[Item, dict[str, Any] | None]](2 * workers)
+
+    async def feeder() -> None:
+        async with send:
+            async for entry in _items(run, root, only, skip, digests):
+                await send.send(entry)
+
+    async def worker(stream: Any) -> None:
+        async with stream:
+            async for item, saved in stream:
+                try:
+                    await send_item(run, item, saved, digests.get(item.rel))
+                except Exception as exc:  # recorded; the run goes on with the other items
+                    await _fail(run, item, exc, report)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(feeder)
+        async with recv:
+            for _ in range(workers):
+                tg.start_soon(worker, recv.clone())
+
+
+async def _prehash(run: Run, root: Path) -> list[tuple[Item, dict[str, str]]]:
+    """Digests of every file before the start (targets that need them); md5 etc. in parallel threads."""
+    algos = tuple(dict.fromkeys(run.features.item_digests or ("md5",)))
+    out: list[tuple[Item, dict[str, str]]] = []
+    run.reporter.message("hashing files before the upload starts")
+    cfg = run.config
+
+    async def one(item: Item) -> None:
+        m = await anyio.to_thread.run_sync(lambda: hash_path_sync(item.path, algos), limiter=run.io)
+        out.append((item, m.hexdigests()))
+
+    async for batch in walk(root, cfg.include, cfg.exclude, cfg.follow_symlinks,
+                            lambda r, w: run.reporter.warning(f"skipped {r}: {w}")):
+        async with anyio.create_task_group() as tg:
+            for item in batch:
+                tg.start_soon(one, item)
+    out.sort(key=lambda p: p[0].rel)
+    return out
+
+
+async def _packed(run: Run, root: Path, report: RunReport) -> None:
+    """The whole tree as one tar(.zst) stream through one writer."""
+    cfg, stats = run.config, run.reporter.stats
+    name = root.name + (".tar.zst" if cfg.compress else ".tar")
+    pack = Item(str(root), name, -1, 0)
+    rows = await run.journal.lookup(run.job, [name])
+    if (rows.get(name) or {}).get("state") == "done":
+        run.reporter.emit(ItemSkipped(rel=name, size=0, reason="uploaded in an earlier run"))
+        stats.files_skipped += 1
+        return
+    algos = tuple(dict.fromkeys(run.hashes))
+
+    async def items() -> AsyncIterator[Item]:
+        async for b in walk(root, cfg.include, cfg.exclude, cfg.follow_symlinks,
+                            lambda r, w: run.reporter.warning(f"skipped {r}: {w}")):
+            for it in b:
+                stats.files_total += 1
+                stats.bytes_total += it.size
+                yield it
+
+    stats.item_in(name, -1)
+    try:
+        writer = await run.request(name, lambda: run.adapter.open_item(pack, None))
+        sources: list[TarSource] = []
+
+        async def once() -> None:
+            stats.files_total = stats.bytes_total = 0
+            level = cfg.compress[1] if cfg.compress else 3
+            src = TarSource(items(), prefix=root.name, compress=cfg.compress[0] if cfg.compress else None,
+                            level=level, threads=cfg.compress_threads, digests=algos, limiter=run.io)
+            sources.append(src)
+            await writer.write_stream(_Counted(src, run, name))
+
+        await run.request(name, once)
+        src = sources[-1]
+        result = await run.request(name, lambda: writer.complete(src.inner_digests, src.inner_size))
+        await run.journal.record(run.job, name, size=src.inner_size, mtime_ns=0, state="done",
+                                 digests=src.inner_digests, remote=result, error=None)
+        stats.files_done = stats.files_total
+        stats.bytes_done = src.inner_size
+        run.reporter.emit(ItemDone(rel=name, size=src.inner_size, sent=src.sent, digests=src.inner_digests))
+    except Exception as exc:
+        await _fail(run, pack, exc, report)
+    finally:
+        stats.item_out(name)
+
+
+class _Counted:
+    """A ByteSource wrapper that throttles and counts what a packed stream yields."""
+
+    def __init__(self, src: TarSource, run: Run, rel: str) -> None:
+        self._src, self._run, self._rel = src, run, rel
+        self.size = src.size
+
+    @property
+    def digests(self) -> dict[str, str]:
+        return self._src.digests
+
+    def __aiter__(self) -> "_Counted":
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = await self._src.__anext__()
+        await self._run.throttle(len(data))
+        self._run.reporter.stats.add_sent(self._rel, len(data))
+        self._run.reporter.stats.bytes_done = self._src.inner_size
+        return data
+
+    async def aclose(self) -> None:
+        await self._src.aclose()
+
+
+async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None = None, *,
+               reporter: Reporter | None = None, journal_path: Path | None = None,
+               argv: list[str] | None = None, tick: float = 0.5) -> RunReport:
+    """Push ``source`` (a directory or one file) through ``adapter``; see the module docstring.
+
+    :raises UsageError: the source is missing or unreadable (before anything is sent).
+    Item failures do not raise: they are in the report (``ok`` False) and the journal.
+    """
+    config = config or EngineConfig()
+    reporter = reporter or Reporter()
+    root = Path(source).absolute()
+    from asyncdepo.engine.source import check_source
+
+    await anyio.to_thread.run_sync(check_source, root)
+    journal = await Journal.open(journal_path or config.journal_path)
+    started = time.monotonic()
+    report = RunReport(ok=False, job_id="")
+    ok = False
+    try:
+        async with adapter:
+            job, existed = await journal.open_job("push", str(root), target_identity(adapter, config), argv or [])
+            report.job_id = job
+            if existed:
+                adapter.restore_job_state(await journal.job_state(job))
+            reporter.emit(JobStarted(job=job, source=str(root), target=adapter.describe(), resumed=existed))
+            run = _make_run(config, adapter, reporter, journal, job)
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_ticker, reporter, tick)
+                    await _run_all(run, root, report)
+                    tg.cancel_scope.cancel()
+                ok = not report.failures
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await journal.flush()
+                    try:
+                        report.summary = await adapter.finish(ok) or {}
+                    except Exception as exc:
+                        report.failures.append(("(job)", describe(exc).splitlines()[0]))
+                        ok = False
+                    await journal.set_job_state(job, adapter.job_state())
+    except BaseException as exc:
+        if isinstance(first_error(exc), anyio.get_cancelled_exc_class()) or isinstance(exc, KeyboardInterrupt):
+            report.interrupted = True
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            if report.job_id:
+                state = "done" if ok and not report.failures else ("interrupted" if report.interrupted else "failed")
+                await journal.set_job(report.job_id, state)
+            await journal.close()
+            _fill(report, reporter, started)
+            report.ok = ok and not report.failures
+            reporter.emit(JobFinished(job=report.job_id, report=report.to_json()))
+    return report
+
+
+async def _run_all(run: Run, root: Path, report: RunReport) -> None:
+    if run.features.packed:
+        await _packed(run, root, report)
+        return
+    skip: set[str] = set()
+    digests: dict[str, dict[str, str]] = {}
+    if run.features.needs_digests_before_start:
+        listed = await _prehash(run, root)
+        digests = {item.rel: d for item, d in listed}
+        skip = await run.request("(start)", lambda: run.adapter.prepare(listed), attempts=3)
+        await run.journal.set_job_state(run.job, run.adapter.job_state())
+        del listed
+    await _pass(run, root, report, None, skip, digests)
+    for _ in range(run.config.retries):
+        again = await run.journal.failed_transient(run.job)
+        if not again:
+            break
+        run.reporter.message(f"retrying {len(again)} item(s) that failed transiently")
+        failed_before = {rel for rel, _ in report.failures}
+        report.failures = [(r, e) for r, e in report.failures if r not in set(again)]
+        run.reporter.stats.files_failed -= len(failed_before & set(again))
+        await _pass(run, root, report, again, skip, digests)
+
+
+def _fill(report: RunReport, reporter: Reporter, started: float) -> None:
+    s = reporter.stats
+    report.files_done = s.files_done
+    report.files_skipped = s.files_skipped
+    report.files_failed = len(report.failures)
+    report.bytes = s.bytes_done
+    report.bytes_sent = s.bytes_sent
+    report.retries = s.retries
+    report.seconds = round(time.monotonic() - started, 3)
