@@ -173,6 +173,7 @@ class Adapter(ABC):
 
 AdapterFactory = Callable[..., Adapter]
 _REGISTRY: dict[str, AdapterFactory] = {}
+_LOADED = False
 
 
 def register(scheme: str) -> Callable[[AdapterFactory], AdapterFactory]:
@@ -187,8 +188,10 @@ def register(scheme: str) -> Callable[[AdapterFactory], AdapterFactory]:
 
 def lookup(scheme: str) -> AdapterFactory | None:
     """The factory registered for ``scheme``, importing the built-in adapters on first use."""
-    if not _REGISTRY:
-        from asyncdepo import adapters as _pkg  # noqa: F401  (registers the built-ins)
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        from asyncdepo import adapters as _pkg  # registers the built-ins
 
         _pkg.load_builtins()
     return _REGISTRY.get(scheme)

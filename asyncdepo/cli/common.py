@@ -117,6 +117,12 @@ def run(main: Callable[[], Awaitable[T]], reporter: Reporter | None = None) -> T
         pass
     try:
         return anyio.run(wrapper, backend_options=backend_options)
+    except BaseExceptionGroup as eg:
+        # the task group wraps what main raised; callers want the error itself
+        leaf: BaseException = eg
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        raise leaf from None
     finally:
         if reporter is not None:
             reporter.close()

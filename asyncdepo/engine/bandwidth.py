@@ -49,7 +49,7 @@ class TokenBucket:
             while remaining > 0:
                 self._refill()
                 take = min(remaining, self.burst)
-                if self._tokens >= take:
+                if self._tokens >= take - 1e-6:  # tolerance: float refill may land a hair short
                     self._tokens -= take
                     remaining -= take
                     continue

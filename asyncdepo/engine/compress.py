@@ -50,12 +50,12 @@ class TarSource:
     def __init__(self, items: AsyncIterable[Item] | Iterable[Item], *, prefix: str = "",
                  compress: str | None = None, level: int = 3, threads: int = 0,
                  digests: tuple[str, ...] = ("md5",), block: int = 1 << 20,
-                 limiter: anyio.CapacityLimiter | None = None) -> None:
+                 limiter: anyio.CapacityLimiter | None = None, outer_digests: tuple[str, ...] = ()) -> None:
         self._items: AsyncIterator[Item] = (
             items.__aiter__() if isinstance(items, AsyncIterable) else _Sync(items))
         self._prefix = prefix.strip("/")
         self._inner = MultiHash(digests)
-        self._outer = MultiHash(digests)
+        self._outer = MultiHash(outer_digests)  # of the wire bytes; only when a target checks them
         self.inner_size = 0
         self.sent = 0
         self.files = 0
@@ -66,6 +66,7 @@ class TarSource:
         self._reader: RawReader | None = None
         self._pad = 0
         self._finished = False
+        self._hash_outer = bool(outer_digests)
         self._cobj: Any = None
         if compress == "zstd":
             import zstandard
@@ -139,7 +140,8 @@ class TarSource:
                 await self.aclose()
                 raise
             if out:
-                self._outer.update(out)
+                if self._hash_outer:
+                    self._outer.update(out)
                 self.sent += len(out)
                 return out
 

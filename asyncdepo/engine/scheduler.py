@@ -249,6 +249,9 @@ async def _packed(run: Run, root: Path, report: RunReport) -> None:
         result = await run.request(name, lambda: writer.complete(src.inner_digests, src.inner_size))
         await run.journal.record(run.job, name, size=src.inner_size, mtime_ns=0, state="done",
                                  digests=src.inner_digests, remote=result, error=None)
+        # the adapter's state (e.g. an upload token) must survive a crash before ``finish`` runs
+        await run.journal.flush()
+        await run.journal.set_job_state(run.job, run.adapter.job_state())
         stats.files_done = stats.files_total
         stats.bytes_done = src.inner_size
         run.reporter.emit(ItemDone(rel=name, size=src.inner_size, sent=src.sent, digests=src.inner_digests))

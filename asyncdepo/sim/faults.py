@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+FAULT_KEY: web.RequestKey["FaultRule | None"] = web.RequestKey("asyncdepo_fault", object)  # type: ignore[arg-type]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 KINDS = ("status", "drop", "delay", "stall")
 
@@ -134,6 +135,9 @@ class FaultInjector:
         self.statuses: defaultdict[str, int] = defaultdict(int)
         self._release = asyncio.Event()
         self.stalled = 0
+        # called (in the server's loop) each time a request starts stalling, with the stalled count;
+        # tests use it to wake a waiter instead of polling
+        self.on_stall: list[Callable[[int], None]] = []
 
     # -- configuration -------------------------------------------------------------------------------
     def add(self, rule: FaultRule | str) -> FaultRule:
@@ -188,12 +192,14 @@ class FaultInjector:
         route = self.route_name(request)
         self.requests[route] += 1
         rule = self._rule_for(request)
-        request["fault"] = rule
+        request[FAULT_KEY] = rule
         if rule is not None:
             if rule.kind == "delay":
                 await asyncio.sleep(rule.delay)
             elif rule.kind == "stall":
                 self.stalled += 1
+                for fn in self.on_stall:
+                    fn(self.stalled)
                 try:
                     await self._release.wait()
                 finally:
@@ -221,7 +227,7 @@ class FaultInjector:
         :raises Dropped: after the connection was aborted by a drop rule (the bytes before it were yielded).
         """
         route = self.route_name(request)
-        rule: FaultRule | None = request.get("fault")
+        rule: FaultRule | None = request.get(FAULT_KEY)
         limit = rule.after if rule is not None and rule.kind == "drop" else None
         got = 0
         while True:

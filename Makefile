@@ -1,0 +1,45 @@
+# Set-up is two commands: `make demo` and `make test` (each creates .venv when missing).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench bench-peers lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m benchmarks.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP) tools
+	$(BIN)/python -m benchmarks.bench_engine
+	-$(BIN)/python -m benchmarks.bench_pdis
+	-$(BIN)/python -m benchmarks.bench_gypsum
+	-$(BIN)/python -m benchmarks.bench_immport
+
+bench-peers: $(STAMP) tools
+	$(BIN)/python -m benchmarks.peers
+
+# Debian tools the benchmarks compare against (curl, zstd); installed only when missing
+tools:
+	@command -v curl >/dev/null && command -v zstd >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq curl zstd >/dev/null)
+
+lint: $(STAMP)
+	$(BIN)/ruff check asyncdepo
+	$(BIN)/mypy asyncdepo
+
+clean:
+	rm -rf $(VENV) build *.egg-info

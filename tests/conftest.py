@@ -1,0 +1,70 @@
+"""Shared fixtures: datasets, the tus simulator (in the test's loop or in a thread), a journal path."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from asyncdepo.sim import tus
+from asyncdepo.sim.faults import FaultInjector
+from asyncdepo.sim.server import SimServer, ThreadedSim
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    """rel path -> sha256 of every regular file under root (part files excluded)."""
+    out = {}
+    for p in root.rglob("*"):
+        if p.is_file() and not p.name.endswith(".asyncdepo-part"):
+            out[p.relative_to(root).as_posix()] = sha256_of(p)
+    return out
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    """40 small files in nested directories, 3 multi-chunk files, an empty file."""
+    root = tmp_path / "data"
+    for i in range(40):
+        p = root / f"d{i % 4}" / f"small_{i:03d}.bin"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(os.urandom(1000 + 37 * i))
+    for i in range(3):
+        (root / f"big_{i}.bin").write_bytes(os.urandom(3 * (1 << 20) + 12345 * i))
+    (root / "empty.txt").write_bytes(b"")
+    return root
+
+
+@pytest.fixture
+async def tus_server(tmp_path: Path):
+    """A tus simulator in the test's event loop; ``server.faults`` injects faults."""
+    faults = FaultInjector()
+    async with SimServer(tus.build_app(tmp_path / "tus-store", faults, None)) as server:
+        server.store = tmp_path / "tus-store"  # type: ignore[attr-defined]
+        yield server
+
+
+@pytest.fixture
+def threaded_tus(tmp_path: Path) -> Iterator[ThreadedSim]:
+    """A tus simulator in its own thread (for CLI runs that start their own loop)."""
+    faults = FaultInjector()
+    store = tmp_path / "tus-store"
+    with ThreadedSim(lambda: tus.build_app(store, faults, None)) as sim:
+        sim.faults = faults  # type: ignore[attr-defined]
+        sim.store = store  # type: ignore[attr-defined]
+        yield sim
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Path:
+    return tmp_path / "journal.sqlite"
