@@ -1,0 +1,406 @@
+"""``tus+http://HOST/PATH`` and ``tus+https://...`` — any tus 1.0.0 server (https://tus.io) as a target.
+
+The URL names the creation endpoint (``tus+https://host/files/`` -> ``https://host/files/``; an empty path
+means ``/files/``). The optional secret ``token`` is sent as ``Authorization: Bearer ...``, only to the
+endpoint's own origin (a Location on another host, e.g. a CDN, never receives it), and never appears in
+``describe()``, ``state()`` or error messages.
+
+Per item (chunked mode): ``open_item`` creates an upload with POST (``Upload-Length``; for an item of
+unknown size, i.e. a compressed stream, ``Upload-Defer-Length: 1`` and the length is sent with the last
+chunk) and ``Upload-Metadata`` ``filename`` (the base name) and ``relpath`` (the item's path). With saved
+state ``{"location": ...}`` it asks HEAD for the offset instead, so only the rest is sent; a 404/410, or a
+length that no longer matches the item, starts a new upload from zero.
+
+``write`` sends one PATCH per chunk (``Content-Type: application/offset+octet-stream``, ``Upload-Offset``,
+an explicit Content-Length, the chunk's memoryview as body) and, when the server offers the checksum
+extension with sha1, ``Upload-Checksum: sha1 <base64>`` from ``chunk.digests["sha1"]``. Writes are
+idempotent: a chunk the server already holds in full is a no-op, one it holds in part sends only the tail
+(hashed here, in a thread). ``resync`` is HEAD; ``complete`` checks with HEAD that the server holds exactly
+the bytes sent (tus reports no digest, so the size is what can be verified; for a deferred upload whose
+length was not yet declared it sends an empty PATCH with ``Upload-Length``); ``abort`` is DELETE
+(termination extension) and never raises. ``write_stream`` sends a whole ByteSource as one PATCH.
+
+Features are decided in ``__aenter__`` from OPTIONS: ``chunk_digests`` is ``("sha1",)`` only when the
+server lists ``checksum`` and ``sha1`` (the class default assumes it, so an engine that reads features
+before entering computes sha1 rather than missing it). ``Tus-Max-Size`` is the largest *upload*, not a
+part size, so it does not set ``max_part_size``; an item above it is refused before any byte moves
+(QuotaError).
+
+Errors: 409 -> OffsetMismatchError (no offset: servers do not send one; the engine resyncs), 460 ->
+:class:`ChecksumMismatchError` (a TransientError: the chunk was damaged on the way and is simply re-sent;
+if the buffer itself is bad the per-item retry re-reads the file), 404/410 on PATCH/HEAD -> TransientError
+(the upload expired or was terminated; reopening the item creates a new one), 423 -> TransientError
+(another request holds the upload), other statuses via ``errors.http_error``; network errors and timeouts
+-> TransientError naming the method and path (never headers or query strings). Every request has its own
+timeout (connect, sock_read, and a total scaled to the body size).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Mapping
+from typing import Any, Self
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+import anyio
+from multidict import CIMultiDictProxy
+
+from asyncdepo.adapters.base import Adapter, ChunkWriter, Features, register
+from asyncdepo.engine.api import SourcePayload, client_session, request_timeout
+from asyncdepo.engine.types import ByteSource, Chunk, Item
+from asyncdepo.errors import (
+    IntegrityError,
+    OffsetMismatchError,
+    QuotaError,
+    TransferError,
+    TransientError,
+    UsageError,
+    http_error,
+    parse_retry_after,
+)
+
+TUS_VERSION = "1.0.0"
+OFFSET_TYPE = "application/offset+octet-stream"
+
+
+class ChecksumMismatchError(TransientError):
+    """The server computed a different checksum for a chunk (tus status 460); the chunk is re-sent."""
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8", "surrogateescape")).decode("ascii")
+
+
+def _hex_to_b64(hexdigest: str) -> str:
+    return base64.b64encode(binascii.unhexlify(hexdigest)).decode("ascii")
+
+
+Headers = CIMultiDictProxy[str]
+
+
+def _int_header(headers: Headers, name: str) -> int | None:
+    value = headers.get(name, "")
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+class _Http:
+    """The adapter's session plus the request discipline: tus headers, timeouts, error mapping."""
+
+    def __init__(self, endpoint: str, token: str | None) -> None:
+        self.endpoint = endpoint
+        self._origin = urlsplit(endpoint)[:2]
+        self._token = token
+        self.session: aiohttp.ClientSession | None = None
+
+    def headers(self, url: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        headers = {"Tus-Resumable": TUS_VERSION, **(extra or {})}
+        if self._token and urlsplit(url)[:2] == self._origin:
+            headers["Authorization"] = f"Bearer {self._token}"
+        return headers
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        data: Any = None,
+        nbytes: int = 0,
+        ok: tuple[int, ...] = (200, 201, 204),
+        passthrough: tuple[int, ...] = (),
+        upload: bool = True,
+    ) -> tuple[int, Headers]:
+        """One request; returns (status, headers) for ``ok`` and ``passthrough`` statuses, raises otherwise.
+        ``upload`` says the URL is an upload resource (404/410 then mean "gone, start anew").
+
+        :raises TransientError: network error or timeout (message: method and path only).
+        :raises TransferError: an unexpected status, mapped with ``errors.http_error``.
+        """
+        assert self.session is not None, "use the adapter as 'async with adapter:'"
+        what = f"tus {method} {urlsplit(url).path}"
+        try:
+            async with self.session.request(
+                method,
+                url,
+                headers=self.headers(url, headers),
+                data=data,
+                timeout=request_timeout(nbytes),
+                allow_redirects=False,
+            ) as resp:
+                if resp.status in ok or resp.status in passthrough:
+                    await resp.release()
+                    return resp.status, resp.headers
+                text = (await resp.content.read(300)).decode("utf-8", "replace").strip().splitlines()
+                message = text[0] if text else (resp.reason or "")
+                raise _status_error(resp.status, message, resp.headers.get("Retry-After"), what, upload)
+        except TransferError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            # str(exc) of a response error can hold the URL with its query; name the class only
+            detail = getattr(exc, "strerror", None) or type(exc).__name__
+            raise TransientError(f"{what}: {detail}") from exc
+
+
+def _status_error(
+    status: int, message: str, retry_after: str | None, what: str, upload: bool
+) -> TransferError:
+    if status == 409:
+        return OffsetMismatchError(f"{what}: the server holds a different offset (409)", status=409)
+    if status == 460:
+        return ChecksumMismatchError(f"{what}: checksum mismatch (460), chunk discarded", status=460)
+    if status in (404, 410) and upload:
+        return TransientError(
+            f"{what}: the upload is gone (HTTP {status}); it will be created anew", status=status
+        )
+    if status == 423:
+        return TransientError(f"{what}: the upload is locked by another request (423)", status=423)
+    return http_error(status, message, retry_after=parse_retry_after(retry_after), what=what)
+
+
+class TusWriter(ChunkWriter):
+    """One upload resource; see the module docstring."""
+
+    def __init__(self, http: _Http, item: Item, location: str, checksum: bool, length: int | None) -> None:
+        super().__init__()
+        self._http = http
+        self.item = item
+        self.location = location
+        self._checksum = checksum
+        self.length = length  # None while deferred
+
+    def state(self) -> dict[str, Any]:
+        return {"location": self.location}
+
+    async def _head(self) -> tuple[int, int | None]:
+        _, headers = await self._http.request("HEAD", self.location, ok=(200, 204))
+        offset = _int_header(headers, "Upload-Offset")
+        if offset is None:
+            raise TransientError(f"tus HEAD {urlsplit(self.location).path}: no Upload-Offset in the answer")
+        return offset, _int_header(headers, "Upload-Length")
+
+    async def resync(self) -> int:
+        """HEAD: the server's offset becomes ``confirmed``."""
+        self.confirmed, length = await self._head()
+        if length is not None:
+            self.length = length
+        return self.confirmed
+
+    async def write(self, chunk: Chunk) -> None:
+        """PATCH ``chunk`` (only the part the server lacks); see the module docstring.
+
+        :raises OffsetMismatchError: 409, or the chunk starts past ``confirmed``.
+        :raises ChecksumMismatchError: 460.
+        :raises TransientError | PermanentError: other failures.
+        """
+        end = chunk.offset + len(chunk.data)
+        if chunk.offset > self.confirmed:
+            raise OffsetMismatchError(
+                f"tus PATCH {urlsplit(self.location).path}: chunk at {chunk.offset}, {self.confirmed} confirmed",
+                offset=self.confirmed,
+            )
+        final_length = None
+        if self.length is None and chunk.last:
+            final_length = chunk.total if chunk.total is not None else end
+        if end <= self.confirmed and final_length is None:
+            return  # the server already holds all of it (a response that was lost)
+        skip = self.confirmed - chunk.offset
+        body = chunk.data[skip:]
+        headers = {
+            "Content-Type": OFFSET_TYPE,
+            "Upload-Offset": str(self.confirmed),
+            "Content-Length": str(len(body)),
+        }
+        if final_length is not None:
+            headers["Upload-Length"] = str(final_length)
+        if self._checksum:
+            digest = chunk.digests.get("sha1") if skip == 0 else None
+            if digest is None:  # a tail, or an engine that did not hash: sha1 off the loop
+                digest = await anyio.to_thread.run_sync(
+                    lambda: hashlib.sha1(body, usedforsecurity=False).hexdigest()
+                )
+            headers["Upload-Checksum"] = f"sha1 {_hex_to_b64(digest)}"
+        _, resp = await self._http.request(
+            "PATCH", self.location, headers=headers, data=body, nbytes=len(body)
+        )
+        offset = _int_header(resp, "Upload-Offset")
+        if final_length is not None:
+            self.length = final_length
+        end = self.confirmed + len(body)
+        if offset != end:
+            # a server that took fewer bytes than it was sent: learn where it is and let the engine resend
+            if offset is not None:
+                self.confirmed = offset
+            raise OffsetMismatchError(
+                f"tus PATCH {urlsplit(self.location).path}: server at {offset}, expected {end}", offset=offset
+            )
+        self.confirmed = end
+
+    async def write_stream(self, source: ByteSource) -> None:
+        """Send ``source`` (which must start at byte ``confirmed``) as one PATCH; when the length is
+        deferred, declare it afterwards with an empty PATCH.
+
+        :raises TransientError | PermanentError: from the target (the engine retries with a new source).
+        """
+        headers = {"Content-Type": OFFSET_TYPE, "Upload-Offset": str(self.confirmed)}
+        if source.size is not None:
+            headers["Content-Length"] = str(source.size)
+        _, resp = await self._http.request(
+            "PATCH",
+            self.location,
+            headers=headers,
+            data=SourcePayload(source, OFFSET_TYPE),
+            nbytes=source.size or 0,
+        )
+        offset = _int_header(resp, "Upload-Offset")
+        if offset is None:
+            raise TransientError(f"tus PATCH {urlsplit(self.location).path}: no Upload-Offset in the answer")
+        self.confirmed = offset
+        if self.length is None:
+            await self._declare_length(offset)
+
+    async def _declare_length(self, length: int) -> None:
+        headers = {
+            "Content-Type": OFFSET_TYPE,
+            "Upload-Offset": str(self.confirmed),
+            "Upload-Length": str(length),
+        }
+        await self._http.request("PATCH", self.location, headers=headers, data=b"")
+        self.length = length
+
+    async def complete(self, digests: Mapping[str, str], size: int) -> dict[str, Any]:
+        """HEAD: the server must hold exactly the bytes sent (``size``; for a deferred upload, what was sent).
+
+        :raises IntegrityError: the server's offset or length differs.
+        """
+        expect = size if self.item.size >= 0 else self.confirmed
+        offset, length = await self._head()
+        if length is None and offset == expect:
+            await self._declare_length(expect)
+            length = expect
+        if offset != expect or length != expect:
+            raise IntegrityError(
+                f"{self.item.rel}: tus server holds {offset} of {length} bytes, expected {expect}"
+            )
+        return {"location": self.location, "size": expect}
+
+    async def abort(self) -> None:
+        """DELETE the upload (termination); never raises."""
+        try:
+            await self._http.request("DELETE", self.location, ok=(204, 200), passthrough=(404, 410))
+        except Exception:  # noqa: BLE001 - abort runs in cleanup paths and must not mask the first error
+            return
+
+
+@register("tus+http")
+@register("tus+https")
+class TusAdapter(Adapter):
+    """A tus 1.0.0 server; see the module docstring."""
+
+    name = "tus"
+    features = Features(chunked=True, resumable=True, chunk_digests=("sha1",))
+
+    def __init__(self, url: str, config: Any = None, secrets: Mapping[str, str] | None = None) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("tus+http", "tus+https") or not parts.hostname:
+            raise UsageError(f"not a tus URL: {url.split('?')[0]!r} (expected tus+https://HOST/PATH)")
+        if parts.username or parts.password:
+            raise UsageError("put the tus token in the secrets (token), not in the URL")
+        path = parts.path if parts.path not in ("", "/") else "/files/"
+        self.endpoint = f"{parts.scheme.removeprefix('tus+')}://{parts.netloc}{path}"
+        if parts.query:
+            self.endpoint += f"?{parts.query}"
+        self._describe = f"tus+{parts.scheme.removeprefix('tus+')}://{parts.netloc}{path}"
+        self.config = config
+        self._http = _Http(self.endpoint, (secrets or {}).get("token"))
+        self.extensions: frozenset[str] = frozenset()
+        self.max_size: int | None = None
+
+    def describe(self) -> str:
+        return self._describe
+
+    async def __aenter__(self) -> Self:
+        self._http.session = client_session()
+        try:
+            _, headers = await self._http.request("OPTIONS", self.endpoint, ok=(200, 204), upload=False)
+        except BaseException:
+            await self._http.session.close()
+            self._http.session = None
+            raise
+        versions = [v.strip() for v in headers.get("Tus-Version", TUS_VERSION).split(",")]
+        if TUS_VERSION not in versions:
+            await self.__aexit__()
+            raise UsageError(
+                f"{self._describe} does not speak tus {TUS_VERSION} (it offers {', '.join(versions)})"
+            )
+        ext = headers.get("Tus-Extension", "")
+        self.extensions = frozenset(e.strip() for e in ext.split(",") if e.strip())
+        algos = {a.strip() for a in headers.get("Tus-Checksum-Algorithm", "").split(",")}
+        checksum = "checksum" in self.extensions and "sha1" in algos
+        self.max_size = _int_header(headers, "Tus-Max-Size")
+        # features depend on what this server offers, so they are set per instance
+        self.features = Features(  # type: ignore[misc]
+            chunked=True, resumable=True, chunk_digests=("sha1",) if checksum else ()
+        )
+        if "creation" not in self.extensions:
+            await self.__aexit__()
+            raise UsageError(f"{self._describe} does not offer the tus creation extension")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._http.session is not None:
+            await self._http.session.close()
+            self._http.session = None
+
+    async def open_item(self, item: Item, saved: Mapping[str, Any] | None) -> TusWriter:
+        """Reopen the saved upload (HEAD) or create one (POST); see the module docstring.
+
+        :raises QuotaError: the item is larger than Tus-Max-Size.
+        :raises UsageError: an item of unknown size and no creation-defer-length extension.
+        """
+        checksum = bool(self.features.chunk_digests)
+        if self.max_size is not None and item.size > self.max_size:
+            raise QuotaError(
+                f"{item.rel}: {item.size} bytes exceed the server's Tus-Max-Size {self.max_size}"
+            )
+        location = saved.get("location") if saved else None
+        if isinstance(location, str) and location:
+            writer = TusWriter(self._http, item, location, checksum, item.size if item.size >= 0 else None)
+            try:
+                offset, length = await writer._head()
+            except TransferError as exc:
+                if exc.status not in (404, 410):
+                    raise
+            else:
+                if item.size < 0 or length == item.size:
+                    writer.confirmed = offset
+                    writer.length = length
+                    return writer
+                await writer.abort()  # an upload of another version of the file
+        return await self._create(item, checksum)
+
+    async def _create(self, item: Item, checksum: bool) -> TusWriter:
+        headers = {
+            "Upload-Metadata": f"filename {_b64(item.rel.rsplit('/', 1)[-1])},relpath {_b64(item.rel)}"
+        }
+        if item.size >= 0:
+            headers["Upload-Length"] = str(item.size)
+        elif "creation-defer-length" in self.extensions:
+            headers["Upload-Defer-Length"] = "1"
+        else:
+            raise UsageError(
+                f"{self._describe} cannot take uploads of unknown length (no creation-defer-length)"
+            )
+        _, resp = await self._http.request("POST", self.endpoint, headers=headers, ok=(201,), upload=False)
+        location = resp.get("Location")
+        if not location:
+            raise TransientError(f"tus POST {urlsplit(self.endpoint).path}: no Location in the answer")
+        return TusWriter(
+            self._http,
+            item,
+            urljoin(self.endpoint, location),
+            checksum,
+            item.size if item.size >= 0 else None,
+        )

@@ -1,0 +1,161 @@
+"""The ``file:///DIR`` adapter: part files, resume after a crash, atomic appearance, path safety."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from asyncdepo.adapters.base import lookup
+from asyncdepo.adapters.local import PART_SUFFIX, LocalAdapter
+from asyncdepo.engine.types import Chunk, Item
+from asyncdepo.errors import IntegrityError, OffsetMismatchError, UsageError
+
+
+def make_item(tmp_path: Path, rel: str, data: bytes) -> Item:
+    src = tmp_path / "src" / rel
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_bytes(data)
+    st = src.stat()
+    return Item(path=str(src), rel=rel, size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def chunks(data: bytes, size: int) -> list[Chunk]:
+    out = []
+    for off in range(0, len(data), size):
+        piece = data[off : off + size]
+        out.append(Chunk(off, memoryview(piece), {}, last=off + size >= len(data), total=len(data)))
+    return out
+
+
+def digests(data: bytes) -> dict[str, str]:
+    return {"md5": hashlib.md5(data).hexdigest(), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+async def test_registered_and_full_write(tmp_path: Path) -> None:
+    assert lookup("file") is LocalAdapter
+    dest = tmp_path / "dest"
+    data = os.urandom(5000)
+    item = make_item(tmp_path, "d/e/f.bin", data)
+    async with LocalAdapter(f"file://{dest}", None) as adapter:
+        writer = await adapter.open_item(item, None)
+        assert writer.confirmed == 0
+        part = dest / "d" / "e" / ("f.bin" + PART_SUFFIX)
+        assert part.exists() and (part.stat().st_mode & 0o777) == 0o644 & ~_umask()
+        for c in chunks(data, 2048):
+            await writer.write(c)
+        assert not (dest / "d/e/f.bin").exists()  # appears only when complete
+        result = await writer.complete(digests(data), len(data))
+    assert result == {"path": "d/e/f.bin", "size": 5000}
+    assert (dest / "d/e/f.bin").read_bytes() == data
+    assert not part.exists()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+async def test_partial_then_reopen_resumes(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    data = os.urandom(10_000)
+    item = make_item(tmp_path, "big.bin", data)
+    adapter = LocalAdapter(f"file://{dest}", None)
+    async with adapter:
+        writer = await adapter.open_item(item, None)
+        parts = chunks(data, 3000)
+        await writer.write(parts[0])
+        await writer.write(parts[1])
+        saved = writer.state()  # what the journal holds; then the process "crashes"
+    async with LocalAdapter(f"file://{dest}", None) as again:
+        writer = await again.open_item(item, saved)
+        assert writer.confirmed == 6000
+        with pytest.raises(OffsetMismatchError):
+            await writer.write(parts[3])  # a gap is refused
+        await writer.write(parts[1])  # idempotent resend of a confirmed chunk
+        for c in parts[2:]:
+            await writer.write(c)
+        await writer.complete(digests(data), len(data))  # resumed: the whole file is re-hashed
+    assert (dest / "big.bin").read_bytes() == data
+
+
+async def test_resumed_corrupt_prefix_is_caught(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    data = os.urandom(4000)
+    item = make_item(tmp_path, "x.bin", data)
+    async with LocalAdapter(f"file://{dest}", None) as adapter:
+        writer = await adapter.open_item(item, None)
+        await writer.write(chunks(data, 2000)[0])
+        saved = writer.state()
+        (dest / ("x.bin" + PART_SUFFIX)).write_bytes(b"\0" * 2000)  # the prefix on disk went bad
+        writer = await adapter.open_item(item, saved)
+        await writer.write(chunks(data, 2000)[1])
+        with pytest.raises(IntegrityError):
+            await writer.complete(digests(data), len(data))
+    assert not (dest / "x.bin").exists()
+
+
+async def test_untrusted_part_file_restarts(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / ("y.bin" + PART_SUFFIX)).write_bytes(b"stale bytes of another version")
+    item = make_item(tmp_path, "y.bin", b"fresh")
+    async with LocalAdapter(f"file://{dest}", None) as adapter:
+        writer = await adapter.open_item(item, None)  # no journal state: the part file is not trusted
+        assert writer.confirmed == 0
+        stale = {"size": item.size, "mtime_ns": item.mtime_ns - 1, "confirmed": 3}
+        writer = await adapter.open_item(item, stale)  # the source changed since
+        assert writer.confirmed == 0
+        await writer.write(Chunk(0, memoryview(b"fresh"), {}, last=True))
+        with pytest.raises(IntegrityError):
+            await writer.complete({}, 6)  # a size mismatch is an error, never a warning
+        await writer.complete({}, 5)
+    assert (dest / "y.bin").read_bytes() == b"fresh"
+
+
+async def test_abort_removes_part_and_empty_file(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    item = make_item(tmp_path, "a.bin", b"abc")
+    empty = make_item(tmp_path, "empty", b"")
+    async with LocalAdapter(f"file://{dest}", None) as adapter:
+        writer = await adapter.open_item(item, None)
+        await writer.write(Chunk(0, memoryview(b"ab"), {}, last=False))
+        await writer.abort()
+        await writer.abort()  # twice is fine
+        assert list(dest.iterdir()) == []
+        w2 = await adapter.open_item(empty, None)
+        await w2.complete(digests(b""), 0)
+    assert (dest / "empty").read_bytes() == b""
+
+
+@pytest.mark.parametrize("rel", ["../escape.bin", "a/../../b", "/etc/passwd", ""])
+async def test_path_escape_refused(tmp_path: Path, rel: str) -> None:
+    dest = tmp_path / "dest"
+    item = Item(path=str(tmp_path / "x"), rel=rel, size=1, mtime_ns=0)
+    async with LocalAdapter(f"file://{dest}", None) as adapter:
+        with pytest.raises(UsageError):
+            await adapter.open_item(item, None)
+    assert not (tmp_path / "escape.bin").exists() and not (tmp_path / "b").exists()
+
+
+def test_bad_urls() -> None:
+    for url in ("file://otherhost/dir", "http://x/y", "file://"):
+        with pytest.raises(UsageError):
+            LocalAdapter(url, None)
+    assert LocalAdapter("file:///tmp/some%20dir", None).describe() == "file:///tmp/some dir"
+
+
+async def test_pull_lists_and_reads(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    (dest / "s").mkdir(parents=True)
+    (dest / "s" / "one").write_bytes(b"1" * 10)
+    (dest / "two").write_bytes(b"22")
+    (dest / ("three" + PART_SUFFIX)).write_bytes(b"partial")
+    async with LocalAdapter(f"file://{dest}", None) as adapter:
+        found = {r.rel: r async for r in adapter.list_remote()}
+        assert {k: v.size for k, v in found.items()} == {"s/one": 10, "two": 2}
+        got = b"".join([b async for b in adapter.read(found["s/one"], 4)])
+    assert got == b"1" * 6
