@@ -1,0 +1,381 @@
+"""The EMPIAR and Globus simulators over real loopback HTTP: shapes, auth, errors, upload areas, tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import hashlib
+import struct
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import pytest
+
+from asyncdepo import errors
+from asyncdepo.adapters.empiar import Credentials, EmpiarApi
+from asyncdepo.adapters.empiar_schema import png_size
+from asyncdepo.adapters.globus import GlobusClient, TaskProgress, TransferItem
+from asyncdepo.engine.api import RetryPolicy
+from asyncdepo.sim import empiar as empiar_sim
+from asyncdepo.sim import globus as globus_sim
+from asyncdepo.sim.faults import FaultInjector
+from asyncdepo.sim.server import SimServer
+
+API = "/empiar/deposition/api/"
+TOKEN = {"Authorization": "Token sim-token"}
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def make_png(width: int, height: int) -> bytes:
+    """A valid greyscale PNG of the given size (all black)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + b"\x00" * width for _ in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def deposition(*dirs: str) -> dict[str, Any]:
+    """A valid deposition JSON with one image set per directory."""
+    person = {"first_name": "John", "last_name": "Smith", "organization": "Caltech",
+              "email": "john@example.org", "country": "US", "town_or_city": "Pasadena", "post_or_zip": "91125"}
+    author = {"name": "('Smith', 'JW')", "order_id": 0, "author_orcid": None}
+    return {
+        "title": "A simulated deposition for tests",
+        "release_date": "RE",
+        "experiment_type": 3,
+        "authors": [author],
+        "corresponding_author": person,
+        "principal_investigator": [person],
+        "imagesets": [
+            {"name": f"set {d}", "directory": d, "category": "('T1', '')", "header_format": "('T1', '')",
+             "data_format": "('T1', '')", "num_images_or_tilt_series": 2, "frames_per_image": 1,
+             "voxel_type": "('T5', '')"}
+            for d in dirs
+        ],
+        "citation": [{"authors": [author], "published": False, "j_or_nj_citation": True, "title": "Unpublished"}],
+    }
+
+
+@pytest.fixture
+async def empiar(tmp_path: Path) -> AsyncIterator[SimServer]:
+    app = empiar_sim.build_app(tmp_path / "store", FaultInjector(), None)
+    async with SimServer(app) as server:
+        yield server
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+async def call(http: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> tuple[int, Any, str]:
+    async with http.request(method, url, **kw) as resp:
+        return resp.status, await resp.json(content_type=None), resp.headers["Content-Type"]
+
+
+async def create(http: aiohttp.ClientSession, server: SimServer, *dirs: str) -> dict[str, Any]:
+    status, body, ctype = await call(http, "POST", server.url + API + "deposit_entry/", json=deposition(*dirs),
+                                     headers=TOKEN)
+    assert (status, ctype) == (200, "application/json"), body
+    return body  # type: ignore[no-any-return]
+
+
+async def test_deposit_creates_entry_and_upload_area(empiar: SimServer, http: aiohttp.ClientSession) -> None:
+    body = await create(http, empiar, "data/micrographs")
+    assert body["deposition"] is True and isinstance(body["entry_id"], int) and body["directory"]
+    state = empiar_sim.state_of(empiar.app)
+    area = state.upload_area(state.entries[body["entry_id"]])
+    assert area == state.root / "upload" / body["directory"] / "data" and area.is_dir()
+
+
+async def test_auth_errors_are_detail_json(empiar: SimServer, http: aiohttp.ClientSession) -> None:
+    url = empiar.url + API + "deposit_entry/"
+    status, body, ctype = await call(http, "POST", url, json=deposition("data/a"))
+    assert (status, body, ctype) == (401, {"detail": "Authentication credentials were not provided."}, "application/json")
+    status, body, _ = await call(http, "POST", url, json=deposition("data/a"), headers={"Authorization": "Token nope"})
+    assert (status, body) == (401, {"detail": "Invalid token."})
+    bad = base64.b64encode(b"depositor:wrong").decode()
+    status, body, _ = await call(http, "POST", url, json=deposition("data/a"), headers={"Authorization": f"Basic {bad}"})
+    assert (status, body) == (401, {"detail": "Invalid username/password."})
+    status, body, _ = await call(http, "POST", url, json=deposition("data/a"),
+                                 headers=basic("depositor", "sim-password"))
+    assert status == 200 and body["deposition"] is True
+    status, body, ctype = await call(http, "GET", url, headers=TOKEN)
+    assert (status, body, ctype) == (405, {"detail": 'Method "GET" not allowed.'}, "application/json")
+    status, body, _ = await call(http, "POST", empiar.url + API + "nothing/", headers=TOKEN)
+    assert (status, body) == (404, {"detail": "Not found."})
+
+
+async def test_invalid_deposition_names_the_fields(empiar: SimServer, http: aiohttp.ClientSession) -> None:
+    doc = deposition("data/a")
+    doc["title"] = "short"
+    del doc["imagesets"][0]["voxel_type"]
+    status, body, _ = await call(http, "POST", empiar.url + API + "deposit_entry/", json=doc, headers=TOKEN)
+    assert status == 400
+    assert body["errors"]["title"] and body["errors"]["imagesets[0].voxel_type"] == ["is required"]
+    assert body["detail"].startswith("title:")
+    status, body, _ = await call(http, "POST", empiar.url + API + "deposit_entry/", data=b"{}", headers=TOKEN)
+    assert status == 415
+
+
+async def test_redeposit_replaces_metadata_and_checks_rights(empiar: SimServer, http: aiohttp.ClientSession) -> None:
+    first = await create(http, empiar, "data/a")
+    doc = deposition("data/a", "data/b")
+    doc["entry_id"] = str(first["entry_id"])
+    status, body, _ = await call(http, "PUT", empiar.url + API + "redeposit_entry/", json=doc, headers=TOKEN)
+    assert status == 200 and body == first
+    entry = empiar_sim.state_of(empiar.app).entries[first["entry_id"]]
+    assert [i["directory"] for i in entry.metadata["imagesets"]] == ["data/a", "data/b"]
+    status, body, _ = await call(http, "PUT", empiar.url + API + "redeposit_entry/", json=doc,
+                                 headers=basic("alice", "alice-password"))
+    assert (status, body) == (403, {"detail": "You do not have permission to perform this action."})
+    doc["entry_id"] = "999"
+    status, body, _ = await call(http, "PUT", empiar.url + API + "redeposit_entry/", json=doc, headers=TOKEN)
+    assert (status, body) == (404, {"detail": "Not found."})
+
+
+async def test_thumbnail_must_be_png_of_400(empiar: SimServer, http: aiohttp.ClientSession) -> None:
+    entry = await create(http, empiar, "data/a")
+
+    async def upload(data: bytes) -> tuple[int, Any]:
+        form = aiohttp.FormData()
+        form.add_field("entry_id", str(entry["entry_id"]))
+        form.add_field("file", data, filename="thumb.png", content_type="image/png")
+        status, body, _ = await call(http, "POST", empiar.url + API + "image_upload/", data=form, headers=TOKEN)
+        return status, body
+
+    assert await upload(make_png(400, 420)) == (200, {"thumbnail_upload": True})
+    status, body = await upload(make_png(399, 800))
+    assert status == 400 and "399 x 800" in body["detail"]
+    status, body = await upload(b"GIF89a" + b"\0" * 100)
+    assert status == 400 and "PNG" in body["detail"]
+    stored = empiar_sim.state_of(empiar.app).root / "thumbnails" / f"{entry['entry_id']}.png"
+    assert stored.read_bytes() == make_png(400, 420)
+
+
+async def test_grant_rights(empiar: SimServer, http: aiohttp.ClientSession) -> None:
+    entry = await create(http, empiar, "data/a")
+    url = empiar.url + API + "grant_rights/"
+    body = {"u": {"alice": "3", "nobody": "2"}, "entry_id": entry["entry_id"]}
+    assert (await call(http, "POST", url, json=body, headers=TOKEN))[:2] == (200, {"alice": True})
+    body = {"e": {"bob@example.org": "2"}, "o": {"0000-0001-2345-6789": "4"}, "entry_id": entry["entry_id"]}
+    status, answer, _ = await call(http, "POST", url, json=body, headers=TOKEN)
+    assert (status, answer) == (200, {"bob@example.org": True, "0000-0001-2345-6789": True})
+    assert empiar_sim.state_of(empiar.app).entries[entry["entry_id"]].rights == {"alice": 4, "bob": 2}
+    status, answer, _ = await call(http, "POST", url, json={"u": {"alice": "7"}, "entry_id": entry["entry_id"]},
+                                   headers=TOKEN)
+    assert status == 400 and "must be 1, 2, 3 or 4" in answer["detail"]
+    two = {"u": {"alice": "1", "bob": "1"}, "entry_id": entry["entry_id"]}
+    status, answer, _ = await call(http, "POST", url, json=two, headers=TOKEN)
+    assert (status, answer) == (400, {"detail": "There can be only one deposition owner."})
+
+
+async def test_submit_refuses_empty_imagesets(empiar: SimServer, http: aiohttp.ClientSession) -> None:
+    entry = await create(http, empiar, "data/a", "/data/b/c")
+    url = empiar.url + API + "submit_entry/"
+    status, body, _ = await call(http, "POST", url, data=f'{{"entry_id": "{entry["entry_id"]}"}}',
+                                 headers={**TOKEN, "Content-Type": "application/json"})
+    assert status == 400 and "data/a" in body["detail"] and "/data/b/c" in body["detail"]
+    state = empiar_sim.state_of(empiar.app)
+    area = state.upload_area(state.entries[entry["entry_id"]])
+    (area / "a").mkdir()
+    (area / "a" / "x.mrc").write_bytes(b"x")
+    (area / "b" / "c" / "deep").mkdir(parents=True)
+    (area / "b" / "c" / "deep" / "y.mrc").write_bytes(b"y")
+    status, body, _ = await call(http, "POST", url, json={"entry_id": str(entry["entry_id"])}, headers=TOKEN)
+    assert (status, body) == (200, {"submission": True, "empiar_id": f"EMPIAR-{10000 + entry['entry_id']}"})
+    status, body, _ = await call(http, "POST", url, json={"entry_id": str(entry["entry_id"])}, headers=TOKEN)
+    assert status == 409
+    redo = {**deposition("data/a"), "entry_id": entry["entry_id"]}
+    assert (await call(http, "PUT", empiar.url + API + "redeposit_entry/", json=redo, headers=TOKEN))[0] == 409
+
+
+async def test_state_survives_restart(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    root = tmp_path / "store"
+    async with SimServer(empiar_sim.build_app(root, FaultInjector(), None)) as server:
+        entry = await create(http, server, "data/a")
+    async with SimServer(empiar_sim.build_app(root, FaultInjector(), None)) as server:
+        doc = {**deposition("data/a"), "entry_id": entry["entry_id"]}
+        status, body, _ = await call(http, "PUT", server.url + API + "redeposit_entry/", json=doc, headers=TOKEN)
+        assert (status, body) == (200, entry)
+        assert (await create(http, server, "data/a"))["entry_id"] == entry["entry_id"] + 1
+
+
+# -- Globus ----------------------------------------------------------------------------------------------
+SRC_EP = "11111111-2222-4333-8444-555555555555"
+BEARER = {"Authorization": "Bearer globus-token"}
+
+
+@pytest.fixture
+async def globus(tmp_path: Path) -> AsyncIterator[SimServer]:
+    import argparse
+
+    args = argparse.Namespace(token="globus-token", endpoint=[f"{SRC_EP}={tmp_path / 'src'}"])
+    (tmp_path / "src" / "set" / "sub").mkdir(parents=True)
+    for i, rel in enumerate(["set/a.bin", "set/sub/b.bin", "set/c.bin"]):
+        (tmp_path / "src" / rel).write_bytes(bytes([i]) * (1000 + i * 777))
+    async with SimServer(globus_sim.build_app(tmp_path / "store", FaultInjector(), args)) as server:
+        yield server
+
+
+async def submit_transfer(http: aiohttp.ClientSession, server: SimServer, **extra: Any) -> tuple[int, Any]:
+    status, sub, _ = await call(http, "GET", server.url + "/v0.10/submission_id", headers=BEARER)
+    assert status == 200 and sub["DATA_TYPE"] == "submission_id"
+    body = {"DATA_TYPE": "transfer", "submission_id": sub["value"], "source_endpoint": SRC_EP,
+            "destination_endpoint": globus_sim.EMPIAR_ENDPOINTS[1], "sync_level": 3, "verify_checksum": True,
+            "DATA": [{"DATA_TYPE": "transfer_item", "source_path": "/set", "destination_path": "/upload/D/data/set",
+                      "recursive": True}], **extra}
+    status, answer, _ = await call(http, "POST", server.url + "/v0.10/transfer", json=body, headers=BEARER)
+    return status, answer
+
+
+async def finish(server: SimServer, http: aiohttp.ClientSession, task_id: str) -> dict[str, Any]:
+    state = globus_sim.state_of(server.app)
+    await asyncio.gather(*state.running)  # the simulator's own tasks: awaited, not slept on
+    status, task, _ = await call(http, "GET", server.url + f"/v0.10/task/{task_id}", headers=BEARER)
+    assert status == 200
+    return task  # type: ignore[no-any-return]
+
+
+def tree_md5(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+async def test_globus_transfer_copies_and_resyncs(globus: SimServer, http: aiohttp.ClientSession,
+                                                  tmp_path: Path) -> None:
+    status, answer = await submit_transfer(http, globus)
+    assert status == 202 and answer["code"] == "Accepted" and answer["message"] == globus_sim.ACCEPTED
+    task = await finish(globus, http, answer["task_id"])
+    assert task["status"] == "SUCCEEDED" and task["files_transferred"] == 3
+    assert tree_md5(tmp_path / "store/upload/D/data/set") == tree_md5(tmp_path / "src/set")
+    # checksum sync: a damaged copy is re-sent, intact ones are skipped
+    (tmp_path / "store/upload/D/data/set/c.bin").write_bytes(b"torn")
+    status, answer = await submit_transfer(http, globus)
+    task = await finish(globus, http, answer["task_id"])
+    assert (task["files_transferred"], task["files_skipped"]) == (1, 2)
+    assert tree_md5(tmp_path / "store/upload/D/data/set") == tree_md5(tmp_path / "src/set")
+
+
+async def test_globus_duplicate_faults_and_errors(globus: SimServer, http: aiohttp.ClientSession) -> None:
+    state = globus_sim.state_of(globus.app)
+    status, answer = await submit_transfer(http, globus)
+    again = {"DATA_TYPE": "transfer", "submission_id": answer["submission_id"], "source_endpoint": SRC_EP,
+             "destination_endpoint": globus_sim.EMPIAR_ENDPOINTS[0], "DATA": [{"DATA_TYPE": "transfer_item",
+                                                                               "source_path": "/x", "destination_path": "/y"}]}
+    status, dup, _ = await call(http, "POST", globus.url + "/v0.10/transfer", json=again, headers=BEARER)
+    assert (status, dup["code"], dup["task_id"]) == (200, "Duplicate", answer["task_id"])
+    await finish(globus, http, answer["task_id"])
+
+    state.fail_tasks, state.transient_faults = 1, 0
+    status, answer = await submit_transfer(http, globus)
+    task = await finish(globus, http, answer["task_id"])
+    assert task["status"] == "FAILED" and task["fatal_error"]["code"] == "PERMISSION_DENIED"
+
+    state.transient_faults = 2
+    status, answer = await submit_transfer(http, globus, sync_level=None)
+    task = await finish(globus, http, answer["task_id"])
+    assert (task["status"], task["faults"], task["files_transferred"]) == ("SUCCEEDED", 2, 3)
+
+    status, body, _ = await call(http, "GET", globus.url + "/v0.10/submission_id",
+                                 headers={"Authorization": "Bearer wrong"})
+    assert (status, body["code"]) == (401, "AuthenticationFailed")
+    status, answer = await submit_transfer(http, globus, source_endpoint="00000000-0000-0000-0000-000000000000")
+    assert (status, answer["code"]) == (404, "EndpointNotFound")
+    status, answer = await submit_transfer(http, globus, DATA=[{"DATA_TYPE": "transfer_item", "source_path": "/set",
+                                                                "destination_path": "/../etc", "recursive": True}])
+    assert status == 400
+
+
+async def test_globus_cancel_held_task(globus: SimServer, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    status, _, _ = await call(http, "POST", globus.url + "/_sim/globus", json={"hold": True})
+    status, answer = await submit_transfer(http, globus)
+    status, body, _ = await call(http, "POST", globus.url + f"/v0.10/task/{answer['task_id']}/cancel", headers=BEARER)
+    assert (status, body["code"]) == (200, "Canceled")
+    globus_sim.state_of(globus.app).hold.set()
+    task = await finish(globus, http, answer["task_id"])
+    assert task["status"] == "FAILED" and task["fatal_error"]["code"] == "CANCELED"
+    assert not (tmp_path / "store/upload/D/data/set/a.bin").exists()
+    status, body, _ = await call(http, "GET", globus.url + "/v0.10/endpoint/" + SRC_EP, headers=BEARER)
+    assert status == 200 and body["activated"] is True
+
+
+def test_png_size_reader() -> None:
+    assert png_size(make_png(512, 400)) == (512, 400)
+    assert png_size(b"\x89PNG\r\n\x1a\n") is None
+    assert copy.deepcopy(deposition("data/x"))["imagesets"][0]["directory"] == "data/x"
+
+
+# -- the clients against the simulators ----------------------------------------------------------------------
+async def _no_sleep(_: float) -> None:
+    return None
+
+
+FAST = RetryPolicy(attempts=3, sleep=_no_sleep)
+
+
+async def test_empiar_api_retries_5xx_and_maps_errors(empiar: SimServer, http: aiohttp.ClientSession,
+                                                      tmp_path: Path) -> None:
+    empiar.faults.add("POST /empiar/deposition/api/deposit_entry/ status=503 first=1")
+    api = EmpiarApi(http, empiar.url, Credentials(token="sim-token"), policy=FAST)
+    entry = await api.create(deposition("data/a"))
+    assert len(empiar_sim.state_of(empiar.app).entries) == 1  # the 503 created nothing; the retry did
+    assert await api.redeposit(deposition("data/a"), entry.entry_id) == entry
+    thumb = tmp_path / "t.png"
+    thumb.write_bytes(make_png(400, 400))
+    await api.upload_thumbnail(entry.entry_id, thumb)
+    await api.grant_rights(entry.entry_id, "u", {"alice": "2"})
+    with pytest.raises(errors.RemoteValidationError, match="nobody"):
+        await api.grant_rights(entry.entry_id, "u", {"nobody": "2"})
+    with pytest.raises(errors.RemoteValidationError, match="empty or missing"):
+        await api.submit(entry.entry_id)
+    area = empiar_sim.state_of(empiar.app).upload_area(empiar_sim.state_of(empiar.app).entries[entry.entry_id])
+    (area / "a").mkdir()
+    (area / "a" / "f").write_bytes(b"1")
+    assert await api.submit(entry.entry_id) == f"EMPIAR-{10000 + entry.entry_id}"
+    assert await api.submit(entry.entry_id) is None  # already submitted
+    bad = EmpiarApi(http, empiar.url, Credentials(token="wrong"), policy=FAST)
+    with pytest.raises(errors.AuthError, match="Invalid token") as info:
+        await bad.create(deposition("data/a"))
+    assert "wrong" not in str(info.value) and info.value.hint
+
+
+async def test_globus_client_waits_fails_and_cancels(globus: SimServer, http: aiohttp.ClientSession,
+                                                     tmp_path: Path) -> None:
+    client = GlobusClient(http, "globus-token", base_url=globus.url + "/v0.10", poll_interval=0.01, policy=FAST)
+    assert (await client.endpoint(SRC_EP))["activated"] is True
+    item = TransferItem("/set", "/upload/D/data/set/", True)
+    task_id = await client.submit(SRC_EP, globus_sim.EMPIAR_ENDPOINTS[1], [item], label="t")
+    seen: list[TaskProgress] = []
+    task = await client.wait(task_id, seen.append)
+    assert task["status"] == "SUCCEEDED" and seen[-1].files_transferred == 3
+    assert tree_md5(tmp_path / "store/upload/D/data/set") == tree_md5(tmp_path / "src/set")
+
+    state = globus_sim.state_of(globus.app)
+    state.fail_tasks = 1
+    task_id = await client.submit(SRC_EP, globus_sim.EMPIAR_ENDPOINTS[1], [item])
+    with pytest.raises(errors.PermanentError, match="PERMISSION_DENIED"):
+        await client.wait(task_id)
+
+    state.hold.clear()  # the task stays ACTIVE; cancelling our wait must cancel it on the service
+    task_id = await client.submit(SRC_EP, globus_sim.EMPIAR_ENDPOINTS[1], [item])
+    with anyio.CancelScope() as scope:
+        await client.wait(task_id, lambda _: scope.cancel())
+    assert scope.cancelled_caught and state.tasks[task_id].canceled
+
+    bad = GlobusClient(http, "nope", base_url=globus.url + "/v0.10", policy=FAST)
+    with pytest.raises(errors.AuthError, match="AuthenticationFailed") as info:
+        await bad.endpoint(SRC_EP)
+    assert "GLOBUS_TRANSFER_TOKEN" in (info.value.hint or "") and "nope" not in str(info.value)
