@@ -205,8 +205,10 @@ class ChunkStream:
         self._skip = skip
         self._total = total
         self._parts = part_numbers
+        # the producer holds one filled chunk while it waits to hand it over, so a stream of
+        # read_ahead - 1 makes at most 1 + read_ahead buffers per item (the EngineConfig formula)
         self._send, self._recv = anyio.create_memory_object_stream[tuple[Chunk, Buffer] | Exception](
-            read_ahead)
+            max(0, read_ahead - 1))
         self._held: dict[int, Buffer] = {}
         self._last: Buffer | None = None
         self._tg: anyio.abc.TaskGroup | None = None
@@ -236,56 +238,69 @@ class ChunkStream:
             self._recv.close()
 
     async def _produce(self) -> None:
-        offset, number, total, send = self._offset, 0, self._total, self._send
         reader: Reader | None = None
-        try:
-            async with send:
+        async with self._send:
+            try:
                 reader = await anyio.to_thread.run_sync(self._open, limiter=self._limiter)
-                while True:
-                    buf = await self._pool.acquire(self._chunk)
-
-                    def fill(b: Buffer = buf, r: Reader = reader) -> tuple[int, dict[str, str]]:
-                        n = r.readinto(b.view[: b.size])
-                        d = digest_bytes(b.view[:n], self._digests) if (self._digests and n) else {}
-                        return n, d
-
-                    try:
-                        n, digests = await anyio.to_thread.run_sync(fill, limiter=self._limiter)
-                    except BaseException:
-                        buf.release()
-                        raise
-                    if n == 0 and number > 0:
-                        # the stream ended on a chunk boundary: a zero-length last chunk tells the
-                        # writer the total (tus deferred length)
-                        await anyio.to_thread.run_sync(reader.check_unchanged, limiter=self._limiter)
-                        await send.send((Chunk(offset=offset, data=buf.view[:0], digests=digest_bytes(
-                            b"", self._digests) if self._digests else {}, last=True,
-                            part_number=number + 1 if self._parts else 0, total=offset), buf))
-                        break
-                    number += 1
-                    last = n < buf.size if total is None else offset + n >= total
-                    if last:
-                        await anyio.to_thread.run_sync(reader.check_unchanged, limiter=self._limiter)
-                    if offset + n <= self._skip and not last:
-                        buf.release()
-                    else:
-                        chunk = Chunk(offset=offset, data=buf.view[:n], digests=digests, last=last,
-                                      part_number=number if self._parts else 0,
-                                      total=(offset + n) if last else total)
-                        await send.send((chunk, buf))
-                    offset += n
-                    if last:
-                        break
-        except Exception as exc:  # handed to the consumer, which raises it in its own frame
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._send.send(exc)
-                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                    pass
-        finally:
-            if reader is not None:
+                await self._fill_all(reader)
+            except Exception as exc:  # handed to the consumer (before the stream closes), raised there
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(reader.close)
+                    try:
+                        await self._send.send(exc)
+                    except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                        pass
+            finally:
+                if reader is not None:
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(reader.close)
+
+    async def _fill_all(self, reader: Reader) -> None:
+        offset, number, total, send = self._offset, 0, self._total, self._send
+        while True:
+            # a buffer only as large as what is left of a file of known size
+            want = self._chunk if total is None else max(1, min(self._chunk, total - offset))
+            buf = await self._pool.acquire(want)
+
+            def fill(b: Buffer = buf, r: Reader = reader) -> tuple[int, dict[str, str]]:
+                n = r.readinto(b.view[: b.size])
+                d = digest_bytes(b.view[:n], self._digests) if (self._digests and n) else {}
+                return n, d
+
+            try:
+                n, digests = await anyio.to_thread.run_sync(fill, limiter=self._limiter)
+            except BaseException:
+                buf.release()
+                raise
+            if n == 0 and number > 0:
+                # the stream ended on a chunk boundary: a zero-length last chunk tells the writer
+                # the total (tus deferred length)
+                try:
+                    await anyio.to_thread.run_sync(reader.check_unchanged, limiter=self._limiter)
+                except BaseException:
+                    buf.release()
+                    raise
+                await send.send((Chunk(offset=offset, data=buf.view[:0], digests=digest_bytes(
+                    b"", self._digests) if self._digests else {}, last=True,
+                    part_number=number + 1 if self._parts else 0, total=offset), buf))
+                return
+            number += 1
+            last = n < buf.size if total is None else offset + n >= total
+            if last:
+                try:
+                    await anyio.to_thread.run_sync(reader.check_unchanged, limiter=self._limiter)
+                except BaseException:
+                    buf.release()
+                    raise
+            if offset + n <= self._skip and not last:
+                buf.release()
+            else:
+                chunk = Chunk(offset=offset, data=buf.view[:n], digests=digests, last=last,
+                              part_number=number if self._parts else 0,
+                              total=(offset + n) if last else total)
+                await send.send((chunk, buf))
+            offset += n
+            if last:
+                return
 
     def __aiter__(self) -> "ChunkStream":
         return self

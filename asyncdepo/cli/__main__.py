@@ -1,0 +1,5 @@
+import sys
+
+from asyncdepo.cli import main
+
+sys.exit(main())
