@@ -37,9 +37,14 @@ class SourcePayload(payload.Payload):
         if self._written:
             raise RuntimeError("a SourcePayload can be sent only once; make a new source to retry")
         self._written = True
+        self._consumed = True  # aiohttp must not replay it on a retry of its own
         it = self._source.__aiter__()
         try:
-            async for block in it:
+            while True:
+                try:
+                    block = await it.__anext__()
+                except StopAsyncIteration:
+                    break
                 await writer.write(block)
                 if self._on_bytes is not None:
                     self._on_bytes(len(block))

@@ -353,6 +353,7 @@ class FileSource:
         self._hasher: MultiHash | None = None
         self._buf: Buffer | None = None
         self._done = False
+        self._ended = False
 
     def __aiter__(self) -> "FileSource":
         if self._hasher is not None:
@@ -361,7 +362,8 @@ class FileSource:
         return self
 
     async def __anext__(self) -> memoryview:
-        if self._done:
+        if self._done or self._ended:
+            await self.aclose()
             raise StopAsyncIteration
         if self._reader is None:
             item, offset, size, hasher = self.item, self.offset, self.size, self._hasher
@@ -383,6 +385,17 @@ class FileSource:
             self.digests = self._hasher.hexdigests()
             await self.aclose()
             raise StopAsyncIteration
+        if reader.pos >= reader.end:
+            # finish before handing over the last block: a server may answer as soon as it has every
+            # byte, and the body writer is then cancelled without asking for more
+            try:
+                await anyio.to_thread.run_sync(reader.check_unchanged, limiter=self._limiter)
+            except BaseException:
+                await self.aclose()
+                raise
+            assert self._hasher is not None
+            self.digests = self._hasher.hexdigests()
+            self._ended = True
         if self._throttle is not None:
             await self._throttle(n)
         if self._on_bytes is not None:

@@ -328,8 +328,12 @@ async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None
                         ok = False
                     await journal.set_job_state(job, adapter.job_state())
     except BaseException as exc:
-        if isinstance(first_error(exc), anyio.get_cancelled_exc_class()) or isinstance(exc, KeyboardInterrupt):
+        err = first_error(exc)
+        if isinstance(err, anyio.get_cancelled_exc_class()) or isinstance(exc, KeyboardInterrupt):
             report.interrupted = True
+            raise
+        if isinstance(exc, BaseExceptionGroup):
+            raise err from None  # a DepoError from prepare/finish, not a group, for the caller
         raise
     finally:
         with anyio.CancelScope(shield=True):

@@ -463,6 +463,7 @@ def _routes(app: web.Application, state: TusState, faults: FaultInjector) -> Non
     app.router.add_route("OPTIONS", "/files/", options)
     app.router.add_route("OPTIONS", "/files/{upload_id}", options)
     app.router.add_route("POST", "/files/", _tus(create))
+    app.router.add_route("POST", "/files", _tus(create))  # the same endpoint without its slash (curl -T)
     app.router.add_route("HEAD", "/files/{upload_id}", _tus(head))
     app.router.add_route("PATCH", "/files/{upload_id}", _tus(patch))
     app.router.add_route("DELETE", "/files/{upload_id}", _tus(delete))
