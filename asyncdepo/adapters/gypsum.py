@@ -1,0 +1,415 @@
+"""gypsum (ArtifactDB): a version of an asset pushed with concurrent presigned PUTs, or pulled back.
+
+Push (the engine md5s every file in parallel first, ``needs_digests_before_start``):
+
+1. ``__aenter__`` looks for a session file of an interrupted upload of the same target
+   (``gypsum_session``); it is resumed only if the project's ``..LOCK`` still names it (SHA-256 of the
+   token). The session's non-secret ``label`` is part of :meth:`describe`, hence of the job id: a new
+   upload session is a new job, so the engine never skips files an aborted session had sent.
+2. ``prepare(items)``: paths checked against gypsum's rules; then, for a new upload, the project, the
+   version, the lock and the quota are checked from the public layout files (``..permissions``,
+   ``..summary``, ``..LOCK``, ``..quota``, ``..usage``, and the latest ``..manifest`` to predict dedup), so
+   an over-quota push fails with figures before ``/upload/start`` is contacted. Then the start (files as
+   ``dedup`` unless ``dedup=False``); the session is saved (0600) before anything else. For a resumed
+   upload the local files must match the version's ``..manifest``; objects already in the bucket (an
+   object appears only after a PUT whose md5 the store checked) are not sent again. Returns the paths
+   that need no PUT: links, dedup hits, files already PUT.
+3. ``open_item`` -> :class:`GypsumWriter`: ``write_stream`` presigns (reusing the URL while it is young,
+   presigning again when the store says it expired), then PUTs the streamed file with ``Content-MD5``
+   and an explicit ``Content-Length``; ``complete`` compares the store's ETag with the md5.
+4. ``finish(ok)``: complete on success; otherwise abort (the same server, same session) unless
+   ``keep_for_resume``. The engine runs it shielded from cancellation, so Ctrl-C never leaves the lock.
+
+Pull: ``list_remote`` reads ``..manifest`` (of ``..latest`` when no version is given; linked files are
+read from their final destination, ``ancestor`` first), ``read`` does ranged GETs on ``/file/``.
+
+Memory: one (path, size, md5) per file (the start request needs them all) and one presigned-file path per
+file to PUT; nothing grows with file sizes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any, Self
+
+import anyio
+
+from asyncdepo.adapters.base import Adapter, ChunkWriter, Features
+from asyncdepo.adapters.gypsum_api import GypsumClient
+from asyncdepo.adapters.gypsum_session import SessionRecord, SessionStore
+from asyncdepo.adapters.gypsum_writer import GypsumWriter
+from asyncdepo.engine.api import Item, RemoteItem
+from asyncdepo.errors import (
+    AuthError,
+    ConflictError,
+    PermanentError,
+    QuotaError,
+    RemoteValidationError,
+    TransientError,
+    UsageError,
+    ValidationError,
+)
+from asyncdepo.events import Reporter
+
+UNLOCK_HINT = "if that upload is stale, an administrator can clear the lock: asyncdepo gypsum unlock {p}"
+
+
+def parse_target(text: str, *, need_version: bool) -> tuple[str, str, str | None]:
+    """``PROJECT/ASSET/VERSION`` (or ``PROJECT/ASSET`` when ``need_version`` is false).
+
+    :raises UsageError: wrong shape or a name gypsum refuses.
+    """
+    parts = text.strip("/").split("/")
+    if len(parts) not in ((3,) if need_version else (2, 3)) or not all(parts):
+        shape = "PROJECT/ASSET/VERSION" if need_version else "PROJECT/ASSET[/VERSION]"
+        raise UsageError(f"target {text!r}: expected {shape}")
+    for part in parts:
+        if part.startswith("..") or "\\" in part:
+            raise UsageError(f"target {text!r}: names cannot start with '..' or contain '\\'")
+    return parts[0], parts[1], (parts[2] if len(parts) == 3 else None)
+
+
+def check_rel(rel: str) -> None:
+    """A file path gypsum accepts (no component starting with '..', no '\\').
+
+    :raises ValidationError: naming the path.
+    """
+    if "\\" in rel or any(part.startswith("..") or part in ("", ".") for part in rel.split("/")):
+        raise ValidationError("path", f"{rel!r} cannot be stored in gypsum (a component starts with '..', "
+                              "is empty, or contains '\\')", hint="rename it, or leave it out with --exclude")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+class GypsumAdapter(Adapter):
+    """One gypsum version: pushed (``version`` required) or pulled (latest when ``version`` is None).
+
+    :param server: the gypsum REST URL (e.g. https://gypsum.artifactdb.com).
+    :param token: GitHub token (push and administration; pulls need none).
+    :param probation: ask for a probational upload (untrusted uploaders always get one).
+    :param dedup: declare files as ``dedup`` so the server links unchanged files of the latest version.
+    :param keep_for_resume: on failure or Ctrl-C keep the upload (and the project lock) for a re-run.
+    :param sessions: where session files live (see ``gypsum_session``).
+    """
+
+    name = "gypsum"
+    features = Features(needs_digests_before_start=True, item_digests=("md5",), server_digest="md5", pull=True)
+
+    def __init__(self, server: str, project: str, asset: str, version: str | None = None, *,
+                 token: str | None = None, probation: bool = False, dedup: bool = True,
+                 keep_for_resume: bool = False, sessions: SessionStore | Path | None = None,
+                 reporter: Reporter | None = None, client: GypsumClient | None = None) -> None:
+        self.client = client or GypsumClient(server, token)
+        self.project, self.asset, self.version = project, asset, version
+        self.probation, self.dedup, self.keep_for_resume = probation, dedup, keep_for_resume
+        self.sessions = sessions if isinstance(sessions, SessionStore) else SessionStore(sessions)
+        self.reporter = reporter
+        self.session: SessionRecord | None = None
+        self.resumed = False
+        self._label = uuid.uuid4().hex[:12]
+        self._skip: set[str] | None = None
+        self._md5: dict[str, str] = {}
+        self._counts = {"files": 0, "to_put": 0, "already_put": 0}
+
+    # -- identity and state --------------------------------------------------------------------------
+    def describe(self) -> str:
+        where = f"{self.client.base}/{self.project}/{self.asset}/{self.version or '(latest)'}"
+        return f"gypsum {where} upload {self._label}"
+
+    def _say(self, text: str) -> None:
+        if self.reporter is not None:
+            self.reporter.message(text)
+
+    def job_state(self) -> dict[str, Any]:
+        return {"label": self._label, "target": f"{self.project}/{self.asset}/{self.version}",
+                "started": self.session is not None, **self._counts}
+
+    def restore_job_state(self, state: Mapping[str, Any]) -> None:
+        """Nothing to take back: the session file (checked against the lock) is the truth."""
+
+    async def __aenter__(self) -> Self:
+        await self.client.__aenter__()
+        try:
+            if self.version is not None:
+                await self.find_session()
+        except BaseException:
+            await self.client.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.__aexit__(*exc)
+
+    def _keys(self) -> tuple[str, str]:
+        return self.client.base, f"{self.project}/{self.asset}/{self.version}"
+
+    async def find_session(self) -> None:
+        """Take up the session of an interrupted upload of this target when the project's lock still
+        names it; a stale session file is deleted."""
+        assert self.version is not None
+        args = (self.client.base, self.project, self.asset, self.version)
+        rec = await anyio.to_thread.run_sync(lambda: self.sessions.load(*args))
+        if rec is None:
+            return
+        lock = await self.client.fetch_json(f"{self.project}/..LOCK")
+        if (isinstance(lock, dict) and lock.get("asset") == self.asset and lock.get("version") == self.version
+                and lock.get("session_sha256") == hashlib.sha256(rec.token.encode()).hexdigest()):
+            self.session, self.resumed, self._label = rec, True, rec.label
+            return
+        # the upload was completed, aborted or unlocked since: the file is stale
+        await anyio.to_thread.run_sync(lambda: self.sessions.delete(*args))
+
+    # -- push ----------------------------------------------------------------------------------------
+    async def prepare(self, items: list[tuple[Item, dict[str, str]]]) -> set[str]:
+        """See the module docstring. Safe to call again after it succeeded (returns the same set).
+
+        :raises ValidationError: a path gypsum cannot store.
+        :raises QuotaError: the upload would not fit (figures in the message).
+        :raises ConflictError: the version exists, or the project is locked by another upload.
+        :raises AuthError | RemoteValidationError | TransientError: from the server.
+        """
+        if self._skip is not None:
+            return self._skip
+        if self.version is None:
+            raise UsageError("a push needs PROJECT/ASSET/VERSION")
+        local: dict[str, tuple[int, str]] = {}
+        for item, digests in items:
+            check_rel(item.rel)
+            local[item.rel] = (item.size, digests["md5"].lower())
+        self._md5 = {rel: md5 for rel, (_, md5) in local.items()}
+        self._counts["files"] = len(local)
+        if self.session is not None:
+            skip = await self._resume(local)
+        else:
+            await self._precheck(local)
+            skip = await self._start(local)
+        self._skip = skip
+        return skip
+
+    async def _precheck(self, local: Mapping[str, tuple[int, str]]) -> None:
+        p, a, v = self.project, self.asset, self.version
+        fetch = self.client.fetch_json
+        if await fetch(f"{p}/..permissions") is None:
+            raise RemoteValidationError(f"gypsum project '{p}' does not exist on {self.client.base}",
+                                        hint=f"an administrator creates it: asyncdepo gypsum create {p} --owner LOGIN")
+        summary = await fetch(f"{p}/{a}/{v}/..summary")
+        if summary is not None:
+            who = summary.get("upload_user_id", "?")
+            raise ConflictError(f"gypsum version {p}/{a}/{v} already exists (uploaded by {who})",
+                                hint="versions are immutable: push to a new version name")
+        lock = await fetch(f"{p}/..LOCK")
+        if lock is not None:
+            raise self._locked(lock)
+        quota, usage = await fetch(f"{p}/..quota"), await fetch(f"{p}/..usage")
+        if not isinstance(quota, dict):
+            return
+        needed = sum(size for size, _ in local.values())
+        if self.dedup:
+            needed -= await self._predicted_dedup(local)
+        year = _dt.datetime.now(_dt.UTC).year
+        baseline, growth = float(quota.get("baseline", 0)), float(quota.get("growth_rate", 0))
+        since = int(quota.get("year", year))
+        limit = baseline + (year - since) * growth
+        used = float((usage or {}).get("total", 0))
+        if used + needed >= limit:
+            raise QuotaError(
+                f"gypsum project '{p}' is over quota for this upload: it needs {_human(needed)} "
+                f"({needed:,} bytes) but only {_human(max(0.0, limit - used))} is left (usage {_human(used)} "
+                f"of {_human(limit)}: baseline {_human(baseline)} + {_human(growth)}/year since {since})",
+                hint=f"ask a gypsum administrator to raise it: asyncdepo gypsum set-quota {p} --baseline BYTES")
+        self._say(f"quota: {_human(needed)} to store, {_human(limit - used)} left in project {p}")
+
+    async def _predicted_dedup(self, local: Mapping[str, tuple[int, str]]) -> int:
+        """Bytes the server will link instead of storing (files matching the latest version)."""
+        latest = await self.client.fetch_json(f"{self.project}/{self.asset}/..latest")
+        if not isinstance(latest, dict) or "version" not in latest:
+            return 0
+        manifest = await self.client.fetch_json(f"{self.project}/{self.asset}/{latest['version']}/..manifest")
+        if not isinstance(manifest, dict):
+            return 0
+        known = {(int(e["size"]), str(e["md5sum"]).lower()) for e in manifest.values()}
+        return sum(size for size, md5 in local.values() if (size, md5) in known)
+
+    def _locked(self, lock: Mapping[str, Any]) -> ConflictError:
+        # only fields that say who and what; a real server's lock may hold more, which is not ours to print
+        held = f"{lock.get('asset', '?')}/{lock.get('version', '?')}"
+        who = f" by {lock['user_id']}" if isinstance(lock.get("user_id"), str) else ""
+        when = f" since {lock['locked_at']}" if isinstance(lock.get("locked_at"), str) else ""
+        return ConflictError(
+            f"gypsum project '{self.project}' is locked by another upload (of {held}{who}{when})",
+            hint="wait for it to finish; its uploader can abort it with `asyncdepo gypsum abort "
+                 f"{self.project}/{held}` on the machine that started it; " + UNLOCK_HINT.format(p=self.project))
+
+    async def _start(self, local: Mapping[str, tuple[int, str]]) -> set[str]:
+        assert self.version is not None
+        kind = "dedup" if self.dedup else "simple"
+        files = [{"type": kind, "path": rel, "md5sum": md5, "size": size} for rel, (size, md5) in local.items()]
+        try:
+            init = await self.client.start(self.project, self.asset, self.version, files, self.probation)
+        except TransientError:
+            lock = await self.client.fetch_json(f"{self.project}/..LOCK")
+            if isinstance(lock, dict) and lock.get("asset") == self.asset and lock.get("version") == self.version:
+                raise ConflictError(
+                    f"gypsum upload start {self.project}/{self.asset}/{self.version}: the answer was lost but "
+                    "the server seems to have started the upload (the project is now locked for it)",
+                    hint=UNLOCK_HINT.format(p=self.project)) from None
+            raise
+        except ConflictError:
+            lock = await self.client.fetch_json(f"{self.project}/..LOCK")
+            if isinstance(lock, dict):
+                raise self._locked(lock) from None
+            raise
+        except AuthError as exc:
+            if exc.status == 403 and exc.hint is None:
+                exc.hint = (f"an owner of '{self.project}' can add you as an uploader: asyncdepo gypsum "
+                            f"set-permissions {self.project} --uploader YOUR_GITHUB_LOGIN[,trusted]")
+            raise
+        urls = {str(f["path"]): str(f["url"]) for f in init.get("file_urls", [])}
+        rec = SessionRecord(label=self._label, server=self.client.base, project=self.project, asset=self.asset,
+                            version=self.version, probation=self.probation,
+                            complete_url=str(init["complete_url"]), abort_url=str(init["abort_url"]),
+                            token=str(init["session_token"]), file_urls=urls)
+        # saved before anything else can fail: from here on a retry of prepare resumes this session
+        await anyio.to_thread.run_sync(lambda: self.sessions.save(rec))
+        self.session = rec
+        # the server forces untrusted uploaders onto probation: its summary says which it is
+        summary = await self.client.fetch_json(f"{self.project}/{self.asset}/{self.version}/..summary")
+        if bool((summary or {}).get("on_probation")) != rec.probation:
+            rec.probation = not rec.probation
+            await anyio.to_thread.run_sync(lambda: self.sessions.save(rec))
+        self._counts["to_put"] = len(urls)
+        self._say(f"upload started: {len(urls)} file(s) to send, {len(local) - len(urls)} linked to earlier "
+                  "versions or deduplicated")
+        return set(local) - set(urls)
+
+    async def _resume(self, local: Mapping[str, tuple[int, str]]) -> set[str]:
+        rec = self.session
+        assert rec is not None
+        p, a, v = self.project, self.asset, self.version
+        manifest = await self.client.fetch_json(f"{p}/{a}/{v}/..manifest") or {}
+        differ = [rel for rel, (size, md5) in local.items()
+                  if rel not in manifest or int(manifest[rel]["size"]) != size
+                  or str(manifest[rel]["md5sum"]).lower() != md5]
+        differ += sorted(set(manifest) - set(local))
+        if differ:
+            shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+            hint = (f"discard it with `asyncdepo gypsum abort {p}/{a}/{v}`, then push again"
+                    if self.keep_for_resume else "it is being discarded now; run the push again to start over")
+            raise UsageError(f"the files differ from the interrupted upload of {p}/{a}/{v} ({shown})", hint=hint)
+        prefix = f"{p}/{a}/{v}/"
+        present = {k[len(prefix):] for k in await self.client.list_keys(prefix, recursive=True)}
+        todo = set(rec.file_urls) - present
+        self._counts["to_put"] = len(todo)
+        self._counts["already_put"] = len(rec.file_urls) - len(todo)
+        self._say(f"resuming upload {rec.label}: {self._counts['already_put']} of {len(rec.file_urls)} "
+                  "file(s) already on the server")
+        return set(local) - todo
+
+    async def open_item(self, item: Item, saved: Mapping[str, Any] | None) -> ChunkWriter:
+        if self.session is None or item.rel not in self.session.file_urls:
+            raise UsageError(f"{item.rel}: not part of the gypsum upload (prepare was not run, or the file "
+                             "was added after the upload started)")
+        return GypsumWriter(self, item, self.session.file_urls[item.rel], self.session.token,
+                            self._md5.get(item.rel))
+
+    async def finish(self, ok: bool) -> dict[str, Any]:
+        """Complete (``ok``) or abort the upload (unless ``keep_for_resume``); returns a summary.
+
+        :raises PermanentError | TransientError: the completion was refused (the upload is then aborted
+            unless kept), or the abort could not reach the server (the session file is kept).
+        """
+        rec = self.session
+        if rec is None:
+            return {}
+        target = f"{rec.project}/{rec.asset}/{rec.version}"
+        summary: dict[str, Any] = {"gypsum": target, "files": self._counts["files"],
+                                   "linked or deduplicated": self._counts["files"] - len(rec.file_urls)}
+        if ok:
+            try:
+                await self._end(rec, "complete")
+            except PermanentError:
+                if not self.keep_for_resume:
+                    await self._end(rec, "abort")
+                raise
+            summary["state"] = "completed" + (" (on probation)" if rec.probation else "")
+            if rec.probation:
+                summary["next"] = f"an owner approves it: asyncdepo gypsum approve {target}"
+            return summary
+        if self.keep_for_resume:
+            summary["state"] = "kept for resume (the project stays locked)"
+            summary["next"] = f"run the same push again, or discard it: asyncdepo gypsum abort {target}"
+            return summary
+        await self._end(rec, "abort")
+        summary["state"] = "aborted (nothing kept on the server)"
+        return summary
+
+    async def _end(self, rec: SessionRecord, action: str) -> None:
+        """Complete or abort with retries; a lost answer followed by 403 "not locked" is checked against
+        the bucket (done when the version is finished, resp. gone)."""
+        url = rec.complete_url if action == "complete" else rec.abort_url
+        what = f"gypsum {action} {rec.project}/{rec.asset}/{rec.version}"
+        attempts = self.client.policy.attempts
+        for n in range(attempts):
+            try:
+                await self.client.finish_upload(url, rec.token, what)
+                break
+            except TransientError:
+                if n + 1 >= attempts:
+                    raise
+                await self.client.policy.sleep(self.client.policy.delay(n))
+            except PermanentError as exc:
+                if n == 0 or exc.status != 403:
+                    raise
+                summary = await self.client.fetch_json(f"{rec.project}/{rec.asset}/{rec.version}/..summary")
+                done = summary is not None and "upload_finish" in summary
+                if (action == "complete" and done) or (action == "abort" and summary is None):
+                    break
+                raise
+        await anyio.to_thread.run_sync(
+            lambda: self.sessions.delete(rec.server, rec.project, rec.asset, rec.version))
+        self.session = None
+
+    # -- pull ----------------------------------------------------------------------------------------
+    async def resolve_version(self) -> str:
+        """The version to pull: the one given, else the asset's latest.
+
+        :raises RemoteValidationError: the asset has no finished (non-probational) version.
+        """
+        if self.version is None:
+            latest = await self.client.fetch_json(f"{self.project}/{self.asset}/..latest")
+            if not isinstance(latest, dict) or not latest.get("version"):
+                raise RemoteValidationError(f"gypsum asset {self.project}/{self.asset} has no latest version",
+                                            hint="name the version: PROJECT/ASSET/VERSION")
+            self.version = str(latest["version"])
+        return self.version
+
+    async def list_remote(self) -> AsyncIterator[RemoteItem]:
+        version = await self.resolve_version()
+        base = f"{self.project}/{self.asset}/{version}"
+        manifest = await self.client.fetch_json(f"{base}/..manifest")
+        if not isinstance(manifest, dict):
+            raise RemoteValidationError(f"gypsum version {base} does not exist (no ..manifest)")
+        for rel in sorted(manifest):
+            entry = manifest[rel]
+            link = entry.get("link")
+            if isinstance(link, dict):
+                t = link.get("ancestor") or link
+                key = f"{t['project']}/{t['asset']}/{t['version']}/{t['path']}"
+            else:
+                key = f"{base}/{rel}"
+            yield RemoteItem(rel=rel, size=int(entry["size"]), digests={"md5": str(entry["md5sum"]).lower()},
+                             ref=key)
+
+    async def read(self, item: RemoteItem, offset: int) -> AsyncIterator[bytes]:
+        async for block in self.client.open_file(item.ref, offset):
+            yield block
