@@ -1,0 +1,205 @@
+"""ImmPort pull over HTTPS: asyncdepo vs curl run in parallel (xargs -P) on the same files, in the same run.
+
+The simulator runs in a process of its own (``asyncdepo sim immport``), serving a study of ``--files`` x
+``--size`` pseudo-random files. Each round runs, one after the other:
+
+* ``asyncdepo pull immport --study SDY1 OUT --via https --transfers P`` (a subprocess): login, manifest,
+  one DRS lookup per file, ranged GETs, md5 of every file checked against the manifest, temp name + rename;
+* ``xargs -P P -L 1 curl -sS --fail -o OUT URL`` over the signed URLs fetched beforehand (curl does no
+  lookups and no hashing: the comparison favours curl).
+
+Both write into a fresh directory on the same disk. Each client is reaped with ``os.wait4`` so its CPU
+time includes its own children only (xargs: every curl it ran); peak RSS is the largest one process
+reached, measured by GNU time when installed. MB = 10^6 bytes. Figures drift between runs on shared machines, so only the ratio
+within one run means much (PERF-FACTS). Results go to ``benchmarks/results/immport.json``.
+
+The headline is the median of the per-round ratios (each round runs both clients back to back, so a
+change of load between rounds moves both); the best MB/s of each client is kept too.
+
+Usage: ``python benchmarks/bench_immport.py [--files 300] [--size 4M] [--transfers 8] [--rounds 5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+USER, PASSWORD = "bench", "bench-password"
+
+
+def asyncdepo_cmd() -> list[str]:
+    exe = Path(sys.executable).parent / "asyncdepo"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "asyncdepo.cli"]
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+
+
+def start_sim(root: Path) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [*asyncdepo_cmd(), "sim", "immport", "--port", "0", "--root", str(root), "--user", f"{USER}:{PASSWORD}",
+         "--token-lifetime", "3600"],
+        stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "listening on" not in line:
+        proc.kill()
+        raise SystemExit(f"simulator did not start: {line!r}")
+    url = line.split("listening on", 1)[1].split()[0]
+    return proc, url
+
+
+def post(url: str, data: bytes, headers: dict[str, str]) -> Any:
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    with urllib.request.urlopen(req) as r:
+        return json.loads(r.read())
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> Any:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {})) as r:
+        return json.loads(r.read())
+
+
+def signed_urls(url: str, study: str) -> list[tuple[str, str]]:
+    """(rel, signed url) of every file in the study, fetched outside the timed part (curl's favour)."""
+    token = post(f"{url}/auth/token", f"username={USER}&password={PASSWORD}".encode(),
+                 {"Content-Type": "application/x-www-form-urlencoded"})["token"]
+    hdr = {"Authorization": f"bearer {token}"}
+    rows = get(f"{url}/data/query/api/study/manifest/{study}", hdr)
+    return [(r["path"].lstrip("/"), get(f"{url}/data/query/drs/download/s3/{r['fileUUID']}", hdr)["url"])
+            for r in rows]
+
+
+def timed(cmd: list[str], *, env: dict[str, str] | None = None, stdin: str | None = None) -> dict[str, float]:
+    """Run ``cmd``; wall seconds, CPU seconds (user+sys, children included) and peak RSS in MB.
+
+    Peak RSS comes from GNU time (``%M``, the largest of the process and the children it waited for)
+    when it is installed: a child forked from this (large) Python process starts with our RSS as its
+    high-water mark, so ``wait4``'s own ``ru_maxrss`` would report at least our size.
+    """
+    gnu_time = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
+    rss_file = None
+    if gnu_time:
+        fd, rss_file = tempfile.mkstemp(prefix="bench-rss-")
+        os.close(fd)
+        cmd = [gnu_time, "-f", "%M", "-o", rss_file, *cmd]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if stdin is not None:
+        assert proc.stdin is not None
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:6])} failed ({proc.returncode}): {err[-2000:]}")
+    peak_kb = float(usage.ru_maxrss)
+    if rss_file is not None:
+        text = Path(rss_file).read_text().strip().splitlines()
+        os.unlink(rss_file)
+        peak_kb = float(text[-1]) if text and text[-1].isdigit() else peak_kb
+    return {"seconds": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": peak_kb / 1024}
+
+
+def check(out: Path, expect: dict[str, int]) -> None:
+    for rel, size in expect.items():
+        got = (out / rel).stat().st_size
+        if got != size:
+            raise SystemExit(f"{out / rel}: {got} bytes, expected {size}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--files", type=int, default=300)
+    ap.add_argument("--size", default="4M")
+    ap.add_argument("--transfers", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--workdir", type=Path, default=None, help="where data and downloads go (default: a temp dir)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "immport.json")
+    args = ap.parse_args(argv)
+    if shutil.which("curl") is None or shutil.which("xargs") is None:
+        raise SystemExit("curl and xargs are needed")
+    from asyncdepo.sim.immport import write_study
+
+    size = parse_size(args.size)
+    total = args.files * size
+    work = Path(tempfile.mkdtemp(prefix="bench-immport-", dir=args.workdir))
+    sim = None
+    try:
+        store = work / "store"
+        write_study(store, "SDY1", args.files, size, per_dir=100)
+        expect = {p.relative_to(store).as_posix(): size for p in (store / "SDY1").rglob("*.bin")}
+        sim, url = start_sim(store)
+        urls = signed_urls(url, "SDY1")
+        env = {**os.environ, "ASYNCDEPO_IMMPORT_PASSWORD": PASSWORD}
+        rounds: list[dict[str, Any]] = []
+        for n in range(args.rounds):
+            ours_out, curl_out = work / f"ours{n}", work / f"curl{n}"
+            ours = timed([*asyncdepo_cmd(), "pull", "immport", "--study", "SDY1", str(ours_out),
+                          "--server", url, "--user", USER, "--via", "https",
+                          "--transfers", str(args.transfers)], env=env)
+            check(ours_out, expect)
+            lines = []
+            for rel, u in urls:
+                (curl_out / rel).parent.mkdir(parents=True, exist_ok=True)
+                lines.append(f"{curl_out / rel} {u}\n")
+            curl = timed(["xargs", "-P", str(args.transfers), "-L", "1", "curl", "-sS", "--fail", "-o"],
+                         stdin="".join(lines))
+            check(curl_out, expect)
+            for r in (ours, curl):
+                r["mb_s"] = total / 1e6 / r["seconds"]
+            rounds.append({"asyncdepo": ours, "curl": curl, "ratio": ours["mb_s"] / curl["mb_s"]})
+            print(f"round {n + 1}: asyncdepo {ours['mb_s']:.0f} MB/s ({ours['cpu_s']:.1f} CPU s, "
+                  f"{ours['peak_rss_mb']:.0f} MB) | curl -P{args.transfers} {curl['mb_s']:.0f} MB/s "
+                  f"({curl['cpu_s']:.1f} CPU s, {curl['peak_rss_mb']:.0f} MB) | ratio {rounds[-1]['ratio']:.2f}",
+                  flush=True)
+            shutil.rmtree(ours_out)
+            shutil.rmtree(curl_out)
+        best = {k: max(r[k]["mb_s"] for r in rounds) for k in ("asyncdepo", "curl")}
+        result = {
+            "benchmark": "immport pull over HTTPS from the simulator",
+            "files": args.files, "file_size": size, "bytes": total, "transfers": args.transfers,
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "rounds": rounds,
+            "best_mb_s": best,
+            "ratio_best": best["asyncdepo"] / best["curl"],
+            "ratio_median": sorted(r["ratio"] for r in rounds)[len(rounds) // 2],
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"ratio asyncdepo/curl: median of rounds {result['ratio_median']:.2f} (best MB/s: asyncdepo "
+              f"{best['asyncdepo']:.0f}, curl {best['curl']:.0f}, ratio {result['ratio_best']:.2f}) -> {args.out}")
+        return 0
+    finally:
+        if sim is not None:
+            sim.send_signal(signal.SIGINT)
+            try:
+                sim.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                sim.kill()
+                sim.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
