@@ -13,5 +13,5 @@ def load_builtins() -> None:
         try:
             importlib.import_module(f"asyncdepo.adapters.{name}")
         except ModuleNotFoundError as exc:  # an optional dependency (e.g. aiobotocore) is absent
-            if exc.name and exc.name.startswith("asyncdepo"):
+            if exc.name and exc.name.startswith("asyncdepo") and exc.name != f"asyncdepo.adapters.{name}":
                 raise

