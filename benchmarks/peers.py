@@ -61,6 +61,9 @@ SECRET = "asyncdepo-bench-secret-012345678"  # and 32
 BUCKET = "bench"
 DATASETS = {"small": (1000, MiB), "large": (4, 256 * MiB)}
 TOOLS = ("asyncdepo", "rclone", "s5cmd", "boto3")
+# not run by default: the S3 adapter driven by a minimal loop (read + md5 in a thread, then send), without
+# the engine — the adapter's ceiling, to see what the engine costs
+EXTRA_TOOLS = ("asyncdepo-direct",)
 
 
 # -- datasets -----------------------------------------------------------------------------------------
@@ -95,8 +98,8 @@ def ensure_dataset(data_dir: Path, name: str) -> Path:
         h = hashlib.md5()
         with open(path, "wb") as fh:
             for j in range(0, size, 16 * MiB):
-                block = detector_bytes(i * 1000 + j // (16 * MiB) + (7 if name == "large" else 0),
-                                       min(16 * MiB, size - j))
+                seed = i * 1000 + j // (16 * MiB) + (7 if name == "large" else 0)
+                block = detector_bytes(seed, min(16 * MiB, size - j))
                 h.update(block)
                 fh.write(block)
         md5s[path.name] = h.hexdigest()
@@ -210,10 +213,9 @@ class RcloneServe(Server):
         env = {**os.environ, "RCLONE_CONFIG": "/nonexistent/rclone.conf"}
         env.pop("AWS_CA_BUNDLE", None)
         (root / BUCKET).mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [venv_binary("rclone"), "serve", "s3", str(root), "--addr", f"127.0.0.1:{self.port}",
-             "--auth-key", f"{KEY},{SECRET}", "--etag-hash", "MD5", "--log-level", "ERROR"],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        flags = f"--addr 127.0.0.1:{self.port} --auth-key {KEY},{SECRET} --etag-hash MD5 --log-level ERROR"
+        self.proc = subprocess.Popen([venv_binary("rclone"), "serve", "s3", str(root), *flags.split()],
+                                     env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         wait_port(self.port, self.proc)
         self.url = f"http://127.0.0.1:{self.port}"
         self.pids = [self.proc.pid]
@@ -246,7 +248,7 @@ def list_objects(url: str, prefix: str) -> dict[str, tuple[int, str]]:
     out: dict[str, tuple[int, str]] = {}
     for page in s3_client(url).get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix + "/"):
         for obj in page.get("Contents", ()):
-            out[obj["Key"][len(prefix) + 1:]] = (int(obj["Size"]), obj["ETag"].strip('"'))
+            out[obj["Key"][len(prefix) + 1 :]] = (int(obj["Size"]), obj["ETag"].strip('"'))
     return out
 
 
@@ -270,19 +272,21 @@ def tool_command(tool: str, src: Path, url: str, prefix: str, n: int, chunk_mib:
     """The command line of one tool run (credentials come from the environment, never argv)."""
     per_file = max(1, n // 4)  # 4 large files at once x per_file parts = n requests in flight
     if tool == "asyncdepo":
-        return [venv_binary("asyncdepo"), "push", str(src), f"s3://{BUCKET}/{prefix}", "--endpoint-url", url,
-                "--transfers", str(n), "--chunk-size", f"{chunk_mib}M", "--journal", str(scratch / "journal.db")]
+        flags = f"--endpoint-url {url} --transfers {n} --chunk-size {chunk_mib}M --quiet"
+        return [venv_binary("asyncdepo"), "push", str(src), f"s3://{BUCKET}/{prefix}", *flags.split(),
+                "--journal", str(scratch / "journal.db")]
     if tool == "rclone":
-        return [venv_binary("rclone"), "copy", str(src), f":s3:{BUCKET}/{prefix}", "--s3-provider", "Other",
-                "--s3-env-auth", "--s3-endpoint", url, "--s3-region", "us-east-1", "--s3-force-path-style",
-                "--transfers", str(n), "--checkers", str(n), "--s3-upload-concurrency", str(per_file),
-                "--s3-chunk-size", f"{chunk_mib}Mi", "--s3-no-check-bucket", "--s3-no-head", "--no-traverse",
-                "--log-level", "ERROR"]
+        flags = (f"--s3-provider Other --s3-env-auth --s3-endpoint {url} --s3-region us-east-1 "
+                 f"--s3-force-path-style --transfers {n} --checkers {n} --s3-upload-concurrency {per_file} "
+                 f"--s3-chunk-size {chunk_mib}Mi --s3-no-check-bucket --s3-no-head --no-traverse "
+                 "--log-level ERROR")
+        return [venv_binary("rclone"), "copy", str(src), f":s3:{BUCKET}/{prefix}", *flags.split()]
     if tool == "s5cmd":
-        return [venv_binary("s5cmd"), "--endpoint-url", url, "--numworkers", str(n), "cp", "--concurrency",
-                str(per_file), "--part-size", str(chunk_mib), f"{src}/*", f"s3://{BUCKET}/{prefix}/"]
-    if tool == "boto3":
-        return [sys.executable, str(Path(__file__).resolve()), "_boto3", str(src), url, prefix, str(n),
+        flags = f"--endpoint-url {url} --numworkers {n} cp --concurrency {per_file} --part-size {chunk_mib}"
+        return [venv_binary("s5cmd"), *flags.split(), f"{src}/*", f"s3://{BUCKET}/{prefix}/"]
+    if tool in ("boto3", "asyncdepo-direct"):
+        worker = "_boto3" if tool == "boto3" else "_direct"
+        return [sys.executable, str(Path(__file__).resolve()), worker, str(src), url, prefix, str(n),
                 str(chunk_mib)]
     raise ValueError(tool)
 
@@ -299,9 +303,60 @@ def boto3_worker(argv: list[str]) -> int:
                           config=Config(max_pool_connections=n, s3={"addressing_style": "path"}))
     cfg = TransferConfig(max_concurrency=n, multipart_chunksize=chunk, multipart_threshold=chunk)
     with TransferManager(client, cfg) as tm:
-        futures = [tm.upload(str(p), BUCKET, f"{prefix}/{p.name}") for p in sorted(src.iterdir()) if p.is_file()]
+        files = [p for p in sorted(src.iterdir()) if p.is_file()]
+        futures = [tm.upload(str(p), BUCKET, f"{prefix}/{p.name}") for p in files]
         for f in futures:
             f.result()
+    return 0
+
+
+def direct_worker(argv: list[str]) -> int:
+    """The S3 adapter without the engine: per file (or 16 MiB part) read + md5 in a thread, then
+    PutObject/UploadPart; ``n`` requests (and buffers) at once. Not a tool users run: a ceiling."""
+    import types
+
+    import anyio
+
+    from asyncdepo.adapters.s3 import S3Adapter
+    from asyncdepo.engine.types import Chunk, Item
+
+    src, url, prefix, n, chunk = Path(argv[0]), argv[1], argv[2], int(argv[3]), int(argv[4]) * MiB
+
+    def read(path: Path, offset: int, size: int) -> tuple[bytes, str]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+        return data, hashlib.md5(data).hexdigest()
+
+    async def main() -> None:
+        slots = anyio.Semaphore(n)
+        config = types.SimpleNamespace(transfers=n)
+        async with S3Adapter(f"s3://{BUCKET}/{prefix}", config, endpoint_url=url) as adapter:
+
+            async def part(writer: Any, path: Path, number: int, offset: int, size: int, total: int) -> None:
+                async with slots:
+                    data, md5 = await anyio.to_thread.run_sync(read, path, offset, size)
+                    c = Chunk(offset, memoryview(data), {"md5": md5}, offset + size >= total, number, total)
+                    await (writer.write_part(c) if number else writer.write(c))
+
+            async def one(path: Path) -> None:
+                size = path.stat().st_size
+                writer = await adapter.open_item(Item(str(path), path.name, size, 0), None)
+                if size <= chunk:
+                    await part(writer, path, 0, 0, size, size)
+                else:
+                    async with anyio.create_task_group() as tg:
+                        for i, off in enumerate(range(0, size, chunk)):
+                            tg.start_soon(part, writer, path, i + 1, off, min(chunk, size - off), size)
+                await writer.complete({}, size)
+
+            async with anyio.create_task_group() as tg:
+                for path in sorted(src.iterdir()):
+                    tg.start_soon(one, path)
+
+    anyio.run(main)
     return 0
 
 
@@ -336,13 +391,45 @@ def measure(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
 
 
 # -- the benchmark ------------------------------------------------------------------------------------
-def run_all(args: argparse.Namespace) -> dict[str, Any]:
-    data_dir = Path(args.data_dir)
-    datasets = {name: ensure_dataset(data_dir, name) for name in args.datasets}
+def tool_env() -> dict[str, str]:
+    """The environment every tool runs in: the test credentials, no user profile or CA bundle."""
     env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": "us-east-1",
            "AWS_DEFAULT_REGION": "us-east-1", "RCLONE_CONFIG": "/nonexistent/rclone.conf"}
-    env.pop("AWS_CA_BUNDLE", None)
-    env.pop("AWS_PROFILE", None)
+    for name in ("AWS_CA_BUNDLE", "AWS_PROFILE"):  # Debian's rclone fails with a CA bundle (PERF-FACTS)
+        env.pop(name, None)
+    return env
+
+
+def run_one(server: Server, tool: str, ds_name: str, src: Path, run: int, md5s: dict[str, str],
+            expected: dict[str, int], args: argparse.Namespace) -> dict[str, Any]:
+    """One tool pushing one dataset once, verified; the result row."""
+    prefix = f"{tool}-{ds_name}-{run}-{uuid.uuid4().hex[:6]}"
+    total = sum(expected.values())
+    with tempfile.TemporaryDirectory() as scratch:
+        cmd = tool_command(tool, src, server.url, prefix, args.transfers, args.chunk_mib, Path(scratch))
+        cpu0 = server.cpu()
+        m = measure(cmd, tool_env())
+        m["server_cpu"] = server.cpu() - cpu0
+    problem = server.verify(prefix, expected, md5s) if m["rc"] == 0 else "exit status"
+    server.cleanup(prefix)
+    row = {"server": server.name, "dataset": ds_name, "tool": tool, "run": run, "bytes": total,
+           "files": len(expected), "ok": problem is None, "problem": problem,
+           **{k: m[k] for k in ("wall", "cpu", "rss", "rc", "server_cpu")}}
+    if problem:
+        row["output"] = m["output"]
+    print(f"{server.name:12} {ds_name:6} {tool:16} run {run}: {m['wall']:6.2f} s "
+          f"{total / m['wall'] / 1e6:7.1f} MB/s cpu {m['cpu']:5.2f} s rss {m['rss'] / 1e6:6.1f} MB"
+          + (f"  FAILED: {problem}" if problem else ""), flush=True)
+    return row
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    """Every server x dataset x run x tool, tools rotated run by run (see the module docstring)."""
+    settings = {"runs": args.runs, "transfers": args.transfers, "chunk_mib": args.chunk_mib,
+                "cores": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "load_before": os.getloadavg()}
+    data_dir = Path(args.data_dir)
+    datasets = {name: ensure_dataset(data_dir, name) for name in args.datasets}
     results: list[dict[str, Any]] = []
     for server_name in args.servers:
         disk = Path(tempfile.mkdtemp(prefix="asyncdepo-rclone-s3-", dir=args.disk_dir))
@@ -351,35 +438,14 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             for ds_name, src in datasets.items():
                 expected = {p.name: p.stat().st_size for p in src.iterdir() if p.is_file()}
                 md5s = manifest(data_dir, ds_name)
-                total = sum(expected.values())
                 for r in range(args.runs):
-                    order = args.tools[r % len(args.tools):] + args.tools[:r % len(args.tools)]
-                    for tool in order:
-                        prefix = f"{tool}-{ds_name}-{r}-{uuid.uuid4().hex[:6]}"
-                        with tempfile.TemporaryDirectory() as scratch:
-                            cmd = tool_command(tool, src, server.url, prefix, args.transfers, args.chunk_mib,
-                                               Path(scratch))
-                            cpu0 = server.cpu()
-                            m = measure(cmd, env)
-                            m["server_cpu"] = server.cpu() - cpu0
-                        problem = server.verify(prefix, expected, md5s) if m["rc"] == 0 else "exit status"
-                        server.cleanup(prefix)
-                        row = {"server": server.name, "dataset": ds_name, "tool": tool, "run": r,
-                               "bytes": total, "files": len(expected), "ok": problem is None,
-                               "problem": problem, **{k: m[k] for k in ("wall", "cpu", "rss", "rc", "server_cpu")}}
-                        if problem:
-                            row["output"] = m["output"]
-                        results.append(row)
-                        print(f"{server.name:12} {ds_name:6} {tool:10} run {r}: {m['wall']:6.2f} s "
-                              f"{total / m['wall'] / 1e6:7.1f} MB/s cpu {m['cpu']:5.2f} s "
-                              f"rss {m['rss'] / 1e6:6.1f} MB" + (f"  FAILED: {problem}" if problem else ""),
-                              flush=True)
+                    k = r % len(args.tools)
+                    for tool in args.tools[k:] + args.tools[:k]:
+                        results.append(run_one(server, tool, ds_name, src, r, md5s, expected, args))
         finally:
             server.stop()
             shutil.rmtree(disk, ignore_errors=True)
-    return {"results": results, "summary": summarize(results), "settings": {
-        "runs": args.runs, "transfers": args.transfers, "chunk_mib": args.chunk_mib, "cores": os.cpu_count(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_before": os.getloadavg()}}
+    return {"results": results, "summary": summarize(results), "settings": settings}
 
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -399,23 +465,24 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                          peak_rss_mb=round(max(r["rss"] for r in good) / 1e6, 1),
                          server_cpu_s=round(statistics.median(r["server_cpu"] for r in good), 2))
         out.append(entry)
+    ours = {(e["server"], e["dataset"]): e["mb_s"] for e in out if e["tool"] == "asyncdepo" and "mb_s" in e}
     for entry in out:
-        ours = next((e for e in out if e["server"] == entry["server"] and e["dataset"] == entry["dataset"]
-                     and e["tool"] == "asyncdepo" and "mb_s" in e), None)
-        if ours and "mb_s" in entry:
-            entry["asyncdepo_speedup"] = round(ours["mb_s"] / entry["mb_s"], 2)
+        if (entry["server"], entry["dataset"]) in ours and "mb_s" in entry:
+            entry["asyncdepo_speedup"] = round(ours[(entry["server"], entry["dataset"])] / entry["mb_s"], 2)
     return out
 
 
 def print_table(summary: list[dict[str, Any]]) -> None:
-    print(f"\n{'server':12} {'dataset':7} {'tool':10} {'MB/s':>8} {'wall s':>7} {'CPU s':>6} {'RSS MB':>7} "
+    print(f"\n{'server':12} {'dataset':7} {'tool':16} {'MB/s':>8} {'wall s':>7} {'CPU s':>6} {'RSS MB':>7} "
           f"{'asyncdepo x':>12}")
-    for e in sorted(summary, key=lambda e: (e["server"], e["dataset"], TOOLS.index(e["tool"]))):
+    order = TOOLS + EXTRA_TOOLS
+    for e in sorted(summary, key=lambda e: (e["server"], e["dataset"], order.index(e["tool"]))):
+        head = f"{e['server']:12} {e['dataset']:7} {e['tool']:16}"
         if "mb_s" not in e:
-            print(f"{e['server']:12} {e['dataset']:7} {e['tool']:10} failed every run")
+            print(f"{head} failed every run")
             continue
-        print(f"{e['server']:12} {e['dataset']:7} {e['tool']:10} {e['mb_s']:8.1f} {e['wall_s']:7.2f} "
-              f"{e['cpu_s']:6.2f} {e['peak_rss_mb']:7.1f} {e.get('asyncdepo_speedup', 0):12.2f}")
+        print(f"{head} {e['mb_s']:8.1f} {e['wall_s']:7.2f} {e['cpu_s']:6.2f} {e['peak_rss_mb']:7.1f} "
+              f"{e.get('asyncdepo_speedup', 0):12.2f}")
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
@@ -427,8 +494,9 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
 
     servers = sorted({e["server"] for e in summary})
     datasets = sorted({e["dataset"] for e in summary})
-    tools = [t for t in TOOLS if any(e["tool"] == t for e in summary)]
+    tools = [t for t in TOOLS + EXTRA_TOOLS if any(e["tool"] == t for e in summary)]
     metrics = [("mb_s", "MB/s (higher is better)"), ("cpu_s", "client CPU s"), ("peak_rss_mb", "peak RSS MB")]
+    index = {(e["server"], e["dataset"], e["tool"]): e for e in summary}
     fig, axes = plt.subplots(len(servers), len(metrics), figsize=(5 * len(metrics), 3.6 * len(servers)),
                              squeeze=False)
     width = 0.8 / max(1, len(tools))
@@ -436,8 +504,7 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
         for j, (metric, label) in enumerate(metrics):
             ax = axes[i][j]
             for k, tool in enumerate(tools):
-                vals = [next((e.get(metric, 0) for e in summary if e["server"] == server
-                              and e["dataset"] == d and e["tool"] == tool), 0) for d in datasets]
+                vals = [index.get((server, d, tool), {}).get(metric, 0) for d in datasets]
                 ax.bar([x + k * width for x in range(len(datasets))], vals, width, label=tool)
             ax.set_xticks([x + width * (len(tools) - 1) / 2 for x in range(len(datasets))], datasets)
             ax.set_title(f"{server}: {label}", fontsize=10)
@@ -452,12 +519,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "_boto3":
         return boto3_worker(argv[1:])
+    if argv and argv[0] == "_direct":
+        return direct_worker(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     split: Callable[[str], list[str]] = lambda s: [x for x in s.split(",") if x]
     p.add_argument("--runs", type=int, default=3, help="runs per tool and dataset (median reported)")
     p.add_argument("--servers", type=split, default=["sink", "rclone"], help="sink,rclone")
     p.add_argument("--datasets", type=split, default=["small", "large"], help="small,large")
-    p.add_argument("--tools", type=split, default=list(TOOLS), help=",".join(TOOLS))
+    p.add_argument("--tools", type=split, default=list(TOOLS),
+                   help=",".join(TOOLS) + " (and asyncdepo-direct: the adapter without the engine)")
     p.add_argument("--transfers", type=int, default=8, help="requests in flight for every tool")
     p.add_argument("--chunk-mib", type=int, default=16, help="part size for every tool (MiB)")
     p.add_argument("--data-dir", default=os.environ.get("ASYNCDEPO_BENCH_DATA", "/tmp/asyncdepo-bench-data"))
@@ -465,8 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     args.servers = [{"rclone-serve": "rclone"}.get(s, s) for s in args.servers]
-    unknown = set(args.tools) - set(TOOLS) or set(args.servers) - {"sink", "rclone"} or \
-        set(args.datasets) - set(DATASETS)
+    unknown = (set(args.tools) - set(TOOLS + EXTRA_TOOLS) or set(args.servers) - {"sink", "rclone"}
+               or set(args.datasets) - set(DATASETS))
     if unknown:
         p.error(f"unknown: {', '.join(sorted(unknown))}")
     report = run_all(args)

@@ -32,7 +32,7 @@ import contextlib
 import hashlib
 import re
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import anyio
@@ -154,7 +154,7 @@ class S3Adapter(Adapter):
         return f"S3Adapter({self.describe()!r})"
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    async def __aenter__(self) -> "S3Adapter":
+    async def __aenter__(self) -> Self:
         await self.client()
         return self
 
@@ -182,7 +182,7 @@ class S3Adapter(Adapter):
             if self._client is None:
                 try:
                     await self._open_client()
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - the error boundary: everything is mapped
                     raise map_s3_error(exc, f"connecting to {self.describe()}") from None
         return self._client
 
@@ -215,8 +215,8 @@ class S3Adapter(Adapter):
         stack = contextlib.AsyncExitStack()
         try:
             client = await stack.enter_async_context(session.create_client("s3", **kwargs))
-            credentials = await session.get_credentials()
-            if credentials is None and not kwargs.get("aws_access_key_id"):
+            # fail now with a clear message rather than on the first request (explicit keys need no chain)
+            if not kwargs.get("aws_access_key_id") and await session.get_credentials() is None:
                 from botocore.exceptions import NoCredentialsError
 
                 raise NoCredentialsError()
@@ -255,11 +255,12 @@ class S3Adapter(Adapter):
                 return result
         except errors.DepoError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the error boundary: everything is mapped
             raise map_s3_error(exc, what) from None
 
-    async def put_data(self, key: str, body: memoryview, content_md5: str, what: str,
-                       upload: tuple[str, int] | None = None) -> str:
+    async def put_data(
+        self, key: str, body: memoryview, content_md5: str, what: str, upload: tuple[str, int] | None = None
+    ) -> str:
         """PutObject (or UploadPart with ``upload=(UploadId, PartNumber)``) of ``body``; returns the ETag.
 
         Goes through the fast path when it is ready, else through aiobotocore (which teaches the fast
@@ -274,8 +275,12 @@ class S3Adapter(Adapter):
             etag = await fast.put(key, body, content_md5, request_deadline(len(body)), what, query)
             if etag is not None:
                 return str(etag)
-        params: dict[str, Any] = {"Key": key, "Body": body, "ContentMD5": content_md5,
-                                  "ContentLength": len(body)}
+        params: dict[str, Any] = {
+            "Key": key,
+            "Body": body,
+            "ContentMD5": content_md5,
+            "ContentLength": len(body),
+        }
         if upload:
             params.update(UploadId=upload[0], PartNumber=upload[1])
         if fast is not None:
@@ -304,8 +309,8 @@ class S3Adapter(Adapter):
         return {"target": self.describe()}
 
     # -- pull ---------------------------------------------------------------------------------------
-    async def list_remote(self) -> AsyncIterator[RemoteItem]:  # type: ignore[override]
-        """Every object under the prefix, page by page (``list_page_size`` keys a page); directory markers skipped.
+    async def list_remote(self) -> AsyncIterator[RemoteItem]:
+        """Every object under the prefix, ``list_page_size`` keys a page; directory markers are skipped.
 
         :raises DepoError: ListObjectsV2 failed (NoSuchBucket, AccessDenied, ...).
         """
@@ -318,17 +323,18 @@ class S3Adapter(Adapter):
             page = await self.call("list_objects_v2", f"ListObjectsV2 {self.where(base)}", **params)
             for obj in page.get("Contents", ()):
                 key = obj["Key"]
-                rel = key[len(base):]
+                rel = key[len(base) :]
                 if not rel or rel.endswith("/"):
                     continue
                 md5 = etag_md5(obj.get("ETag"))
-                yield RemoteItem(rel=rel, size=int(obj.get("Size", 0)), digests={"md5": md5} if md5 else {},
-                                 ref=key)
+                yield RemoteItem(
+                    rel=rel, size=int(obj.get("Size", 0)), digests={"md5": md5} if md5 else {}, ref=key
+                )
             token = page.get("NextContinuationToken") if page.get("IsTruncated") else None
             if not token:
                 return
 
-    async def read(self, item: RemoteItem, offset: int) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def read(self, item: RemoteItem, offset: int) -> AsyncIterator[bytes]:
         """The object's bytes from ``offset`` (GetObject with a Range), in pieces of up to 1 MiB.
 
         :raises TransientError: the connection broke mid-body (the engine resumes from what it wrote).
@@ -351,7 +357,7 @@ class S3Adapter(Adapter):
                         data = await body.read(MiB)
                 except errors.DepoError:
                     raise
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - the error boundary: everything is mapped
                     raise map_s3_error(exc, what) from None
                 if not data:
                     return

@@ -25,18 +25,38 @@ from asyncdepo import errors
 # S3 error codes -> how to treat them. Anything not listed falls back to the HTTP status (errors.http_error).
 _TRANSIENT_CODES = frozenset(
     {
-        "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequestsException",
-        "RequestLimitExceeded", "ProvisionedThroughputExceededException", "InternalError", "ServiceUnavailable",
-        "RequestTimeout", "RequestTimeTooSkewed", "OperationAborted", "BadDigest", "InvalidDigest",
-        "XAmzContentSHA256Mismatch", "IncompleteBody", "NoSuchUpload",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestThrottled",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "ProvisionedThroughputExceededException",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "OperationAborted",
+        "BadDigest",
+        "InvalidDigest",
+        "XAmzContentSHA256Mismatch",
+        "IncompleteBody",
+        "NoSuchUpload",
     }
 )
 _THROTTLE_CODES = frozenset(
-    {"SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequestsException",
-     "RequestLimitExceeded", "ProvisionedThroughputExceededException"}
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestThrottled",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "ProvisionedThroughputExceededException",
+    }
 )
 _AUTH_HINTS = {
-    "AccessDenied": "check that the credentials may write to this bucket and prefix (IAM policy, bucket policy)",
+    "AccessDenied": "check that the credentials may write to this bucket and prefix (IAM or bucket policy)",
     "AllAccessDisabled": "access to this bucket is disabled; contact its owner",
     "InvalidAccessKeyId": "the access key is unknown to this endpoint: check AWS_ACCESS_KEY_ID / --profile "
     "and --endpoint-url",
@@ -92,16 +112,18 @@ def map_client_error(exc: Exception, what: str) -> errors.DepoError:
     return map_error_response(*_status_and_body(exc), what=what)
 
 
-def map_error_response(status: int | None, code: str, message: str, headers: dict[str, str], *,
-                       what: str) -> errors.DepoError:
+def map_error_response(
+    status: int | None, code: str, message: str, headers: dict[str, str], *, what: str
+) -> errors.DepoError:
     """Map an S3 error answer (HTTP status, ``<Code>``, ``<Message>``, lower-cased response headers)."""
     mapped = _classify(status, code, message, headers, what)
     mapped.s3_code = code  # type: ignore[attr-defined]
     return mapped
 
 
-def _classify(status: int | None, code: str, message: str, headers: dict[str, str],
-              what: str) -> errors.DepoError:
+def _classify(
+    status: int | None, code: str, message: str, headers: dict[str, str], what: str
+) -> errors.DepoError:
     detail = f"{code}: {message}".strip(": ") if code and not code.isdigit() else message
     text = f"{what} failed" + (f" with HTTP {status}" if status else "") + (f": {detail}" if detail else "")
     if code in _AUTH_HINTS:
@@ -147,7 +169,9 @@ def map_s3_error(exc: BaseException, what: str) -> errors.DepoError:
             hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or pass --profile NAME",
         )
     if isinstance(exc, bx.ProfileNotFound):
-        return errors.UsageError(f"{what}: the AWS profile was not found", hint="check --profile / AWS_PROFILE")
+        return errors.UsageError(
+            f"{what}: the AWS profile was not found", hint="check --profile / AWS_PROFILE"
+        )
     if isinstance(exc, bx.NoRegionError):
         return errors.UsageError(f"{what}: no region configured", hint="pass --region or set AWS_REGION")
     if isinstance(exc, bx.ParamValidationError):

@@ -40,10 +40,16 @@ from asyncdepo.adapters.s3_errors import map_error_response, map_s3_error
 
 log = logging.getLogger(__name__)
 
-_REDIRECT_CODES = frozenset({"PermanentRedirect", "AuthorizationHeaderMalformed", "TemporaryRedirect",
-                             "IllegalLocationConstraintException"})
+_REDIRECT_CODES = frozenset(
+    {
+        "PermanentRedirect",
+        "AuthorizationHeaderMalformed",
+        "TemporaryRedirect",
+        "IllegalLocationConstraintException",
+    }
+)
 _SCOPE = re.compile(r"Credential=[^/,\s]+/\d{8}/([^/,\s]+)/s3/aws4_request")
-_XML_FIELD = {name: re.compile(rf"<{name}>(.*?)</{name}>", re.S) for name in ("Code", "Message")}
+_XML_FIELD = {name: re.compile(rf"<{name}>(.*?)</{name}>", re.DOTALL) for name in ("Code", "Message")}
 
 
 def _uri_encode(value: str) -> str:
@@ -67,14 +73,22 @@ class SigV4:
             self._key = (tag, date, k)
         return self._key[2]
 
-    def sign(self, method: str, url: str, headers: dict[str, str], access_key: str, secret_key: str,
-             token: str | None, now: _dt.datetime | None = None) -> dict[str, str]:
+    def sign(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        access_key: str,
+        secret_key: str,
+        token: str | None,
+        now: _dt.datetime | None = None,
+    ) -> dict[str, str]:
         """Add ``x-amz-date``, ``x-amz-content-sha256``, the token and ``Authorization`` to ``headers``
         (which must already hold ``host`` and any header to sign, e.g. ``content-md5``).
 
         :param url: the URL exactly as it is sent (path already percent-encoded).
         """
-        now = now or _dt.datetime.now(_dt.timezone.utc)
+        now = now or _dt.datetime.now(_dt.UTC)
         amz_date = now.strftime("%Y%m%dT%H%M%SZ")
         date = amz_date[:8]
         headers["x-amz-date"] = amz_date
@@ -90,14 +104,27 @@ class SigV4:
         canon = {k.lower(): " ".join(str(v).split()) for k, v in headers.items()}
         names = sorted(canon)
         signed = ";".join(names)
-        request = "\n".join([method, parts.path or "/", query, *(f"{n}:{canon[n]}" for n in names), "",
-                             signed, "UNSIGNED-PAYLOAD"])
+        request = "\n".join(
+            [
+                method,
+                parts.path or "/",
+                query,
+                *(f"{n}:{canon[n]}" for n in names),
+                "",
+                signed,
+                "UNSIGNED-PAYLOAD",
+            ]
+        )
         scope = f"{date}/{self.region}/s3/aws4_request"
-        to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
-                             hashlib.sha256(request.encode()).hexdigest()])
-        signature = hmac.new(self._signing_key(secret_key, date), to_sign.encode(), hashlib.sha256).hexdigest()
-        headers["Authorization"] = (f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, "
-                                    f"SignedHeaders={signed}, Signature={signature}")
+        to_sign = "\n".join(
+            ["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(request.encode()).hexdigest()]
+        )
+        signature = hmac.new(
+            self._signing_key(secret_key, date), to_sign.encode(), hashlib.sha256
+        ).hexdigest()
+        headers["Authorization"] = (
+            f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders={signed}, Signature={signature}"
+        )
         return headers
 
 
@@ -117,13 +144,13 @@ class ViewPayload(aiohttp.payload.Payload):
         self._size = len(view)
 
     @property
-    def size(self) -> int:
+    def size(self) -> int | None:
         return self._size
 
     async def write(self, writer: Any) -> None:
         view, step = self._view, self.SLICE
         for start in range(0, len(view), step):
-            await writer.write(view[start:start + step])
+            await writer.write(view[start : start + step])
 
     async def write_with_length(self, writer: Any, content_length: int | None) -> None:
         # aiohttp >= 3.12 calls this; the view's length is the Content-Length we declared
@@ -190,9 +217,14 @@ class FastPath:
             ctx: ssl.SSLContext | bool = True
             if self.base and self.base.startswith("https") and os.environ.get("AWS_CA_BUNDLE"):
                 ctx = ssl.create_default_context(cafile=os.environ["AWS_CA_BUNDLE"])
+            # no total here: each request gets its own deadline scaled to its size (anyio.fail_after)
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=20, sock_read=120)
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self.pool_size, ssl=ctx, keepalive_timeout=60),
-                auto_decompress=False, skip_auto_headers=("Content-Type", "Accept-Encoding", "User-Agent"))
+                timeout=timeout,
+                auto_decompress=False,
+                skip_auto_headers=("Content-Type", "Accept-Encoding", "User-Agent"),
+            )
         return self._session
 
     async def aclose(self) -> None:
@@ -200,8 +232,9 @@ class FastPath:
             await self._session.close()
             self._session = None
 
-    async def put(self, key: str, body: memoryview, content_md5: str, deadline: float, what: str,
-                  query: str = "") -> str | None:
+    async def put(
+        self, key: str, body: memoryview, content_md5: str, deadline: float, what: str, query: str = ""
+    ) -> str | None:
         """PUT ``body`` to ``key`` (``query`` e.g. ``partNumber=2&uploadId=...``); returns the ETag, or None
         when S3 redirected us (the fast path is then off and the caller repeats it through botocore).
 
@@ -213,15 +246,26 @@ class FastPath:
         host = parsed.host or ""
         if parsed.port is not None and not parsed.is_default_port():
             host = f"{host}:{parsed.port}"
-        creds = await self.client._request_signer._credentials.get_frozen_credentials()
-        headers = self.signer.sign("PUT", url, {"host": host, "content-md5": content_md5},
-                                   creds.access_key, creds.secret_key, creds.token)
+        source = getattr(getattr(self.client, "_request_signer", None), "_credentials", None)
+        if source is None:  # unsigned client, or botocore moved its credentials: let botocore send it
+            self.enabled = False
+            return None
+        creds = await source.get_frozen_credentials()
+        headers = self.signer.sign(
+            "PUT",
+            url,
+            {"host": host, "content-md5": content_md5},
+            creds.access_key,
+            creds.secret_key,
+            creds.token,
+        )
         headers["Content-Length"] = str(len(body))
         session = self._session_for()
         try:
             with anyio.fail_after(deadline):
-                async with session.put(parsed, data=ViewPayload(body), headers=headers,
-                                       allow_redirects=False) as resp:
+                async with session.put(
+                    parsed, data=ViewPayload(body), headers=headers, allow_redirects=False
+                ) as resp:
                     if resp.status < 300:
                         await resp.read()
                         return resp.headers.get("ETag", "")
@@ -229,13 +273,21 @@ class FastPath:
                     lower = {k.lower(): v for k, v in resp.headers.items()}
         except errors.DepoError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the error boundary: everything is mapped
             raise map_s3_error(exc, what) from None
-        fields = {name: (rx.search(text).group(1).strip() if rx.search(text) else "") for name, rx in
-                  _XML_FIELD.items()}
+        fields = {name: _xml_field(text, rx) for name, rx in _XML_FIELD.items()}
         if resp.status in (301, 307) or fields["Code"] in _REDIRECT_CODES:
-            log.info("s3 fast path: %s answered %s; sending through botocore from now on", what,
-                     fields["Code"] or resp.status)
+            log.info(
+                "s3 fast path: %s answered %s; sending through botocore from now on",
+                what,
+                fields["Code"] or resp.status,
+            )
             self.enabled = False
             return None
         raise map_error_response(resp.status, fields["Code"], fields["Message"], lower, what=what)
+
+
+def _xml_field(text: str, rx: re.Pattern[str]) -> str:
+    """One field of S3's error XML (``<Code>``, ``<Message>``), or ``""``."""
+    match = rx.search(text)
+    return match.group(1).strip() if match else ""

@@ -60,7 +60,7 @@ def _body(chunk: Chunk) -> memoryview:
 class S3Writer(ChunkWriter):
     """Sends one item to ``s3://bucket/key``. Created by :meth:`S3Adapter.open_item`."""
 
-    def __init__(self, adapter: "S3Adapter", item: Item, key: str) -> None:
+    def __init__(self, adapter: S3Adapter, item: Item, key: str) -> None:
         super().__init__()
         self.adapter = adapter
         self.item = item
@@ -98,6 +98,11 @@ class S3Writer(ChunkWriter):
         if not upload_id or saved.get("key", self.key) != self.key:
             return
         part_size = int(saved.get("part_size") or 0)
+        if self.item.size < 0:
+            # a compressed stream (length unknown): a re-read is not guaranteed to compress to the same
+            # bytes, so parts of an earlier run cannot be mixed with new ones — start over
+            await self._abort_id(str(upload_id))
+            return
         journal: dict[int, tuple[int, str, str]] = {}
         for number, rec in (saved.get("parts") or {}).items():
             size, etag, md5 = rec
@@ -127,7 +132,11 @@ class S3Writer(ChunkWriter):
         held: dict[int, tuple[int, str]] = {}
         marker = 0
         while True:
-            params: dict[str, Any] = {"Key": self.key, "UploadId": upload_id, "MaxParts": self.adapter.list_page_size}
+            params: dict[str, Any] = {
+                "Key": self.key,
+                "UploadId": upload_id,
+                "MaxParts": self.adapter.list_page_size,
+            }
             if marker:
                 params["PartNumberMarker"] = marker
             page = await self.adapter.call("list_parts", f"ListParts {self.where}", **params)
@@ -153,7 +162,9 @@ class S3Writer(ChunkWriter):
         body = _body(chunk)
         etag = await self.adapter.put_data(self.key, body, b64, f"PutObject {self.where}")
         if etag_md5(etag) is not None and etag_md5(etag) != hexmd5:
-            raise errors.IntegrityError(f"PutObject {self.where}: S3 reports ETag {etag}, we sent md5 {hexmd5}")
+            raise errors.IntegrityError(
+                f"PutObject {self.where}: S3 reports ETag {etag}, we sent md5 {hexmd5}"
+            )
         self._single_etag = etag.strip('"')
         self._single_size = len(body)
         self.confirmed = len(body)
@@ -206,8 +217,9 @@ class S3Writer(ChunkWriter):
 
     def _check_not_lost(self, what: str) -> None:
         if self._lost:
-            raise errors.TransientError(f"{what}: the multipart upload vanished with confirmed parts; "
-                                        "the item starts over")
+            raise errors.TransientError(
+                f"{what}: the multipart upload vanished with confirmed parts; the item starts over"
+            )
 
     async def _vanished(self, upload_id: str, what: str) -> None:
         """S3 no longer knows ``upload_id`` (aborted by a lifecycle rule; some servers, e.g. rclone's, drop
@@ -222,8 +234,10 @@ class S3Writer(ChunkWriter):
             if any(u == upload_id for u in self._part_upload.values()):
                 self._lost = True
                 self._check_not_lost(what)
-            log.info("%s: the multipart upload vanished before any part was confirmed; creating a new one",
-                     self.where)
+            log.info(
+                "%s: the multipart upload vanished before any part was confirmed; creating a new one",
+                self.where,
+            )
             self.upload_id = None
 
     async def _check_geometry(self, chunk: Chunk, length: int, what: str) -> None:
@@ -245,14 +259,23 @@ class S3Writer(ChunkWriter):
             log.info("%s: the part size changed since the journaled upload; starting over", self.where)
             await self.abort()
             self._restored = False
-            raise errors.TransientError(f"{what}: part size changed since the last run; the upload starts over")
+            raise errors.TransientError(
+                f"{what}: part size changed since the last run; the upload starts over"
+            )
 
     async def complete(self, digests: Mapping[str, str], size: int) -> dict[str, Any]:
         """Finish the item and verify it against what was hashed while reading.
 
+        With ``--compress`` the engine passes the file's size and digests and adds ``stream_size``, the
+        length of what was sent: the object is then checked against the sent bytes (part md5s, part
+        sizes), not against the file's md5.
+
         :raises IntegrityError: sizes or ETags differ, or parts are missing.
         :raises DepoError: CompleteMultipartUpload failed.
         """
+        if "stream_size" in digests:
+            size = int(digests["stream_size"])
+            digests = {k: v for k, v in digests.items() if k not in ("stream_size", "md5")}
         if self.upload_id is None and not self.parts:
             return await self._complete_single(digests, size)
         self._check_not_lost(f"CompleteMultipartUpload {self.where}")
@@ -275,9 +298,13 @@ class S3Writer(ChunkWriter):
         expected = multipart_etag([self.parts[n].md5 for n in numbers])
         listing = [{"PartNumber": n, "ETag": f'"{self.parts[n].etag}"'} for n in numbers]
         what = f"CompleteMultipartUpload {self.where}"
+        etag: str | None
         try:
             response = await self.adapter.call(
-                "complete_multipart_upload", what, Key=self.key, UploadId=upload_id,
+                "complete_multipart_upload",
+                what,
+                Key=self.key,
+                UploadId=upload_id,
                 MultipartUpload={"Parts": listing},
             )
             etag = str(response.get("ETag", "")).strip('"')
@@ -292,7 +319,9 @@ class S3Writer(ChunkWriter):
                 self._part_upload.clear()
                 raise
         if etag != expected:
-            raise errors.IntegrityError(f"{what}: S3 reports ETag {etag}, the parts we hashed give {expected}")
+            raise errors.IntegrityError(
+                f"{what}: S3 reports ETag {etag}, the parts we hashed give {expected}"
+            )
         self.upload_id = None
         self.confirmed = size
         return {"key": self.key, "etag": etag, "size": size, "md5": digests.get("md5", "")}
@@ -305,9 +334,13 @@ class S3Writer(ChunkWriter):
             await self.write(Chunk(offset=0, data=memoryview(b""), digests={}, last=True))
         md5 = digests.get("md5")
         if self._single_size != size:
-            raise errors.IntegrityError(f"PutObject {self.where}: sent {self._single_size} bytes, file has {size}")
+            raise errors.IntegrityError(
+                f"PutObject {self.where}: sent {self._single_size} bytes, file has {size}"
+            )
         if md5 and etag_md5(self._single_etag) is not None and etag_md5(self._single_etag) != md5.lower():
-            raise errors.IntegrityError(f"PutObject {self.where}: S3 reports ETag {self._single_etag}, md5 is {md5}")
+            raise errors.IntegrityError(
+                f"PutObject {self.where}: S3 reports ETag {self._single_etag}, md5 is {md5}"
+            )
         return {"key": self.key, "etag": self._single_etag, "size": size, "md5": md5 or ""}
 
     async def _head_etag(self) -> str | None:
@@ -330,8 +363,10 @@ class S3Writer(ChunkWriter):
         with anyio.CancelScope(shield=True):
             try:
                 await self.adapter.call(
-                    "abort_multipart_upload", f"AbortMultipartUpload {self.where}",
-                    Key=self.key, UploadId=upload_id,
+                    "abort_multipart_upload",
+                    f"AbortMultipartUpload {self.where}",
+                    Key=self.key,
+                    UploadId=upload_id,
                 )
             except errors.DepoError as exc:
                 if s3_code(exc) != "NoSuchUpload":

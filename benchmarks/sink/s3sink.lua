@@ -293,6 +293,18 @@ if not key then
             '><Bucket>' .. xml_escape(bucket) .. '</Bucket><IsTruncated>false</IsTruncated></ListMultipartUploadsResult>')
     end
     if method == "GET" then return list_objects(bucket, args) end
+    if method == "POST" and args["delete"] ~= nil then  -- DeleteObjects (benchmark cleanup)
+        ngx.req.read_body()
+        local body = ngx.req.get_body_data() or ""
+        for key in body:gmatch("<Key>(.-)</Key>") do
+            key = key:gsub("&lt;", "<"):gsub("&gt;", ">"):gsub("&quot;", '"'):gsub("&amp;", "&")
+            if objs:get(bucket .. "/" .. key) then
+                objs:delete(bucket .. "/" .. key)
+                stats:incr("objects", -1, 0)
+            end
+        end
+        return send_xml(200, '<?xml version="1.0" encoding="UTF-8"?>\n<DeleteResult ' .. XMLNS .. '></DeleteResult>')
+    end
     return s3_error(405, "MethodNotAllowed", method .. " on a bucket")
 end
 

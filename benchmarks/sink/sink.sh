@@ -7,6 +7,19 @@
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 cmd=${1:-}
+
+# GET (or POST with a second argument) with curl, or python3 where curl is missing
+fetch() {
+    if command -v curl >/dev/null 2>&1; then
+        if [ -n "${2:-}" ]; then curl -fsS -X POST "$1"; else curl -fsS "$1"; fi
+    else
+        method=GET
+        if [ -n "${2:-}" ]; then method=POST; fi
+        python3 -c 'import sys, urllib.request as u
+r = u.urlopen(u.Request(sys.argv[1], method=sys.argv[2]), timeout=5); sys.stdout.write(r.read().decode())' \
+            "$1" "$method"
+    fi
+}
 case "$cmd" in
 start)
     port=${2:?port}
@@ -23,7 +36,7 @@ start)
     # bounded readiness poll: the port answers /_sink/stats
     i=0
     while [ $i -lt 100 ]; do
-        if curl -fsS "http://127.0.0.1:$port/_sink/stats" >/dev/null 2>&1; then
+        if fetch "http://127.0.0.1:$port/_sink/stats" >/dev/null 2>&1; then
             echo "sink: listening on http://127.0.0.1:$port (prefix $prefix, pid $(cat "$prefix/nginx.pid"))"
             exit 0
         fi
@@ -40,10 +53,10 @@ stop)
     fi
     ;;
 stats)
-    curl -fsS "http://127.0.0.1:${2:?port}/_sink/stats"; echo
+    fetch "http://127.0.0.1:${2:?port}/_sink/stats"; echo
     ;;
 reset)
-    curl -fsS -X POST "http://127.0.0.1:${2:?port}/_sink/reset"
+    fetch "http://127.0.0.1:${2:?port}/_sink/reset" post
     ;;
 *)
     echo "usage: $0 start PORT [PREFIX] [WORKERS] | stop PREFIX | stats PORT | reset PORT" >&2

@@ -143,11 +143,11 @@ def rclone_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3TestSe
     port = free_port()
     env = {**os.environ, "RCLONE_CONFIG": str(root / "no-rclone.conf")}
     env.pop("AWS_CA_BUNDLE", None)
-    proc = subprocess.Popen(
-        [binary, "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
-         "--auth-key", f"{RCLONE_KEY},{RCLONE_SECRET}", "--etag-hash", "MD5", "--log-level", "ERROR"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-    )
+    # the log goes to a file: a pipe nobody reads would block rclone once it filled up
+    log = open(tmp_path_factory.mktemp("rclone-log") / "rclone.log", "wb")  # noqa: SIM115
+    flags = f"--addr 127.0.0.1:{port} --auth-key {RCLONE_KEY},{RCLONE_SECRET} --etag-hash MD5 --log-level ERROR"
+    proc = subprocess.Popen([binary, "serve", "s3", str(root), *flags.split()], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=log, env=env)
     try:
         wait_for_port(port, proc)
         yield S3TestServer("rclone", f"http://127.0.0.1:{port}", RCLONE_KEY, RCLONE_SECRET,
@@ -159,8 +159,7 @@ def rclone_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3TestSe
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        log.close()
 
 
 @pytest.fixture(params=["moto", "rclone"])

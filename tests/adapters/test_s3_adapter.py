@@ -10,25 +10,27 @@ import hashlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
 from botocore.exceptions import ClientError
 
 from asyncdepo import errors
-from asyncdepo.config import EngineConfig
-from asyncdepo.engine.pull import pull
-from asyncdepo.engine.scheduler import push  # re-exported as asyncdepo.push
 from asyncdepo.adapters.base import lookup
 from asyncdepo.adapters.s3 import S3Adapter, multipart_etag, parse_s3_url
 from asyncdepo.adapters.s3_errors import map_s3_error, s3_code
 from asyncdepo.adapters.s3_writer import S3Writer
+from asyncdepo.config import EngineConfig
+from asyncdepo.engine.pull import pull
+from asyncdepo.engine.scheduler import push  # re-exported as asyncdepo.push
 from asyncdepo.engine.types import Chunk, Item
-try:  # tests/ is a package (tests/__init__.py); fall back to rootdir-relative imports without it
-    from tests.adapters.s3_servers import S3TestServer, moto_server, rclone_server, s3_server  # noqa: F401
-except ImportError:  # pragma: no cover
-    from s3_servers import S3TestServer, moto_server, rclone_server, s3_server  # type: ignore[no-redef]  # noqa: F401
+
+if TYPE_CHECKING:
+    from tests.adapters.s3_servers import S3TestServer
+
+# the server fixtures: moto_server, rclone_server, and s3_server parametrized over both
+pytest_plugins = ["tests.adapters.s3_servers"]
 
 MiB = 1 << 20
 PART = 5 * MiB
@@ -49,9 +51,15 @@ def payload(size: int, seed: int = 1) -> bytes:
 
 def chunk(data: bytes, offset: int, size: int, number: int, total: int, md5: str | None = None) -> Chunk:
     """One part as the engine hands it over: read into a buffer and hashed."""
-    body = data[offset:offset + size]
-    return Chunk(offset=offset, data=memoryview(body), digests={"md5": md5 or hashlib.md5(body).hexdigest()},
-                 last=offset + size >= total, part_number=number, total=total)
+    body = data[offset : offset + size]
+    return Chunk(
+        offset=offset,
+        data=memoryview(body),
+        digests={"md5": md5 or hashlib.md5(body).hexdigest()},
+        last=offset + size >= total,
+        part_number=number,
+        total=total,
+    )
 
 
 def parts_of(data: bytes, part: int = PART) -> list[Chunk]:
@@ -85,8 +93,9 @@ def stored_etag(server: S3TestServer, data: bytes, multipart: str) -> str:
 @pytest.fixture
 async def adapter(s3_server: S3TestServer) -> AsyncIterator[S3Adapter]:
     bucket = s3_server.new_bucket()
-    async with S3Adapter(f"s3://{bucket}/run/1", Cfg(), s3_server.secrets,
-                         endpoint_url=s3_server.endpoint_url) as ad:
+    async with S3Adapter(
+        f"s3://{bucket}/run/1", Cfg(), s3_server.secrets, endpoint_url=s3_server.endpoint_url
+    ) as ad:
         yield ad
 
 
@@ -131,8 +140,12 @@ def test_registered_and_url() -> None:
     assert parse_s3_url("s3://bucket") == ("bucket", "")
     with pytest.raises(errors.UsageError):
         parse_s3_url("http://bucket/x")
-    ad = S3Adapter("s3://b/p", Cfg(), {"aws_secret_access_key": "SECRETSECRET"},
-                   endpoint_url="http://user:pw@127.0.0.1:9000/")
+    ad = S3Adapter(
+        "s3://b/p",
+        Cfg(),
+        {"aws_secret_access_key": "SECRETSECRET"},
+        endpoint_url="http://user:pw@127.0.0.1:9000/",
+    )
     assert ad.describe() == "s3://b/p at http://127.0.0.1:9000"
     assert "SECRET" not in repr(ad) and "pw" not in ad.describe()
     assert ad.key_for("x/y.bin") == "p/x/y.bin"
@@ -169,7 +182,10 @@ async def test_multipart_parts_concurrent(adapter: S3Adapter, s3_server: S3TestS
     expected = multipart_etag([c.digests["md5"] for c in chunks])
     result = await writer.complete({"md5": hashlib.md5(data).hexdigest()}, len(data))
     assert result["etag"] == expected
-    assert read_back(s3_server, adapter.bucket, "run/1/big.bin") == (data, stored_etag(s3_server, data, expected))
+    assert read_back(s3_server, adapter.bucket, "run/1/big.bin") == (
+        data,
+        stored_etag(s3_server, data, expected),
+    )
     assert not s3_server.client().list_multipart_uploads(Bucket=adapter.bucket).get("Uploads")
 
 
@@ -187,8 +203,9 @@ async def test_failed_part_resumes_from_listparts(s3_server: S3TestServer, lost:
 
     journal: dict[str, Any] = {}
     # the client is wrapped to inject the failure, so every request must go through it
-    async with S3Adapter(url, Cfg(), s3_server.secrets, endpoint_url=s3_server.endpoint_url,
-                         fast_path=False) as first:
+    async with S3Adapter(
+        url, Cfg(), s3_server.secrets, endpoint_url=s3_server.endpoint_url, fast_path=False
+    ) as first:
         counter = CallCounter(await first.client())
         counter.wrap("upload_part")
         counter.fail[("upload_part", 2)] = lost
@@ -214,8 +231,9 @@ async def test_failed_part_resumes_from_listparts(s3_server: S3TestServer, lost:
     # ListParts in pages of 2 exercises the pagination; moto (5.2) reads PartNumberMarker as an index into
     # its list rather than a part number, which skips parts after a gap, so it gets one page there
     page = 1000 if (s3_server.name == "moto" and lost == "before") else 2
-    async with S3Adapter(url, Cfg(), s3_server.secrets, endpoint_url=s3_server.endpoint_url,
-                         fast_path=False) as second:
+    async with S3Adapter(
+        url, Cfg(), s3_server.secrets, endpoint_url=s3_server.endpoint_url, fast_path=False
+    ) as second:
         second.list_page_size = page
         counter = CallCounter(await second.client())
         for op in ("upload_part", "list_parts", "create_multipart_upload"):
@@ -329,8 +347,9 @@ async def test_list_and_ranged_read(adapter: S3Adapter, s3_server: S3TestServer)
 
 # -- errors --------------------------------------------------------------------------------------------
 async def test_missing_bucket_is_permanent(s3_server: S3TestServer) -> None:
-    async with S3Adapter("s3://no-such-bucket-here/p", Cfg(), s3_server.secrets,
-                         endpoint_url=s3_server.endpoint_url) as ad:
+    async with S3Adapter(
+        "s3://no-such-bucket-here/p", Cfg(), s3_server.secrets, endpoint_url=s3_server.endpoint_url
+    ) as ad:
         writer = await ad.open_item(item_for("x", b"abc"), None)
         with pytest.raises(errors.PermanentError) as info:
             await writer.write(chunk(b"abc", 0, 3, 0, 3))
@@ -340,9 +359,12 @@ async def test_missing_bucket_is_permanent(s3_server: S3TestServer) -> None:
 async def test_bad_secret_is_auth_error_without_secret(rclone_server: S3TestServer) -> None:
     bucket = rclone_server.new_bucket()
     secret = "not-the-right-secret-0123456789ab"
-    async with S3Adapter(f"s3://{bucket}", Cfg(), {"aws_access_key_id": rclone_server.access_key,
-                                                   "aws_secret_access_key": secret},
-                         endpoint_url=rclone_server.endpoint_url) as ad:
+    async with S3Adapter(
+        f"s3://{bucket}",
+        Cfg(),
+        {"aws_access_key_id": rclone_server.access_key, "aws_secret_access_key": secret},
+        endpoint_url=rclone_server.endpoint_url,
+    ) as ad:
         writer = await ad.open_item(item_for("x", b"abc"), None)
         with pytest.raises(errors.AuthError) as info:
             await writer.write(chunk(b"abc", 0, 3, 0, 3))
@@ -350,7 +372,9 @@ async def test_bad_secret_is_auth_error_without_secret(rclone_server: S3TestServ
     assert secret not in text and info.value.hint  # what to do, never the secret
 
 
-async def test_credentials_from_environment(rclone_server: S3TestServer, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_credentials_from_environment(
+    rclone_server: S3TestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", rclone_server.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", rclone_server.secret_key)
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
@@ -364,8 +388,13 @@ async def test_credentials_from_environment(rclone_server: S3TestServer, monkeyp
 
 
 def _client_error(code: str, status: int, message: str = "msg", **extra: str) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": message, **extra},
-                        "ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": {}}}, "PutObject")
+    return ClientError(
+        {
+            "Error": {"Code": code, "Message": message, **extra},
+            "ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": {}},
+        },
+        "PutObject",
+    )
 
 
 @pytest.mark.parametrize(
@@ -386,8 +415,10 @@ def _client_error(code: str, status: int, message: str = "msg", **extra: str) ->
     ],
 )
 def test_error_mapping(code: str, status: int, kind: type[Exception]) -> None:
-    exc = map_s3_error(_client_error(code, status, StringToSign="AWS4-HMAC-SHA256 secret-ish",
-                                     AWSAccessKeyId="AKIDEXAMPLE"), "PutObject s3://b/k")
+    exc = map_s3_error(
+        _client_error(code, status, StringToSign="AWS4-HMAC-SHA256 secret-ish", AWSAccessKeyId="AKIDEXAMPLE"),
+        "PutObject s3://b/k",
+    )
     assert isinstance(exc, kind) and s3_code(exc) == code
     assert "PutObject s3://b/k" in str(exc) and code in str(exc)
     assert "secret-ish" not in exc.describe() and "AKIDEXAMPLE" not in exc.describe()
@@ -412,10 +443,9 @@ class CountingS3(S3Adapter):
     """The adapter with its client wrapped: counts calls, injects failures (see CallCounter); every
     request goes through the wrapped aiobotocore client (no fast path)."""
 
-    fail: dict[tuple[str, int], str] = {}
-
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, fast_path=False, **kw)
+        self.fail: dict[tuple[str, int], str] = {}
 
     gate = 0
 
@@ -442,13 +472,20 @@ async def test_push_and_pull_end_to_end(s3_server: S3TestServer, tmp_path: Path)
         assert client.get_object(Bucket=bucket, Key=f"ds/{rel}")["Body"].read() == body
     assert not client.list_multipart_uploads(Bucket=bucket).get("Uploads")
 
-    again = await push(src, S3Adapter(f"s3://{bucket}/ds", config, s3_server.secrets,
-                                      endpoint_url=s3_server.endpoint_url), config, journal_path=tmp_path / "j.db")
+    again = await push(
+        src,
+        S3Adapter(f"s3://{bucket}/ds", config, s3_server.secrets, endpoint_url=s3_server.endpoint_url),
+        config,
+        journal_path=tmp_path / "j.db",
+    )
     assert again.ok and again.files_skipped == len(files) and again.files_done == 0
 
     out = tmp_path / "out"
-    pulled = await pull(S3Adapter(f"s3://{bucket}/ds", config, s3_server.secrets,
-                                  endpoint_url=s3_server.endpoint_url), out, config)
+    pulled = await pull(
+        S3Adapter(f"s3://{bucket}/ds", config, s3_server.secrets, endpoint_url=s3_server.endpoint_url),
+        out,
+        config,
+    )
     assert pulled.ok, pulled.failures
     assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
 
@@ -494,15 +531,22 @@ def test_sigv4_matches_botocore(monkeypatch: pytest.MonkeyPatch) -> None:
 
     from asyncdepo.adapters.s3_fast import SigV4
 
-    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
     monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: when.replace(tzinfo=None))
     url = "http://127.0.0.1:9000/bucket/dir%20x/f%2Bg%3D.bin?partNumber=3&uploadId=a%2Fb%3D%3D"
     creds = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "token/xyz=")
     request = AWSRequest(method="PUT", url=url, headers={"Content-MD5": "1B2M2Y8AsgTpgAmY7PhCfg=="}, data=b"")
     request.context = {"client_config": Config(s3={"payload_signing_enabled": False})}
     botocore.auth.S3SigV4Auth(creds, "s3", "eu-west-3").add_auth(request)
-    ours = SigV4("eu-west-3").sign("PUT", url, {"host": "127.0.0.1:9000", "content-md5": "1B2M2Y8AsgTpgAmY7PhCfg=="},
-                                   creds.access_key, creds.secret_key, creds.token, now=when)
+    ours = SigV4("eu-west-3").sign(
+        "PUT",
+        url,
+        {"host": "127.0.0.1:9000", "content-md5": "1B2M2Y8AsgTpgAmY7PhCfg=="},
+        creds.access_key,
+        creds.secret_key,
+        creds.token,
+        now=when,
+    )
     assert ours["Authorization"] == request.headers["Authorization"]
     assert ours["x-amz-content-sha256"] == request.headers["X-Amz-Content-SHA256"] == "UNSIGNED-PAYLOAD"
 
@@ -511,8 +555,9 @@ async def test_fast_path_carries_the_data(s3_server: S3TestServer) -> None:
     """After the first request (through botocore, which resolves the endpoint), PutObject and UploadPart
     bypass botocore; the server (rclone checks every signature) accepts them and holds the right bytes."""
     bucket = s3_server.new_bucket()
-    async with S3Adapter(f"s3://{bucket}/fast", Cfg(), s3_server.secrets,
-                         endpoint_url=s3_server.endpoint_url) as ad:
+    async with S3Adapter(
+        f"s3://{bucket}/fast", Cfg(), s3_server.secrets, endpoint_url=s3_server.endpoint_url
+    ) as ad:
         counter = CallCounter(await ad.client())
         counter.wrap("put_object")
         counter.wrap("upload_part")
@@ -540,8 +585,9 @@ async def test_fast_path_upload_vanished_with_parts(adapter: S3Adapter, s3_serve
     writer = await adapter.open_item(item, None)
     await writer.write_part(chunks[0])
     saved = writer.state()
-    s3_server.client().abort_multipart_upload(Bucket=adapter.bucket, Key="run/1/vanish.bin",
-                                              UploadId=saved["upload_id"])
+    s3_server.client().abort_multipart_upload(
+        Bucket=adapter.bucket, Key="run/1/vanish.bin", UploadId=saved["upload_id"]
+    )
     # rclone answers NoSuchUpload; moto 5.2 fails with a 500 (KeyError) on UploadPart to an aborted
     # upload: transient either way
     with pytest.raises(errors.TransientError, match="vanished" if s3_server.name == "rclone" else "500"):
@@ -554,3 +600,48 @@ async def test_fast_path_upload_vanished_with_parts(adapter: S3Adapter, s3_serve
     await send_parts(writer, chunks)
     await writer.complete({"md5": hashlib.md5(data).hexdigest()}, len(data))
     assert read_back(s3_server, adapter.bucket, "run/1/vanish.bin")[0] == data
+
+
+async def test_push_compressed(s3_server: S3TestServer, tmp_path: Path) -> None:
+    """``--compress zstd``: each file goes as ``<rel>.zst`` (length unknown up front, so multipart even
+    when small); the objects decompress to the files, and the check is against the bytes sent."""
+    import zstandard
+
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {"small.txt": b"detector " * 5000, "noise.bin": os.urandom(2 * PART + 4321)}
+    for rel, body in files.items():
+        (src / rel).write_bytes(body)
+    bucket = s3_server.new_bucket()
+    config = EngineConfig(transfers=4, chunk_size=PART, compress=("zstd", 3))
+    adapter = S3Adapter(f"s3://{bucket}/z", config, s3_server.secrets, endpoint_url=s3_server.endpoint_url)
+    report = await push(src, adapter, config, journal_path=tmp_path / "j.db")
+    assert report.ok, report.failures
+    for rel, body in files.items():
+        stored = s3_server.client().get_object(Bucket=bucket, Key=f"z/{rel}.zst")["Body"].read()
+        assert zstandard.ZstdDecompressor().decompressobj().decompress(stored) == body
+
+
+async def test_compressed_stream_does_not_reuse_parts(adapter: S3Adapter, s3_server: S3TestServer) -> None:
+    """A journaled upload of a compressed stream (size -1) is aborted on reopen, not resumed."""
+    data = payload(PART + 9, seed=600)
+    item = Item(path="/src/c.bin", rel="c.bin.zst", size=-1, mtime_ns=1)
+    writer = await adapter.open_item(item, None)
+    await writer.write_part(parts_of(data)[0])
+    writer = await adapter.open_item(item, writer.state())
+    assert writer.parts == {} and writer.state()["upload_id"] is None
+    assert not s3_server.client().list_multipart_uploads(Bucket=adapter.bucket).get("Uploads")
+
+
+async def test_no_credentials_is_auth_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role probe
+    monkeypatch.delenv("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", raising=False)
+    monkeypatch.delenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", raising=False)
+    with pytest.raises(errors.AuthError) as info:
+        async with S3Adapter("s3://bucket/p", Cfg(), endpoint_url="http://127.0.0.1:9"):
+            pass
+    assert "AWS_ACCESS_KEY_ID" in (info.value.hint or "")
