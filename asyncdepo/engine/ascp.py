@@ -33,6 +33,10 @@ Contract (what a caller may rely on):
 * **Cancellation** (anyio): the child is sent SIGTERM (to its process group: it runs in a session of its
   own, so a terminal's Ctrl-C reaches only us), waited for ``grace`` seconds, then SIGKILLed, and always
   reaped — shielded, as anyio's ``Process.aclose`` does. No child outlives :func:`run_once`.
+
+This module holds the options, the command line and the public entry points; the child process's
+lifecycle (spawn, pipes, management port, stall watchdog, reaping) is :mod:`asyncdepo.engine.ascp_process`,
+and the parsing of what ascp says is :mod:`asyncdepo.engine.ascp_parse`.
 """
 
 from __future__ import annotations
@@ -41,17 +45,14 @@ import dataclasses
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import anyio
-from anyio.abc import ByteReceiveStream, Process, SocketAttribute, SocketListener
-
 from asyncdepo import errors
 from asyncdepo.engine import ascp_parse as P
+from asyncdepo.engine.ascp_process import SessionOutcome, run_session
 from asyncdepo.engine.retry import RetryPolicy
 
 __all__ = (
@@ -313,118 +314,7 @@ class _Tracker:
         return delta
 
 
-@dataclasses.dataclass
-class _Outcome:
-    bytes: int
-    files: int
-    partial: bool
-    error: errors.DepoError | None
-
-
-class _Session:
-    """One ascp child: its pipes and management socket feed a :class:`ascp_parse.SessionAccount`;
-    every observation that tells something new pushes the stall deadline forward."""
-
-    def __init__(self, opts: AscpOptions, sources: Sequence[str], dest: str, tracker: _Tracker) -> None:
-        self.opts = opts
-        send = opts.mode == "send" if opts.host else _is_remote(dest)
-        # the local directories ascp's names are relative to (and where their copies can be stat'ed)
-        roots = (list(dict.fromkeys(Path(os.path.abspath(s)).parent for s in sources))[:64] if send
-                 else [Path(os.path.abspath(dest))])
-        self.account = P.SessionAccount(self._report, send=send, roots=roots, management=opts.management_port)
-        self.tracker = tracker
-        self.stall_scope: anyio.CancelScope | None = None
-        self.accept_scope = anyio.CancelScope()
-        self.connected = anyio.Event()
-        self._last: tuple[str, int, bool] | None = None
-
-    def touch(self) -> None:
-        if self.stall_scope is not None:
-            self.stall_scope.deadline = anyio.current_time() + self.opts.stall_timeout
-
-    def _report(self, name: str, nbytes: int, total: int | None, rate: float | None, done: bool) -> int | None:
-        if (name, nbytes, done) != self._last:
-            # ascp is moving: also when the tracker has nothing new to tell (a file completed by an
-            # earlier attempt and sent again from 0 after a -k 0 rerun)
-            self._last = (name, nbytes, done)
-            self.touch()
-        return self.tracker.report(name, nbytes, total, rate, done)
-
-    async def pump_stdout(self, stream: ByteReceiveStream) -> None:
-        splitter = P.LineSplitter()
-        async for chunk in stream:
-            for text, term in splitter.feed(chunk):
-                self.account.stdout_line(text, term)
-            self.account.stdout_pending(splitter.pending)  # ascp's latest redraw ends only with the next
-        for text, term in splitter.flush():
-            self.account.stdout_line(text, term)
-
-    async def pump_stderr(self, stream: ByteReceiveStream) -> None:
-        splitter = P.LineSplitter()
-        async for chunk in stream:
-            for text, _ in splitter.feed(chunk):
-                self.account.stderr_line(text)
-        for text, _ in splitter.flush():
-            self.account.stderr_line(text)
-
-    async def serve_mgmt(self, listener: SocketListener) -> None:
-        with self.accept_scope:
-            conn = await listener.accept()
-        if self.accept_scope.cancelled_caught:
-            return
-        self.connected.set()
-        splitter = P.LineSplitter()
-        async with conn:
-            try:
-                async for chunk in conn:
-                    for text, _ in splitter.feed(chunk):
-                        self.account.mgr_line(text)
-            except (anyio.BrokenResourceError, OSError):
-                pass  # ascp died mid-frame: its exit status and console say why
-
-    async def wait_exit(self, proc: Process) -> None:
-        await proc.wait()
-        if self.opts.management_port and not self.connected.is_set():
-            # ascp connects first thing, so a connection made before it exited is already queued;
-            # a short wait picks it up, and a session that never connected does not hang us.
-            with anyio.move_on_after(0.5):
-                await self.connected.wait()
-            self.accept_scope.cancel()
-
-    def outcome(self, returncode: int | None, secrets: AscpSecrets) -> _Outcome:
-        a = self.account
-        return _Outcome(a.moved, a.completed, a.partial, a.failure(returncode, secrets.values()))
-
-
-def _is_remote(path: str) -> bool:
-    # "[user@]host:path" (not "./a:b", "/a:b" or a Windows drive "C:\\x")
-    head, sep, _ = path.partition(":")
-    return bool(sep) and len(head) > 1 and "/" not in head and "\\" not in head
-
-
-async def _reap(proc: Process, grace: float) -> None:
-    """SIGTERM, wait ``grace``, SIGKILL, wait; then close the pipes. Call shielded."""
-    if proc.returncode is None:
-        _signal_group(proc, signal.SIGTERM)
-        with anyio.move_on_after(grace):
-            await proc.wait()
-    if proc.returncode is None:
-        _signal_group(proc, signal.SIGKILL)
-        await proc.wait()
-    await proc.aclose()
-
-
-def _signal_group(proc: Process, sig: signal.Signals) -> None:
-    # The child leads its own session (start_new_session), so its group id is its pid; signalling the
-    # group also stops anything it spawned. Only done while it is unreaped, so the id cannot be reused.
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        try:
-            proc.send_signal(sig)
-        except ProcessLookupError:
-            pass
-
+# -- one session ---------------------------------------------------------------------------------------
 
 async def _attempt(
     opts: AscpOptions,
@@ -434,53 +324,15 @@ async def _attempt(
     tracker: _Tracker,
     pair_list: Path | None,
     file_list: Path | None,
-) -> _Outcome:
+) -> SessionOutcome:
     binary = resolve_ascp(opts.ascp)
-    session = _Session(opts, sources, dest, tracker)
-    listener: SocketListener | None = None
-    try:
-        port = None
-        if opts.management_port:
-            multi = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-            (only,) = multi.listeners  # one socket, on 127.0.0.1: never reachable from outside
-            assert isinstance(only, SocketListener)
-            listener = only
-            port = listener.extra(SocketAttribute.local_port)
-        argv = build_argv(dataclasses.replace(opts, ascp=binary), sources, dest, pair_list=pair_list,
+
+    def make_argv(port: int | None) -> list[str]:
+        return build_argv(dataclasses.replace(opts, ascp=binary), sources, dest, pair_list=pair_list,
                           token=secrets.token is not None, file_list=file_list, management_port=port)
-        try:
-            proc = await anyio.open_process(argv, stdin=subprocess.DEVNULL, env=_child_env(secrets),
-                                            start_new_session=True)
-        except OSError as exc:  # not executable, wrong architecture, a broken script
-            raise errors.UsageError(f"cannot run {binary}: {exc.strerror or exc}") from None
-        try:
-            with anyio.CancelScope() as stall_scope:
-                session.stall_scope = stall_scope
-                session.touch()
-                try:
-                    async with anyio.create_task_group() as tg:
-                        assert proc.stdout is not None and proc.stderr is not None
-                        tg.start_soon(session.pump_stdout, proc.stdout)
-                        tg.start_soon(session.pump_stderr, proc.stderr)
-                        if listener is not None:
-                            tg.start_soon(session.serve_mgmt, listener)
-                        tg.start_soon(session.wait_exit, proc)
-                except BaseExceptionGroup as group:  # an on_progress callback failed: surface it as it is
-                    if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
-                        raise group.exceptions[0] from None
-                    raise
-        finally:
-            with anyio.CancelScope(shield=True):
-                await _reap(proc, opts.grace)
-    finally:
-        if listener is not None:
-            with anyio.CancelScope(shield=True):
-                await listener.aclose()
-    if stall_scope.cancelled_caught:
-        return _Outcome(session.account.moved, session.account.completed, False, errors.TransientError(
-            f"ascp made no progress for {opts.stall_timeout:g} s and was stopped",
-            hint="the network or the server may be stalled; a rerun resumes (-k)"))
-    return session.outcome(proc.returncode, secrets)
+
+    return await run_session(opts, sources, dest, make_argv, _child_env(secrets), secrets.values(),
+                             tracker.report)
 
 
 # -- public entry points -------------------------------------------------------------------------------
