@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -21,9 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 from asyncdepo.sim.datasets import make_files
+
+try:
+    from benchmarks.measure import run_measured
+except ModuleNotFoundError:  # run as a script (python benchmarks/bench_engine.py): benchmarks/ is on sys.path
+    from measure import run_measured  # type: ignore[no-redef]
 
 HERE = Path(__file__).parent
 DATA = HERE / "data"
@@ -39,27 +41,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_measured(cmd: list[str] | str, *, shell: bool = False, env: dict[str, str] | None = None) -> dict:
-    """Run a command; wall time, children CPU seconds and peak RSS of its process tree."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, shell=shell, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
-    ps = psutil.Process(proc.pid)
-    while proc.poll() is None:
-        try:
-            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
-            peak = max(peak, rss)
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd!r} failed ({proc.returncode}): {err[-2000:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall": wall, "cpu": cpu, "rss_mb": peak / 1e6}
+def measured(argv: list[str]) -> dict[str, float]:
+    """Run ``argv``; wall time, CPU seconds and peak RSS of its process tree (MB).
+
+    :raises RuntimeError: it failed.
+    """
+    m = run_measured(argv)
+    if m.rc != 0:
+        raise RuntimeError(m.failure(argv))
+    return {"wall": m.wall, "cpu": m.cpu, "rss_mb": m.tree_rss / 1e6}
 
 
 class Sim:
@@ -78,8 +68,9 @@ class Sim:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _curl_script(files: list[Path], url: str, parallel: int, compress: bool) -> str:
-    """An xargs -P pipeline that sends each file with curl -T (POST, creation-with-upload)."""
+def _curl_argv(files: list[Path], url: str, parallel: int, compress: bool) -> list[str]:
+    """``xargs -P`` running a small sh script per file that sends it with curl -T (POST,
+    creation-with-upload); no shell between us and xargs."""
     fd, name = tempfile.mkstemp(suffix=".lst")
     os.close(fd)
     list_file = Path(name)
@@ -96,7 +87,7 @@ def _curl_script(files: list[Path], url: str, parallel: int, compress: bool) -> 
         body = f"curl -sf -X POST {head} -H \"Upload-Length: $(stat -c %s \"$1\")\" -T \"$1\" {base} -o /dev/null"
     script.write_text("#!/bin/sh\nset -e\n" + body + "\n")
     script.chmod(0o755)
-    return f"xargs -P {parallel} -a {list_file} -n 1 {script}"
+    return ["xargs", "-P", str(parallel), "-a", str(list_file), "-n", "1", str(script)]
 
 
 def bench_row(name: str, data: Path, *, transfers: int, extra: list[str], compress: bool,
@@ -111,9 +102,9 @@ def bench_row(name: str, data: Path, *, transfers: int, extra: list[str], compre
                 cmd = [str(VENV_BIN / "asyncdepo"), "push", str(data), f"tus+{sim.url}", "-q",
                        "--journal", str(tmp / f"j-{time.time_ns()}.sqlite"), "--transfers", str(transfers),
                        "--hash", "md5,sha256", *extra]
-                m = run_measured(cmd)
+                m = measured(cmd)
             else:
-                m = run_measured(_curl_script(files, sim.url, transfers, compress), shell=True)
+                m = measured(_curl_argv(files, sim.url, transfers, compress))
         finally:
             sim.close()
         best = rows.get(tool)
@@ -138,7 +129,7 @@ def walk_rss(count: int, tmp: Path) -> dict:
             (d / f"f{i:07d}").write_bytes(b"")
     cmd = [str(VENV_BIN / "asyncdepo"), "push", str(root), f"file://{tmp / 'walk-out'}", "-q",
            "--journal", str(tmp / "walk.sqlite")]
-    m = run_measured(cmd)
+    m = measured(cmd)
     shutil.rmtree(tmp / "walk-out", ignore_errors=True)
     return {"name": f"walk {count:,} files", "files": count, "asyncdepo": {
         "wall": round(m["wall"], 2), "cpu": round(m["cpu"], 2), "rss_mb": round(m["rss_mb"], 1),

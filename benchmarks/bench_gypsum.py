@@ -36,12 +36,16 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 from urllib.parse import quote
+
+try:
+    from benchmarks.measure import run_measured
+except ModuleNotFoundError:  # run as a script (python benchmarks/bench_gypsum.py): benchmarks/ is on sys.path
+    from measure import run_measured  # type: ignore[no-redef]
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -129,59 +133,14 @@ def call(url: str, method: str, path: str, body: Any = None) -> Any:
     return json.loads(raw) if raw else None
 
 
-class TreeSampler:
-    """Peak of the summed RSS of a process and its descendants, sampled every ``interval`` seconds."""
-
-    def __init__(self, pid: int, interval: float = 0.05) -> None:
-        self.pid, self.interval, self.peak = pid, interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import psutil
-
-        try:
-            root = psutil.Process(self.pid)
-        except psutil.Error:
-            return
-        while not self._stop.is_set():
-            total = 0
-            try:
-                for p in [root, *root.children(recursive=True)]:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                return
-            self.peak = max(self.peak, total)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def run_proc(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """Run ``cmd``, reaped with wait4: wall seconds, CPU seconds (children included), peak RSS (MB)."""
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as err_f:
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=err_f)
-        with TreeSampler(proc.pid) as tree:
-            _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - t0
-        err_f.seek(0)
-        err = err_f.read()
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}): {err[-2000:]}")
-    return {"seconds": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
-            "peak_tree_rss_mb": tree.peak / 2**20}
+    """Run ``cmd`` (:func:`benchmarks.measure.run_measured`): wall seconds, CPU seconds (children included),
+    peak RSS of the largest single process and of the whole process tree (MB)."""
+    m = run_measured(cmd, env=env, cwd=REPO)
+    if m.rc != 0:
+        raise SystemExit(m.failure(cmd))
+    return {"seconds": m.wall, "cpu_s": m.cpu, "peak_rss_mb": m.max_rss / 2**20,
+            "peak_tree_rss_mb": m.tree_rss / 2**20}
 
 
 def ours(data: Path, url: str, asset: str, concurrency: int, work: Path) -> dict[str, Any]:

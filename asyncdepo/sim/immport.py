@@ -1,9 +1,10 @@
 """A faithful local stand-in for ImmPort's shared-data download API (``asyncdepo sim immport``).
 
-Storage is a directory of studies, ``ROOT/SDYnnn/...``; every regular file under it is a shared file whose
-ImmPort path is ``/SDYnnn/...``. Names starting with ``.`` are hidden, and a sidecar ``NAME.sim-md5``
-(holding 32 hex digits) overrides the ``generatedMD5`` the manifest publishes for ``NAME``, so a test can
-simulate a corrupted file.
+Storage (:mod:`asyncdepo.sim.immport_store`) is a directory of studies, ``ROOT/SDYnnn/...``; every regular
+file under it is a shared file whose ImmPort path is ``/SDYnnn/...``. Names starting with ``.`` are hidden,
+and a sidecar ``NAME.sim-md5`` (holding 32 hex digits) overrides the ``generatedMD5`` the manifest publishes
+for ``NAME``, so a test can simulate a corrupted file. File bodies are sent by
+:mod:`asyncdepo.sim.immport_files`.
 
 Routes (one server plays both ``auth.immport.org`` and ``api.immport.org``):
 
@@ -42,14 +43,11 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import hmac
-import os
-import random
 import secrets
 import threading
 import time
-import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote
@@ -57,14 +55,20 @@ from urllib.parse import parse_qs, quote
 import orjson
 from aiohttp import web
 
-from asyncdepo.sim.faults import FAULT_KEY, FaultInjector
+from asyncdepo.sim.faults import FaultInjector
+from asyncdepo.sim.immport_files import error_response as _error
+from asyncdepo.sim.immport_files import json_response as _json
+from asyncdepo.sim.immport_files import serve_file
+from asyncdepo.sim.immport_store import MD5_SIDECAR, StudyStore, file_uuid, is_hidden, norm_path, write_study
 from asyncdepo.sim.server import make_app
 
-MD5_SIDECAR = ".sim-md5"
 BUCKET = "immport-shared"
-CHUNK = 1 << 20
 PERMISSIONS = [{"name": "view"}]
 DEFAULT_USER = ("demo", "demo")
+
+# the storage half (studies, manifests, write_study) lives in immport_store, file bodies in immport_files
+__all__ = ("BUCKET", "DEFAULT_USER", "IMMPORT_KEY", "MD5_SIDECAR", "ImmportSim", "add_arguments", "build_app",
+           "file_uuid", "write_study")
 
 
 @dataclasses.dataclass
@@ -74,43 +78,17 @@ class _Token:
     uses_left: int | None
 
 
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json",
-                        headers=headers)
-
-
-def _error(status: int, error: str, message: str, **extra: str) -> web.Response:
-    return _json({"status": status, "error": error, "message": message}, status, extra or None)
-
-
-def _norm(path: str) -> str | None:
-    """An ImmPort path (``/SDY1/a/b``) as a relative POSIX path (``SDY1/a/b``); None when it escapes."""
-    parts = [p for p in path.strip().split("/") if p not in ("", ".")]
-    if any(p == ".." or p.startswith(".") for p in parts):
-        return None
-    return "/".join(parts)
-
-
-def _hidden(name: str) -> bool:
-    return name.startswith(".") or name.endswith(MD5_SIDECAR)
-
-
 def _iso(mtime: float) -> str:
     return _dt.datetime.fromtimestamp(mtime, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def file_uuid(rel: str) -> str:
-    """The stable fileUUID of the shared file at ``rel`` (same across simulator restarts)."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"immport-sim:{rel}"))
-
-
-class ImmportSim:
+class ImmportSim(StudyStore):
     """The simulator's state: users, tokens, md5 cache and byte counters. ``app[IMMPORT_KEY]`` in tests."""
 
     def __init__(self, root: Path, faults: FaultInjector, *, users: dict[str, str] | None = None,
                  token_lifetime: float = 60.0, token_uses: int | None = None, url_lifetime: float = 7 * 86400.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.root = root
+        super().__init__(root)
         self.faults = faults
         self.users = dict(users or {DEFAULT_USER[0]: DEFAULT_USER[1]})
         self.token_lifetime = token_lifetime
@@ -122,8 +100,6 @@ class ImmportSim:
         self.bytes_out: defaultdict[str, int] = defaultdict(int)
         self.events: defaultdict[str, int] = defaultdict(int)  # tokens_issued, auth_failed, token_expired...
         self._secret = secrets.token_bytes(16)
-        self._md5: dict[str, tuple[int, int, str]] = {}
-        self._uuids: dict[str, str] = {}
         # hold(): file responses pause mid-body once this many bytes went out, so a test can kill a
         # client at a point where it holds partial files; ``held`` is a threading.Event (ThreadedSim).
         self.hold_after: int | None = None
@@ -163,59 +139,6 @@ class ImmportSim:
         if tok.uses_left is not None:
             tok.uses_left -= 1
         return None
-
-    # -- storage -------------------------------------------------------------------------------------
-    def resolve(self, path: str) -> Path | None:
-        """The local path of an ImmPort path, or None when it does not exist (or is hidden)."""
-        rel = _norm(path)
-        if rel is None or not rel:
-            return None if rel is None else self.root
-        local = self.root / rel
-        return local if local.exists() and not _hidden(local.name) else None
-
-    def walk(self, rel: str) -> Iterator[tuple[str, os.stat_result]]:
-        """(rel, stat) of every visible regular file under ``rel`` (sorted, recursive)."""
-        base = self.root / rel if rel else self.root
-        if base.is_file():
-            yield rel, base.stat()
-            return
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-            for full in (Path(dirpath) / n for n in sorted(filenames) if not _hidden(n)):
-                yield full.relative_to(self.root).as_posix(), full.stat()
-
-    def published_md5(self, rel: str, st: os.stat_result) -> str:
-        """generatedMD5 of ``rel``: the sidecar override, else the cached or computed md5 (blocking)."""
-        local = self.root / rel
-        sidecar = local.with_name(local.name + MD5_SIDECAR)
-        if sidecar.exists():
-            return sidecar.read_text().strip()
-        cached = self._md5.get(rel)
-        if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
-            return cached[2]
-        with open(local, "rb") as f:
-            digest = hashlib.file_digest(f, "md5").hexdigest()
-        self._md5[rel] = (st.st_size, st.st_mtime_ns, digest)
-        return digest
-
-    def manifest(self, study: str) -> list[dict[str, Any]]:
-        """The study's file manifest (blocking: hashes new files)."""
-        rows = []
-        for rel, st in self.walk(study):
-            uid = file_uuid(rel)
-            self._uuids[uid] = rel
-            rows.append({"fileUUID": uid, "path": "/" + rel, "fileName": rel.rsplit("/", 1)[-1],
-                         "generatedMD5": self.published_md5(rel, st), "filesizeBytes": st.st_size,
-                         "studyAccession": study})
-        return rows
-
-    def by_uuid(self, uid: str) -> str | None:
-        rel = self._uuids.get(uid)
-        if rel is None:  # not seen in a manifest yet: index everything once
-            for r, _ in self.walk(""):
-                self._uuids[file_uuid(r)] = r
-            rel = self._uuids.get(uid)
-        return rel if rel is not None and (self.root / rel).is_file() else None
 
     # -- signed URLs ---------------------------------------------------------------------------------
     def sign(self, what: str, expires: int) -> str:
@@ -269,102 +192,6 @@ async def _json_body(request: web.Request, sim: ImmportSim) -> Any:
                                  content_type="application/json") from None
 
 
-def _parse_range(header: str, size: int) -> tuple[int, int] | None | str:
-    """(start, end_exclusive) for a single ``bytes=`` range; None to send everything; "416" if unsatisfiable."""
-    unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
-        return None  # unsupported forms may be ignored (RFC 9110 14.2)
-    first, _, last = spec.strip().partition("-")
-    try:
-        if not first:  # suffix range: the last N bytes
-            n = int(last)
-            return (max(0, size - n), size) if n > 0 and size > 0 else "416"
-        start = int(first)
-        end = min(size, int(last) + 1) if last else size
-    except ValueError:
-        return None
-    if start >= size or end <= start:
-        return "416"
-    return start, end
-
-
-async def _serve_file(request: web.Request, sim: ImmportSim, rel: str) -> web.StreamResponse:
-    """Stream ``rel`` honouring Range, counting the bytes written; a ``drop`` fault cuts the response."""
-    local = sim.root / rel
-    sim.file_gets += 1
-    try:
-        fd = os.open(local, os.O_RDONLY)
-    except FileNotFoundError:
-        return _error(404, "NoSuchKey", "The specified key does not exist.")
-    try:
-        size = os.fstat(fd).st_size
-        start, end, status = 0, size, 200
-        header = request.headers.get("Range")
-        if header:
-            rng = _parse_range(header, size)
-            if rng == "416":
-                return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
-            if isinstance(rng, tuple):
-                (start, end), status = rng, 206
-        headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
-        if status == 206:
-            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-        resp = web.StreamResponse(status=status, headers=headers)
-        resp.content_length = end - start
-        await resp.prepare(request)
-        rule = request.get(FAULT_KEY)
-        # a drop rule cuts the body short; one that would cut at or past its end does nothing
-        cut = rule.after if rule is not None and rule.kind == "drop" and rule.after < end - start else None
-        try:
-            await _send_body(request, resp, sim, fd, start, end, cut)
-        except ConnectionError:
-            pass  # the client went away (killed, or gave up): nothing more to count
-        return resp
-    finally:
-        os.close(fd)
-
-
-async def _send_body(request: web.Request, resp: web.StreamResponse, sim: ImmportSim, fd: int, start: int,
-                     end: int, cut: int | None) -> None:
-    """Write ``[start, end)`` of ``fd``; count what was handed to the transport; cut after ``cut`` bytes."""
-    route = sim.faults.route_name(request)
-    loop = asyncio.get_running_loop()
-    transport = request.transport
-    if cut is None and sim.hold_after is None and transport is not None and end > start:
-        # the kernel copies file -> socket (as nginx would): the simulator's CPU stays out of benchmarks
-        with os.fdopen(os.dup(fd), "rb") as fobj:
-            try:
-                await loop.sendfile(transport, fobj, start, end - start)
-            except NotImplementedError:  # uvloop: write it ourselves below
-                pass
-            except BaseException:
-                # asyncio leaves the file position just past what the kernel did send
-                sim.bytes_out[route] += max(0, fobj.tell() - start)
-                raise
-            else:
-                sim.bytes_out[route] += end - start
-                await resp.write_eof()
-                return
-    pos = start
-    while pos < end:
-        data = await loop.run_in_executor(None, os.pread, fd, min(CHUNK, end - pos), pos)
-        if not data:
-            break  # the file shrank under us; the client sees a short body
-        if cut is not None and pos - start + len(data) >= cut:
-            data = data[: max(0, cut - (pos - start))]
-            await resp.write(data)
-            sim.bytes_out[route] += len(data)
-            sim.events["responses_cut"] += 1
-            if request.transport is not None:
-                request.transport.abort()  # the injected drop: the client sees a truncated body
-            return
-        await sim.maybe_hold()
-        await resp.write(data)
-        sim.bytes_out[route] += len(data)
-        pos += len(data)
-    await resp.write_eof()
-
-
 def _routes(app: web.Application, sim: ImmportSim) -> None:
     async def auth_token(request: web.Request) -> web.Response:
         form = parse_qs((await sim.faults.read_all(request)).decode("utf-8", "replace"))
@@ -389,7 +216,7 @@ def _routes(app: web.Application, sim: ImmportSim) -> None:
         for p in paths:
             if sim.resolve(p) is None:
                 return _error(404, "Not Found", f"Path not found: {p}")
-            norm.append(_norm(p) or "")
+            norm.append(norm_path(p) or "")
         token = "ATV3_" + secrets.token_urlsafe(32)
         sim.aspera_tokens[token] = tuple(norm)
         sim.events["aspera_tokens_issued"] += 1
@@ -418,7 +245,8 @@ def _routes(app: web.Application, sim: ImmportSim) -> None:
             return out
 
         items = [] if local.is_file() else [
-            entry(c) for c in sorted(local.iterdir()) if not _hidden(c.name) and (c.is_file() or c.is_dir())]
+            entry(c) for c in sorted(local.iterdir())
+            if not is_hidden(c.name) and (c.is_file() or c.is_dir())]
         return _json({"self": entry(local), "items": items, "item_count": len(items),
                       "total_count": len(items), "parameters": {"path": path}})
 
@@ -426,7 +254,7 @@ def _routes(app: web.Application, sim: ImmportSim) -> None:
         if (denied := sim.authorize(request)) is not None:
             return denied
         study = request.match_info["study"]
-        if _norm(study) != study or not (sim.root / study).is_dir():
+        if norm_path(study) != study or not (sim.root / study).is_dir():
             return _error(404, "Not Found", f"Study {study} not found")
         rows = await asyncio.get_running_loop().run_in_executor(None, sim.manifest, study)
         return _json(rows)
@@ -448,22 +276,22 @@ def _routes(app: web.Application, sim: ImmportSim) -> None:
         return _json({"message": "success", "url": url, "status": 200})
 
     async def s3_object(request: web.Request) -> web.StreamResponse:
-        rel = _norm(request.match_info["key"])
+        rel = norm_path(request.match_info["key"])
         if rel is None or not sim.signed_ok(rel, request):
             return _error(403, "AccessDenied", "Request has expired or the signature does not match")
-        return await _serve_file(request, sim, rel)
+        return await serve_file(request, sim, rel)
 
     async def stream(request: web.Request) -> web.StreamResponse:
         uid = request.match_info["uuid"]
         rel = sim.by_uuid(uid)
         if rel is None or not sim.signed_ok(uid, request):
             return _error(403, "AccessDenied", "Request has expired or the signature does not match")
-        return await _serve_file(request, sim, rel)
+        return await serve_file(request, sim, rel)
 
     async def aspera_check(request: web.Request) -> web.Response:
         body = await request.json()
         allowed = sim.aspera_tokens.get(str(body.get("token", "")))
-        paths = [_norm(str(p)) for p in body.get("paths", [])]
+        paths = [norm_path(str(p)) for p in body.get("paths", [])]
         if allowed is None:
             return _error(401, "unauthorized", "failed to authenticate: unknown token")
         for p in paths:
@@ -537,18 +365,3 @@ def build_app(root: Path, faults: FaultInjector, args: argparse.Namespace | None
     faults.reset_counters = reset_counters  # type: ignore[method-assign]
     _routes(app, sim)
     return app
-
-
-def write_study(root: Path, study: str, count: int, size: int, *, per_dir: int = 100, seed: int = 1,
-                prefix: str = "ResultFiles") -> list[str]:
-    """Create ``count`` files of ``size`` pseudo-random bytes under ``root/study/prefix/dNN/``; returns
-    their ImmPort paths. For tests, benchmarks and the demo."""
-    rng = random.Random(seed)
-    paths = []
-    for i in range(count):
-        rel = f"{study}/{prefix}/d{i // per_dir:02d}/file{i:05d}.bin"
-        local = root / rel
-        local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_bytes(rng.randbytes(size))
-        paths.append("/" + rel)
-    return paths

@@ -34,10 +34,10 @@ Choices (the spec leaves them open, or a real server differs):
   resuming client gets 204 or 409, never interleaved bytes. HEAD does not wait (it reports the bytes written
   so far); DELETE does not wait either: it marks the upload terminated and removes its file, and a PATCH
   still running then keeps nothing.
-* Storage under ROOT: ``uploads/<id>.bin`` (the bytes) and ``uploads/<id>.json`` (length, deferred flag,
-  metadata decoded and raw, offset, terminated), rewritten atomically after every request that changed it;
-  on a restart the JSON offset is the truth and the data file is truncated to it. Terminated uploads keep
-  their JSON as a tombstone (HEAD 410).
+* Storage under ROOT (:mod:`asyncdepo.sim.tus_store`): ``uploads/<id>.bin`` (the bytes) and
+  ``uploads/<id>.json`` (length, deferred flag, metadata decoded and raw, offset, terminated), rewritten
+  atomically after every request that changed it; on a restart the JSON offset is the truth and the data
+  file is truncated to it. Terminated uploads keep their JSON as a tombstone (HEAD 410).
 * When an upload completes (offset == length) its data file is hard-linked (no copy) to
   ``ROOT/complete/<relpath>`` (``relpath`` metadata, else ``filename``, else the upload id), replacing an
   earlier file of that name atomically, so tests compare the tree on disk with the source. A ``relpath``
@@ -62,107 +62,19 @@ import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from pathlib import Path, PurePosixPath
-from typing import Any, cast
+from typing import cast
 
-import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from asyncdepo.sim.faults import Dropped, FaultInjector
 from asyncdepo.sim.server import make_app
+from asyncdepo.sim.tus_store import TusState, Upload
 
 TUS_VERSION = "1.0.0"
 ALL_EXTENSIONS = ("creation", "creation-with-upload", "termination", "checksum", "creation-defer-length")
 CHECKSUM_ALGORITHMS = ("sha1", "md5", "sha256")
 OFFSET_TYPE = "application/offset+octet-stream"
-
-
-class Upload:
-    """One upload resource; ``offset`` is the number of bytes accepted so far."""
-
-    def __init__(self, uid: str, length: int | None, metadata: dict[str, str], raw_metadata: str) -> None:
-        self.id = uid
-        self.length = length
-        self.metadata = metadata
-        self.raw_metadata = raw_metadata
-        self.offset = 0
-        self.terminated = False
-        self.materialised = False
-        self.lock = asyncio.Lock()
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "length": self.length,
-            "metadata": self.metadata,
-            "metadata_header": self.raw_metadata,
-            "offset": self.offset,
-            "terminated": self.terminated,
-        }
-
-    @property
-    def complete(self) -> bool:
-        return self.length is not None and self.offset == self.length
-
-
-class TusState:
-    """The simulator's uploads and storage layout."""
-
-    def __init__(self, root: Path, max_size: int | None, extensions: tuple[str, ...], lock_timeout: float):
-        self.root = root
-        self.uploads_dir = root / "uploads"
-        self.complete_dir = root / "complete"
-        self.uploads_dir.mkdir(parents=True, exist_ok=True)
-        self.complete_dir.mkdir(parents=True, exist_ok=True)
-        self.max_size = max_size
-        self.extensions = extensions
-        self.lock_timeout = lock_timeout
-        self.uploads: dict[str, Upload] = {}
-
-    def data_path(self, uid: str) -> Path:
-        return self.uploads_dir / f"{uid}.bin"
-
-    def info_path(self, uid: str) -> Path:
-        return self.uploads_dir / f"{uid}.json"
-
-    def save(self, up: Upload) -> None:
-        """Rewrite the info file atomically."""
-        tmp = self.info_path(up.id).with_suffix(".json.tmp")
-        tmp.write_bytes(orjson.dumps(up.to_json()))
-        os.replace(tmp, self.info_path(up.id))
-
-    def get(self, uid: str) -> Upload | None:
-        """The upload ``uid``, loaded from disk after a restart; None when unknown."""
-        up = self.uploads.get(uid)
-        if up is not None or not uid.isalnum():
-            return up
-        try:
-            info = orjson.loads(self.info_path(uid).read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            return None
-        up = Upload(uid, info["length"], info["metadata"], info["metadata_header"])
-        up.offset, up.terminated = info["offset"], info["terminated"]
-        if not up.terminated:  # the JSON offset is the truth: drop unconfirmed bytes of a crashed request
-            try:
-                os.truncate(self.data_path(uid), up.offset)
-            except OSError:
-                return None
-        self.uploads[uid] = up
-        return up
-
-    def target_rel(self, up: Upload) -> str:
-        return up.metadata.get("relpath") or up.metadata.get("filename") or up.id
-
-    def materialise(self, up: Upload) -> None:
-        """Hard-link a completed upload to ``complete/<relpath>``, replacing an older file atomically."""
-        dest = self.complete_dir / self.target_rel(up)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.{up.id}.tmp"
-        tmp.unlink(missing_ok=True)
-        os.link(self.data_path(up.id), tmp)
-        os.replace(tmp, dest)
-        up.materialised = True
-
 
 STATE_KEY: web.AppKey[TusState] = web.AppKey("tus_state", TusState)
 

@@ -19,7 +19,8 @@ from asyncdepo.engine.ascp import AscpOptions
 from asyncdepo.engine.pull import pull
 from asyncdepo.errors import AuthError, PermanentError, RemoteValidationError
 from asyncdepo.sim.faults import FaultInjector, FaultRule
-from asyncdepo.sim.immport import IMMPORT_KEY, ImmportSim, build_app, file_uuid, write_study
+from asyncdepo.sim.immport import IMMPORT_KEY, ImmportSim, build_app
+from asyncdepo.sim.immport_store import file_uuid, write_study
 from asyncdepo.sim.server import SimServer
 
 

@@ -1,7 +1,9 @@
 """The S3 adapter against two independent S3 servers (moto and ``rclone serve s3``), over loopback.
 
 The writer is driven directly with Chunk objects hashed here, as the engine would (parts concurrently);
-what the server holds is then read back with boto3 and compared byte for byte and by ETag.
+what the server holds is then read back with boto3 and compared byte for byte and by ETag. Elsewhere: runs
+through ``push``/``pull`` and the engine in tests/e2e/test_s3_push.py, helpers in s3_helpers.py, the fast
+path's signing in tests/unit/test_s3_sigv4.py.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -21,73 +22,26 @@ from asyncdepo.adapters.base import lookup
 from asyncdepo.adapters.s3 import S3Adapter, multipart_etag, parse_s3_url
 from asyncdepo.adapters.s3_errors import map_s3_error, s3_code
 from asyncdepo.adapters.s3_writer import S3Writer
-from asyncdepo.config import EngineConfig
-from asyncdepo.engine.pull import pull
-from asyncdepo.engine.scheduler import push  # re-exported as asyncdepo.push
 from asyncdepo.engine.types import Chunk, Item
+from tests.adapters.s3_helpers import (
+    PART,
+    CallCounter,
+    Cfg,
+    MiB,
+    chunk,
+    item_for,
+    parts_of,
+    payload,
+    read_back,
+    send_parts,
+    stored_etag,
+)
 
 if TYPE_CHECKING:
     from tests.adapters.s3_servers import S3TestServer
 
 # the server fixtures: moto_server, rclone_server, and s3_server parametrized over both
 pytest_plugins = ["tests.adapters.s3_servers"]
-
-MiB = 1 << 20
-PART = 5 * MiB
-
-
-class Cfg:
-    """The engine options the adapter reads."""
-
-    transfers = 4
-    chunk_size = PART
-
-
-def payload(size: int, seed: int = 1) -> bytes:
-    """Deterministic, incompressible-enough bytes."""
-    block = hashlib.sha256(str(seed).encode()).digest() * 2048  # 64 KiB
-    return (block * (size // len(block) + 1))[:size]
-
-
-def chunk(data: bytes, offset: int, size: int, number: int, total: int, md5: str | None = None) -> Chunk:
-    """One part as the engine hands it over: read into a buffer and hashed."""
-    body = data[offset : offset + size]
-    return Chunk(
-        offset=offset,
-        data=memoryview(body),
-        digests={"md5": md5 or hashlib.md5(body).hexdigest()},
-        last=offset + size >= total,
-        part_number=number,
-        total=total,
-    )
-
-
-def parts_of(data: bytes, part: int = PART) -> list[Chunk]:
-    n = max(1, -(-len(data) // part))
-    return [chunk(data, i * part, part, i + 1, len(data)) for i in range(n)]
-
-
-def item_for(rel: str, data: bytes) -> Item:
-    return Item(path=f"/src/{rel}", rel=rel, size=len(data), mtime_ns=1)
-
-
-async def send_parts(writer: S3Writer, chunks: list[Chunk]) -> None:
-    """All parts at once, like the engine's workers."""
-    async with anyio.create_task_group() as tg:
-        for c in chunks:
-            tg.start_soon(writer.write_part, c)
-
-
-def read_back(server: S3TestServer, bucket: str, key: str) -> tuple[bytes, str]:
-    obj = server.client().get_object(Bucket=bucket, Key=key)
-    return obj["Body"].read(), obj["ETag"].strip('"')
-
-
-def stored_etag(server: S3TestServer, data: bytes, multipart: str) -> str:
-    """The ETag a GET reports for an object completed from parts: S3 and moto keep the multipart ETag;
-    ``rclone serve s3 --etag-hash MD5`` reports the md5 of the stored file (only its Complete answer
-    carries the multipart ETag, which is what the adapter checks)."""
-    return hashlib.md5(data).hexdigest() if server.name == "rclone" else multipart
 
 
 @pytest.fixture
@@ -97,40 +51,6 @@ async def adapter(s3_server: S3TestServer) -> AsyncIterator[S3Adapter]:
         f"s3://{bucket}/run/1", Cfg(), s3_server.secrets, endpoint_url=s3_server.endpoint_url
     ) as ad:
         yield ad
-
-
-class CallCounter:
-    """Wraps the aiobotocore client's methods to count calls and inject one failure."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self.calls: dict[str, list[dict[str, Any]]] = {}
-        self.fail: dict[tuple[str, int], str] = {}  # (op, part number) -> "before" | "after"
-        self.gate = 0  # a failing call first waits until this many calls of its kind succeeded
-        self.succeeded: dict[str, int] = {}
-        self.changed = anyio.Condition()
-
-    def wrap(self, op: str) -> None:
-        original = getattr(self.client, op)
-
-        async def wrapper(**kw: Any) -> Any:
-            self.calls.setdefault(op, []).append(kw)
-            mode = self.fail.pop((op, int(kw.get("PartNumber", 0))), None)
-            if mode is not None:
-                async with self.changed:  # let the other parts be confirmed first (no cancellation)
-                    while self.succeeded.get(op, 0) < self.gate:
-                        await self.changed.wait()
-            if mode == "before":
-                raise ConnectionResetError("injected: connection reset before the part")
-            result = await original(**kw)
-            if mode == "after":
-                raise ConnectionResetError("injected: the response was lost")
-            async with self.changed:
-                self.succeeded[op] = self.succeeded.get(op, 0) + 1
-                self.changed.notify_all()
-            return result
-
-        setattr(self.client, op, wrapper)
 
 
 # -- basics --------------------------------------------------------------------------------------------
@@ -424,133 +344,7 @@ def test_error_mapping(code: str, status: int, kind: type[Exception]) -> None:
     assert "secret-ish" not in exc.describe() and "AKIDEXAMPLE" not in exc.describe()
 
 
-# -- end to end through the engine -------------------------------------------------------------------------
-def make_tree(root: Path, *, big: bool = True) -> dict[str, bytes]:
-    """Small files in subdirectories, an empty file and a file of two parts; or only a file of three."""
-    if big:
-        files = {f"d{i % 3}/f{i:02d}.bin": payload(1000 * i + 7, seed=100 + i) for i in range(12)}
-        files["empty.txt"] = b""
-        files["big/one.raw"] = payload(PART + 12345, seed=200)
-    else:
-        files = {"big/two.raw": payload(2 * PART + 1000, seed=201)}
-    for rel, body in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(body)
-    return files
-
-
-class CountingS3(S3Adapter):
-    """The adapter with its client wrapped: counts calls, injects failures (see CallCounter); every
-    request goes through the wrapped aiobotocore client (no fast path)."""
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, fast_path=False, **kw)
-        self.fail: dict[tuple[str, int], str] = {}
-
-    gate = 0
-
-    async def _open_client(self) -> None:
-        await super()._open_client()
-        self.counter = CallCounter(self._client)
-        for op in ("put_object", "upload_part", "list_parts", "create_multipart_upload"):
-            self.counter.wrap(op)
-        self.counter.fail.update(self.fail)
-        self.counter.gate = self.gate
-
-
-async def test_push_and_pull_end_to_end(s3_server: S3TestServer, tmp_path: Path) -> None:
-    """``asyncdepo.push`` a tree (parts sent concurrently), then ``asyncdepo.pull`` it back."""
-    src = tmp_path / "src"
-    files = make_tree(src)
-    bucket = s3_server.new_bucket()
-    config = EngineConfig(transfers=4, chunk_size=PART)
-    adapter = S3Adapter(f"s3://{bucket}/ds", config, s3_server.secrets, endpoint_url=s3_server.endpoint_url)
-    report = await push(src, adapter, config, journal_path=tmp_path / "j.db")
-    assert report.ok and report.files_done == len(files), report.failures
-    client = s3_server.client()
-    for rel, body in files.items():
-        assert client.get_object(Bucket=bucket, Key=f"ds/{rel}")["Body"].read() == body
-    assert not client.list_multipart_uploads(Bucket=bucket).get("Uploads")
-
-    again = await push(
-        src,
-        S3Adapter(f"s3://{bucket}/ds", config, s3_server.secrets, endpoint_url=s3_server.endpoint_url),
-        config,
-        journal_path=tmp_path / "j.db",
-    )
-    assert again.ok and again.files_skipped == len(files) and again.files_done == 0
-
-    out = tmp_path / "out"
-    pulled = await pull(
-        S3Adapter(f"s3://{bucket}/ds", config, s3_server.secrets, endpoint_url=s3_server.endpoint_url),
-        out,
-        config,
-    )
-    assert pulled.ok, pulled.failures
-    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
-
-
-async def test_push_resumes_multipart_after_failed_run(s3_server: S3TestServer, tmp_path: Path) -> None:
-    """Run 1: part 2 of big/two.raw fails and no retry is allowed, so the run fails with the upload
-    journaled. Run 2 (a new adapter, same journal) asks ListParts and sends only part 2."""
-    src = tmp_path / "src"
-    files = make_tree(src, big=False)
-    bucket = s3_server.new_bucket()
-    url = f"s3://{bucket}/ds"
-    strict = EngineConfig(transfers=4, chunk_size=PART, request_attempts=1, item_attempts=1, retries=0)
-    first = CountingS3(url, strict, s3_server.secrets, endpoint_url=s3_server.endpoint_url)
-    first.fail = {("upload_part", 2): "before"}
-    first.gate = 2  # parts 1 and 3 are confirmed (and journaled) before part 2 fails
-    journal = tmp_path / "j.db"
-    # only the big file with three parts, so the injected failure hits it
-    report = await push(src / "big" / "two.raw", first, strict, journal_path=journal)
-    assert not report.ok and report.files_failed == 1
-    held = s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
-    assert len(held) == 1
-
-    second = CountingS3(url, strict, s3_server.secrets, endpoint_url=s3_server.endpoint_url)
-    second.fail = {}
-    report = await push(src / "big" / "two.raw", second, strict, journal_path=journal)
-    assert report.ok, report.failures
-    assert [kw["PartNumber"] for kw in second.counter.calls["upload_part"]] == [2]
-    assert "create_multipart_upload" not in second.counter.calls and second.counter.calls["list_parts"]
-    body, _ = read_back(s3_server, bucket, "ds/two.raw")
-    assert body == files["big/two.raw"]
-    assert not s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
-
-
 # -- the fast data path --------------------------------------------------------------------------------
-def test_sigv4_matches_botocore(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Our SigV4 (unsigned payload) signs exactly as botocore's S3SigV4Auth does."""
-    import datetime as dt
-
-    import botocore.auth
-    from botocore.awsrequest import AWSRequest
-    from botocore.config import Config
-    from botocore.credentials import Credentials
-
-    from asyncdepo.adapters.s3_fast import SigV4
-
-    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
-    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: when.replace(tzinfo=None))
-    url = "http://127.0.0.1:9000/bucket/dir%20x/f%2Bg%3D.bin?partNumber=3&uploadId=a%2Fb%3D%3D"
-    creds = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "token/xyz=")
-    request = AWSRequest(method="PUT", url=url, headers={"Content-MD5": "1B2M2Y8AsgTpgAmY7PhCfg=="}, data=b"")
-    request.context = {"client_config": Config(s3={"payload_signing_enabled": False})}
-    botocore.auth.S3SigV4Auth(creds, "s3", "eu-west-3").add_auth(request)
-    ours = SigV4("eu-west-3").sign(
-        "PUT",
-        url,
-        {"host": "127.0.0.1:9000", "content-md5": "1B2M2Y8AsgTpgAmY7PhCfg=="},
-        creds.access_key,
-        creds.secret_key,
-        creds.token,
-        now=when,
-    )
-    assert ours["Authorization"] == request.headers["Authorization"]
-    assert ours["x-amz-content-sha256"] == request.headers["X-Amz-Content-SHA256"] == "UNSIGNED-PAYLOAD"
-
-
 async def test_fast_path_carries_the_data(s3_server: S3TestServer) -> None:
     """After the first request (through botocore, which resolves the endpoint), PutObject and UploadPart
     bypass botocore; the server (rclone checks every signature) accepts them and holds the right bytes."""
@@ -600,26 +394,6 @@ async def test_fast_path_upload_vanished_with_parts(adapter: S3Adapter, s3_serve
     await send_parts(writer, chunks)
     await writer.complete({"md5": hashlib.md5(data).hexdigest()}, len(data))
     assert read_back(s3_server, adapter.bucket, "run/1/vanish.bin")[0] == data
-
-
-async def test_push_compressed(s3_server: S3TestServer, tmp_path: Path) -> None:
-    """``--compress zstd``: each file goes as ``<rel>.zst`` (length unknown up front, so multipart even
-    when small); the objects decompress to the files, and the check is against the bytes sent."""
-    import zstandard
-
-    src = tmp_path / "src"
-    src.mkdir()
-    files = {"small.txt": b"detector " * 5000, "noise.bin": os.urandom(2 * PART + 4321)}
-    for rel, body in files.items():
-        (src / rel).write_bytes(body)
-    bucket = s3_server.new_bucket()
-    config = EngineConfig(transfers=4, chunk_size=PART, compress=("zstd", 3))
-    adapter = S3Adapter(f"s3://{bucket}/z", config, s3_server.secrets, endpoint_url=s3_server.endpoint_url)
-    report = await push(src, adapter, config, journal_path=tmp_path / "j.db")
-    assert report.ok, report.failures
-    for rel, body in files.items():
-        stored = s3_server.client().get_object(Bucket=bucket, Key=f"z/{rel}.zst")["Body"].read()
-        assert zstandard.ZstdDecompressor().decompressobj().decompress(stored) == body
 
 
 async def test_compressed_stream_does_not_reuse_parts(adapter: S3Adapter, s3_server: S3TestServer) -> None:

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from asyncdepo.sim.faults import FaultInjector
-from asyncdepo.sim.immport import IMMPORT_KEY, build_app, write_study
+from asyncdepo.sim.immport import IMMPORT_KEY, build_app
+from asyncdepo.sim.immport_store import write_study
 from asyncdepo.sim.server import ThreadedSim
 
 PASSWORD = "pa55-w0rd-xyz"
