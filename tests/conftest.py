@@ -68,3 +68,8 @@ def threaded_tus(tmp_path: Path) -> Iterator[ThreadedSim]:
 @pytest.fixture
 def journal(tmp_path: Path) -> Path:
     return tmp_path / "journal.sqlite"
+
+
+def upload_bytes(faults: FaultInjector) -> int:
+    """Body bytes a tus simulator received for uploads: PATCHes plus creation-with-upload POSTs."""
+    return faults.total_bytes("PATCH") + faults.total_bytes("POST")

@@ -5,8 +5,9 @@ means ``/files/``). The optional secret ``token`` is sent as ``Authorization: Be
 endpoint's own origin (a Location on another host, e.g. a CDN, never receives it), and never appears in
 ``describe()``, ``state()`` or error messages.
 
-Per item (chunked mode): ``open_item`` creates an upload with POST (``Upload-Length``; for an item of
-unknown size, i.e. a compressed stream, ``Upload-Defer-Length: 1`` and the length is sent with the last
+Per item (chunked mode): the upload is created lazily by the first ``write`` — with creation-with-upload
+when the server offers it, so the POST carries the first chunk and a small file costs one request —
+with POST (``Upload-Length``; for an item of unknown size, i.e. a compressed stream, ``Upload-Defer-Length: 1`` and the length is sent with the last
 chunk) and ``Upload-Metadata`` ``filename`` (the base name) and ``relpath`` (the item's path). With saved
 state ``{"location": ...}`` it asks HEAD for the offset instead, so only the rest is sent; a 404/410, or a
 length that no longer matches the item, starts a new upload from zero.
@@ -16,7 +17,8 @@ an explicit Content-Length, the chunk's memoryview as body) and, when the server
 extension with sha1, ``Upload-Checksum: sha1 <base64>`` from ``chunk.digests["sha1"]``. Writes are
 idempotent: a chunk the server already holds in full is a no-op, one it holds in part sends only the tail
 (hashed here, in a thread). ``resync`` is HEAD; ``complete`` checks with HEAD that the server holds exactly
-the bytes sent (tus reports no digest, so the size is what can be verified; for a deferred upload whose
+the bytes sent (tus reports no digest, so the size is what can be verified; no HEAD when the last
+PATCH's Upload-Offset already confirmed the whole length; for a deferred upload whose
 length was not yet declared it sends an empty PATCH with ``Upload-Length``); ``abort`` is DELETE
 (termination extension) and never raises. ``write_stream`` sends a whole ByteSource as one PATCH.
 
@@ -163,18 +165,29 @@ def _status_error(
 class TusWriter(ChunkWriter):
     """One upload resource; see the module docstring."""
 
-    def __init__(self, http: _Http, item: Item, location: str, checksum: bool, length: int | None) -> None:
+    def __init__(self, http: _Http, item: Item, location: str | None, checksum: bool, length: int | None,
+                 creator: "TusAdapter | None" = None) -> None:
         super().__init__()
         self._http = http
         self.item = item
-        self.location = location
+        self.location = location  # None until the upload is created (lazily, by the first write)
         self._checksum = checksum
         self.length = length  # None while deferred
+        self._creator = creator
 
     def state(self) -> dict[str, Any]:
-        return {"location": self.location}
+        return {"location": self.location} if self.location else {}
+
+    async def _ensure(self) -> str:
+        """The upload's location, creating the upload (empty POST) when it does not exist yet."""
+        if self.location is None:
+            assert self._creator is not None
+            self.location = await self._creator._post(self.item, None, None)
+        return self.location
 
     async def _head(self) -> tuple[int, int | None]:
+        if self.location is None:
+            return 0, self.length
         _, headers = await self._http.request("HEAD", self.location, ok=(200, 204))
         offset = _int_header(headers, "Upload-Offset")
         if offset is None:
@@ -182,7 +195,7 @@ class TusWriter(ChunkWriter):
         return offset, _int_header(headers, "Upload-Length")
 
     async def resync(self) -> int:
-        """HEAD: the server's offset becomes ``confirmed``."""
+        """HEAD: the server's offset becomes ``confirmed`` (0 while the upload was never created)."""
         self.confirmed, length = await self._head()
         if length is not None:
             self.length = length
@@ -222,9 +235,15 @@ class TusWriter(ChunkWriter):
                     lambda: hashlib.sha1(body, usedforsecurity=False).hexdigest()
                 )
             headers["Upload-Checksum"] = f"sha1 {_hex_to_b64(digest)}"
-        _, resp = await self._http.request(
-            "PATCH", self.location, headers=headers, data=body, nbytes=len(body)
-        )
+        if self.location is None and self._creator is not None and self._creator.with_upload and skip == 0:
+            # creation-with-upload: one request creates the upload and carries the first chunk
+            del headers["Upload-Offset"]
+            self.location, resp = await self._creator._post_with(self.item, headers, body)
+        else:
+            location = await self._ensure()
+            _, resp = await self._http.request(
+                "PATCH", location, headers=headers, data=body, nbytes=len(body)
+            )
         offset = _int_header(resp, "Upload-Offset")
         if final_length is not None:
             self.length = final_length
@@ -247,9 +266,10 @@ class TusWriter(ChunkWriter):
         headers = {"Content-Type": OFFSET_TYPE, "Upload-Offset": str(self.confirmed)}
         if source.size is not None:
             headers["Content-Length"] = str(source.size)
+        location = await self._ensure()
         _, resp = await self._http.request(
             "PATCH",
-            self.location,
+            location,
             headers=headers,
             data=SourcePayload(source, OFFSET_TYPE),
             nbytes=source.size or 0,
@@ -267,7 +287,7 @@ class TusWriter(ChunkWriter):
             "Upload-Offset": str(self.confirmed),
             "Upload-Length": str(length),
         }
-        await self._http.request("PATCH", self.location, headers=headers, data=b"")
+        await self._http.request("PATCH", await self._ensure(), headers=headers, data=b"")
         self.length = length
 
     async def complete(self, digests: Mapping[str, str], size: int) -> dict[str, Any]:
@@ -276,6 +296,10 @@ class TusWriter(ChunkWriter):
         :raises IntegrityError: the server's offset or length differs.
         """
         expect = size if self.item.size >= 0 else self.confirmed
+        if self.location is not None and self.confirmed == expect and self.length == expect:
+            # the last PATCH's answer already confirmed every byte: no HEAD needed
+            return {"location": self.location, "size": expect}
+        await self._ensure()
         offset, length = await self._head()
         if length is None and offset == expect:
             await self._declare_length(expect)
@@ -288,6 +312,8 @@ class TusWriter(ChunkWriter):
 
     async def abort(self) -> None:
         """DELETE the upload (termination); never raises."""
+        if self.location is None:
+            return
         try:
             await self._http.request("DELETE", self.location, ok=(204, 200), passthrough=(404, 410))
         except Exception:  # noqa: BLE001 - abort runs in cleanup paths and must not mask the first error
@@ -379,9 +405,14 @@ class TusAdapter(Adapter):
                     writer.length = length
                     return writer
                 await writer.abort()  # an upload of another version of the file
-        return await self._create(item, checksum)
+        # created by the first write (creation-with-upload when offered), so a small file costs one request
+        return TusWriter(self._http, item, None, checksum, item.size if item.size >= 0 else None, creator=self)
 
-    async def _create(self, item: Item, checksum: bool) -> TusWriter:
+    @property
+    def with_upload(self) -> bool:
+        return "creation-with-upload" in self.extensions
+
+    def _create_headers(self, item: Item) -> dict[str, str]:
         headers = {
             "Upload-Metadata": f"filename {_b64(item.rel.rsplit('/', 1)[-1])},relpath {_b64(item.rel)}"
         }
@@ -393,14 +424,21 @@ class TusAdapter(Adapter):
             raise UsageError(
                 f"{self._describe} cannot take uploads of unknown length (no creation-defer-length)"
             )
-        _, resp = await self._http.request("POST", self.endpoint, headers=headers, ok=(201,), upload=False)
+        return headers
+
+    async def _post(self, item: Item, extra: Mapping[str, str] | None, body: Any) -> str:
+        location, _ = await self._post_with(item, extra, body)
+        return location
+
+    async def _post_with(self, item: Item, extra: Mapping[str, str] | None, body: Any) -> tuple[str, Headers]:
+        """POST the creation request (with ``body`` when creation-with-upload); returns (location, headers)."""
+        headers = {**self._create_headers(item), **(extra or {})}
+        if "Upload-Length" in headers:  # a deferred upload whose first chunk is also its last
+            headers.pop("Upload-Defer-Length", None)
+        _, resp = await self._http.request("POST", self.endpoint, headers=headers, data=body,
+                                           nbytes=len(body) if body is not None else 0, ok=(201,),
+                                           upload=False)
         location = resp.get("Location")
         if not location:
             raise TransientError(f"tus POST {urlsplit(self.endpoint).path}: no Location in the answer")
-        return TusWriter(
-            self._http,
-            item,
-            urljoin(self.endpoint, location),
-            checksum,
-            item.size if item.size >= 0 else None,
-        )
+        return urljoin(self.endpoint, location), resp

@@ -59,10 +59,11 @@ def check_algorithms(algos: Iterable[str]) -> tuple[str, ...]:
 class MultiHash:
     """Feeds the same bytes to several hashers."""
 
-    __slots__ = ("_hashers",)
+    __slots__ = ("_hashers", "_fixed")
 
     def __init__(self, algos: Iterable[str]) -> None:
         self._hashers = {a: FACTORIES[a]() for a in algos}
+        self._fixed: dict[str, str] | None = None
 
     @property
     def algorithms(self) -> tuple[str, ...]:
@@ -73,7 +74,14 @@ class MultiHash:
             h.update(data)
 
     def hexdigests(self) -> dict[str, str]:
+        if self._fixed is not None:
+            return dict(self._fixed)
         return {a: h.hexdigest() for a, h in self._hashers.items()}
+
+    def set_final(self, digests: dict[str, str]) -> None:
+        """Take the final digests from a one-shot hash of the whole content (nothing was or will be fed),
+        so a file that fits in one chunk is hashed once for both the chunk and the file."""
+        self._fixed = {a: digests[a] for a in self._hashers}
 
 
 def digest_bytes(data: Any, algos: Iterable[str]) -> dict[str, str]:

@@ -178,6 +178,39 @@ class ZstdReader:
 Reader = RawReader | ZstdReader
 
 
+async def read_small(item: Item, start: int, hasher: MultiHash, chunk_digests: tuple[str, ...], *,
+                     pool: BufferPool, limiter: anyio.CapacityLimiter) -> tuple[Chunk, Buffer]:
+    """``[start, size)`` of a file that fits in one chunk, as one last chunk, in a single worker-thread
+    call (open, read, hash, check, close): the fast path for small files. With ``start == 0`` the file
+    and chunk digests come from one pass over the union of algorithms. The caller releases the buffer.
+
+    :raises SourceError | SourceChangedError: as RawReader.
+    """
+    buf = await pool.acquire(max(1, item.size - start))
+    whole = start == 0
+
+    def work() -> tuple[int, dict[str, str]]:
+        reader = RawReader(item, start, None, None if whole else hasher)
+        try:
+            n = reader.readinto(buf.view[: item.size - start]) if item.size > start else 0
+            reader.check_unchanged()
+        finally:
+            reader.close()
+        data = buf.view[:n]
+        if whole:
+            both = digest_bytes(data, tuple(dict.fromkeys((*hasher.algorithms, *chunk_digests))))
+            hasher.set_final(both)
+            return n, {a: both[a] for a in chunk_digests}
+        return n, digest_bytes(data, chunk_digests) if chunk_digests else {}
+
+    try:
+        n, digests = await anyio.to_thread.run_sync(work, limiter=limiter)
+    except BaseException:
+        buf.release()
+        raise
+    return Chunk(offset=start, data=buf.view[:n], digests=digests, last=True, total=item.size), buf
+
+
 class ChunkStream:
     """Reads a stream into reserved buffers, ``read_ahead`` chunks ahead of the consumer::
 

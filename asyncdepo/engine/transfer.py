@@ -22,7 +22,7 @@ from asyncdepo.config import EngineConfig
 from asyncdepo.engine.bandwidth import TokenBucket
 from asyncdepo.engine.hashing import MultiHash, digest_bytes, hash_path_sync
 from asyncdepo.engine.journal import Journal
-from asyncdepo.engine.pipeline import BufferPool, ChunkStream, FileSource, RawReader, ZstdReader
+from asyncdepo.engine.pipeline import BufferPool, ChunkStream, FileSource, RawReader, ZstdReader, read_small
 from asyncdepo.engine.retry import RetryPolicy
 from asyncdepo.engine.types import Chunk, Item
 from asyncdepo.errors import (DepoError, OffsetMismatchError, PermanentError, SourceChangedError,
@@ -171,10 +171,20 @@ async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash)
         def opener() -> RawReader:  # type: ignore[misc]
             return RawReader(item, start, None, hasher)
         skip, first, total = 0, start, item.size
+    if cfg.compress is None and item.size - start <= cfg.chunk_size:
+        chunk, buf = await read_small(item, start, hasher, run.features.chunk_digests, pool=run.pool,
+                                      limiter=run.io)
+        try:
+            await _send_chunk(run, item, writer, chunk)
+        finally:
+            buf.release()
+        await run.journal.record(run.job, item.rel, state="partial", offset=item.size, remote=writer.state())
+        return item.size
     big = (item.size if cfg.compress is None else item.size // 2) > cfg.chunk_size
     if big:
         await run.journal.flush()  # the upload location must survive a crash before bytes move
     length = first
+    known = writer.state()
     async with ChunkStream(opener, pool=run.pool, chunk_size=cfg.chunk_size, read_ahead=cfg.read_ahead,
                            chunk_digests=run.features.chunk_digests, limiter=run.io, start_offset=first,
                            skip=skip, total=total) as stream:
@@ -183,7 +193,12 @@ async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash)
                 continue
             await _send_chunk(run, item, writer, chunk)
             length = chunk.offset + len(chunk.data)
-            await run.journal.record(run.job, item.rel, state="partial", offset=length, remote=writer.state())
+            state = writer.state()
+            await run.journal.record(run.job, item.rel, state="partial", offset=length, remote=state)
+            if big and state != known and not chunk.last:
+                # the target created its upload with this chunk: its location must survive a crash
+                known = state
+                await run.journal.flush()
     return length
 
 

@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from asyncdepo.adapters.tus import ChecksumMismatchError, TusAdapter
+from tests.conftest import upload_bytes
 from asyncdepo.engine.types import Chunk, Item
 from asyncdepo.errors import (
     IntegrityError,
@@ -109,7 +110,7 @@ async def test_full_upload(sim: Sim, tmp_path: Path) -> None:
         assert result["size"] == len(data)
         state = writer.state()
     assert landed(sim, "dir/sub/file.bin") == data
-    assert sim.faults.total_bytes("PATCH") == len(data)
+    assert upload_bytes(sim.faults) == len(data)
     assert set(sim.auth) == {f"Bearer {TOKEN}"}
     assert TOKEN not in repr(state) and TOKEN not in adapter.describe()
     assert adapter.describe() == f"tus+{sim.server.url}/files/"
@@ -119,7 +120,8 @@ async def test_resume_after_drop_sends_only_the_rest(sim: Sim, tmp_path: Path) -
     data = os.urandom(4 * CHUNK)
     item = make_item(tmp_path, "big.bin", data)
     parts = chunks(data)
-    sim.faults.add(FaultRule("drop", method="PATCH", path="/files/*", skip=1, after=CHUNK // 4))
+    # the first chunk creates the upload (creation-with-upload POST); the first PATCH carries the second
+    sim.faults.add(FaultRule("drop", method="PATCH", path="/files/*", after=CHUNK // 4))
     async with TusAdapter(sim.url, None) as adapter:
         checksum = bool(adapter.features.chunk_digests)
         writer = await adapter.open_item(item, None)
@@ -139,7 +141,7 @@ async def test_resume_after_drop_sends_only_the_rest(sim: Sim, tmp_path: Path) -
         await writer.complete({}, len(data))
     assert landed(sim, "big.bin") == data
     # re-sent: only the discarded part of the dropped chunk (checksum), or nothing at all (bytes kept)
-    assert sim.faults.total_bytes("PATCH") == len(data) + (CHUNK // 4 if checksum else 0)
+    assert upload_bytes(sim.faults) == len(data) + (CHUNK // 4 if checksum else 0)
     assert sim.faults.requests["POST /files/"] == 1  # the upload was resumed, not recreated
 
 
@@ -162,7 +164,7 @@ async def test_offset_mismatch_then_resync(sim: Sim, tmp_path: Path) -> None:
         await other.write(parts[2])
         await other.complete({}, len(data))
     assert landed(sim, "m.bin") == data
-    assert sim.faults.total_bytes("PATCH") == len(data)
+    assert upload_bytes(sim.faults) == len(data)
 
 
 async def test_checksum_mismatch_is_transient(sim: Sim, tmp_path: Path) -> None:
@@ -239,8 +241,10 @@ async def test_errors_mapped(tmp_path: Path) -> None:
             with pytest.raises(QuotaError):
                 await adapter.open_item(make_item(tmp_path, "huge", b"x" * 101), None)
             server.faults.add(FaultRule("status", method="POST", path="/files/", status=503))
-            with pytest.raises(TransientError) as info:
-                await adapter.open_item(make_item(tmp_path, "a", b"abc"), None)
+            lazy = await adapter.open_item(make_item(tmp_path, "a", b"abc"), None)
+            with pytest.raises(TransientError) as info:  # the upload is created by the first write
+                await lazy.write(Chunk(0, memoryview(b"abc"), {"sha1": hashlib.sha1(b"abc").hexdigest()},
+                                       last=True))
             assert info.value.status == 503 and TOKEN not in str(info.value)
             writer = await adapter.open_item(make_item(tmp_path, "a", b"abc"), None)
             await writer.write(

@@ -18,7 +18,7 @@ from asyncdepo import EngineConfig, push
 from asyncdepo.adapters.tus import TusAdapter
 from asyncdepo.cli import main as cli_main
 from asyncdepo.events import CollectSink, ItemStarted, Reporter
-from tests.conftest import tree_digests
+from tests.conftest import tree_digests, upload_bytes
 
 CHUNK = 1 << 20
 
@@ -50,7 +50,7 @@ async def test_rerun_skips_done_files_and_resends_changed_ones(tus_server, datas
     tus_server.faults.reset_counters()
     second = await push(dataset, TusAdapter(_url(tus_server)), cfg, journal_path=journal)
     assert second.ok and second.files_done == 1 and second.files_skipped == 43
-    assert tus_server.faults.total_bytes("PATCH") == len(b"new content")
+    assert upload_bytes(tus_server.faults) == len(b"new content")
     assert (tus_server.store / "complete" / "d1" / "small_001.bin").read_bytes() == b"new content"
 
 
@@ -191,7 +191,7 @@ def test_sigkill_mid_run_then_rerun_resends_at_most_one_chunk_per_inflight_file(
     proc = subprocess.Popen(_push_cmd(src, url, journal), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert stalled.wait(timeout=120), "the push never reached the stall"
-        assert 0 < faults.total_bytes("PATCH") < total
+        assert 0 < upload_bytes(faults) < total
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -203,7 +203,7 @@ def test_sigkill_mid_run_then_rerun_resends_at_most_one_chunk_per_inflight_file(
     rerun = subprocess.run(_push_cmd(src, url, journal), capture_output=True, text=True, timeout=300)
     threaded_tus.call(faults.release_stalls)
     assert rerun.returncode == 0, rerun.stderr
-    resent = faults.total_bytes("PATCH") - total
+    resent = upload_bytes(faults) - total
     in_flight = 4  # --transfers: at most this many files had a chunk on the wire when killed
     assert 0 <= resent <= in_flight * CHUNK, resent
     assert tree_digests(threaded_tus.store / "complete") == tree_digests(src)
