@@ -29,8 +29,10 @@ bench: $(STAMP) tools
 	-$(BIN)/python -m benchmarks.bench_gypsum
 	-$(BIN)/python -m benchmarks.bench_immport
 
+# asyncdepo vs rclone, s5cmd and boto3 on a fast nginx discard sink and on rclone serve s3 (needs root:
+# installs nginx-extras when missing); results and plots in benchmarks/results/
 bench-peers: $(STAMP) tools
-	$(BIN)/python -m benchmarks.peers
+	$(BIN)/python -m benchmarks.peers --runs 3 --tools asyncdepo,rclone,s5cmd,boto3,asyncdepo-direct
 
 # Debian tools the benchmarks compare against (curl, zstd); installed only when missing
 tools:
@@ -43,3 +45,4 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+

@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_adapter(url: str, args: argparse.Namespace) -> Any:
+def make_adapter(url: str, args: argparse.Namespace, config: Any = None) -> Any:
     """The adapter for a target URL; raises UsageError naming the known schemes."""
     from asyncdepo.adapters import base
 
@@ -96,7 +96,7 @@ def make_adapter(url: str, args: argparse.Namespace) -> Any:
     kw: dict[str, Any] = {}
     if scheme == "s3":
         kw = {"endpoint_url": args.endpoint_url, "region": args.region, "profile": args.profile}
-    return factory(url, None, secrets, **kw)
+    return factory(url, config, secrets, **kw)
 
 
 def _push(args: argparse.Namespace, argv: list[str]) -> int:
@@ -104,7 +104,7 @@ def _push(args: argparse.Namespace, argv: list[str]) -> int:
     from asyncdepo.engine.scheduler import push, target_identity
 
     config = common.engine_config(args)
-    adapter = make_adapter(args.target, args)
+    adapter = make_adapter(args.target, args, config)
     reporter = common.make_reporter(args)
     jid = job_id("push", str(args.source.absolute()), target_identity(adapter, config))
     # the command that resumes this job, with the source made absolute (resume may run elsewhere)
@@ -125,7 +125,7 @@ def _pull(args: argparse.Namespace) -> int:
     from asyncdepo.engine.pull import pull
 
     config = common.engine_config(args)
-    adapter = make_adapter(args.source, args)
+    adapter = make_adapter(args.source, args, config)
     if not adapter.features.pull:
         raise UsageError(f"{args.source}: this target cannot be pulled from")
     reporter = common.make_reporter(args)

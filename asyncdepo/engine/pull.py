@@ -61,22 +61,27 @@ async def _fetch(adapter: Adapter, item: RemoteItem, dest: Path, reporter: Repor
             await anyio.to_thread.run_sync(lambda: hash_path_sync(part, (), into=hasher), limiter=io)
         reporter.emit(ItemStarted(rel=item.rel, size=item.size or -1, offset=offset))
         try:
-            fh = await anyio.open_file(part, "ab")
+            fh = await anyio.to_thread.run_sync(lambda: open(part, "ab"))
             try:
                 async for data in adapter.read(item, offset):
-                    await anyio.to_thread.run_sync(hasher.update, data, limiter=io)
-                    await fh.write(data)
-                    stats.add_sent(item.rel, len(data))
+                    block = bytes(data)  # the adapter may reuse its buffer once we ask for more
+
+                    def store(b: bytes = block) -> None:  # hash and write in one thread hop
+                        hasher.update(b)
+                        fh.write(b)
+
+                    await anyio.to_thread.run_sync(store, limiter=io)
+                    stats.add_sent(item.rel, len(block))
             finally:
-                await fh.aclose()
+                await anyio.to_thread.run_sync(fh.close)
             size = part.stat().st_size
             if item.size is not None and size != item.size:
-                raise TransientError(f"{item.rel}: got {size} of {item.size} bytes")
+                raise TransientError(f"got {size} of {item.size} bytes")
             got = hasher.hexdigests()
             for a in algos:
                 if got[a] != item.digests[a]:
                     part.unlink()
-                    raise IntegrityError(f"{item.rel}: {a} mismatch (archive says {item.digests[a]}, "
+                    raise IntegrityError(f"{a} mismatch (archive says {item.digests[a]}, "
                                          f"received data has {got[a]})")
             os.replace(part, dest)
             stats.bytes_done += size
@@ -85,7 +90,9 @@ async def _fetch(adapter: Adapter, item: RemoteItem, dest: Path, reporter: Repor
         except Exception as exc:
             err = first_error(exc)
             n += 1
-            if not is_transient(err) or n >= attempts:
+            # a digest mismatch is fetched again once (damage on the way); more would not change the archive
+            limit = 2 if isinstance(err, IntegrityError) else attempts
+            if not is_transient(err) or n >= limit:
                 raise err from None
             delay = policy.delay(n - 1, err)
             stats.retries += 1

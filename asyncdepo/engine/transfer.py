@@ -279,7 +279,10 @@ async def _attempt(run: Run, item: Item, saved: dict[str, Any] | None, known: di
         elif mode == "chunked":
             length = await _chunked(run, item, writer, hasher)
         else:
-            digests = await _stream(run, item, writer, run.hashes)
+            # digests computed before the start (the same bytes, size and mtime checked at the end) are
+            # not computed again: only what is still missing is hashed while streaming
+            missing = tuple(a for a in run.hashes if a not in known)
+            digests = {**known, **await _stream(run, item, writer, missing)}
             length = item.size
         if mode != "stream":
             digests = hasher.hexdigests()
