@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -398,16 +398,17 @@ def test_cli_killed_push_resumes_without_resending(tsim: ThreadedSim, tmp_path: 
     faults, state = tsim.server.faults, tsim.server.app[gsim.STATE_KEY]
     src = tmp_path / "src"
     files = make_tree(src, 40, size=20_000)
+    # once 4 PUTs (all of --transfers) are held, every earlier PUT has finished
+    all_held = threading.Event()
+    faults.on_stall.append(lambda n: all_held.set() if n >= 4 else None)
     tsim.call(lambda: faults.add(FaultRule("stall", method="PUT", path="/s3/*", skip=10, first=0)))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     cmd = [sys.executable, "-c", "import sys; from asyncdepo.cli import main; sys.exit(main(sys.argv[1:]))",
            "push", "gypsum", str(src), "proj/asset/v1", "-q", "--transfers", "4"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while not (state.counters["puts_ok"] >= 10 and faults.stalled >= 1):  # a condition, not a guess
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.02)
+        assert all_held.wait(timeout=60), "the push never reached the held PUTs"  # a guard, not a wait
+        assert state.counters["puts_ok"] >= 10
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
