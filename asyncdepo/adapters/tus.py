@@ -51,7 +51,7 @@ import anyio
 from multidict import CIMultiDictProxy
 
 from asyncdepo.adapters.base import Adapter, ChunkWriter, Features, register
-from asyncdepo.engine.api import SourcePayload, client_session, request_timeout
+from asyncdepo.engine.api import SourcePayload, ViewPayload, client_session, request_timeout
 from asyncdepo.engine.types import ByteSource, Chunk, Item
 from asyncdepo.errors import (
     IntegrityError,
@@ -242,7 +242,7 @@ class TusWriter(ChunkWriter):
         else:
             location = await self._ensure()
             _, resp = await self._http.request(
-                "PATCH", location, headers=headers, data=body, nbytes=len(body)
+                "PATCH", location, headers=headers, data=ViewPayload(body), nbytes=len(body)
             )
         offset = _int_header(resp, "Upload-Offset")
         if final_length is not None:
@@ -435,7 +435,8 @@ class TusAdapter(Adapter):
         headers = {**self._create_headers(item), **(extra or {})}
         if "Upload-Length" in headers:  # a deferred upload whose first chunk is also its last
             headers.pop("Upload-Defer-Length", None)
-        _, resp = await self._http.request("POST", self.endpoint, headers=headers, data=body,
+        data = ViewPayload(body) if body is not None else None
+        _, resp = await self._http.request("POST", self.endpoint, headers=headers, data=data,
                                            nbytes=len(body) if body is not None else 0, ok=(201,),
                                            upload=False)
         location = resp.get("Location")

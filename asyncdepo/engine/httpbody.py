@@ -61,6 +61,38 @@ class SourcePayload(payload.Payload):
         raise TypeError("a streamed body cannot be decoded")
 
 
+class ViewPayload(payload.Payload):
+    """A memoryview body written in slices, each awaited until the transport drains.
+
+    aiohttp would otherwise join the headers and the whole body into one new bytes object and asyncio
+    would copy whatever the socket did not take at once into its buffer: two transient copies of every
+    part in flight (8 x 16 MiB parts: +250 MB of RSS). In slices, at most one slice (1 MiB) is buffered.
+    """
+
+    SLICE = 1 << 20  # 1 MiB: one write for a small file; 256 KiB cost ~0.1 ms more per 1 MiB request
+
+    def __init__(self, view: memoryview, **kw: Any) -> None:
+        super().__init__(view, content_type="application/octet-stream", **kw)
+        self._view = view
+        self._size = len(view)
+
+    @property
+    def size(self) -> int | None:
+        return self._size
+
+    async def write(self, writer: Any) -> None:
+        view, step = self._view, self.SLICE
+        for start in range(0, len(view), step):
+            await writer.write(view[start : start + step])
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        # aiohttp >= 3.12 calls this; the view's length is the Content-Length we declared
+        await self.write(writer)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a binary body cannot be decoded")
+
+
 def request_timeout(nbytes: int | None = None, *, min_rate: float = 1 << 20, base: float = 60.0,
                     sock_read: float = 120.0, connect: float = 30.0) -> aiohttp.ClientTimeout:
     """A timeout for a request carrying ``nbytes``: ``base`` + the time at ``min_rate`` bytes/s."""

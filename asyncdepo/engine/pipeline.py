@@ -52,8 +52,8 @@ class Buffer:
 class BufferPool:
     """Reserves buffers against a byte ``capacity``; ``acquire`` waits while the budget is spent.
 
-    Released buffers of 1 MiB and more are kept (a few per size) for reuse, so steady streaming does not
-    map and unmap memory for every chunk.
+    Released buffers of 1 MiB and more are kept for reuse while in-use plus kept bytes stay within the
+    capacity, so steady streaming does not map memory (and fault its pages in) for every chunk.
     """
 
     def __init__(self, capacity: int, gauge: _Gauge | None = None) -> None:
@@ -62,6 +62,7 @@ class BufferPool:
         self.gauge = gauge
         self._event: anyio.Event | None = None
         self._free: dict[int, list[Buffer]] = {}
+        self._free_bytes = 0
 
     async def acquire(self, size: int) -> Buffer:
         """A buffer of ``size`` bytes (at most ``capacity``), waiting for budget."""
@@ -74,15 +75,22 @@ class BufferPool:
         if self.gauge is not None:
             self.gauge.buffer(size)
         free = self._free.get(size)
-        return free.pop() if free else Buffer(self, size)
+        if free:
+            self._free_bytes -= size
+            return free.pop()
+        if self.used + self._free_bytes > self.capacity:
+            self._free.clear()  # sizes nobody asks for any more: give their memory back
+            self._free_bytes = 0
+        return Buffer(self, size)
 
     def _release(self, buf: Buffer) -> None:
         self.used -= buf.size
         if self.gauge is not None:
             self.gauge.buffer(-buf.size)
-        bucket = self._free.setdefault(buf.size, [])
-        if len(bucket) < 4 and buf.size >= 1 << 20:
-            bucket.append(buf)
+        # keep it for reuse (no new mapping, no page faults) while in-use plus kept stays within the budget
+        if buf.size >= 1 << 20 and self.used + self._free_bytes + buf.size <= self.capacity:
+            self._free.setdefault(buf.size, []).append(buf)
+            self._free_bytes += buf.size
         # otherwise dropped: the mapping is unmapped when the last view of it (a chunk an adapter may
         # still hold) goes away; closing it here would fail while views exist
         event, self._event = self._event, None
