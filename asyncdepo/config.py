@@ -105,7 +105,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("hash", ("md5",), parse_hashes, "digests computed while reading (md5,sha256,sha1,xxh3,blake3,...)",
            "LIST"),
     Option("compress", None, parse_compress, "compress each file with zstd on the fly (zstd[:LEVEL])", "ALG"),
-    Option("compress_threads", 0, _nonneg("compress-threads"), "zstd worker threads (0: one per core)", "N"),
+    Option("compress_threads", 0, _nonneg("compress-threads"), "zstd worker threads per file (0: one; files in flight use the other cores)", "N"),
     Option("bwlimit", None, parse_rate, "cap the whole run's rate, e.g. 100M (bytes/s)", "RATE"),
     Option("retries", 3, _nonneg("retries"), "rerun items that failed transiently up to K times", "K"),
     Option("request_attempts", 5, _positive("request-attempts"), "tries per request before an item fails",
