@@ -33,6 +33,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, ClassVar
 
+from asyncdepo.engine.httpget import PlainGet
 from asyncdepo.engine.types import ByteSource, Chunk, Item, PartInfo, RemoteItem
 
 
@@ -169,6 +170,14 @@ class Adapter(ABC):
     def read(self, item: RemoteItem, offset: int) -> AsyncIterator[bytes]:
         """The item's bytes from ``offset`` to the end (a ranged GET); raises from the errors tree."""
         raise NotImplementedError
+
+    async def plain_get(self, item: RemoteItem) -> PlainGet | None:
+        """The item as a plain GET (URL and headers; the engine adds Range), or None to use :meth:`read`.
+
+        A plain GET is received, hashed and written in a worker thread (:mod:`asyncdepo.engine.httpget`),
+        which is much cheaper than streaming it through the event loop.
+        """
+        return None
 
 
 AdapterFactory = Callable[..., Adapter]

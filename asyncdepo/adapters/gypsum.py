@@ -39,10 +39,10 @@ from typing import Any, Self
 import anyio
 
 from asyncdepo.adapters.base import Adapter, ChunkWriter, Features
-from asyncdepo.adapters.gypsum_api import GypsumClient
+from asyncdepo.adapters.gypsum_api import GypsumClient, file_path
 from asyncdepo.adapters.gypsum_session import SessionRecord, SessionStore
 from asyncdepo.adapters.gypsum_writer import GypsumWriter
-from asyncdepo.engine.api import Item, RemoteItem
+from asyncdepo.engine.api import Item, PlainGet, RemoteItem
 from asyncdepo.errors import (
     AuthError,
     ConflictError,
@@ -409,6 +409,11 @@ class GypsumAdapter(Adapter):
                 key = f"{base}/{rel}"
             yield RemoteItem(rel=rel, size=int(entry["size"]), digests={"md5": str(entry["md5sum"]).lower()},
                              ref=key)
+
+    async def plain_get(self, item: RemoteItem) -> PlainGet:
+        """``/file/{key}`` needs no credentials: the engine receives, hashes and writes it in a thread."""
+        return PlainGet(url=self.client.base + file_path(item.ref), what=f"gypsum GET /file/{item.ref}",
+                        timeout=300.0)
 
     async def read(self, item: RemoteItem, offset: int) -> AsyncIterator[bytes]:
         async for block in self.client.open_file(item.ref, offset):

@@ -31,6 +31,7 @@ import orjson
 
 from asyncdepo.adapters.base import Adapter, ChunkWriter, Features
 from asyncdepo.engine import api
+from asyncdepo.engine.api import PlainGet
 from asyncdepo.engine.types import Item, RemoteItem
 from asyncdepo.errors import (
     AuthError,
@@ -364,6 +365,10 @@ class ImmportAdapter(Adapter):
         if not url:
             raise RemoteValidationError(f"DRS lookup of {item.rel}: {body.get('message') or 'no url'}")
         return str(url)
+
+    async def plain_get(self, item: RemoteItem) -> PlainGet:
+        """The signed DRS URL as a plain GET: the engine receives, hashes and writes it in a thread."""
+        return PlainGet(url=await self.signed_url(item), what=f"GET {item.rel}")
 
     async def read(self, item: RemoteItem, offset: int) -> AsyncIterator[bytes]:
         """``item``'s bytes from ``offset`` to the end: a DRS lookup, then one ranged GET.

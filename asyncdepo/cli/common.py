@@ -9,6 +9,7 @@ Exit statuses: 0 everything done; 1 some items failed (the report lists them); 2
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -115,6 +116,10 @@ def run(main: Callable[[], Awaitable[T]], reporter: Reporter | None = None) -> T
         backend_options["use_uvloop"] = True
     except ImportError:  # pragma: no cover
         pass
+    # everything imported so far lives until exit: move it out of the collector's sight, so the full
+    # collections a long run triggers do not walk aiohttp's and our modules again and again while holding
+    # the GIL that the transfer threads need (measured: a fifth of the loop thread's time in a pull)
+    gc.freeze()
     try:
         return anyio.run(wrapper, backend_options=backend_options)
     except BaseExceptionGroup as eg:

@@ -11,6 +11,7 @@ from asyncdepo.engine.compress import TarSource, tar_source
 from asyncdepo.engine.hashing import MultiHash, digest_bytes, hash_file
 from asyncdepo.engine.httpbody import (SourcePayload, ViewPayload, client_session, request_timeout,
                                        transport_error)
+from asyncdepo.engine.httpget import PlainGet
 from asyncdepo.engine.pipeline import FileSource
 from asyncdepo.engine.retry import RetryPolicy, retry_call
 from asyncdepo.engine.source import iter_items
@@ -18,7 +19,7 @@ from asyncdepo.engine.source import walk as _walk_batches
 from asyncdepo.engine.types import ByteSource, Chunk, Item, PartInfo, RemoteItem
 
 __all__ = (
-    "ByteSource", "Chunk", "FileSource", "Item", "MultiHash", "PartInfo", "RemoteItem", "RetryPolicy",
+    "ByteSource", "Chunk", "FileSource", "Item", "MultiHash", "PartInfo", "PlainGet", "RemoteItem", "RetryPolicy",
     "SourcePayload", "TarSource", "ViewPayload", "client_session", "digest_bytes", "file_source", "hash_file",
     "iter_items", "request_timeout", "retry_call", "tar_source", "transport_error", "walk",
 )

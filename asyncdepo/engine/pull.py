@@ -8,85 +8,166 @@ continues a partial file from its size, re-hashing the prefix it already has.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 
 from asyncdepo.adapters.base import Adapter
 from asyncdepo.config import EngineConfig
+from asyncdepo.engine import httpget
 from asyncdepo.engine.hashing import FACTORIES, MultiHash, hash_path_sync
 from asyncdepo.engine.retry import RetryPolicy
 from asyncdepo.engine.scheduler import RunReport, _fill, _ticker
 from asyncdepo.engine.transfer import describe, first_error
 from asyncdepo.engine.types import RemoteItem
 from asyncdepo.errors import IntegrityError, TransientError, UsageError, is_transient
-from asyncdepo.events import ItemDone, ItemFailed, ItemRetrying, ItemSkipped, ItemStarted, JobFinished, Reporter
+from asyncdepo.events import (
+    ItemDone,
+    ItemFailed,
+    ItemRetrying,
+    ItemSkipped,
+    ItemStarted,
+    JobFinished,
+    Reporter,
+    Stats,
+)
 
 PART = ".asyncdepo-part"
 
 
 def _target(outdir: Path, rel: str) -> Path:
-    path = (outdir / rel).resolve()
-    if not str(path).startswith(str(outdir.resolve()) + os.sep):
+    """``outdir/rel``, refused when ``rel`` would climb out of ``outdir`` (checked on the text: no syscalls)."""
+    parts = rel.replace("\\", "/").split("/")
+    if rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in rel:
         raise UsageError(f"remote path {rel!r} would land outside {outdir}")
-    return path
+    return outdir.joinpath(*parts)
 
 
 def _known(item: RemoteItem) -> tuple[str, ...]:
     return tuple(a for a in item.digests if a in FACTORIES)
 
 
-async def _fetch(adapter: Adapter, item: RemoteItem, dest: Path, reporter: Reporter, io: anyio.CapacityLimiter,
-                 policy: RetryPolicy, attempts: int) -> str:
-    """Download one item; returns "done" or "skipped"."""
+def _size(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+
+
+def _start(dest: Path, part: Path, item: RemoteItem, algos: tuple[str, ...]) -> tuple[str, int]:
+    """Blocking: ("skip", size) when ``dest`` is already there and right, else ("fetch", offset) from ``part``."""
+    have = _size(dest)
+    if have is not None and (item.size is None or have == item.size):
+        got = hash_path_sync(dest, algos).hexdigests()
+        if all(got[a] == item.digests[a] for a in algos):
+            return "skip", have
+    part.parent.mkdir(parents=True, exist_ok=True)
+    return "fetch", _resume_at(part, item)
+
+
+def _resume_at(part: Path, item: RemoteItem) -> int:
+    """Blocking: how much of ``item`` the part file already holds (a part longer than the item is dropped)."""
+    offset = _size(part) or 0
+    if item.size is not None and offset > item.size:
+        part.unlink()
+        offset = 0
+    return offset
+
+
+def _finish(part: Path, dest: Path, item: RemoteItem, algos: tuple[str, ...], hasher: MultiHash) -> tuple[int, dict[str, str]]:
+    """Blocking: check size and digests of ``part``, then rename it to ``dest``; returns (size, digests)."""
+    size = os.stat(part).st_size
+    if item.size is not None and size != item.size:
+        raise TransientError(f"got {size} of {item.size} bytes")
+    got = hasher.hexdigests()
+    for a in algos:
+        if got[a] != item.digests[a]:
+            part.unlink()
+            raise IntegrityError(f"{a} mismatch (archive says {item.digests[a]}, received data has {got[a]})")
+    os.replace(part, dest)
+    return size, got
+
+
+async def _stream(adapter: Adapter, item: RemoteItem, offset: int, part: Path, hasher: MultiHash, stats: Stats,
+                  io: anyio.CapacityLimiter) -> None:
+    """Append ``adapter.read(item, offset)`` to ``part``: each block hashed and written in one thread hop."""
+    fh = await anyio.to_thread.run_sync(lambda: open(part, "ab"))
+    try:
+        async for data in adapter.read(item, offset):
+            block = bytes(data)  # the adapter may reuse its buffer once we ask for more
+
+            def store(b: bytes = block) -> None:
+                hasher.update(b)
+                fh.write(b)
+
+            await anyio.to_thread.run_sync(store, limiter=io)
+            stats.add_sent(item.rel, len(block))
+    finally:
+        await anyio.to_thread.run_sync(fh.close)
+
+
+@dataclasses.dataclass
+class _Job:
+    """An item made ready ahead of its worker: where it goes, where it resumes and (maybe) its plain GET."""
+
+    item: RemoteItem
+    dest: Path
+    offset: int
+    spec: httpget.PlainGet | None
+
+
+async def _prepare(adapter: Adapter, item: RemoteItem, dest: Path, io: anyio.CapacityLimiter) -> _Job | int:
+    """Look at the disk and ask the archive for the URL before a worker is free (an int: already present,
+    with that size).
+
+    Run ahead of the workers so that a worker goes straight from one transfer to the next: the lookups
+    (a round trip each) and the file checks overlap with other files' bytes.
+    """
     algos = _known(item)
-    if dest.exists() and (item.size is None or dest.stat().st_size == item.size):
-        have = (await anyio.to_thread.run_sync(lambda: hash_path_sync(dest, algos), limiter=io)).hexdigests()
-        if all(have[a] == item.digests[a] for a in algos):
-            reporter.emit(ItemSkipped(rel=item.rel, size=dest.stat().st_size, reason="already present"))
-            return "skipped"
+    state, offset = await anyio.to_thread.run_sync(_start, dest, dest.with_name(dest.name + PART), item, algos,
+                                                   limiter=io)
+    if state == "skip":
+        return offset
+    spec = None
+    if item.size is None or offset < item.size:
+        try:
+            spec = await adapter.plain_get(item)
+        except Exception:  # noqa: BLE001 - the worker asks again, under its retry policy, and reports it
+            spec = None
+    return _Job(item, dest, offset, spec)
+
+
+async def _fetch(adapter: Adapter, job: _Job, reporter: Reporter, io: anyio.CapacityLimiter,
+                 getters: anyio.CapacityLimiter, policy: RetryPolicy, attempts: int) -> None:
+    """Download one prepared item. A plain GET is received, hashed, checked and renamed in one thread hop."""
+    item, dest = job.item, job.dest
+    algos = _known(item)
     part = dest.with_name(dest.name + PART)
-    await anyio.to_thread.run_sync(lambda: part.parent.mkdir(parents=True, exist_ok=True))
     stats = reporter.stats
+    offset, spec = job.offset, job.spec
     n = 0
     while True:
-        offset = part.stat().st_size if part.exists() else 0
-        if item.size is not None and offset > item.size:
-            part.unlink()
-            offset = 0
         hasher = MultiHash(algos)
         if offset:
-            await anyio.to_thread.run_sync(lambda: hash_path_sync(part, (), into=hasher), limiter=io)
+            await anyio.to_thread.run_sync(functools.partial(hash_path_sync, part, (), into=hasher), limiter=io)
         reporter.emit(ItemStarted(rel=item.rel, size=item.size or -1, offset=offset))
         try:
-            fh = await anyio.to_thread.run_sync(lambda: open(part, "ab"))
-            try:
-                async for data in adapter.read(item, offset):
-                    block = bytes(data)  # the adapter may reuse its buffer once we ask for more
-
-                    def store(b: bytes = block) -> None:  # hash and write in one thread hop
-                        hasher.update(b)
-                        fh.write(b)
-
-                    await anyio.to_thread.run_sync(store, limiter=io)
-                    stats.add_sent(item.rel, len(block))
-            finally:
-                await anyio.to_thread.run_sync(fh.close)
-            size = part.stat().st_size
-            if item.size is not None and size != item.size:
-                raise TransientError(f"got {size} of {item.size} bytes")
-            got = hasher.hexdigests()
-            for a in algos:
-                if got[a] != item.digests[a]:
-                    part.unlink()
-                    raise IntegrityError(f"{a} mismatch (archive says {item.digests[a]}, "
-                                         f"received data has {got[a]})")
-            os.replace(part, dest)
+            if spec is None and (item.size is None or offset < item.size):
+                spec = await adapter.plain_get(item)
+            if spec is not None and not httpget.proxied(spec.url):
+                size, got = await httpget.fetch(spec, offset, part, hasher, functools.partial(stats.add_sent, item.rel),
+                                                getters, then=functools.partial(_finish, part, dest, item, algos, hasher))
+            else:
+                await _stream(adapter, item, offset, part, hasher, stats, io)
+                size, got = await anyio.to_thread.run_sync(_finish, part, dest, item, algos, hasher, limiter=io)
             stats.bytes_done += size
             reporter.emit(ItemDone(rel=item.rel, size=size, sent=size - offset, digests=got))
-            return "done"
+            return
         except Exception as exc:
             err = first_error(exc)
             n += 1
@@ -98,11 +179,17 @@ async def _fetch(adapter: Adapter, item: RemoteItem, dest: Path, reporter: Repor
             stats.retries += 1
             reporter.emit(ItemRetrying(rel=item.rel, attempt=n, error=str(err), delay=round(delay, 3)))
             await policy.sleep(delay)
+            offset = await anyio.to_thread.run_sync(_resume_at, part, item, limiter=io)
+            spec = None  # a signed URL may have expired meanwhile: ask again
 
 
 async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None = None, *,
                reporter: Reporter | None = None, tick: float = 0.5) -> RunReport:
-    """Fetch every item ``adapter.list_remote()`` yields into ``outdir``; failures are in the report."""
+    """Fetch every item ``adapter.list_remote()`` yields into ``outdir``; failures are in the report.
+
+    Three stages: the lister, ``transfers`` preparers (disk check, URL lookup) and ``transfers`` workers,
+    joined by bounded streams, so memory does not grow with the number of items.
+    """
     config = config or EngineConfig()
     reporter = reporter or Reporter()
     out = Path(outdir).absolute()
@@ -110,12 +197,21 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
     report = RunReport(ok=False, job_id="pull")
     started = time.monotonic()
     io = anyio.CapacityLimiter(max(4, 2 * (os.cpu_count() or 2)))
+    getters = anyio.CapacityLimiter(config.transfers)  # one thread per transfer doing a plain GET
     policy = RetryPolicy(attempts=config.request_attempts)
     stats = reporter.stats
     attempts = config.request_attempts * max(1, config.item_attempts)
+
+    def failed(item: RemoteItem, exc: Exception) -> None:
+        msg = describe(exc)
+        stats.files_failed += 1
+        report.failures.append((item.rel, msg.splitlines()[0]))
+        reporter.emit(ItemFailed(rel=item.rel, error=msg, transient=is_transient(exc)))
+
     try:
         async with adapter:
-            send, recv = anyio.create_memory_object_stream[RemoteItem](2 * config.transfers)
+            send, recv = anyio.create_memory_object_stream[RemoteItem](config.transfers)
+            ready_send, ready_recv = anyio.create_memory_object_stream[_Job](config.transfers)
 
             async def lister() -> None:
                 async with send:
@@ -125,32 +221,40 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
                         await send.send(item)
                 stats.walk_done = True
 
-            async def worker(stream: object) -> None:
-                async with stream:  # type: ignore[attr-defined]
-                    async for item in stream:  # type: ignore[attr-defined]
-                        stats.item_in(item.rel, item.size or -1)
+            async def preparer(items: Any, ready: Any) -> None:
+                async with items, ready:
+                    async for item in items:
                         try:
-                            dest = _target(out, item.rel)
-                            state = await _fetch(adapter, item, dest, reporter, io, policy, attempts)
-                            if state == "done":
-                                stats.files_done += 1
-                            else:
-                                stats.files_skipped += 1
+                            job = await _prepare(adapter, item, _target(out, item.rel), io)
                         except Exception as exc:
-                            msg = describe(exc)
-                            stats.files_failed += 1
-                            report.failures.append((item.rel, msg.splitlines()[0]))
-                            reporter.emit(ItemFailed(rel=item.rel, error=msg, transient=is_transient(exc)))
+                            failed(item, exc)
+                            continue
+                        if isinstance(job, int):
+                            stats.files_skipped += 1
+                            reporter.emit(ItemSkipped(rel=item.rel, size=job, reason="already present"))
+                        else:
+                            await ready.send(job)
+
+            async def worker(jobs: Any) -> None:
+                async with jobs:
+                    async for job in jobs:
+                        stats.item_in(job.item.rel, job.item.size or -1)
+                        try:
+                            await _fetch(adapter, job, reporter, io, getters, policy, attempts)
+                            stats.files_done += 1
+                        except Exception as exc:
+                            failed(job.item, exc)
                         finally:
-                            stats.item_out(item.rel)
+                            stats.item_out(job.item.rel)
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_ticker, reporter, tick)
                 async with anyio.create_task_group() as inner:
                     inner.start_soon(lister)
-                    async with recv:
+                    async with recv, ready_send, ready_recv:
                         for _ in range(config.transfers):
-                            inner.start_soon(worker, recv.clone())
+                            inner.start_soon(preparer, recv.clone(), ready_send.clone())
+                            inner.start_soon(worker, ready_recv.clone())
                 tg.cancel_scope.cancel()
             report.summary = await adapter.finish(not report.failures) or {}
     finally:

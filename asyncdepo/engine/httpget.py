@@ -1,0 +1,265 @@
+"""A plain HTTP(S) GET of one file into a part file, run in a worker thread: receive, hash and write in one pass.
+
+Why not aiohttp here: a download spends its time in three things that all release the GIL -- ``recv_into``,
+the digests and ``write`` -- and aiohttp's response stream does them on the event loop thread, one 16-64 KiB
+piece at a time with a bytes object, a callback and a wake-up each, and then a thread hop per block to hash
+and write. Measured on 2 cores (300 x 4 MiB, md5 checked, against the ImmPort simulator): the aiohttp route
+kept the loop thread saturated at about 0.65x the throughput of ``curl`` run eight at a time; a blocking
+``http.client`` response read into one page-aligned 1 MiB buffer per transfer, in a thread that also hashes
+and writes it, spreads the same work over both cores (about 1.2x curl in the same run). The standard
+library's ``http.client`` does the protocol (it is what ``urllib`` uses); this module only adds the loop
+around it: redirects, Range resume, error mapping, progress and cancellation.
+
+Adapters offer it by returning a :class:`PlainGet` from ``Adapter.plain_get``; the pull engine then calls
+:func:`fetch` instead of iterating ``Adapter.read``. Anything the adapter cannot express as a plain GET (a
+signed request, a proxy) keeps using ``read``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import http.client
+import mmap
+import os
+import re
+import socket
+import ssl
+import struct
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urljoin, urlsplit
+
+import anyio
+import orjson
+
+from asyncdepo.engine.hashing import MultiHash
+from asyncdepo.errors import PermanentError, TransientError, http_error, parse_retry_after
+
+T = TypeVar("T")
+BLOCK = 1 << 20
+MAX_REDIRECTS = 5
+PROGRESS_EVERY = 0.2  # seconds between progress reports from a transfer thread
+_QUERY = re.compile(r"\?[^\s'\"]*")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlainGet:
+    """A GET that needs nothing but its URL and headers. ``what`` names it in messages (never the URL: a
+    signed URL's query is a credential). ``timeout`` bounds every socket wait (connect and each read)."""
+
+    url: str
+    what: str
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    ssl_context: ssl.SSLContext | None = None
+    timeout: float = 120.0
+
+
+@functools.cache
+def _proxies() -> dict[str, str]:
+    return urllib.request.getproxies()  # reads the whole environment: once per process
+
+
+def proxied(url: str) -> bool:
+    """True when the environment sends ``url`` through a proxy (then use the aiohttp route instead)."""
+    parts = urlsplit(url)
+    proxies = _proxies()
+    return parts.scheme in proxies and not urllib.request.proxy_bypass(parts.hostname or "")
+
+
+class _Stop:
+    """Lets the event loop abort a transfer running in a thread: a flag plus the socket to shut down."""
+
+    def __init__(self) -> None:
+        self.flag = threading.Event()
+        self.conn: http.client.HTTPConnection | None = None
+
+    def set(self) -> None:
+        self.flag.set()
+        conn = self.conn
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(2)  # wakes a recv blocked in the worker thread
+            except OSError:
+                pass
+
+
+def _message(raw: bytes) -> str:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return " ".join(raw[:400].decode("utf-8", "replace").split())
+    if isinstance(body, dict):
+        return str(body.get("message") or body.get("error") or body.get("reason") or "")[:300]
+    return ""
+
+
+def _connect(url: str, spec: PlainGet) -> tuple[http.client.HTTPConnection, str]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PermanentError(f"{spec.what}: cannot fetch a {parts.scheme or 'relative'} URL")
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if parts.scheme == "https":
+        ctx = spec.ssl_context or ssl.create_default_context()
+        return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=spec.timeout, context=ctx), target
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=spec.timeout), target
+
+
+def _open(spec: PlainGet, offset: int, stop: _Stop) -> tuple[http.client.HTTPResponse, int]:
+    """Send the GET (following redirects); return the response and how many leading bytes to drop."""
+    url = spec.url
+    for _ in range(MAX_REDIRECTS + 1):
+        conn, target = _connect(url, spec)
+        stop.conn = conn
+        headers = dict(spec.headers)
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        conn.request("GET", target, headers=headers)
+        resp = conn.getresponse()
+        location = resp.getheader("Location")
+        if resp.status in (301, 302, 303, 307, 308) and location:
+            resp.read()
+            conn.close()
+            url = urljoin(url, location)
+            continue
+        if resp.status >= 400:
+            detail = _message(resp.read(1 << 16))
+            conn.close()
+            raise http_error(resp.status, detail, what=spec.what,
+                             retry_after=parse_retry_after(resp.getheader("Retry-After")))
+        if not offset:
+            return resp, 0
+        if resp.status == 200:
+            return resp, offset  # the server ignored Range: drop the prefix we already hold
+        got = resp.getheader("Content-Range") or ""
+        m = re.match(r"bytes (\d+)-", got)
+        if resp.status != 206 or not m or int(m.group(1)) != offset:
+            conn.close()
+            raise TransientError(f"{spec.what}: asked for bytes from {offset}, got {resp.status} {got!r}")
+        return resp, 0
+    raise PermanentError(f"{spec.what}: more than {MAX_REDIRECTS} redirects")
+
+
+class _Sink:
+    """Where the body goes: drop a prefix the server sent anyway, hash, append, report progress now and then."""
+
+    def __init__(self, fd: int, hasher: MultiHash, on_bytes: Callable[[int], None], skip: int) -> None:
+        self.fd, self.hasher, self.on_bytes, self.skip = fd, hasher, on_bytes, skip
+        self.written = self.unreported = 0
+        self.reported_at = time.monotonic()
+
+    def put(self, data: memoryview | bytes) -> None:
+        if self.skip:
+            cut = min(self.skip, len(data))
+            data, self.skip = data[cut:], self.skip - cut
+        if not data:
+            return
+        self.hasher.update(data)
+        os.write(self.fd, data)
+        self.written += len(data)
+        self.unreported += len(data)
+        now = time.monotonic()
+        if now - self.reported_at >= PROGRESS_EVERY:
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        if self.unreported:
+            self.on_bytes(self.unreported)
+            self.unreported = 0
+        self.reported_at = now or time.monotonic()
+
+
+def _receive(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection, view: memoryview, sink: _Sink,
+             stop: _Stop) -> None:
+    """Read the whole body into ``sink``.
+
+    With a Content-Length over plain TCP the socket is read directly, one ``recv(MSG_WAITALL)`` per block:
+    the thread takes the GIL once per block instead of once per 64 KiB segment. Measured with eight
+    transfers on 2 cores, the segment-by-segment route sometimes spent more time in the kernel handing the
+    GIL around than receiving (1.7 s or 3.3 s for the same 1.26 GB); the block route stayed at 1.7-1.9 s.
+    """
+    left = resp.length
+    sock = conn.sock
+    if left is None or sock is None or isinstance(sock, ssl.SSLSocket):  # chunked, or TLS: http.client reads
+        while not stop.flag.is_set():
+            n = resp.readinto(view)
+            if not n:
+                return
+            sink.put(view[:n])
+        return
+    if left:
+        head = resp.fp.read1(min(left, len(view)))  # what http.client buffered behind the headers
+        sink.put(head)
+        left -= len(head)
+    timeout = sock.gettimeout() or 0.0
+    sock.settimeout(None)  # blocking, so MSG_WAITALL waits; the kernel enforces the read timeout instead
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(timeout), 0))
+    while left and not stop.flag.is_set():
+        n = sock.recv_into(view, min(len(view), left), socket.MSG_WAITALL)
+        if not n:
+            raise http.client.IncompleteRead(b"", left)
+        sink.put(view[:n])
+        left -= n
+
+
+def fetch_sync(spec: PlainGet, offset: int, part: Path, hasher: MultiHash, on_bytes: Callable[[int], None],
+               stop: _Stop) -> int:
+    """Blocking: append the body from ``offset`` to ``part``, feeding ``hasher``; returns the bytes written.
+
+    Every byte that arrived is written before an error propagates, so a retry resumes after it.
+    """
+    buf = mmap.mmap(-1, BLOCK)  # page-aligned: reads into a bytearray run several times slower (PERF-FACTS)
+    view = memoryview(buf)
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sink = _Sink(fd, hasher, on_bytes, 0)
+    try:
+        resp, sink.skip = _open(spec, offset, stop)
+        try:
+            assert stop.conn is not None
+            _receive(resp, stop.conn, view, sink, stop)
+        finally:
+            resp.close()
+            if stop.conn is not None:
+                stop.conn.close()
+        if stop.flag.is_set():
+            raise TransientError(f"{spec.what}: stopped")
+        return sink.written
+    except (OSError, http.client.HTTPException) as exc:
+        detail = _QUERY.sub("?...", str(exc))
+        raise TransientError(f"{spec.what}: {type(exc).__name__}{': ' + detail if detail else ''}") from None
+    finally:
+        sink.flush()
+        os.close(fd)  # the buffer goes with its last reference (closing it here could meet a live slice)
+
+
+async def fetch(spec: PlainGet, offset: int, part: Path, hasher: MultiHash, on_bytes: Callable[[int], None],
+                limiter: anyio.CapacityLimiter | None = None, *, then: Callable[[], T]) -> T:
+    """Run :func:`fetch_sync`, then ``then()`` (checks, rename), in one worker thread; returns what ``then``
+    returns. ``on_bytes`` is called on the event loop.
+
+    Cancelling the caller shuts the socket down, so the thread ends at once instead of at the next byte.
+    """
+    loop = asyncio.get_running_loop()
+    stop = _Stop()
+
+    def progress(n: int) -> None:
+        try:
+            loop.call_soon_threadsafe(on_bytes, n)
+        except RuntimeError:  # the loop is gone: a cancelled run whose thread is finishing its last block
+            pass
+
+    def job() -> T:
+        fetch_sync(spec, offset, part, hasher, progress, stop)
+        return then()
+
+    try:
+        return await anyio.to_thread.run_sync(job, limiter=limiter, abandon_on_cancel=True)
+    except anyio.get_cancelled_exc_class():
+        stop.set()
+        raise

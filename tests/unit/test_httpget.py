@@ -1,0 +1,183 @@
+"""The threaded plain GET (asyncdepo.engine.httpget) against a small aiohttp server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import anyio
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from asyncdepo.engine import httpget
+from asyncdepo.engine.hashing import MultiHash
+from asyncdepo.errors import PermanentError, TransientError
+
+BODY = os.urandom(3 * httpget.BLOCK + 12345)
+
+
+class Server:
+    """Serves BODY at /f (Range honoured), and a few misbehaving routes."""
+
+    def __init__(self) -> None:
+        self.ranges: list[str | None] = []
+        self.wrote_first = asyncio.Event()
+        self.client_gone = asyncio.Event()
+        app = web.Application()
+        app.router.add_get("/f", self.file)
+        app.router.add_get("/norange", self.norange)
+        app.router.add_get("/moved", self.moved)
+        app.router.add_get("/loop", self.loop)
+        app.router.add_get("/missing", self.missing)
+        app.router.add_get("/busy", self.busy)
+        app.router.add_get("/short", self.short)
+        app.router.add_get("/badrange", self.badrange)
+        app.router.add_get("/endless", self.endless)
+        self.server = TestServer(app, host="127.0.0.1")
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+    async def file(self, request: web.Request) -> web.StreamResponse:
+        rng = request.headers.get("Range")
+        self.ranges.append(rng)
+        if rng:
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            return web.Response(body=BODY[start:], status=206,
+                                headers={"Content-Range": f"bytes {start}-{len(BODY) - 1}/{len(BODY)}"})
+        return web.Response(body=BODY)
+
+    async def moved(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/f?sig=abc")
+
+    async def loop(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/loop")
+
+    async def missing(self, request: web.Request) -> web.Response:
+        return web.json_response({"message": "no such file"}, status=404)
+
+    async def busy(self, request: web.Request) -> web.Response:
+        return web.json_response({"message": "slow down"}, status=503, headers={"Retry-After": "1"})
+
+    async def norange(self, request: web.Request) -> web.Response:
+        return web.Response(body=BODY)  # ignores Range, as a server may
+
+    async def badrange(self, request: web.Request) -> web.Response:
+        return web.Response(body=BODY[5:], status=206, headers={"Content-Range": f"bytes 5-{len(BODY) - 1}/*"})
+
+    async def short(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = len(BODY)
+        await resp.prepare(request)
+        await resp.write(BODY[:100_000])
+        assert request.transport is not None
+        request.transport.close()  # cut: the client sees fewer bytes than Content-Length
+        return resp
+
+    async def endless(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = 1 << 40
+        await resp.prepare(request)
+        try:
+            while True:
+                await resp.write(b"x" * 65536)
+                self.wrote_first.set()
+                await asyncio.sleep(0)  # let the loop run between writes (this waits for no task)
+        finally:  # a write fails, or aiohttp cancels the handler: either way the client has left
+            self.client_gone.set()
+
+
+@pytest.fixture
+async def server():
+    srv = Server()
+    await srv.server.start_server()
+    yield srv
+    await srv.server.close()
+
+
+async def get(srv: Server, path: str, part: Path, offset: int = 0, **kw: object) -> tuple[int, MultiHash, list[int]]:
+    hasher = MultiHash(("md5",))
+    seen: list[int] = []
+    spec = httpget.PlainGet(url=srv.url(path), what=f"GET {path}", **kw)  # type: ignore[arg-type]
+    n = await httpget.fetch(spec, offset, part, hasher, seen.append, then=lambda: part.stat().st_size)
+    return n, hasher, seen
+
+
+async def test_whole_body_is_hashed_written_and_reported(server: Server, tmp_path: Path) -> None:
+    part = tmp_path / "f.part"
+    size, hasher, seen = await get(server, "/f", part)
+    assert size == len(BODY) and part.read_bytes() == BODY
+    assert hasher.hexdigests()["md5"] == hashlib.md5(BODY).hexdigest()
+    assert sum(seen) == len(BODY)
+    assert server.ranges == [None]
+
+
+async def test_resume_appends_from_the_offset(server: Server, tmp_path: Path) -> None:
+    part = tmp_path / "f.part"
+    part.write_bytes(BODY[:777_777])
+    _, hasher, seen = await get(server, "/f", part, offset=777_777)
+    assert part.read_bytes() == BODY
+    assert sum(seen) == len(BODY) - 777_777
+    assert server.ranges == ["bytes=777777-"]
+    assert hasher.hexdigests()["md5"] == hashlib.md5(BODY[777_777:]).hexdigest()  # only what arrived
+
+
+async def test_a_server_that_ignores_range_has_the_prefix_dropped(server: Server, tmp_path: Path) -> None:
+    part = tmp_path / "f.part"
+    part.write_bytes(BODY[:1000])
+    await get(server, "/norange", part, offset=1000)
+    assert part.read_bytes() == BODY
+
+
+async def test_redirects_are_followed_and_bounded(server: Server, tmp_path: Path) -> None:
+    await get(server, "/moved", tmp_path / "a")
+    assert (tmp_path / "a").read_bytes() == BODY
+    with pytest.raises(PermanentError, match="redirects"):
+        await get(server, "/loop", tmp_path / "b")
+
+
+async def test_errors_carry_the_servers_message_and_class(server: Server, tmp_path: Path) -> None:
+    with pytest.raises(PermanentError, match="no such file"):
+        await get(server, "/missing", tmp_path / "a")
+    with pytest.raises(TransientError, match="slow down") as info:
+        await get(server, "/busy", tmp_path / "b")
+    assert getattr(info.value, "retry_after", None) == 1
+
+
+async def test_a_cut_body_keeps_what_arrived_and_is_transient(server: Server, tmp_path: Path) -> None:
+    part = tmp_path / "f.part"
+    with pytest.raises(TransientError, match="GET /short"):
+        await get(server, "/short", part)
+    assert part.read_bytes() == BODY[:100_000]  # a retry resumes after these
+
+
+async def test_a_range_answer_from_elsewhere_is_refused(server: Server, tmp_path: Path) -> None:
+    part = tmp_path / "f.part"
+    part.write_bytes(BODY[:10])
+    with pytest.raises(TransientError, match="asked for bytes from 10"):
+        await get(server, "/badrange", part, offset=10)
+    assert part.read_bytes() == BODY[:10]
+
+
+async def test_cancelling_closes_the_connection(server: Server, tmp_path: Path) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(get, server, "/endless", tmp_path / "f.part")
+        await server.wrote_first.wait()
+        tg.cancel_scope.cancel()
+    with anyio.fail_after(60):  # a bound, not a timing assertion: the server must see the client leave
+        await server.client_gone.wait()
+
+
+def test_proxied_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    httpget._proxies.cache_clear()
+    monkeypatch.setenv("http_proxy", "http://proxy.example:3128")
+    monkeypatch.setenv("no_proxy", "localhost")
+    try:
+        assert httpget.proxied("http://archive.example/f")
+        assert not httpget.proxied("http://localhost:8080/f")
+        assert not httpget.proxied("https://archive.example/f")
+    finally:
+        httpget._proxies.cache_clear()
