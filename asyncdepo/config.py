@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import os
 import re
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -183,6 +182,8 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
     path = file or config_file()
     from_file: dict[str, Any] = {}
     if path.is_file():
+        import tomllib  # only when a config file exists
+
         try:
             from_file = tomllib.loads(path.read_text()).get("engine", {})
         except tomllib.TOMLDecodeError as exc:

@@ -23,18 +23,21 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
 from asyncdepo.adapters.immport import ASPERA_HOST, Endpoints, ImmportAdapter, Secret, immport_path
 from asyncdepo.cli import common
 from asyncdepo.config import EngineConfig
-from asyncdepo.engine.ascp import AscpOptions, AscpProgress, AscpSecrets, check_ascp, transfer
 from asyncdepo.engine.pull import pull
 from asyncdepo.engine.scheduler import RunReport
 from asyncdepo.engine.types import RemoteItem
 from asyncdepo.errors import AuthError, DepoError, IntegrityError, TransientError, UsageError, is_transient
 from asyncdepo.events import ItemDone, ItemFailed, ItemRetrying, ItemSkipped, JobFinished, Reporter
+
+if TYPE_CHECKING:  # the ascp runner is imported only by the ascp route (it costs start-up time on https)
+    from asyncdepo.engine.ascp import AscpOptions, AscpProgress
 
 PART = ".asyncdepo-part"  # the engine's temporary suffix (engine.pull.PART)
 ASPERA_USER = "databrowser"
@@ -145,6 +148,8 @@ async def pull_via_ascp(adapter: ImmportAdapter, outdir: Path | str, opts: AscpO
 
     :raises AuthError: the login or the Aspera token was refused (nothing could succeed then).
     """
+    from asyncdepo.engine.ascp import AscpSecrets, transfer
+
     config = config or EngineConfig()
     reporter = reporter or Reporter()
     stats = reporter.stats
@@ -274,6 +279,8 @@ async def _pull(args: argparse.Namespace, adapter: ImmportAdapter, outdir: str, 
                 reporter: Reporter) -> RunReport:
     opts = None
     if args.via == "ascp":
+        from asyncdepo.engine.ascp import AscpOptions, check_ascp
+
         opts = AscpOptions(ascp=args.ascp, mode="recv", host=args.aspera_host, user=ASPERA_USER,
                            key_file=args.aspera_key, tcp_port=args.aspera_port, udp_port=args.aspera_port,
                            resume=2, rate=args.rate, management_port=True, stall_timeout=args.stall_timeout)

@@ -5,7 +5,7 @@ the digests and ``write`` -- and aiohttp's response stream does them on the even
 piece at a time with a bytes object, a callback and a wake-up each, and then a thread hop per block to hash
 and write. Measured on 2 cores (300 x 4 MiB, md5 checked, against the ImmPort simulator): the aiohttp route
 kept the loop thread saturated at about 0.65x the throughput of ``curl`` run eight at a time; a blocking
-``http.client`` response read into one page-aligned 1 MiB buffer per transfer, in a thread that also hashes
+``http.client`` response read into one page-aligned 512 KiB buffer per transfer, in a thread that also hashes
 and writes it, spreads the same work over both cores (about 1.2x curl in the same run). The standard
 library's ``http.client`` does the protocol (it is what ``urllib`` uses); this module only adds the loop
 around it: redirects, Range resume, error mapping, progress and cancellation.
@@ -29,7 +29,6 @@ import ssl
 import struct
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -42,7 +41,7 @@ from asyncdepo.engine.hashing import MultiHash
 from asyncdepo.errors import PermanentError, TransientError, http_error, parse_retry_after
 
 T = TypeVar("T")
-BLOCK = 1 << 20
+BLOCK = 1 << 19
 MAX_REDIRECTS = 5
 PROGRESS_EVERY = 0.2  # seconds between progress reports from a transfer thread
 _QUERY = re.compile(r"\?[^\s'\"]*")
@@ -62,6 +61,8 @@ class PlainGet:
 
 @functools.cache
 def _proxies() -> dict[str, str]:
+    import urllib.request  # heavy (email, ...): only when a plain GET is about to run
+
     return urllib.request.getproxies()  # reads the whole environment: once per process
 
 
@@ -69,7 +70,11 @@ def proxied(url: str) -> bool:
     """True when the environment sends ``url`` through a proxy (then use the aiohttp route instead)."""
     parts = urlsplit(url)
     proxies = _proxies()
-    return parts.scheme in proxies and not urllib.request.proxy_bypass(parts.hostname or "")
+    if parts.scheme not in proxies:
+        return False
+    import urllib.request
+
+    return not urllib.request.proxy_bypass(parts.hostname or "")
 
 
 class _Stop:
