@@ -33,6 +33,7 @@ import platform
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--files", type=int, default=1000)
     ap.add_argument("--file-size", default="1M")
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--data", type=Path, default=HERE / "data")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "gypsum.json")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target (ratio, memory) is missed")
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     best = {k: max(r[k]["mb_s"] for r in rounds) for k in ("asyncdepo", "gypsum_client")}
     mem = {k: max(r[k]["peak_tree_rss_mb"] for r in rounds) for k in ("asyncdepo", "gypsum_client")}
-    ratio_median = sorted(r["ratio"] for r in rounds)[len(rounds) // 2]
+    ratio_median = statistics.median(r["ratio"] for r in rounds)
     result = {
         "benchmark": f"gypsum push of {args.files} x {args.file_size} to the simulator",
         "bytes": total, "files": args.files, "file_size": size, "concurrency": args.concurrency,

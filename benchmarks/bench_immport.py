@@ -27,6 +27,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": rounds,
             "best_mb_s": best,
             "ratio_best": best["asyncdepo"] / best["curl"],
-            "ratio_median": sorted(r["ratio"] for r in rounds)[len(rounds) // 2],
+            "ratio_median": statistics.median(r["ratio"] for r in rounds),
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)

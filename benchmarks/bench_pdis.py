@@ -19,7 +19,7 @@ environment and curl through a 0600 header file (never argv). Throughput is data
 per wall second, MB = 10^6 bytes. Figures drift on shared machines; only the ratio within one run means
 much (PERF-FACTS). Target: asyncdepo >= 1.0x the pipeline, peak RSS < 200 MB.
 
-Usage: ``python -m benchmarks.bench_pdis [--frames 256] [--frame-size 4M] [--rounds 2] [--strict]``;
+Usage: ``python -m benchmarks.bench_pdis [--frames 256] [--frame-size 4M] [--rounds 5] [--strict]``;
 results go to ``benchmarks/results/pdis.json``.
 """
 
@@ -31,6 +31,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=256)
     ap.add_argument("--frame-size", default="4M")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--data", type=Path, default=HERE / "data")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "pdis.json")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target (ratio, RSS) is missed")
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     best = {k: max(r[k]["mb_s"] for r in rounds) for k in ("asyncdepo", "pipeline")}
     rss = max(r["asyncdepo"]["peak_rss_mb"] for r in rounds)
-    ratio_median = sorted(r["ratio"] for r in rounds)[len(rounds) // 2]
+    ratio_median = statistics.median(r["ratio"] for r in rounds)
     result = {
         "benchmark": "pdis push of a detector-like dataset as tar.zst to the simulator",
         "bytes": total, "frames": args.frames, "frame_size": frame_size,

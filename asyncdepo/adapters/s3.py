@@ -7,7 +7,8 @@ it; the final multipart ETag is compared with ``md5(concat(part md5s))-N``. The 
 parts are journaled through ``ChunkWriter.state()``; a re-run asks ListParts and sends only missing parts.
 
 Pull: ``list_remote`` pages through ListObjectsV2 under the prefix (an md5 is published only for objects
-whose ETag is a plain md5, i.e. not multipart); ``read`` is a GetObject with a Range from the offset.
+whose ETag is a plain md5, i.e. not multipart); each object is fetched through a presigned GetObject URL
+by the engine's threaded GET (``plain_get``), or, behind a proxy, by ``read``: GetObject with a Range.
 
 Credentials come from the standard chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/
 ``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` or ``profile=``, shared config files, instance roles) or from
@@ -30,7 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Self
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -40,6 +43,7 @@ import anyio
 from asyncdepo import errors
 from asyncdepo.adapters.base import Adapter, ChunkWriter, Features, register
 from asyncdepo.adapters.s3_errors import map_s3_error
+from asyncdepo.engine.api import PlainGet
 from asyncdepo.engine.types import Item, RemoteItem
 
 MiB = 1 << 20
@@ -202,6 +206,7 @@ class S3Adapter(Adapter):
                 "addressing_style": "path" if self.endpoint_url else "auto",
                 "payload_signing_enabled": False,
             },
+            signature_version="s3v4",  # presigned URLs too (botocore may presign with v2, which servers refuse)
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             parameter_validation=False,
@@ -334,6 +339,15 @@ class S3Adapter(Adapter):
             if not token:
                 return
 
+    async def plain_get(self, item: RemoteItem) -> PlainGet:
+        """A presigned GetObject URL (signed locally, valid an hour): the engine receives, hashes and
+        writes it in a thread. The URL carries a signature, so it is never logged (see ``httpget``)."""
+        client = await self.client()
+        key = item.ref or self.key_for(item.rel)
+        url = await client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
+                                                  ExpiresIn=3600)
+        return PlainGet(url=url, what=f"GetObject {self.where(key)}", ssl_context=_ssl_context())
+
     async def read(self, item: RemoteItem, offset: int) -> AsyncIterator[bytes]:
         """The object's bytes from ``offset`` (GetObject with a Range), in pieces of up to 1 MiB.
 
@@ -367,6 +381,12 @@ class S3Adapter(Adapter):
 
 
 _LOADER: Any = None
+
+
+def _ssl_context() -> ssl.SSLContext | None:
+    """The CA bundle botocore would use (``AWS_CA_BUNDLE``), for requests made outside botocore."""
+    bundle = os.environ.get("AWS_CA_BUNDLE")
+    return ssl.create_default_context(cafile=bundle) if bundle else None
 
 
 def _share_loader(session: Any) -> None:

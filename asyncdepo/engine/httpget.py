@@ -96,10 +96,14 @@ class _Stop:
 
 
 def _message(raw: bytes) -> str:
+    """The server's own error text: JSON ``message``/``error``/``reason``, S3's XML Code and Message, else
+    the start of the body."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return " ".join(raw[:400].decode("utf-8", "replace").split())
+        text = raw[:2000].decode("utf-8", "replace")
+        xml = [m.group(1).strip() for tag in ("Code", "Message") if (m := re.search(f"<{tag}>(.*?)</{tag}>", text))]
+        return ": ".join(xml) if xml else " ".join(text[:400].split())
     if isinstance(body, dict):
         return str(body.get("message") or body.get("error") or body.get("reason") or "")[:300]
     return ""

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 
 from asyncdepo.engine import httpget
 from asyncdepo.engine.hashing import MultiHash
-from asyncdepo.errors import PermanentError, TransientError
+from asyncdepo.errors import DepoError, PermanentError, TransientError, is_transient
 
 BODY = os.urandom(3 * httpget.BLOCK + 12345)
 
@@ -33,6 +33,7 @@ class Server:
         app.router.add_get("/loop", self.loop)
         app.router.add_get("/missing", self.missing)
         app.router.add_get("/busy", self.busy)
+        app.router.add_get("/denied", self.denied)
         app.router.add_get("/short", self.short)
         app.router.add_get("/badrange", self.badrange)
         app.router.add_get("/endless", self.endless)
@@ -61,6 +62,11 @@ class Server:
 
     async def busy(self, request: web.Request) -> web.Response:
         return web.json_response({"message": "slow down"}, status=503, headers={"Retry-After": "1"})
+
+    async def denied(self, request: web.Request) -> web.Response:
+        return web.Response(status=403, content_type="application/xml",
+                            text="<?xml version='1.0'?><Error><Code>AccessDenied</Code>"
+                                 "<Message>Request has expired</Message></Error>")
 
     async def norange(self, request: web.Request) -> web.Response:
         return web.Response(body=BODY)  # ignores Range, as a server may
@@ -145,6 +151,9 @@ async def test_errors_carry_the_servers_message_and_class(server: Server, tmp_pa
     with pytest.raises(TransientError, match="slow down") as info:
         await get(server, "/busy", tmp_path / "b")
     assert getattr(info.value, "retry_after", None) == 1
+    with pytest.raises(DepoError, match="AccessDenied: Request has expired") as denied:
+        await get(server, "/denied", tmp_path / "c")
+    assert not is_transient(denied.value)
 
 
 async def test_a_cut_body_keeps_what_arrived_and_is_transient(server: Server, tmp_path: Path) -> None:
