@@ -31,7 +31,7 @@ from asyncdepo.adapters.immport import ASPERA_HOST, Endpoints, ImmportAdapter, S
 from asyncdepo.cli import common
 from asyncdepo.config import EngineConfig
 from asyncdepo.engine.pull import pull
-from asyncdepo.engine.scheduler import RunReport
+from asyncdepo.engine.report import RunReport
 from asyncdepo.engine.types import RemoteItem
 from asyncdepo.errors import AuthError, DepoError, IntegrityError, TransientError, UsageError, is_transient
 from asyncdepo.events import ItemDone, ItemFailed, ItemRetrying, ItemSkipped, JobFinished, Reporter

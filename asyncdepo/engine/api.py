@@ -4,19 +4,45 @@ engine is theirs to import. Everything here is documented in its own module."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import anyio
-
-from asyncdepo.engine.compress import TarSource, tar_source
 from asyncdepo.engine.hashing import MultiHash, digest_bytes, hash_file
-from asyncdepo.engine.httpbody import (SourcePayload, ViewPayload, client_session, request_timeout,
-                                       transport_error)
 from asyncdepo.engine.httpget import PlainGet
-from asyncdepo.engine.pipeline import FileSource
 from asyncdepo.engine.retry import RetryPolicy, retry_call
-from asyncdepo.engine.source import iter_items
-from asyncdepo.engine.source import walk as _walk_batches
 from asyncdepo.engine.types import ByteSource, Chunk, Item, PartInfo, RemoteItem
+
+if TYPE_CHECKING:
+    from asyncdepo.engine.compress import TarSource, tar_source
+    from asyncdepo.engine.httpbody import (
+        SourcePayload,
+        ViewPayload,
+        client_session,
+        request_timeout,
+        transport_error,
+    )
+    from asyncdepo.engine.pipeline import FileSource
+    from asyncdepo.engine.source import iter_items
+
+# loaded on first use (PEP 562): aiohttp, zstandard and the read pipeline cost start-up time that an
+# adapter which never touches them (ImmPort's plain GETs) should not pay
+_LAZY = {
+    "TarSource": "asyncdepo.engine.compress", "tar_source": "asyncdepo.engine.compress",
+    "SourcePayload": "asyncdepo.engine.httpbody", "ViewPayload": "asyncdepo.engine.httpbody",
+    "client_session": "asyncdepo.engine.httpbody", "request_timeout": "asyncdepo.engine.httpbody",
+    "transport_error": "asyncdepo.engine.httpbody", "FileSource": "asyncdepo.engine.pipeline",
+    "iter_items": "asyncdepo.engine.source",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'asyncdepo.engine.api' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = (
     "ByteSource", "Chunk", "FileSource", "Item", "MultiHash", "PartInfo", "PlainGet", "RemoteItem", "RetryPolicy",
@@ -30,6 +56,8 @@ def file_source(path: str | Path, *, offset: int = 0, length: int | None = None,
                 expect: Item | None = None) -> FileSource:
     """A streamed ByteSource of a file (see ``pipeline.FileSource``); ``expect`` pins size and mtime so a
     file that changes while it is read raises SourceChangedError."""
+    from asyncdepo.engine.pipeline import FileSource
+
     p = Path(path)
     if expect is None:
         st = p.stat()
@@ -40,6 +68,8 @@ def file_source(path: str | Path, *, offset: int = 0, length: int | None = None,
 async def walk(root: str | Path, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
                follow_symlinks: bool = False):  # type: ignore[no-untyped-def]
     """Items under ``root``, one at a time (batched walk in a thread underneath)."""
+    from asyncdepo.engine.source import walk as _walk_batches
+
     async for batch in _walk_batches(root, include, exclude, follow_symlinks):
         for item in batch:
             yield item

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import anyio

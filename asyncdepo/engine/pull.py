@@ -21,9 +21,8 @@ from asyncdepo.adapters.base import Adapter
 from asyncdepo.config import EngineConfig
 from asyncdepo.engine import httpget
 from asyncdepo.engine.hashing import FACTORIES, MultiHash, hash_path_sync
+from asyncdepo.engine.report import RunReport, _fill, _ticker, describe, first_error
 from asyncdepo.engine.retry import RetryPolicy
-from asyncdepo.engine.scheduler import RunReport, _fill, _ticker
-from asyncdepo.engine.transfer import describe, first_error
 from asyncdepo.engine.types import RemoteItem
 from asyncdepo.errors import IntegrityError, TransientError, UsageError, is_transient
 from asyncdepo.events import (

@@ -14,7 +14,6 @@ job is marked ``interrupted`` so ``asyncdepo resume`` can continue it.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import AsyncIterator
@@ -31,40 +30,13 @@ from asyncdepo.engine.compress import TarSource
 from asyncdepo.engine.hashing import hash_path_sync
 from asyncdepo.engine.journal import Journal
 from asyncdepo.engine.pipeline import BufferPool
+from asyncdepo.engine.report import RunReport, _fill, _ticker, describe, first_error
 from asyncdepo.engine.retry import RetryPolicy
 from asyncdepo.engine.source import walk
-from asyncdepo.engine.transfer import Run, describe, first_error, send_item
+from asyncdepo.engine.transfer import Run, send_item
 from asyncdepo.engine.types import Item
 from asyncdepo.errors import is_transient
 from asyncdepo.events import ItemDone, ItemFailed, ItemSkipped, JobFinished, JobStarted, Reporter
-
-
-@dataclasses.dataclass
-class RunReport:
-    """The outcome of a run, as the CLI prints it and ``--json`` writes it."""
-
-    ok: bool
-    job_id: str
-    files_done: int = 0
-    files_skipped: int = 0
-    files_failed: int = 0
-    bytes: int = 0
-    bytes_sent: int = 0
-    seconds: float = 0.0
-    retries: int = 0
-    failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
-    interrupted: bool = False
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.bytes_sent / 1e6 / self.seconds if self.seconds > 0 else 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["mb_per_s"] = round(self.mb_per_s, 2)
-        d["failures"] = [{"rel": r, "error": e} for r, e in self.failures]
-        return d
 
 
 def _hashes(config: EngineConfig, adapter: Adapter) -> tuple[str, ...]:
@@ -76,12 +48,6 @@ def _hashes(config: EngineConfig, adapter: Adapter) -> tuple[str, ...]:
 def target_identity(adapter: Adapter, config: EngineConfig) -> str:
     ident = adapter.describe()
     return ident + ("#zstd" if config.compress else "")
-
-
-async def _ticker(reporter: Reporter, interval: float) -> None:
-    while True:
-        await anyio.sleep(interval)
-        reporter.tick()
 
 
 def _make_run(config: EngineConfig, adapter: Adapter, reporter: Reporter, journal: Journal, job: str) -> Run:
@@ -371,12 +337,3 @@ async def _run_all(run: Run, root: Path, report: RunReport) -> None:
         await _pass(run, root, report, again, skip, digests)
 
 
-def _fill(report: RunReport, reporter: Reporter, started: float) -> None:
-    s = reporter.stats
-    report.files_done = s.files_done
-    report.files_skipped = s.files_skipped
-    report.files_failed = len(report.failures)
-    report.bytes = s.bytes_done
-    report.bytes_sent = s.bytes_sent
-    report.retries = s.retries
-    report.seconds = round(time.monotonic() - started, 3)

@@ -23,20 +23,19 @@ from asyncdepo.engine.bandwidth import TokenBucket
 from asyncdepo.engine.hashing import MultiHash, digest_bytes, hash_path_sync
 from asyncdepo.engine.journal import Journal
 from asyncdepo.engine.pipeline import BufferPool, ChunkStream, FileSource, RawReader, ZstdReader, read_small
+from asyncdepo.engine.report import first_error
 from asyncdepo.engine.retry import RetryPolicy
 from asyncdepo.engine.types import Chunk, Item
-from asyncdepo.errors import (DepoError, OffsetMismatchError, PermanentError, SourceChangedError,
-                              SourceError, is_transient)
+from asyncdepo.errors import (
+    OffsetMismatchError,
+    PermanentError,
+    SourceChangedError,
+    SourceError,
+    is_transient,
+)
 from asyncdepo.events import ItemDone, ItemRetrying, ItemStarted, Reporter
 
 T = TypeVar("T")
-
-
-def first_error(exc: BaseException) -> BaseException:
-    """The first leaf of an exception group (task groups wrap errors), or ``exc`` itself."""
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
 
 
 @dataclasses.dataclass
@@ -351,8 +350,3 @@ def restat(item: Item) -> Item:
     except FileNotFoundError:
         raise SourceError(f"{item.rel}: file disappeared") from None
     return dataclasses.replace(item, size=st.st_size, mtime_ns=st.st_mtime_ns)
-
-
-def describe(exc: BaseException) -> str:
-    err = first_error(exc)
-    return err.describe() if isinstance(err, DepoError) else f"{type(err).__name__}: {err}"
