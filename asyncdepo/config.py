@@ -32,9 +32,9 @@ def parse_size(text: str | int) -> int:
 
 def parse_rate(text: str | int | None) -> float | None:
     """``--bwlimit``: ``'100M'`` -> bytes per second (binary units, as rclone); 0/None/off -> no limit."""
-    if text in (None, "", "0", 0, "off"):
+    if text is None or text in ("", "0", 0, "off"):
         return None
-    return float(parse_size(text))  # type: ignore[arg-type]
+    return float(parse_size(text))
 
 
 def parse_compress(text: str | None) -> tuple[str, int] | None:
@@ -149,7 +149,7 @@ class EngineConfig:
         """Upper bound of chunk-buffer bytes reserved at once."""
         return self.transfers * self.chunk_size * (1 + self.read_ahead)
 
-    def replace(self, **kw: Any) -> "EngineConfig":
+    def replace(self, **kw: Any) -> EngineConfig:
         return dataclasses.replace(self, **kw)
 
 

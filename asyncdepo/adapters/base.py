@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from asyncdepo.engine.httpget import PlainGet
 from asyncdepo.engine.types import ByteSource, Chunk, Item, PartInfo, RemoteItem
@@ -133,7 +133,7 @@ class Adapter(ABC):
     name: ClassVar[str] = ""
     features: ClassVar[Features] = Features()
 
-    async def __aenter__(self) -> "Adapter":
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -23,15 +23,15 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, Self
+from http.client import HTTPException
+from typing import TYPE_CHECKING, Any, Self
 
-import aiohttp
 import anyio
 import orjson
 
 from asyncdepo.adapters.base import Adapter, ChunkWriter, Features
 from asyncdepo.engine import api
-from asyncdepo.engine.api import PlainGet
+from asyncdepo.engine.api import ApiClient, PlainGet, Reply
 from asyncdepo.engine.types import Item, RemoteItem
 from asyncdepo.errors import (
     AuthError,
@@ -42,6 +42,9 @@ from asyncdepo.errors import (
     http_error,
     parse_retry_after,
 )
+
+if TYPE_CHECKING:
+    import aiohttp
 
 ASPERA_HOST = "aspera-immport.niaid.nih.gov"  # ImmPort's Aspera server (user databrowser, port 33001)
 STUDY = re.compile(r"^SDY\d+$")
@@ -104,9 +107,8 @@ def safe_rel(path: str) -> str:
     return "/".join(parts)
 
 
-async def _message(resp: aiohttp.ClientResponse) -> str:
+def _message(raw: bytes) -> str:
     """The archive's own error text (``message``/``error``), never headers or the URL's query."""
-    raw = await resp.read()
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:  # not JSON: a proxy's HTML page, an S3 XML error
@@ -115,6 +117,13 @@ async def _message(resp: aiohttp.ClientResponse) -> str:
     if isinstance(body, dict):
         return str(body.get("message") or body.get("error") or "")[:300]
     return ""
+
+
+def _json(reply: Reply, what: str) -> Any:
+    try:
+        return reply.json()
+    except orjson.JSONDecodeError:
+        raise RemoteValidationError(f"{what}: the answer is not JSON ({_message(reply.body)[:100]!r})") from None
 
 
 class ImmportAdapter(Adapter):
@@ -139,7 +148,6 @@ class ImmportAdapter(Adapter):
         endpoints: Endpoints = Endpoints(),
         drs: str = "s3",
         policy: api.RetryPolicy | None = None,
-        session: aiohttp.ClientSession | None = None,
     ) -> None:
         if study is not None and not STUDY.match(study):
             raise UsageError(f"--study {study!r}: expected an accession like SDY1")
@@ -157,8 +165,8 @@ class ImmportAdapter(Adapter):
         self.endpoints = endpoints
         self.drs = drs
         self.policy = policy or api.RetryPolicy()
-        self._http = session
-        self._own_http = session is None
+        self._api: ApiClient | None = None
+        self._http: aiohttp.ClientSession | None = None  # only for read(); pulls use plain_get
         self._token: str | None = None
         self._lock = anyio.Lock()
         self._manifests: dict[str, list[dict[str, Any]]] = {}
@@ -166,20 +174,23 @@ class ImmportAdapter(Adapter):
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
-        if self._http is None:
-            self._http = api.client_session()
+        if self._api is None:
+            self._api = ApiClient(timeout=60.0)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._own_http and self._http is not None:
+        if self._api is not None:
+            self._api.close()
+            self._api = None
+        if self._http is not None:
             await self._http.close()
             self._http = None
 
     @property
-    def http(self) -> aiohttp.ClientSession:
-        if self._http is None:
+    def http(self) -> ApiClient:
+        if self._api is None:
             raise RuntimeError("use the adapter as 'async with ImmportAdapter(...)'")
-        return self._http
+        return self._api
 
     def describe(self) -> str:
         what = ([f"study={self.study}"] if self.study else []) + list(self.paths)
@@ -202,17 +213,17 @@ class ImmportAdapter(Adapter):
         url = f"{self.endpoints.auth}/auth/token"
         form = {"username": self.user, "password": self._password.get()}
         try:
-            async with self.http.post(url, data=form, timeout=api.request_timeout()) as r:
-                if r.status in (400, 401, 403):
-                    detail = await _message(r)
-                    raise AuthError(f"ImmPort login refused for user {self.user!r}: {detail or r.status}",
-                                    status=r.status, hint=LOGIN_HINT)
-                if r.status >= 400:
-                    raise http_error(r.status, await _message(r), what="ImmPort login",
-                                     retry_after=parse_retry_after(r.headers.get("Retry-After")))
-                body = await r.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            r = await self.http.request("POST", url, form=form)
+        except (OSError, HTTPException) as exc:
             raise _transport(exc, "POST /auth/token") from None
+        if r.status in (400, 401, 403):
+            detail = _message(r.body)
+            raise AuthError(f"ImmPort login refused for user {self.user!r}: {detail or r.status}",
+                            status=r.status, hint=LOGIN_HINT)
+        if r.status >= 400:
+            raise http_error(r.status, _message(r.body), what="ImmPort login",
+                             retry_after=parse_retry_after(r.headers.get("retry-after")))
+        body = _json(r, "ImmPort login")
         token = body.get("access_token") or body.get("token") if isinstance(body, dict) else None
         if not token:
             raise AuthError("ImmPort login answered without a token", hint=LOGIN_HINT)
@@ -256,18 +267,16 @@ class ImmportAdapter(Adapter):
                 token = await self._current_token()
                 headers = {"Authorization": f"bearer {token}"}
                 try:
-                    async with self.http.request(method, url, json=json, headers=headers,
-                                                 timeout=api.request_timeout()) as r:
-                        if r.status == 401 and attempt == 0:
-                            await r.read()
-                            await self._renew(token)  # expired (or revoked): log in again, then repeat
-                            continue
-                        if r.status >= 400:
-                            raise http_error(r.status, await _message(r), what=what,
-                                             retry_after=parse_retry_after(r.headers.get("Retry-After")))
-                        return await r.json(content_type=None)
-                except (aiohttp.ClientError, TimeoutError) as exc:
+                    r = await self.http.request(method, url, json=json, headers=headers)
+                except (OSError, HTTPException) as exc:
                     raise _transport(exc, what) from None
+                if r.status == 401 and attempt == 0:
+                    await self._renew(token)  # expired (or revoked): log in again, then repeat
+                    continue
+                if r.status >= 400:
+                    raise http_error(r.status, _message(r.body), what=what,
+                                     retry_after=parse_retry_after(r.headers.get("retry-after")))
+                return _json(r, what)
             raise AssertionError("unreachable")
 
         return await api.retry_call(once, self.policy)
@@ -384,10 +393,14 @@ class ImmportAdapter(Adapter):
         left = None if item.size is None else item.size - offset
         pending: list[bytes] = []
         held = 0
+        import aiohttp  # only this streaming route needs it; pulls go through plain_get
+
+        if self._http is None:
+            self._http = api.client_session()
         try:
-            async with self.http.get(url, headers=headers, timeout=api.request_timeout(left)) as r:
+            async with self._http.get(url, headers=headers, timeout=api.request_timeout(left)) as r:
                 if r.status >= 400:
-                    raise http_error(r.status, await _message(r), what=what,
+                    raise http_error(r.status, _message(await r.read()), what=what,
                                      retry_after=parse_retry_after(r.headers.get("Retry-After")))
                 skip = 0
                 if offset:

@@ -29,7 +29,6 @@ import re
 import ssl
 from typing import Any
 from urllib.parse import quote, urlsplit
-from asyncdepo.engine.api import ViewPayload
 
 import aiohttp
 import aiohttp.payload
@@ -38,6 +37,7 @@ from yarl import URL
 
 from asyncdepo import errors
 from asyncdepo.adapters.s3_errors import map_error_response, map_s3_error
+from asyncdepo.engine.api import ViewPayload
 
 log = logging.getLogger(__name__)
 

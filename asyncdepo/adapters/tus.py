@@ -166,7 +166,7 @@ class TusWriter(ChunkWriter):
     """One upload resource; see the module docstring."""
 
     def __init__(self, http: _Http, item: Item, location: str | None, checksum: bool, length: int | None,
-                 creator: "TusAdapter | None" = None) -> None:
+                 creator: TusAdapter | None = None) -> None:
         super().__init__()
         self._http = http
         self.item = item
@@ -177,6 +177,11 @@ class TusWriter(ChunkWriter):
 
     def state(self) -> dict[str, Any]:
         return {"location": self.location} if self.location else {}
+
+    @property
+    def _path(self) -> str:
+        """The upload URL's path, for messages ("" while the upload is not created yet)."""
+        return urlsplit(self.location).path if self.location else ""
 
     async def _ensure(self) -> str:
         """The upload's location, creating the upload (empty POST) when it does not exist yet."""
@@ -191,7 +196,7 @@ class TusWriter(ChunkWriter):
         _, headers = await self._http.request("HEAD", self.location, ok=(200, 204))
         offset = _int_header(headers, "Upload-Offset")
         if offset is None:
-            raise TransientError(f"tus HEAD {urlsplit(self.location).path}: no Upload-Offset in the answer")
+            raise TransientError(f"tus HEAD {self._path}: no Upload-Offset in the answer")
         return offset, _int_header(headers, "Upload-Length")
 
     async def resync(self) -> int:
@@ -211,7 +216,7 @@ class TusWriter(ChunkWriter):
         end = chunk.offset + len(chunk.data)
         if chunk.offset > self.confirmed:
             raise OffsetMismatchError(
-                f"tus PATCH {urlsplit(self.location).path}: chunk at {chunk.offset}, {self.confirmed} confirmed",
+                f"tus PATCH {self._path}: chunk at {chunk.offset}, {self.confirmed} confirmed",
                 offset=self.confirmed,
             )
         final_length = None
@@ -253,7 +258,7 @@ class TusWriter(ChunkWriter):
             if offset is not None:
                 self.confirmed = offset
             raise OffsetMismatchError(
-                f"tus PATCH {urlsplit(self.location).path}: server at {offset}, expected {end}", offset=offset
+                f"tus PATCH {self._path}: server at {offset}, expected {end}", offset=offset
             )
         self.confirmed = end
 
@@ -276,7 +281,7 @@ class TusWriter(ChunkWriter):
         )
         offset = _int_header(resp, "Upload-Offset")
         if offset is None:
-            raise TransientError(f"tus PATCH {urlsplit(self.location).path}: no Upload-Offset in the answer")
+            raise TransientError(f"tus PATCH {self._path}: no Upload-Offset in the answer")
         self.confirmed = offset
         if self.length is None:
             await self._declare_length(offset)

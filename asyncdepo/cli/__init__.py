@@ -28,8 +28,8 @@ def _archive_entry(archive: str, entry: str) -> Callable[[list[str]], int] | Non
         if exc.name == ARCHIVES[archive]:
             return None
         raise
-    fn = getattr(module, entry, None)
-    return fn  # type: ignore[no-any-return]
+    fn: Callable[[list[str]], int] | None = getattr(module, entry, None)
+    return fn
 
 
 def main(argv: Sequence[str] | None = None) -> int:

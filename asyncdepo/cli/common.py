@@ -139,9 +139,9 @@ def print_report(report: Any, *, json_out: bool = False, resume_hint: str | None
         return EXIT_OK if report.ok else EXIT_FAILED
     secs = report.seconds
     lines = [
-        f"job {report.job_id}: {report.files_done} sent, {report.files_skipped} skipped, "
-        f"{report.files_failed} failed; {report.bytes / 1e6:,.1f} MB in {secs:.2f} s "
-        f"({report.mb_per_s:,.1f} MB/s on the wire), {report.retries} retries",
+        (f"job {report.job_id}: {report.files_done} sent, {report.files_skipped} skipped, "
+         f"{report.files_failed} failed; {report.bytes / 1e6:,.1f} MB in {secs:.2f} s "
+         f"({report.mb_per_s:,.1f} MB/s on the wire), {report.retries} retries"),
     ]
     for rel, err in report.failures[:20]:
         lines.append(f"  failed: {rel}: {err}")

@@ -3,10 +3,12 @@ engine is theirs to import. Everything here is documented in its own module."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from asyncdepo.engine.hashing import MultiHash, digest_bytes, hash_file
+from asyncdepo.engine.httpapi import ApiClient, Reply
 from asyncdepo.engine.httpget import PlainGet
 from asyncdepo.engine.retry import RetryPolicy, retry_call
 from asyncdepo.engine.types import ByteSource, Chunk, Item, PartInfo, RemoteItem
@@ -45,9 +47,30 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = (
-    "ByteSource", "Chunk", "FileSource", "Item", "MultiHash", "PartInfo", "PlainGet", "RemoteItem", "RetryPolicy",
-    "SourcePayload", "TarSource", "ViewPayload", "client_session", "digest_bytes", "file_source", "hash_file",
-    "iter_items", "request_timeout", "retry_call", "tar_source", "transport_error", "walk",
+    "ApiClient",
+    "ByteSource",
+    "Chunk",
+    "FileSource",
+    "Item",
+    "MultiHash",
+    "PartInfo",
+    "PlainGet",
+    "RemoteItem",
+    "Reply",
+    "RetryPolicy",
+    "SourcePayload",
+    "TarSource",
+    "ViewPayload",
+    "client_session",
+    "digest_bytes",
+    "file_source",
+    "hash_file",
+    "iter_items",
+    "request_timeout",
+    "retry_call",
+    "tar_source",
+    "transport_error",
+    "walk",
 )
 
 
@@ -66,7 +89,7 @@ def file_source(path: str | Path, *, offset: int = 0, length: int | None = None,
 
 
 async def walk(root: str | Path, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
-               follow_symlinks: bool = False):  # type: ignore[no-untyped-def]
+               follow_symlinks: bool = False) -> AsyncIterator[Item]:
     """Items under ``root``, one at a time (batched walk in a thread underneath)."""
     from asyncdepo.engine.source import walk as _walk_batches
 

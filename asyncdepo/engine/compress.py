@@ -32,7 +32,7 @@ class _Sync:
     def __init__(self, items: Iterable[Item]) -> None:
         self._it = iter(items)
 
-    def __aiter__(self) -> "_Sync":
+    def __aiter__(self) -> _Sync:
         return self
 
     async def __anext__(self) -> Item:
@@ -76,7 +76,7 @@ class TarSource:
         elif compress is not None:
             raise ValueError(f"unsupported compression {compress!r}")
 
-    def __aiter__(self) -> "TarSource":
+    def __aiter__(self) -> TarSource:
         return self
 
     def _emit(self, data: bytes | memoryview) -> bytes:

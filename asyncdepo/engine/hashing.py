@@ -17,20 +17,21 @@ import anyio
 
 
 class _Hasher(Protocol):
-    def update(self, data: Any, /) -> None: ...
+    # object, not None: blake3's update returns the hasher (for chaining); nobody uses the result
+    def update(self, data: Any, /) -> object: ...
     def hexdigest(self) -> str: ...
 
 
 def _xxh3() -> _Hasher:
     import xxhash
 
-    return xxhash.xxh3_128()  # type: ignore[no-any-return]
+    return xxhash.xxh3_128()
 
 
 def _blake3() -> _Hasher:
     import blake3
 
-    return blake3.blake3(max_threads=1)  # type: ignore[no-any-return]
+    return blake3.blake3(max_threads=1)
 
 
 FACTORIES: dict[str, Callable[[], _Hasher]] = {
@@ -59,7 +60,7 @@ def check_algorithms(algos: Iterable[str]) -> tuple[str, ...]:
 class MultiHash:
     """Feeds the same bytes to several hashers."""
 
-    __slots__ = ("_hashers", "_fixed")
+    __slots__ = ("_fixed", "_hashers")
 
     def __init__(self, algos: Iterable[str]) -> None:
         self._hashers = {a: FACTORIES[a]() for a in algos}

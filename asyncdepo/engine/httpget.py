@@ -60,6 +60,12 @@ class PlainGet:
 
 
 @functools.cache
+def default_ssl_context() -> ssl.SSLContext:
+    """One verifying context for the process (building one loads the CA store: tens of milliseconds)."""
+    return ssl.create_default_context()
+
+
+@functools.cache
 def _proxies() -> dict[str, str]:
     import urllib.request  # heavy (email, ...): only when a plain GET is about to run
 
@@ -115,7 +121,7 @@ def _connect(url: str, spec: PlainGet) -> tuple[http.client.HTTPConnection, str]
         raise PermanentError(f"{spec.what}: cannot fetch a {parts.scheme or 'relative'} URL")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     if parts.scheme == "https":
-        ctx = spec.ssl_context or ssl.create_default_context()
+        ctx = spec.ssl_context or default_ssl_context()
         return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=spec.timeout, context=ctx), target
     return http.client.HTTPConnection(parts.hostname, parts.port, timeout=spec.timeout), target
 

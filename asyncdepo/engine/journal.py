@@ -26,9 +26,9 @@ import hashlib
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, TypeVarTuple
 
 import anyio
 import orjson
@@ -48,6 +48,9 @@ CREATE TABLE IF NOT EXISTS job_state (job TEXT PRIMARY KEY, data TEXT NOT NULL);
 """
 
 ITEM_FIELDS = ("size", "mtime_ns", "state", "offset", "remote", "digests", "error", "transient", "attempts")
+
+_T = TypeVar("_T")
+_Args = TypeVarTuple("_Args")
 
 
 def default_path() -> Path:
@@ -75,7 +78,7 @@ class Journal:
         self.commits = 0
 
     @classmethod
-    async def open(cls, path: Path | None = None) -> "Journal":
+    async def open(cls, path: Path | None = None) -> Journal:
         j = cls(Path(path) if path else default_path())
         await j._run(j._open_sync)
         return j
@@ -92,7 +95,7 @@ class Journal:
         db.executescript(SCHEMA)
         self._db = db
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    async def _run(self, fn: Callable[[*_Args], _T], *args: *_Args) -> _T:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     @property
@@ -136,7 +139,7 @@ class Journal:
             return {"id": r[0], "kind": r[1], "source": r[2], "target": r[3], "argv": orjson.loads(r[4]),
                     "created": r[5], "updated": r[6], "state": r[7]}
 
-        return await self._run(do)  # type: ignore[no-any-return]
+        return await self._run(do)
 
     async def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
         def do() -> list[dict[str, Any]]:
@@ -148,7 +151,7 @@ class Journal:
             return [{"id": r[0], "kind": r[1], "source": r[2], "target": r[3], "updated": r[4], "state": r[5],
                      "done": r[6], "items": r[7]} for r in rows]
 
-        return await self._run(do)  # type: ignore[no-any-return]
+        return await self._run(do)
 
     async def status(self, jid: str, failures: int = 50) -> dict[str, Any]:
         """Per-state counts and bytes, and up to ``failures`` failed items with their reasons."""
@@ -161,14 +164,14 @@ class Journal:
                 (jid, failures))]
             return {"counts": counts, "failures": failed}
 
-        return await self._run(do)  # type: ignore[no-any-return]
+        return await self._run(do)
 
     async def job_state(self, jid: str) -> dict[str, Any]:
         def do() -> dict[str, Any]:
             row = self.db.execute("SELECT data FROM job_state WHERE job=?", (jid,)).fetchone()
             return orjson.loads(row[0]) if row else {}
 
-        return await self._run(do)  # type: ignore[no-any-return]
+        return await self._run(do)
 
     async def set_job_state(self, jid: str, data: dict[str, Any]) -> None:
         await self._run(lambda: self.db.execute(
@@ -199,7 +202,7 @@ class Journal:
             if p is not None:
                 row = found.setdefault(rel, {})
                 row.update({k: v for k, v in p.items()})
-        return found  # type: ignore[no-any-return]
+        return found
 
     async def failed_transient(self, jid: str, limit: int = 100_000) -> list[str]:
         await self.flush()

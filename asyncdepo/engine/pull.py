@@ -95,7 +95,7 @@ def _finish(part: Path, dest: Path, item: RemoteItem, algos: tuple[str, ...], ha
 async def _stream(adapter: Adapter, item: RemoteItem, offset: int, part: Path, hasher: MultiHash, stats: Stats,
                   io: anyio.CapacityLimiter) -> None:
     """Append ``adapter.read(item, offset)`` to ``part``: each block hashed and written in one thread hop."""
-    fh = await anyio.to_thread.run_sync(lambda: open(part, "ab"))
+    fh = await anyio.to_thread.run_sync(lambda: open(part, "ab"))  # noqa: SIM115 - opened in a thread, closed below
     try:
         async for data in adapter.read(item, offset):
             block = bytes(data)  # the adapter may reuse its buffer once we ask for more
@@ -167,7 +167,7 @@ async def _fetch(adapter: Adapter, job: _Job, reporter: Reporter, io: anyio.Capa
             stats.bytes_done += size
             reporter.emit(ItemDone(rel=item.rel, size=size, sent=size - offset, digests=got))
             return
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - classified: transient ones retried, the rest re-raised
             err = first_error(exc)
             n += 1
             # a digest mismatch is fetched again once (damage on the way); more would not change the archive
@@ -225,7 +225,7 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
                     async for item in items:
                         try:
                             job = await _prepare(adapter, item, _target(out, item.rel), io)
-                        except Exception as exc:
+                        except Exception as exc:  # noqa: BLE001 - this item fails, the pull goes on
                             failed(item, exc)
                             continue
                         if isinstance(job, int):
@@ -241,7 +241,7 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
                         try:
                             await _fetch(adapter, job, reporter, io, getters, policy, attempts)
                             stats.files_done += 1
-                        except Exception as exc:
+                        except Exception as exc:  # noqa: BLE001 - this item fails, the pull goes on
                             failed(job.item, exc)
                         finally:
                             stats.item_out(job.item.rel)

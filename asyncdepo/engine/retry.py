@@ -36,7 +36,8 @@ class RetryPolicy:
         """Seconds to wait before retry number ``retry`` (0-based) after ``exc``."""
         if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
             return min(exc.retry_after, self.max_retry_after)
-        return self.rng() * min(self.cap, self.base * (2**retry))
+        # 2.0 ** n, not 2 ** n: an int power is typed Any (a negative n gives a float)
+        return self.rng() * min(self.cap, self.base * 2.0**retry)
 
 
 OnRetry = Callable[[int, BaseException, float], None]

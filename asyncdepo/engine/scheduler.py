@@ -147,7 +147,7 @@ async def _pass(run: Run, root: Path, report: RunReport, only: list[str] | None,
             async for item, saved in stream:
                 try:
                     await send_item(run, item, saved, digests.get(item.rel))
-                except Exception as exc:  # recorded; the run goes on with the other items
+                except Exception as exc:  # noqa: BLE001 - recorded; the run goes on with the other items
                     await _fail(run, item, exc, report)
 
     async with anyio.create_task_group() as tg:
@@ -221,7 +221,7 @@ async def _packed(run: Run, root: Path, report: RunReport) -> None:
         stats.files_done = stats.files_total
         stats.bytes_done = src.inner_size
         run.reporter.emit(ItemDone(rel=name, size=src.inner_size, sent=src.sent, digests=src.inner_digests))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the packed item's failure is recorded in the report
         await _fail(run, pack, exc, report)
     finally:
         stats.item_out(name)
@@ -238,15 +238,21 @@ class _Counted:
     def digests(self) -> dict[str, str]:
         return self._src.digests
 
-    def __aiter__(self) -> "_Counted":
+    @digests.setter
+    def digests(self, value: dict[str, str]) -> None:
+        # ByteSource declares ``digests`` a plain (settable) attribute; the wrapped source owns it
+        self._src.digests = value
+
+    def __aiter__(self) -> _Counted:
         return self
 
-    async def __anext__(self) -> bytes:
+    async def __anext__(self) -> memoryview:
         data = await self._src.__anext__()
         await self._run.throttle(len(data))
         self._run.reporter.stats.add_sent(self._rel, len(data))
         self._run.reporter.stats.bytes_done = self._src.inner_size
-        return data
+        # ByteSource yields memoryviews; a view of the immutable bytes is free and stays valid
+        return memoryview(data)
 
     async def aclose(self) -> None:
         await self._src.aclose()
@@ -289,7 +295,7 @@ async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None
                     await journal.flush()
                     try:
                         report.summary = await adapter.finish(ok) or {}
-                    except Exception as exc:
+                    except Exception as exc:  # noqa: BLE001 - finish() failing fails the run, reported
                         report.failures.append(("(job)", describe(exc).splitlines()[0]))
                         ok = False
                     await journal.set_job_state(job, adapter.job_state())

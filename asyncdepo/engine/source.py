@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import stat
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
 
 import anyio
@@ -40,7 +40,7 @@ def check_source(root: Path) -> Path:
 
 def iter_items(root: Path, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
                follow_symlinks: bool = False,
-               on_skip: Callable[[str, str], None] | None = None) -> Iterator[Item]:
+               on_skip: Callable[[str, str], None] | None = None) -> Generator[Item, None, None]:
     """Blocking generator of the regular files under ``root`` (or ``root`` itself when it is a file)."""
     skip = on_skip or (lambda rel, why: None)
     root = check_source(root)

@@ -204,7 +204,7 @@ async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash)
 async def _multipart(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash) -> int:
     """Read parts in order (hashing the whole file), send them concurrently; returns the length."""
     cfg = run.config
-    part = _part_size(run, item.size if item.size >= 0 else 0)
+    part = _part_size(run, max(item.size, 0))
     if cfg.compress is not None:
         level = cfg.compress[1]
 
@@ -230,16 +230,17 @@ async def _multipart(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHas
             release()
 
     try:
-        async with anyio.create_task_group() as tg:
-            async with ChunkStream(opener, pool=run.pool, chunk_size=part, read_ahead=cfg.read_ahead,
-                                   chunk_digests=run.features.chunk_digests, limiter=run.io,
-                                   total=total, part_numbers=True) as stream:
-                async for chunk in stream:
-                    length = chunk.offset + len(chunk.data)
-                    if chunk.part_number in writer.parts or (not chunk.data and chunk.part_number > 1):
-                        continue
-                    buf = stream.detach(chunk)
-                    tg.start_soon(send, chunk, buf.release)
+        # the stream closes before the task group waits for the parts still being sent
+        async with (anyio.create_task_group() as tg,
+                    ChunkStream(opener, pool=run.pool, chunk_size=part, read_ahead=cfg.read_ahead,
+                                chunk_digests=run.features.chunk_digests, limiter=run.io,
+                                total=total, part_numbers=True) as stream):
+            async for chunk in stream:
+                length = chunk.offset + len(chunk.data)
+                if chunk.part_number in writer.parts or (not chunk.data and chunk.part_number > 1):
+                    continue
+                buf = stream.detach(chunk)
+                tg.start_soon(send, chunk, buf.release)
     except BaseExceptionGroup as eg:
         raise first_error(eg) from None
     return length
@@ -323,7 +324,7 @@ async def send_item(run: Run, item: Item, saved: dict[str, Any] | None,
             try:
                 await _attempt(run, item, saved, known or {})
                 return
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - classified: transient retried, others re-raised
                 err = first_error(exc)
                 if not is_transient(err) or attempt + 1 >= run.config.item_attempts:
                     raise err from None

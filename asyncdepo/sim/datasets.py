@@ -79,6 +79,6 @@ def make_demo_dataset(root: Path, files: int = 300) -> Path:
         else:
             p = root / "meta" / f"{i // 50:02d}" / f"item_{i:05d}.json"
             p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text('{"sample": %d, "beamline": "demo"}\n' % i)
+            p.write_text(f'{{"sample": {i}, "beamline": "demo"}}\n')
     os.utime(root, None)
     return root

@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-FAULT_KEY: web.RequestKey["FaultRule | None"] = web.RequestKey("asyncdepo_fault", object)  # type: ignore[arg-type]
+FAULT_KEY: web.RequestKey[FaultRule | None] = web.RequestKey("asyncdepo_fault", object)  # type: ignore[arg-type]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 KINDS = ("status", "drop", "delay", "stall")
 
@@ -126,7 +126,7 @@ def parse_rule(spec: str) -> FaultRule:
 class FaultInjector:
     """Holds rules and counters; ``middleware`` applies them. One per simulator app."""
 
-    STATS_KEY: web.AppKey["FaultInjector"] = web.AppKey("faults", object)  # type: ignore[arg-type]
+    STATS_KEY: web.AppKey[FaultInjector] = web.AppKey("faults", object)  # type: ignore[arg-type]
 
     def __init__(self, rules: list[FaultRule] | None = None) -> None:
         self.rules: list[FaultRule] = list(rules or [])

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -69,14 +69,14 @@ class SimServer:
     def faults(self) -> FaultInjector:
         return self.app[FAULTS_KEY]
 
-    async def start(self) -> "SimServer":
+    async def start(self) -> Self:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
-        server = site._server  # the bound port when 0 was asked for
-        if self.port == 0 and server is not None and getattr(server, "sockets", None):
-            self.port = server.sockets[0].getsockname()[1]
+        addresses = self._runner.addresses  # (host, port, ...) of each bound socket
+        if self.port == 0 and addresses:  # the port the OS chose when 0 was asked for
+            self.port = int(addresses[0][1])
         return self
 
     async def stop(self) -> None:
@@ -84,7 +84,7 @@ class SimServer:
             await self._runner.cleanup()
             self._runner = None
 
-    async def __aenter__(self) -> "SimServer":
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(
@@ -119,7 +119,7 @@ class ThreadedSim:
             self._stop = asyncio.Event()
             try:
                 self.server = await SimServer(self._factory(), port=self._port).start()
-            except BaseException as exc:  # reported to the starting thread
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the starting thread by __enter__
                 self._error = exc
                 self._ready.set()
                 return
@@ -140,7 +140,7 @@ class ThreadedSim:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(fn)
 
-    def __enter__(self) -> "ThreadedSim":
+    def __enter__(self) -> Self:
         self._thread.start()
         self._ready.wait()
         if self._error is not None:
