@@ -16,9 +16,7 @@ default ``trust_env=False``).
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import ssl
-import threading
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -26,9 +24,7 @@ from urllib.parse import urlencode, urlsplit
 import anyio
 import orjson
 
-from asyncdepo.engine.httpget import default_ssl_context
-
-_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+from asyncdepo.engine.httppool import STALE, ConnectionPool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,38 +47,12 @@ class ApiClient:
                  concurrency: int = 16) -> None:
         self.timeout = timeout
         self._ssl = ssl_context
-        self._max_idle = max_idle
-        self._idle: dict[tuple[str, str, int | None], list[http.client.HTTPConnection]] = {}
-        self._lock = threading.Lock()
+        self._pool = ConnectionPool(max_idle)
         self._limiter = anyio.CapacityLimiter(concurrency)
-
-    # -- connections --------------------------------------------------------------------------------
-    def _take(self, key: tuple[str, str, int | None]) -> tuple[http.client.HTTPConnection, bool]:
-        with self._lock:
-            pool = self._idle.get(key)
-            if pool:
-                return pool.pop(), True
-        scheme, host, port = key
-        if scheme == "https":
-            ctx = self._ssl or default_ssl_context()
-            return http.client.HTTPSConnection(host, port, timeout=self.timeout, context=ctx), False
-        return http.client.HTTPConnection(host, port, timeout=self.timeout), False
-
-    def _give(self, key: tuple[str, str, int | None], conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            pool = self._idle.setdefault(key, [])
-            if len(pool) < self._max_idle:
-                pool.append(conn)
-                return
-        conn.close()
 
     def close(self) -> None:
         """Close every idle connection."""
-        with self._lock:
-            pools, self._idle = list(self._idle.values()), {}
-        for pool in pools:
-            for conn in pool:
-                conn.close()
+        self._pool.close()
 
     # -- requests -----------------------------------------------------------------------------------
     def request_sync(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,
@@ -94,16 +64,16 @@ class ApiClient:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {parts.scheme}://{parts.hostname}")
-        key = (parts.scheme, parts.hostname, parts.port)
+        where = (parts.scheme, parts.hostname, parts.port)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         hdrs = dict(headers or {})
         while True:
-            conn, reused = self._take(key)
+            conn, reused = self._pool.take(*where, timeout=self.timeout, ctx=self._ssl)
             try:
                 conn.request(method, target, body=body, headers=hdrs)
                 resp = conn.getresponse()
                 data = resp.read()
-            except _STALE:
+            except STALE:
                 conn.close()
                 if reused:
                     continue  # the server closed it while idle: once more on a new connection
@@ -115,7 +85,7 @@ class ApiClient:
             if resp.will_close:
                 conn.close()
             else:
-                self._give(key, conn)
+                self._pool.give(*where, conn, ctx=self._ssl)
             return reply
 
     async def request(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,

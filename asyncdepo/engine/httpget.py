@@ -38,11 +38,13 @@ import anyio
 import orjson
 
 from asyncdepo.engine.hashing import MultiHash
+from asyncdepo.engine.httppool import STALE, ConnectionPool
 from asyncdepo.errors import PermanentError, TransientError, http_error, parse_retry_after
 
 T = TypeVar("T")
 BLOCK = 1 << 19
 MAX_REDIRECTS = 5
+POOL = ConnectionPool(max_idle=32)  # shared by every transfer thread of the process
 PROGRESS_EVERY = 0.2  # seconds between progress reports from a transfer thread
 _QUERY = re.compile(r"\?[^\s'\"]*")
 
@@ -57,12 +59,6 @@ class PlainGet:
     headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     ssl_context: ssl.SSLContext | None = None
     timeout: float = 120.0
-
-
-@functools.cache
-def default_ssl_context() -> ssl.SSLContext:
-    """One verifying context for the process (building one loads the CA store: tens of milliseconds)."""
-    return ssl.create_default_context()
 
 
 @functools.cache
@@ -84,21 +80,36 @@ def proxied(url: str) -> bool:
 
 
 class _Stop:
-    """Lets the event loop abort a transfer running in a thread: a flag plus the socket to shut down."""
+    """Lets the event loop abort a transfer running in a thread: a flag plus the socket to shut down.
+
+    The connection is attached while a transfer uses it and detached before it goes back to the pool, under
+    a lock, so a late cancel can never shut down a connection another transfer has taken since.
+    """
 
     def __init__(self) -> None:
         self.flag = threading.Event()
-        self.conn: http.client.HTTPConnection | None = None
+        self._conn: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
+
+    def attach(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._conn = conn
+            if self.flag.is_set():
+                raise TransientError("stopped")
+
+    def detach(self) -> None:
+        with self._lock:
+            self._conn = None
 
     def set(self) -> None:
-        self.flag.set()
-        conn = self.conn
-        sock = conn.sock if conn is not None else None
-        if sock is not None:
-            try:
-                sock.shutdown(2)  # wakes a recv blocked in the worker thread
-            except OSError:
-                pass
+        with self._lock:
+            self.flag.set()
+            sock = self._conn.sock if self._conn is not None else None
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes a recv blocked in the worker thread
+                except OSError:
+                    pass
 
 
 def _message(raw: bytes) -> str:
@@ -115,28 +126,46 @@ def _message(raw: bytes) -> str:
     return ""
 
 
-def _connect(url: str, spec: PlainGet) -> tuple[http.client.HTTPConnection, str]:
+def _where(url: str, spec: PlainGet) -> tuple[tuple[str, str, int | None], str]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise PermanentError(f"{spec.what}: cannot fetch a {parts.scheme or 'relative'} URL")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    if parts.scheme == "https":
-        ctx = spec.ssl_context or default_ssl_context()
-        return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=spec.timeout, context=ctx), target
-    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=spec.timeout), target
+    return (parts.scheme, parts.hostname, parts.port), target
 
 
-def _open(spec: PlainGet, offset: int, stop: _Stop) -> tuple[http.client.HTTPResponse, int]:
-    """Send the GET (following redirects); return the response and how many leading bytes to drop."""
+def _send(spec: PlainGet, where: tuple[str, str, int | None], target: str, headers: dict[str, str],
+          stop: _Stop) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """Send the GET on a pooled connection (a fresh one if a reused one turns out closed)."""
+    while True:
+        conn, reused = POOL.take(*where, timeout=spec.timeout, ctx=spec.ssl_context)
+        try:
+            stop.attach(conn)
+            conn.request("GET", target, headers=headers)
+            return conn, conn.getresponse()
+        except STALE:
+            conn.close()
+            if not reused:
+                raise
+        except BaseException:
+            conn.close()
+            raise
+
+
+Where = tuple[str, str, "int | None"]
+
+
+def _open(spec: PlainGet, offset: int, stop: _Stop) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse,
+                                                              int, Where]:
+    """Send the GET (following redirects); return the connection, the response, how many leading bytes to
+    drop and where it went (for the connection pool)."""
     url = spec.url
     for _ in range(MAX_REDIRECTS + 1):
-        conn, target = _connect(url, spec)
-        stop.conn = conn
+        where, target = _where(url, spec)
         headers = dict(spec.headers)
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        conn.request("GET", target, headers=headers)
-        resp = conn.getresponse()
+        conn, resp = _send(spec, where, target, headers, stop)
         location = resp.getheader("Location")
         if resp.status in (301, 302, 303, 307, 308) and location:
             resp.read()
@@ -149,15 +178,15 @@ def _open(spec: PlainGet, offset: int, stop: _Stop) -> tuple[http.client.HTTPRes
             raise http_error(resp.status, detail, what=spec.what,
                              retry_after=parse_retry_after(resp.getheader("Retry-After")))
         if not offset:
-            return resp, 0
+            return conn, resp, 0, where
         if resp.status == 200:
-            return resp, offset  # the server ignored Range: drop the prefix we already hold
+            return conn, resp, offset, where  # the server ignored Range: drop the prefix we already hold
         got = resp.getheader("Content-Range") or ""
         m = re.match(r"bytes (\d+)-", got)
         if resp.status != 206 or not m or int(m.group(1)) != offset:
             conn.close()
             raise TransientError(f"{spec.what}: asked for bytes from {offset}, got {resp.status} {got!r}")
-        return resp, 0
+        return conn, resp, 0, where
     raise PermanentError(f"{spec.what}: more than {MAX_REDIRECTS} redirects")
 
 
@@ -191,7 +220,7 @@ class _Sink:
 
 
 def _receive(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection, view: memoryview, sink: _Sink,
-             stop: _Stop) -> None:
+             stop: _Stop) -> bool:
     """Read the whole body into ``sink``.
 
     With a Content-Length over plain TCP the socket is read directly, one ``recv(MSG_WAITALL)`` per block:
@@ -205,9 +234,9 @@ def _receive(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection, v
         while not stop.flag.is_set():
             n = resp.readinto(view)
             if not n:
-                return
+                return True
             sink.put(view[:n])
-        return
+        return False
     if left:
         head = resp.fp.read1(min(left, len(view)))  # what http.client buffered behind the headers
         sink.put(head)
@@ -221,6 +250,7 @@ def _receive(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection, v
             raise http.client.IncompleteRead(b"", left)
         sink.put(view[:n])
         left -= n
+    return not left
 
 
 def fetch_sync(spec: PlainGet, offset: int, part: Path, hasher: MultiHash, on_bytes: Callable[[int], None],
@@ -234,14 +264,17 @@ def fetch_sync(spec: PlainGet, offset: int, part: Path, hasher: MultiHash, on_by
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sink = _Sink(fd, hasher, on_bytes, 0)
     try:
-        resp, sink.skip = _open(spec, offset, stop)
+        conn, resp, sink.skip, where = _open(spec, offset, stop)
+        complete = False
         try:
-            assert stop.conn is not None
-            _receive(resp, stop.conn, view, sink, stop)
+            complete = _receive(resp, conn, view, sink, stop)
         finally:
             resp.close()
-            if stop.conn is not None:
-                stop.conn.close()
+            stop.detach()
+            if complete and not resp.will_close and not stop.flag.is_set():
+                POOL.give(*where, conn, ctx=spec.ssl_context)  # keep-alive: the next GET skips connecting
+            else:
+                conn.close()
         if stop.flag.is_set():
             raise TransientError(f"{spec.what}: stopped")
         return sink.written

@@ -24,6 +24,8 @@ class Server:
 
     def __init__(self) -> None:
         self.ranges: list[str | None] = []
+        self.peers: set[tuple[str, int]] = set()
+        self.transports: list[asyncio.Transport] = []
         self.wrote_first = asyncio.Event()
         self.client_gone = asyncio.Event()
         app = web.Application()
@@ -45,6 +47,9 @@ class Server:
     async def file(self, request: web.Request) -> web.StreamResponse:
         rng = request.headers.get("Range")
         self.ranges.append(rng)
+        assert request.transport is not None
+        self.peers.add(request.transport.get_extra_info("peername"))
+        self.transports.append(request.transport)  # type: ignore[arg-type]
         if rng:
             start = int(rng.removeprefix("bytes=").split("-")[0])
             return web.Response(body=BODY[start:], status=206,
@@ -100,7 +105,9 @@ class Server:
 async def server():
     srv = Server()
     await srv.server.start_server()
+    httpget.POOL.close()  # no connection left over from another test's server
     yield srv
+    httpget.POOL.close()
     await srv.server.close()
 
 
@@ -119,6 +126,21 @@ async def test_whole_body_is_hashed_written_and_reported(server: Server, tmp_pat
     assert hasher.hexdigests()["md5"] == hashlib.md5(BODY).hexdigest()
     assert sum(seen) == len(BODY)
     assert server.ranges == [None]
+
+
+async def test_connections_are_kept_alive_between_gets(server: Server, tmp_path: Path) -> None:
+    for n in range(3):
+        await get(server, "/f", tmp_path / f"f{n}")
+        assert (tmp_path / f"f{n}").read_bytes() == BODY
+    assert len(server.peers) == 1
+
+
+async def test_a_pooled_connection_the_server_closed_is_replaced(server: Server, tmp_path: Path) -> None:
+    await get(server, "/f", tmp_path / "a")
+    server.transports[-1].close()  # the server drops the idle keep-alive connection
+    await get(server, "/f", tmp_path / "b")
+    assert (tmp_path / "b").read_bytes() == BODY
+    assert len(server.peers) == 2
 
 
 async def test_resume_appends_from_the_offset(server: Server, tmp_path: Path) -> None:
