@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from http.client import HTTPException
 from typing import TYPE_CHECKING, Any, Self
@@ -31,10 +32,11 @@ import orjson
 
 from asyncdepo.adapters.base import Adapter, ChunkWriter, Features
 from asyncdepo.engine import api
-from asyncdepo.engine.api import ApiClient, PlainGet, Reply
+from asyncdepo.engine.api import ApiClient, PlainGet, Reply, untrusted
 from asyncdepo.engine.types import Item, RemoteItem
 from asyncdepo.errors import (
     AuthError,
+    DepoError,
     PermanentError,
     RemoteValidationError,
     TransientError,
@@ -70,9 +72,12 @@ class Secret:
     __str__ = __repr__
 
 
-def _transport(exc: BaseException, what: str) -> TransientError:
-    """A network failure or timeout as a TransientError naming the request (never its URL or headers)."""
-    # aiohttp may quote the URL; a signed URL's query is a credential, so cut every query string out
+def _transport(exc: BaseException, what: str) -> DepoError:
+    """A network failure or timeout as a TransientError naming the request (never its URL or headers);
+    an untrusted TLS certificate as a PermanentError (retrying cannot fix it)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return untrusted(what, exc)
+    # a message may quote the URL; a signed URL's query is a credential, so cut every query string out
     detail = re.sub(r"\?[^\s'\"]*", "?...", str(exc))
     return TransientError(f"{what}: {type(exc).__name__}{': ' + detail if detail else ''}")
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from asyncdepo.engine.hashing import MultiHash, digest_bytes, hash_file
 from asyncdepo.engine.httpapi import ApiClient, Reply
-from asyncdepo.engine.httpget import PlainGet
+from asyncdepo.engine.httpget import PlainGet, untrusted
 from asyncdepo.engine.retry import RetryPolicy, retry_call
 from asyncdepo.engine.types import ByteSource, Chunk, Item, PartInfo, RemoteItem
 
@@ -70,6 +70,7 @@ __all__ = (
     "retry_call",
     "tar_source",
     "transport_error",
+    "untrusted",
     "walk",
 )
 

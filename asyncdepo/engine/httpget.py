@@ -112,6 +112,12 @@ class _Stop:
                     pass
 
 
+def untrusted(what: str, exc: ssl.SSLCertVerificationError) -> PermanentError:
+    """A TLS certificate the client does not trust, as a permanent error that says what to check."""
+    return PermanentError(f"{what}: the server's TLS certificate is not trusted ({exc.verify_message})",
+                          hint="check the server URL; a private CA goes in SSL_CERT_FILE (AWS_CA_BUNDLE for S3)")
+
+
 def _message(raw: bytes) -> str:
     """The server's own error text: JSON ``message``/``error``/``reason``, S3's XML Code and Message, else
     the start of the body."""
@@ -278,6 +284,8 @@ def fetch_sync(spec: PlainGet, offset: int, part: Path, hasher: MultiHash, on_by
         if stop.flag.is_set():
             raise TransientError(f"{spec.what}: stopped")
         return sink.written
+    except ssl.SSLCertVerificationError as exc:  # retrying will not make the certificate trusted
+        raise untrusted(spec.what, exc) from None
     except (OSError, http.client.HTTPException) as exc:
         detail = _QUERY.sub("?...", str(exc))
         raise TransientError(f"{spec.what}: {type(exc).__name__}{': ' + detail if detail else ''}") from None

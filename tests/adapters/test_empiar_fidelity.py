@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import errno
 import hashlib
-import ipaddress
 import json
 import os
 import shutil
@@ -34,37 +32,16 @@ import pytest
 pytest.importorskip("empiar_depositor")
 pytest.importorskip("cryptography")
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from asyncdepo.sim import empiar as empiar_sim
 from asyncdepo.sim.faults import FaultInjector
+from tests.tlscert import self_signed
 
 PORT = 8001
 BIN = Path(sys.executable).parent
 DEPOSITOR = shutil.which("empiar-depositor") or str(BIN / "empiar-depositor")
 ASCP = shutil.which("asyncdepo-sim-ascp") or str(BIN / "asyncdepo-sim-ascp")
 API = "/empiar/deposition/api/"
-
-
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key, valid for a day."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 class TlsSim:

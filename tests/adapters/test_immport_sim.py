@@ -385,3 +385,22 @@ async def test_corrupted_file_is_reported(big_sim, tmp_path: Path, route: str) -
     assert "md5 mismatch" in report.failures[0][1]
     out = tmp_path / "out/SDY1/ResultFiles/d01"
     assert not (out / "file00150.bin").exists() and not (out / "file00150.bin.asyncdepo-part").exists()
+
+
+async def test_an_untrusted_tls_certificate_fails_at_once_and_says_so(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from tests.tlscert import contexts
+
+    server_ctx, _ = contexts(tmp_path)
+    srv = TestServer(web.Application(), host="127.0.0.1")
+    await srv.start_server(ssl=server_ctx)
+    try:
+        async with _adapter(str(srv.make_url("")).rstrip("/"), study="SDY1") as a:
+            with pytest.raises(PermanentError, match="TLS certificate is not trusted"):
+                await a.authenticate()
+            assert a.logins == 0
+    finally:
+        await srv.close()

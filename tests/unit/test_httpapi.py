@@ -71,3 +71,22 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced(server: Ser
 def test_only_http_urls() -> None:
     with pytest.raises(ValueError, match="not an http"):
         ApiClient().request_sync("GET", "ftp://example.org/x")
+
+
+async def test_over_tls_with_the_callers_ca(tmp_path) -> None:
+    pytest.importorskip("cryptography")
+    from tests.tlscert import contexts
+
+    server_ctx, client_ctx = contexts(tmp_path)
+    srv = Server()
+    await srv.server.start_server(ssl=server_ctx)
+    try:
+        client = ApiClient(ssl_context=client_ctx)
+        url = str(srv.server.make_url("/echo"))
+        assert url.startswith("https://")
+        for n in range(2):
+            assert (await client.request("POST", url, json={"n": n})).json()["body"] == f'{{"n":{n}}}'
+        assert len(srv.peers) == 1  # TLS connections are kept alive too
+        client.close()
+    finally:
+        await srv.server.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import ssl
 from pathlib import Path
 
 import anyio
@@ -212,3 +213,37 @@ def test_proxied_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
         assert not httpget.proxied("https://archive.example/f")
     finally:
         httpget._proxies.cache_clear()
+
+
+# -- over TLS ---------------------------------------------------------------------------------------------
+@pytest.fixture
+async def tls(tmp_path: Path):
+    pytest.importorskip("cryptography")
+    from tests.tlscert import contexts
+
+    server_ctx, client_ctx = contexts(tmp_path)
+    srv = Server()
+    await srv.server.start_server(ssl=server_ctx)
+    httpget.POOL.close()
+    yield srv, client_ctx
+    httpget.POOL.close()
+    await srv.server.close()
+
+
+async def test_over_tls_whole_and_resumed(tls: tuple[Server, ssl.SSLContext], tmp_path: Path) -> None:
+    srv, ctx = tls
+    assert srv.url("/f").startswith("https://")
+    size, hasher, _ = await get(srv, "/f", tmp_path / "a", ssl_context=ctx)
+    assert (tmp_path / "a").read_bytes() == BODY and hasher.hexdigests()["md5"] == hashlib.md5(BODY).hexdigest()
+    (tmp_path / "b").write_bytes(BODY[:300_001])
+    await get(srv, "/f", tmp_path / "b", offset=300_001, ssl_context=ctx)
+    assert (tmp_path / "b").read_bytes() == BODY
+
+
+async def test_an_untrusted_certificate_is_a_permanent_error(tls: tuple[Server, ssl.SSLContext],
+                                                             tmp_path: Path) -> None:
+    srv, _ = tls
+    with pytest.raises(PermanentError, match="TLS certificate is not trusted") as info:
+        await get(srv, "/f", tmp_path / "a")  # the default context does not know this self-signed CA
+    assert not is_transient(info.value)
+    assert not (tmp_path / "a").exists() or (tmp_path / "a").stat().st_size == 0
