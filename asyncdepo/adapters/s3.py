@@ -159,8 +159,35 @@ class S3Adapter(Adapter):
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
-        await self.client()
+        if not self._start_fast_path_alone():
+            await self.client()
         return self
+
+    def _static_credentials(self) -> tuple[str, str, str | None] | None:
+        """Keys given to the adapter, or in the environment (which botocore's chain would pick first)."""
+        if self._secrets.get("aws_access_key_id") and self._secrets.get("aws_secret_access_key"):
+            return (self._secrets["aws_access_key_id"], self._secrets["aws_secret_access_key"],
+                    self._secrets.get("aws_session_token"))
+        env = os.environ
+        if self.profile is None and env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+            return env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env.get("AWS_SESSION_TOKEN")
+        return None
+
+    def _start_fast_path_alone(self) -> bool:
+        """Start without botocore when nothing needs it yet: an explicit endpoint (path-style, so the URL
+        of a key is known) and keys at hand. Importing aiobotocore and building a client cost ~0.25 s,
+        an eighth of pushing 1,000 small files; the client is still created on the first control call
+        (multipart, listing, abort). A wrong region guess is answered AuthorizationHeaderMalformed, which
+        turns the fast path off and repeats the request through botocore (see ``s3_fast``)."""
+        creds = self._static_credentials()
+        if not (self.fast_path and self.endpoint_url and creds):
+            return False
+        from asyncdepo.adapters.s3_fast import FastPath
+
+        region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        self._fast = FastPath(None, self.bucket, self.pool_size, base=f"{self.endpoint_url.rstrip('/')}/{self.bucket}/",
+                              region=region, credentials=creds)
+        return True
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
@@ -229,7 +256,7 @@ class S3Adapter(Adapter):
             await stack.aclose()
             raise
         _trim_per_request_work(client)
-        if self.fast_path:
+        if self.fast_path and self._fast is None:
             from asyncdepo.adapters.s3_fast import FastPath
 
             self._fast = FastPath(client, self.bucket, self.pool_size)
@@ -273,8 +300,10 @@ class S3Adapter(Adapter):
 
         :raises DepoError: the mapped failure.
         """
-        await self.client()
         fast = self._fast
+        if fast is None or not fast.ready:
+            await self.client()
+            fast = self._fast
         if fast is not None and fast.ready:
             query = f"partNumber={upload[1]}&uploadId={quote(upload[0], safe='')}" if upload else ""
             etag = await fast.put(key, body, content_md5, request_deadline(len(body)), what, query)

@@ -143,17 +143,20 @@ class FastPath:
     :param pool_size: connections to keep (the engine's transfers + a few).
     """
 
-    def __init__(self, client: Any, bucket: str, pool_size: int) -> None:
+    def __init__(self, client: Any, bucket: str, pool_size: int, *, base: str | None = None,
+                 region: str | None = None, credentials: tuple[str, str, str | None] | None = None) -> None:
         self.client = client
         self.bucket = bucket
         self.pool_size = pool_size
-        self.base: str | None = None  # everything before the encoded key, e.g. http://h:9000/bucket/
-        self.signer: SigV4 | None = None
+        self.base: str | None = base  # everything before the encoded key, e.g. http://h:9000/bucket/
+        self.signer: SigV4 | None = SigV4(region) if region and base else None
+        self._static = credentials  # (key id, secret, token) when the adapter started without botocore
         self.enabled = True
         self._session: aiohttp.ClientSession | None = None
         self.expecting: set[str] = set()  # keys of data requests in flight through botocore
-        client.meta.events.register("before-send.s3.PutObject", self._learn)
-        client.meta.events.register("before-send.s3.UploadPart", self._learn)
+        if client is not None:
+            client.meta.events.register("before-send.s3.PutObject", self._learn)
+            client.meta.events.register("before-send.s3.UploadPart", self._learn)
 
     @property
     def ready(self) -> bool:
@@ -215,18 +218,22 @@ class FastPath:
         host = parsed.host or ""
         if parsed.port is not None and not parsed.is_default_port():
             host = f"{host}:{parsed.port}"
-        source = getattr(getattr(self.client, "_request_signer", None), "_credentials", None)
-        if source is None:  # unsigned client, or botocore moved its credentials: let botocore send it
-            self.enabled = False
-            return None
-        creds = await source.get_frozen_credentials()
+        if self._static is not None:
+            access_key, secret_key, token = self._static
+        else:
+            source = getattr(getattr(self.client, "_request_signer", None), "_credentials", None)
+            if source is None:  # unsigned client, or botocore moved its credentials: let botocore send it
+                self.enabled = False
+                return None
+            creds = await source.get_frozen_credentials()
+            access_key, secret_key, token = creds.access_key, creds.secret_key, creds.token
         headers = self.signer.sign(
             "PUT",
             url,
             {"host": host, "content-md5": content_md5},
-            creds.access_key,
-            creds.secret_key,
-            creds.token,
+            access_key,
+            secret_key,
+            token,
         )
         headers["Content-Length"] = str(len(body))
         session = self._session_for()

@@ -345,13 +345,20 @@ def test_error_mapping(code: str, status: int, kind: type[Exception]) -> None:
 
 
 # -- the fast data path --------------------------------------------------------------------------------
-async def test_fast_path_carries_the_data(s3_server: S3TestServer) -> None:
-    """After the first request (through botocore, which resolves the endpoint), PutObject and UploadPart
-    bypass botocore; the server (rclone checks every signature) accepts them and holds the right bytes."""
+@pytest.mark.parametrize("start", ["alone", "learning"])
+async def test_fast_path_carries_the_data(s3_server: S3TestServer, start: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """PutObject and UploadPart bypass botocore; the server (rclone checks every signature) accepts them
+    and holds the right bytes. "alone": an explicit endpoint and keys at hand, so the fast path starts
+    without botocore and no data request goes through it. "learning": without keys at hand, the first
+    request goes through botocore, which resolves the endpoint for the fast path."""
+    if start == "learning":
+        monkeypatch.setattr(S3Adapter, "_static_credentials", lambda self: None)
     bucket = s3_server.new_bucket()
     async with S3Adapter(
         f"s3://{bucket}/fast", Cfg(), s3_server.secrets, endpoint_url=s3_server.endpoint_url
     ) as ad:
+        assert (ad._client is None) == (start == "alone")  # botocore not even loaded yet when alone
         counter = CallCounter(await ad.client())
         counter.wrap("put_object")
         counter.wrap("upload_part")
@@ -365,9 +372,24 @@ async def test_fast_path_carries_the_data(s3_server: S3TestServer) -> None:
         await send_parts(w, parts_of(big))
         await w.complete({"md5": hashlib.md5(big).hexdigest()}, len(big))
         assert ad._fast is not None and ad._fast.ready
-    assert len(counter.calls.get("put_object", [])) == 1 and len(counter.calls.get("upload_part", [])) <= 2
+    through_botocore = len(counter.calls.get("put_object", [])) + len(counter.calls.get("upload_part", []))
+    assert through_botocore == (0 if start == "alone" else 1)
     for rel, body in {**files, "big.bin": big}.items():
         assert read_back(s3_server, bucket, f"fast/{rel}")[0] == body
+
+
+async def test_fast_path_alone_with_a_wrong_region_still_delivers(s3_server: S3TestServer) -> None:
+    """A region guess the server disagrees with is answered AuthorizationHeaderMalformed (servers that do
+    not check the region accept it): either way every object arrives intact."""
+    bucket = s3_server.new_bucket()
+    async with S3Adapter(f"s3://{bucket}/r", Cfg(), s3_server.secrets, endpoint_url=s3_server.endpoint_url,
+                         region="ap-southeast-2") as ad:
+        for i in range(3):
+            body = payload(3000 + i, seed=600 + i)
+            w = await ad.open_item(item_for(f"f{i}", body), None)
+            await w.write(chunk(body, 0, len(body), 0, len(body)))
+            await w.complete({"md5": hashlib.md5(body).hexdigest()}, len(body))
+            assert read_back(s3_server, bucket, f"r/f{i}")[0] == body
 
 
 async def test_fast_path_upload_vanished_with_parts(adapter: S3Adapter, s3_server: S3TestServer) -> None:
