@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python -m benchmarks.demo
 
 test: $(STAMP)
+	$(BIN)/ruff check asyncdepo
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
@@ -39,7 +40,9 @@ tools:
 	@command -v curl >/dev/null && command -v zstd >/dev/null || \
 	  (apt-get update -qq && apt-get install -y -qq curl zstd >/dev/null)
 
+# mypy is not part of `make test`: its verdict moves with the versions of the dependencies CI installs
 lint: $(STAMP)
+	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/ruff check asyncdepo
 	$(BIN)/mypy asyncdepo
 
