@@ -40,6 +40,7 @@ class Server:
         app.router.add_get("/short", self.short)
         app.router.add_get("/badrange", self.badrange)
         app.router.add_get("/endless", self.endless)
+        app.router.add_get("/chunked", self.chunked)
         self.server = TestServer(app, host="127.0.0.1")
 
     def url(self, path: str) -> str:
@@ -87,6 +88,15 @@ class Server:
         await resp.write(BODY[:100_000])
         assert request.transport is not None
         request.transport.close()  # cut: the client sees fewer bytes than Content-Length
+        return resp
+
+    async def chunked(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()  # no Content-Length: http.client reads the chunks
+        await resp.prepare(request)
+        for i in range(0, len(BODY), 100_003):
+            await resp.write(BODY[i:i + 100_003])
+        await resp.write_eof()
         return resp
 
     async def endless(self, request: web.Request) -> web.StreamResponse:
@@ -142,6 +152,14 @@ async def test_a_pooled_connection_the_server_closed_is_replaced(server: Server,
     await get(server, "/f", tmp_path / "b")
     assert (tmp_path / "b").read_bytes() == BODY
     assert len(server.peers) == 2
+
+
+async def test_a_chunked_body_without_length(server: Server, tmp_path: Path) -> None:
+    size, hasher, seen = await get(server, "/chunked", tmp_path / "c")
+    assert (tmp_path / "c").read_bytes() == BODY and sum(seen) == len(BODY)
+    assert hasher.hexdigests()["md5"] == hashlib.md5(BODY).hexdigest()
+    await get(server, "/f", tmp_path / "d")  # the connection went back to the pool in a usable state
+    assert (tmp_path / "d").read_bytes() == BODY
 
 
 async def test_resume_appends_from_the_offset(server: Server, tmp_path: Path) -> None:
