@@ -249,7 +249,9 @@ def _receive(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection, v
         left -= len(head)
     timeout = sock.gettimeout() or 0.0
     sock.settimeout(None)  # blocking, so MSG_WAITALL waits; the kernel enforces the read timeout instead
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(timeout), 0))
+    whole = int(timeout)  # a timeval of (0, 0) would mean no timeout at all: keep the fraction
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                    struct.pack("ll", whole, max(1, int((timeout - whole) * 1e6)) if timeout else 0))
     while left and not stop.flag.is_set():
         n = sock.recv_into(view, min(len(view), left), socket.MSG_WAITALL)
         if not n:

@@ -41,6 +41,8 @@ class Server:
         app.router.add_get("/badrange", self.badrange)
         app.router.add_get("/endless", self.endless)
         app.router.add_get("/chunked", self.chunked)
+        app.router.add_get("/stall", self.stall)
+        self.release = asyncio.Event()
         self.server = TestServer(app, host="127.0.0.1")
 
     def url(self, path: str) -> str:
@@ -88,6 +90,14 @@ class Server:
         await resp.write(BODY[:100_000])
         assert request.transport is not None
         request.transport.close()  # cut: the client sees fewer bytes than Content-Length
+        return resp
+
+    async def stall(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = len(BODY)
+        await resp.prepare(request)
+        await resp.write(BODY[:200_000])
+        await self.release.wait()  # then nothing more until the test lets go
         return resp
 
     async def chunked(self, request: web.Request) -> web.StreamResponse:
@@ -160,6 +170,17 @@ async def test_a_chunked_body_without_length(server: Server, tmp_path: Path) -> 
     assert hasher.hexdigests()["md5"] == hashlib.md5(BODY).hexdigest()
     await get(server, "/f", tmp_path / "d")  # the connection went back to the pool in a usable state
     assert (tmp_path / "d").read_bytes() == BODY
+
+
+async def test_a_stalled_body_times_out_as_transient_and_keeps_what_came(server: Server, tmp_path: Path) -> None:
+    part = tmp_path / "s.part"
+    try:
+        with anyio.fail_after(60):  # a bound on the test, not a timing assertion
+            with pytest.raises(TransientError, match="GET /stall"):
+                await get(server, "/stall", part, timeout=0.3)
+    finally:
+        server.release.set()
+    assert part.read_bytes() == BODY[:200_000]
 
 
 async def test_resume_appends_from_the_offset(server: Server, tmp_path: Path) -> None:
