@@ -275,6 +275,14 @@ def _adapter(args: argparse.Namespace) -> tuple[ImmportAdapter, str]:
     return adapter, outdir
 
 
+def ascp_rate(rate: str | None, bwlimit: float | None) -> str | None:
+    """ascp's ``-l`` (bits/s): ``--rate`` as given, else ``--bwlimit`` (bytes/s) in kilobits, so the
+    engine's one limit also holds on the ascp route."""
+    if rate:
+        return rate
+    return f"{max(1, round(bwlimit * 8 / 1000))}K" if bwlimit else None
+
+
 async def _pull(args: argparse.Namespace, adapter: ImmportAdapter, outdir: str, config: EngineConfig,
                 reporter: Reporter) -> RunReport:
     opts = None
@@ -283,7 +291,8 @@ async def _pull(args: argparse.Namespace, adapter: ImmportAdapter, outdir: str, 
 
         opts = AscpOptions(ascp=args.ascp, mode="recv", host=args.aspera_host, user=ASPERA_USER,
                            key_file=args.aspera_key, tcp_port=args.aspera_port, udp_port=args.aspera_port,
-                           resume=2, rate=args.rate, management_port=True, stall_timeout=args.stall_timeout)
+                           resume=2, rate=ascp_rate(args.rate, config.bwlimit), management_port=True,
+                           stall_timeout=args.stall_timeout)
         binary = await anyio.to_thread.run_sync(check_ascp, opts)  # a missing ascp fails before the login
         opts = dataclasses.replace(opts, ascp=binary)
     async with adapter:

@@ -35,8 +35,10 @@ from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import anyio
+import anyio.from_thread
 import orjson
 
+from asyncdepo.engine.bandwidth import TokenBucket
 from asyncdepo.engine.hashing import MultiHash
 from asyncdepo.engine.httppool import STALE, ConnectionPool
 from asyncdepo.errors import PermanentError, TransientError, http_error, parse_retry_after
@@ -226,7 +228,7 @@ class _Sink:
 
 
 def _receive(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection, view: memoryview, sink: _Sink,
-             stop: _Stop) -> bool:
+             stop: _Stop, throttle: Callable[[int], None] | None = None) -> bool:
     """Read the whole body into ``sink``.
 
     With a Content-Length over plain TCP the socket is read directly, one ``recv(MSG_WAITALL)`` per block:
@@ -238,12 +240,16 @@ def _receive(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection, v
     sock = conn.sock
     if left is None or sock is None or isinstance(sock, ssl.SSLSocket):  # chunked, or TLS: http.client reads
         while not stop.flag.is_set():
+            if throttle is not None:
+                throttle(len(view))  # reading slower lets TCP flow control slow the sender
             n = resp.readinto(view)
             if not n:
                 return True
             sink.put(view[:n])
         return False
     if left:
+        if throttle is not None:
+            throttle(min(left, len(view)))
         head = resp.fp.read1(min(left, len(view)))  # what http.client buffered behind the headers
         sink.put(head)
         left -= len(head)
@@ -253,6 +259,8 @@ def _receive(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection, v
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
                     struct.pack("ll", whole, max(1, int((timeout - whole) * 1e6)) if timeout else 0))
     while left and not stop.flag.is_set():
+        if throttle is not None:
+            throttle(min(len(view), left))
         n = sock.recv_into(view, min(len(view), left), socket.MSG_WAITALL)
         if not n:
             raise http.client.IncompleteRead(b"", left)
@@ -262,7 +270,7 @@ def _receive(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection, v
 
 
 def fetch_sync(spec: PlainGet, offset: int, part: Path, hasher: MultiHash, on_bytes: Callable[[int], None],
-               stop: _Stop) -> int:
+               stop: _Stop, throttle: Callable[[int], None] | None = None) -> int:
     """Blocking: append the body from ``offset`` to ``part``, feeding ``hasher``; returns the bytes written.
 
     Every byte that arrived is written before an error propagates, so a retry resumes after it.
@@ -275,7 +283,7 @@ def fetch_sync(spec: PlainGet, offset: int, part: Path, hasher: MultiHash, on_by
         conn, resp, sink.skip, where = _open(spec, offset, stop)
         complete = False
         try:
-            complete = _receive(resp, conn, view, sink, stop)
+            complete = _receive(resp, conn, view, sink, stop, throttle)
         finally:
             resp.close()
             stop.detach()
@@ -297,7 +305,8 @@ def fetch_sync(spec: PlainGet, offset: int, part: Path, hasher: MultiHash, on_by
 
 
 async def fetch(spec: PlainGet, offset: int, part: Path, hasher: MultiHash, on_bytes: Callable[[int], None],
-                limiter: anyio.CapacityLimiter | None = None, *, then: Callable[[], T]) -> T:
+                limiter: anyio.CapacityLimiter | None = None, *, then: Callable[[], T],
+                bucket: TokenBucket | None = None) -> T:
     """Run :func:`fetch_sync`, then ``then()`` (checks, rename), in one worker thread; returns what ``then``
     returns. ``on_bytes`` is called on the event loop.
 
@@ -312,8 +321,12 @@ async def fetch(spec: PlainGet, offset: int, part: Path, hasher: MultiHash, on_b
         except RuntimeError:  # the loop is gone: a cancelled run whose thread is finishing its last block
             pass
 
+    def throttle(n: int) -> None:  # in the worker thread: wait on the loop for the run's token bucket
+        assert bucket is not None
+        anyio.from_thread.run(bucket.acquire, n)
+
     def job() -> T:
-        fetch_sync(spec, offset, part, hasher, progress, stop)
+        fetch_sync(spec, offset, part, hasher, progress, stop, throttle if bucket is not None else None)
         return then()
 
     try:

@@ -20,6 +20,7 @@ import anyio
 from asyncdepo.adapters.base import Adapter
 from asyncdepo.config import EngineConfig
 from asyncdepo.engine import httpget
+from asyncdepo.engine.bandwidth import TokenBucket
 from asyncdepo.engine.hashing import FACTORIES, MultiHash, hash_path_sync
 from asyncdepo.engine.report import RunReport, _fill, _ticker, describe, first_error
 from asyncdepo.engine.retry import RetryPolicy
@@ -93,12 +94,14 @@ def _finish(part: Path, dest: Path, item: RemoteItem, algos: tuple[str, ...], ha
 
 
 async def _stream(adapter: Adapter, item: RemoteItem, offset: int, part: Path, hasher: MultiHash, stats: Stats,
-                  io: anyio.CapacityLimiter) -> None:
+                  io: anyio.CapacityLimiter, bucket: TokenBucket | None) -> None:
     """Append ``adapter.read(item, offset)`` to ``part``: each block hashed and written in one thread hop."""
     fh = await anyio.to_thread.run_sync(lambda: open(part, "ab"))  # noqa: SIM115 - opened in a thread, closed below
     try:
         async for data in adapter.read(item, offset):
             block = bytes(data)  # the adapter may reuse its buffer once we ask for more
+            if bucket is not None:
+                await bucket.acquire(len(block))
 
             def store(b: bytes = block) -> None:
                 hasher.update(b)
@@ -142,7 +145,8 @@ async def _prepare(adapter: Adapter, item: RemoteItem, dest: Path, io: anyio.Cap
 
 
 async def _fetch(adapter: Adapter, job: _Job, reporter: Reporter, io: anyio.CapacityLimiter,
-                 getters: anyio.CapacityLimiter, policy: RetryPolicy, attempts: int) -> None:
+                 getters: anyio.CapacityLimiter, policy: RetryPolicy, attempts: int,
+                 bucket: TokenBucket | None = None) -> None:
     """Download one prepared item. A plain GET is received, hashed, checked and renamed in one thread hop."""
     item, dest = job.item, job.dest
     algos = _known(item)
@@ -160,9 +164,10 @@ async def _fetch(adapter: Adapter, job: _Job, reporter: Reporter, io: anyio.Capa
                 spec = await adapter.plain_get(item)
             if spec is not None and not httpget.proxied(spec.url):
                 size, got = await httpget.fetch(spec, offset, part, hasher, functools.partial(stats.add_sent, item.rel),
-                                                getters, then=functools.partial(_finish, part, dest, item, algos, hasher))
+                                                getters, then=functools.partial(_finish, part, dest, item, algos, hasher),
+                                                bucket=bucket)
             else:
-                await _stream(adapter, item, offset, part, hasher, stats, io)
+                await _stream(adapter, item, offset, part, hasher, stats, io, bucket)
                 size, got = await anyio.to_thread.run_sync(_finish, part, dest, item, algos, hasher, limiter=io)
             stats.bytes_done += size
             reporter.emit(ItemDone(rel=item.rel, size=size, sent=size - offset, digests=got))
@@ -183,7 +188,7 @@ async def _fetch(adapter: Adapter, job: _Job, reporter: Reporter, io: anyio.Capa
 
 
 async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None = None, *,
-               reporter: Reporter | None = None, tick: float = 0.5) -> RunReport:
+               reporter: Reporter | None = None, tick: float = 0.5, bucket: TokenBucket | None = None) -> RunReport:
     """Fetch every item ``adapter.list_remote()`` yields into ``outdir``; failures are in the report.
 
     Three stages: the lister, ``transfers`` preparers (disk check, URL lookup) and ``transfers`` workers,
@@ -200,6 +205,8 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
     policy = RetryPolicy(attempts=config.request_attempts)
     stats = reporter.stats
     attempts = config.request_attempts * max(1, config.item_attempts)
+    if bucket is None and config.bwlimit:
+        bucket = TokenBucket(config.bwlimit)  # --bwlimit caps the whole pull, as it caps a push
 
     def failed(item: RemoteItem, exc: Exception) -> None:
         msg = describe(exc)
@@ -239,7 +246,7 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
                     async for job in jobs:
                         stats.item_in(job.item.rel, job.item.size or -1)
                         try:
-                            await _fetch(adapter, job, reporter, io, getters, policy, attempts)
+                            await _fetch(adapter, job, reporter, io, getters, policy, attempts, bucket)
                             stats.files_done += 1
                         except Exception as exc:  # noqa: BLE001 - this item fails, the pull goes on
                             failed(job.item, exc)
