@@ -24,6 +24,7 @@ from asyncdepo.engine.bandwidth import TokenBucket
 from asyncdepo.engine.hashing import FACTORIES, MultiHash, hash_path_sync
 from asyncdepo.engine.report import RunReport, _fill, _ticker, describe, first_error
 from asyncdepo.engine.retry import RetryPolicy
+from asyncdepo.engine.source import selected
 from asyncdepo.engine.types import RemoteItem
 from asyncdepo.errors import IntegrityError, TransientError, UsageError, is_transient
 from asyncdepo.events import (
@@ -146,7 +147,7 @@ async def _prepare(adapter: Adapter, item: RemoteItem, dest: Path, io: anyio.Cap
 
 async def _fetch(adapter: Adapter, job: _Job, reporter: Reporter, io: anyio.CapacityLimiter,
                  getters: anyio.CapacityLimiter, policy: RetryPolicy, attempts: int,
-                 bucket: TokenBucket | None = None) -> None:
+                 bucket: TokenBucket | None = None, extra: tuple[str, ...] = ()) -> None:
     """Download one prepared item. A plain GET is received, hashed, checked and renamed in one thread hop."""
     item, dest = job.item, job.dest
     algos = _known(item)
@@ -155,7 +156,7 @@ async def _fetch(adapter: Adapter, job: _Job, reporter: Reporter, io: anyio.Capa
     offset, spec = job.offset, job.spec
     n = 0
     while True:
-        hasher = MultiHash(algos)
+        hasher = MultiHash(tuple(dict.fromkeys(algos + extra)))  # --hash adds digests for the report
         if offset:
             await anyio.to_thread.run_sync(functools.partial(hash_path_sync, part, (), into=hasher), limiter=io)
         reporter.emit(ItemStarted(rel=item.rel, size=item.size or -1, offset=offset))
@@ -195,6 +196,8 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
     joined by bounded streams, so memory does not grow with the number of items.
     """
     config = config or EngineConfig()
+    if config.compress is not None:
+        raise UsageError("--compress applies to pushes; a pull writes what the archive holds")
     reporter = reporter or Reporter()
     out = Path(outdir).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -222,6 +225,8 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
             async def lister() -> None:
                 async with send:
                     async for item in adapter.list_remote():
+                        if not selected(item.rel, config.include, config.exclude):
+                            continue
                         stats.files_total += 1
                         stats.bytes_total += item.size or 0
                         await send.send(item)
@@ -246,7 +251,8 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
                     async for job in jobs:
                         stats.item_in(job.item.rel, job.item.size or -1)
                         try:
-                            await _fetch(adapter, job, reporter, io, getters, policy, attempts, bucket)
+                            await _fetch(adapter, job, reporter, io, getters, policy, attempts, bucket,
+                                         tuple(a for a in config.hash if a in FACTORIES))
                             stats.files_done += 1
                         except Exception as exc:  # noqa: BLE001 - this item fails, the pull goes on
                             failed(job.item, exc)

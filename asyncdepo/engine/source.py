@@ -24,6 +24,11 @@ from asyncdepo.errors import SourceError, UsageError
 BATCH = 256
 
 
+def selected(rel: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    """Whether ``--include``/``--exclude`` keep ``rel`` (the same rule for a walk and for a pull's listing)."""
+    return (not include or _match(rel, include)) and not (exclude and _match(rel, exclude))
+
+
 def _match(rel: str, globs: tuple[str, ...]) -> bool:
     base = rel.rsplit("/", 1)[-1]
     return any(fnmatch.fnmatchcase(rel, g) or fnmatch.fnmatchcase(base, g) for g in globs)

@@ -1,4 +1,5 @@
-"""``--bwlimit`` on pulls: every byte received passes the run's token bucket, on both pull routes.
+"""Engine options on pulls: ``--bwlimit`` (every byte received passes the run's token bucket, on both pull
+routes), ``--include``/``--exclude``, ``--hash``, and ``--compress`` refused.
 
 The bucket runs on a fake clock that only moves when the bucket sleeps, so the test asserts how much time
 the limit imposed without waiting for it.
@@ -23,6 +24,7 @@ from asyncdepo.engine.api import PlainGet
 from asyncdepo.engine.bandwidth import TokenBucket
 from asyncdepo.engine.pull import pull
 from asyncdepo.engine.types import RemoteItem
+from asyncdepo.errors import UsageError
 
 FILES = {f"d/f{i}.bin": os.urandom(300_000 + 70_001 * i) for i in range(5)}
 TOTAL = sum(map(len, FILES.values()))
@@ -126,3 +128,29 @@ def test_bwlimit_becomes_ascps_rate_unless_rate_is_given() -> None:
     assert ascp_rate(None, 12_500_000.0) == "100000K"  # 12.5 MB/s = 100 Mbit/s
     assert ascp_rate("300M", 12_500_000.0) == "300M"
     assert ascp_rate(None, None) is None
+
+
+async def test_include_and_exclude_filter_what_is_pulled(server: str, tmp_path: Path) -> None:
+    config = EngineConfig(transfers=2, include=("d/f[0-3].bin",), exclude=("f2.bin",))
+    report = await pull(HttpAdapter(server, True), tmp_path, config)
+    assert report.ok and report.files_done == 3
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["f0.bin", "f1.bin", "f3.bin"]
+
+
+async def test_hash_adds_digests_to_what_is_reported(server: str, tmp_path: Path) -> None:
+    from asyncdepo.events import CollectSink, ItemDone, Reporter
+
+    sink = CollectSink()
+    reporter = Reporter([sink])
+    report = await pull(HttpAdapter(server, True), tmp_path, EngineConfig(hash=("md5", "sha256")),
+                        reporter=reporter)
+    assert report.ok
+    done = {e.rel: e.digests for e in sink.events if isinstance(e, ItemDone)}
+    assert {rel: d["sha256"] for rel, d in done.items()} == {
+        rel: hashlib.sha256(data).hexdigest() for rel, data in FILES.items()}
+
+
+async def test_compress_is_refused_on_a_pull(server: str, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--compress applies to pushes"):
+        await pull(HttpAdapter(server, True), tmp_path, EngineConfig(compress=("zstd", 3)))
+    assert not any(tmp_path.iterdir())
