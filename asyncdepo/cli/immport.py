@@ -32,6 +32,7 @@ from asyncdepo.cli import common
 from asyncdepo.config import EngineConfig
 from asyncdepo.engine.pull import pull
 from asyncdepo.engine.report import RunReport
+from asyncdepo.engine.source import selected
 from asyncdepo.engine.types import RemoteItem
 from asyncdepo.errors import AuthError, DepoError, IntegrityError, TransientError, UsageError, is_transient
 from asyncdepo.events import ItemDone, ItemFailed, ItemRetrying, ItemSkipped, JobFinished, Reporter
@@ -228,6 +229,8 @@ async def pull_via_ascp(adapter: ImmportAdapter, outdir: Path | str, opts: AscpO
         async with adapter:
             batch: list[RemoteItem] = []
             async for item in adapter.list_remote():
+                if not selected(item.rel, config.include, config.exclude):
+                    continue
                 stats.files_total += 1
                 stats.bytes_total += item.size or 0
                 if await _present(_dest(out, item.rel), item):

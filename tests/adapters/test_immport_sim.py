@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import fnmatch
 import hashlib
 import json
 import shutil
@@ -404,3 +405,20 @@ async def test_an_untrusted_tls_certificate_fails_at_once_and_says_so(tmp_path: 
             assert a.logins == 0
     finally:
         await srv.close()
+
+
+@pytest.mark.parametrize("route", ["https", "ascp"])
+async def test_include_and_exclude_choose_the_files_on_both_routes(big_sim, tmp_path: Path, route: str) -> None:
+    server, _, root = big_sim
+    config = FAST.replace(include=("SDY1/ResultFiles/d02/*",), exclude=("file002[0-4]*.bin",))
+    adapter = _adapter(server.url, study="SDY1")
+    if route == "https":
+        async with adapter:
+            report = await pull(adapter, tmp_path / "out", config)
+    else:
+        report = await pull_via_ascp(adapter, tmp_path / "out", _ascp_opts(), config=config)
+    assert report.ok, report.failures
+    want = sorted(p.name for p in (root / "SDY1/ResultFiles/d02").glob("*.bin")
+                  if not fnmatch.fnmatchcase(p.name, "file002[0-4]*.bin"))
+    got = sorted(p.name for p in (tmp_path / "out").rglob("*.bin"))
+    assert got == want and report.files_done == len(want) > 0
