@@ -28,6 +28,13 @@ archives:
 """
 
 
+
+def _s3_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("S3 (credentials from the AWS environment variables or --profile)")
+    group.add_argument("--endpoint-url", help="S3 endpoint (e.g. http://127.0.0.1:9000)")
+    group.add_argument("--region", help="S3 region (default: AWS_REGION, the profile's, or us-east-1)")
+    group.add_argument("--profile", help="AWS profile name")
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="asyncdepo", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -42,17 +49,13 @@ def _parser() -> argparse.ArgumentParser:
                                       "server stopped.")
     push.add_argument("source", type=Path, help="directory or file to send")
     push.add_argument("target", help="target URL (file://, tus+http://, s3://)")
-    push.add_argument("--endpoint-url", help="S3 endpoint (e.g. http://127.0.0.1:9000)")
-    push.add_argument("--region", help="S3 region")
-    push.add_argument("--profile", help="AWS profile name")
+    _s3_options(push)
     common.add_engine_options(push)
 
     pull = sub.add_parser("pull", help="fetch from a target URL (or an archive) into a directory")
     pull.add_argument("source", help="URL to fetch from (file://, s3://)")
     pull.add_argument("outdir", type=Path, help="directory to write into")
-    pull.add_argument("--endpoint-url")
-    pull.add_argument("--region")
-    pull.add_argument("--profile")
+    _s3_options(pull)
     common.add_engine_options(pull)
 
     res = sub.add_parser("resume", help="continue an interrupted or failed job")
