@@ -31,17 +31,9 @@ class Server:
         self.client_gone = asyncio.Event()
         app = web.Application()
         app.router.add_get("/f", self.file)
-        app.router.add_get("/norange", self.norange)
-        app.router.add_get("/moved", self.moved)
-        app.router.add_get("/loop", self.loop)
-        app.router.add_get("/missing", self.missing)
-        app.router.add_get("/busy", self.busy)
-        app.router.add_get("/denied", self.denied)
-        app.router.add_get("/short", self.short)
-        app.router.add_get("/badrange", self.badrange)
-        app.router.add_get("/endless", self.endless)
-        app.router.add_get("/chunked", self.chunked)
-        app.router.add_get("/stall", self.stall)
+        for name in ("norange", "moved", "loop", "missing", "busy", "denied", "short", "badrange", "endless",
+                     "chunked", "stall"):
+            app.router.add_get(f"/{name}", getattr(self, name))  # each route is the handler of its name
         self.release = asyncio.Event()
         self.server = TestServer(app, host="127.0.0.1")
 
