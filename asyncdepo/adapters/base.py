@@ -33,8 +33,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, ClassVar, Self
 
-from asyncdepo.engine.httpget import PlainGet
-from asyncdepo.engine.types import ByteSource, Chunk, Item, PartInfo, RemoteItem
+from asyncdepo.engine.types import ByteSource, Chunk, Item, PartInfo, PlainGet, RemoteItem
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from asyncdepo.engine.hashing import MultiHash, digest_bytes, hash_file
 from asyncdepo.engine.httpapi import ApiClient, Reply
-from asyncdepo.engine.httpget import PlainGet, untrusted
+from asyncdepo.engine.httpget import untrusted
 from asyncdepo.engine.retry import RetryPolicy, retry_call
-from asyncdepo.engine.types import ByteSource, Chunk, Item, PartInfo, RemoteItem
+from asyncdepo.engine.types import ByteSource, Chunk, Item, PartInfo, PlainGet, RemoteItem
 
 if TYPE_CHECKING:
     from asyncdepo.engine.compress import TarSource, tar_source

@@ -18,7 +18,6 @@ signed request, a proxy) keeps using ``read``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import http.client
 import mmap
@@ -29,7 +28,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
@@ -41,6 +40,7 @@ import orjson
 from asyncdepo.engine.bandwidth import TokenBucket
 from asyncdepo.engine.hashing import MultiHash
 from asyncdepo.engine.httppool import STALE, ConnectionPool
+from asyncdepo.engine.types import PlainGet
 from asyncdepo.errors import PermanentError, TransientError, http_error, parse_retry_after
 
 T = TypeVar("T")
@@ -49,18 +49,6 @@ MAX_REDIRECTS = 5
 POOL = ConnectionPool(max_idle=32)  # shared by every transfer thread of the process
 PROGRESS_EVERY = 0.2  # seconds between progress reports from a transfer thread
 _QUERY = re.compile(r"\?[^\s'\"]*")
-
-
-@dataclasses.dataclass(frozen=True)
-class PlainGet:
-    """A GET that needs nothing but its URL and headers. ``what`` names it in messages (never the URL: a
-    signed URL's query is a credential). ``timeout`` bounds every socket wait (connect and each read)."""
-
-    url: str
-    what: str
-    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    ssl_context: ssl.SSLContext | None = None
-    timeout: float = 120.0
 
 
 @functools.cache

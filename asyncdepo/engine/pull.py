@@ -25,7 +25,7 @@ from asyncdepo.engine.hashing import FACTORIES, MultiHash, hash_path_sync
 from asyncdepo.engine.report import RunReport, _fill, _ticker, describe, first_error
 from asyncdepo.engine.retry import RetryPolicy
 from asyncdepo.engine.source import selected
-from asyncdepo.engine.types import RemoteItem
+from asyncdepo.engine.types import PlainGet, RemoteItem
 from asyncdepo.errors import IntegrityError, TransientError, UsageError, is_transient
 from asyncdepo.events import (
     ItemDone,
@@ -121,7 +121,7 @@ class _Job:
     item: RemoteItem
     dest: Path
     offset: int
-    spec: httpget.PlainGet | None
+    spec: PlainGet | None
 
 
 async def _prepare(adapter: Adapter, item: RemoteItem, dest: Path, io: anyio.CapacityLimiter) -> _Job | int:

@@ -10,12 +10,15 @@ Contracts:
 * ``ByteSource`` is one streamed body (a whole file, or a packed archive): iterate it once with
   ``async for``; each yielded view is valid until the next one is requested. ``digests`` is filled when
   iteration ends. ``size`` is None when the length is not known in advance (compression, tar streams).
+* ``PlainGet`` is what an adapter returns from ``Adapter.plain_get`` to have a pull fetch an item by plain
+  GET (the engine adds Range, keep-alive, hashing and the rename).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Mapping
 from typing import Protocol, runtime_checkable
 
 
@@ -76,3 +79,14 @@ class RemoteItem:
     digests: dict[str, str]
     ref: str = ""
 
+
+@dataclasses.dataclass(frozen=True)
+class PlainGet:
+    """A GET that needs nothing but its URL and headers. ``what`` names it in messages (never the URL: a
+    signed URL's query is a credential). ``timeout`` bounds every socket wait (connect and each read)."""
+
+    url: str
+    what: str
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    ssl_context: ssl.SSLContext | None = None
+    timeout: float = 120.0

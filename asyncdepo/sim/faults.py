@@ -138,6 +138,9 @@ class FaultInjector:
         # called (in the server's loop) each time a request starts stalling, with the stalled count;
         # tests use it to wake a waiter instead of polling
         self.on_stall: list[Callable[[int], None]] = []
+        # called (in the server's loop) as each request is counted, with its route and the route's count,
+        # before the handler runs; tests wait on it instead of polling the counters
+        self.on_request: list[Callable[[str, int], None]] = []
 
     # -- configuration -------------------------------------------------------------------------------
     def add(self, rule: FaultRule | str) -> FaultRule:
@@ -191,6 +194,8 @@ class FaultInjector:
             return await handler(request)
         route = self.route_name(request)
         self.requests[route] += 1
+        for fn in self.on_request:
+            fn(route, self.requests[route])
         rule = self._rule_for(request)
         request[FAULT_KEY] = rule
         if rule is not None:

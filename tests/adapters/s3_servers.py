@@ -22,11 +22,11 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import time
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -82,20 +82,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, attempts: int = 200) -> None:
-    """Poll until something accepts connections on 127.0.0.1:``port`` (bounded number of attempts).
+def wait_for_line(proc: subprocess.Popen[bytes], marker: bytes, log: IO[bytes], timeout: float = 60.0) -> None:
+    """Copy ``proc``'s stderr into ``log`` (in a thread, for the process's whole life) and return once a
+    line containing ``marker`` has appeared: the server says it listens, nothing is polled.
 
-    :raises RuntimeError: the process exited or the port never opened.
+    :raises RuntimeError: the process ended, or said nothing of the kind within ``timeout``.
     """
-    for _ in range(attempts):
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with status {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)  # back-off between connection attempts to another process (bounded)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+    assert proc.stderr is not None
+    said = threading.Event()
+
+    def drain() -> None:  # a pipe nobody reads would block the server once it filled up
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            log.write(line)
+            if marker in line:
+                said.set()
+        said.set()  # end of output: the process is gone
+
+    threading.Thread(target=drain, name="s3-server-log", daemon=True).start()
+    if not said.wait(timeout) or proc.poll() is not None:
+        raise RuntimeError(f"server did not start (status {proc.poll()}); see {getattr(log, 'name', 'its log')}")
 
 
 def rclone_binary() -> str:
@@ -127,8 +133,7 @@ def moto_server() -> Iterator[S3TestServer]:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    host, port = server.get_host_and_port()
-    wait_for_port(port)
+    host, port = server.get_host_and_port()  # start() returns once the server listens
     try:
         yield S3TestServer("moto", f"http://{host}:{port}", MOTO_KEY, MOTO_SECRET, checks_content_md5=False)
     finally:
@@ -143,13 +148,13 @@ def rclone_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3TestSe
     port = free_port()
     env = {**os.environ, "RCLONE_CONFIG": str(root / "no-rclone.conf")}
     env.pop("AWS_CA_BUNDLE", None)
-    # the log goes to a file: a pipe nobody reads would block rclone once it filled up
+    # rclone's log ends up in a file (wait_for_line copies it there)
     log = open(tmp_path_factory.mktemp("rclone-log") / "rclone.log", "wb")  # noqa: SIM115
-    flags = f"--addr 127.0.0.1:{port} --auth-key {RCLONE_KEY},{RCLONE_SECRET} --etag-hash MD5 --log-level ERROR"
+    flags = f"--addr 127.0.0.1:{port} --auth-key {RCLONE_KEY},{RCLONE_SECRET} --etag-hash MD5 --log-level NOTICE"
     proc = subprocess.Popen([binary, "serve", "s3", str(root), *flags.split()], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=log, env=env)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
-        wait_for_port(port, proc)
+        wait_for_line(proc, b"Starting s3 server on", log)
         yield S3TestServer("rclone", f"http://127.0.0.1:{port}", RCLONE_KEY, RCLONE_SECRET,
                            checks_content_md5=True, root=root)
     finally:

@@ -279,11 +279,11 @@ async def test_concurrent_patch_waits_for_lock(
         async with http.patch(loc, data=b"B" * 10, headers={**OCTET, "Upload-Offset": "10"}) as r:
             return r.status, r.headers.get("Upload-Offset")
 
+    counted = asyncio.Event()
+    sim.faults.on_request.append(lambda route, n: counted.set() if route == PATCH_ROUTE and n == 2 else None)
     second = asyncio.ensure_future(patch_second())
-    for _ in range(2000):  # the handler reaches the lock in the same step that counts the request
-        if sim.faults.requests[PATCH_ROUTE] == 2:
-            break
-        await asyncio.sleep(0)
+    async with asyncio.timeout(30):  # a bound, not a timing assertion
+        await counted.wait()  # the handler reaches the lock in the same step that counts the request
     assert not second.done()
     slow.write(b"AAAAA")
     status_line = await slow.reader.readline()  # type: ignore[attr-defined]

@@ -106,12 +106,12 @@ class Server:
         resp.content_length = 1 << 40
         await resp.prepare(request)
         try:
-            while True:
-                await resp.write(b"x" * 65536)
-                self.wrote_first.set()
-                await asyncio.sleep(0)  # let the loop run between writes (this waits for no task)
-        finally:  # a write fails, or aiohttp cancels the handler: either way the client has left
+            await resp.write(b"x" * 65536)  # the client now waits for the rest of its first block
+            self.wrote_first.set()
+            await self.release.wait()  # never set here: aiohttp cancels this when the client goes away
+        finally:
             self.client_gone.set()
+        return resp
 
 
 @pytest.fixture
