@@ -194,8 +194,8 @@ class FaultInjector:
             return await handler(request)
         route = self.route_name(request)
         self.requests[route] += 1
-        for fn in self.on_request:
-            fn(route, self.requests[route])
+        for hook in self.on_request:
+            hook(route, self.requests[route])
         rule = self._rule_for(request)
         request[FAULT_KEY] = rule
         if rule is not None:
