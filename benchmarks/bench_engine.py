@@ -22,10 +22,9 @@ from pathlib import Path
 
 from asyncdepo.sim.datasets import make_files
 
-try:
-    from benchmarks.measure import run_measured
-except ModuleNotFoundError:  # run as a script (python benchmarks/bench_engine.py): benchmarks/ is on sys.path
-    from measure import run_measured  # type: ignore[no-redef]
+if __package__ in (None, ""):  # run as a script (python benchmarks/bench_engine.py): make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.measure import run_measured
 
 HERE = Path(__file__).parent
 DATA = HERE / "data"

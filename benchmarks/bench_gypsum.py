@@ -32,9 +32,7 @@ import os
 import platform
 import random
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,10 +41,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-try:
-    from benchmarks.measure import run_measured
-except ModuleNotFoundError:  # run as a script (python benchmarks/bench_gypsum.py): benchmarks/ is on sys.path
-    from measure import run_measured  # type: ignore[no-redef]
+from asyncdepo.config import parse_size
+
+if __package__ in (None, ""):  # run as a script (python benchmarks/bench_gypsum.py): make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.measure import asyncdepo_cmd, child_env, run_measured, start_sim, stop_sim, warm
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -60,22 +59,6 @@ ok = g.upload_directory(directory, "bench", asset, "v1", url=url, token=os.envir
                         concurrent=int(concurrent), cache_dir=cache)
 sys.exit(0 if ok else 1)
 """
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, **extra}
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def asyncdepo_cmd() -> list[str]:
-    return [sys.executable, "-c", "import sys; from asyncdepo.cli import main; sys.exit(main(sys.argv[1:]))"]
 
 
 def make_dataset(root: Path, files: int, size: int) -> Path:
@@ -93,37 +76,6 @@ def make_dataset(root: Path, files: int, size: int) -> Path:
         path.write_bytes(rng.randbytes(size))
     marker.write_text(json.dumps(shape))
     return data
-
-
-def warm(data: Path) -> int:
-    total = 0
-    for p in sorted(data.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    total += len(chunk)
-    return total
-
-
-def start_sim(root: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [*asyncdepo_cmd(), "sim", "gypsum", "--port", "0", "--root", str(root), "--identity",
-         f"{TOKEN}={LOGIN}", "--admin", LOGIN], stdout=subprocess.PIPE, text=True, cwd=REPO, env=child_env())
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "listening on" not in line:
-        proc.kill()
-        raise SystemExit(f"simulator did not start: {line!r}")
-    return proc, line.split("listening on", 1)[1].split()[0]
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def call(url: str, method: str, path: str, body: Any = None) -> Any:
@@ -188,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds: list[dict[str, Any]] = []
     for n in range(args.rounds):
         work = Path(tempfile.mkdtemp(prefix="bench-gypsum-"))
-        sim, url = start_sim(work / "sim")
+        sim, url = start_sim("gypsum", work / "sim", "--identity", f"{TOKEN}={LOGIN}", "--admin", LOGIN)
         try:
             call(url, "POST", "/create/bench", {"permissions": {"owners": [LOGIN], "uploaders": []},
                                                 "quota": {"baseline": 10**15, "growth_rate": 0}})
@@ -211,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{g['mb_s']:.0f} MB/s ({g['cpu_s']:.1f} CPU s, {g['peak_tree_rss_mb']:.0f} MB; simulator "
                   f"{g['simulator_cpu_s']:.1f} CPU s) | ratio {row['ratio']:.2f}", flush=True)
         finally:
-            stop(sim)
+            stop_sim(sim)
             shutil.rmtree(work, ignore_errors=True)
     best = {k: max(r[k]["mb_s"] for r in rounds) for k in ("asyncdepo", "gypsum_client")}
     mem = {k: max(r[k]["peak_tree_rss_mb"] for r in rounds) for k in ("asyncdepo", "gypsum_client")}

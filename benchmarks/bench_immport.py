@@ -26,9 +26,7 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,38 +34,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-try:
-    from benchmarks.measure import run_measured
-except ModuleNotFoundError:  # run as a script (python benchmarks/bench_immport.py): benchmarks/ is on sys.path
-    from measure import run_measured  # type: ignore[no-redef]
+from asyncdepo.config import parse_size
+
+if __package__ in (None, ""):  # run as a script (python benchmarks/bench_immport.py): make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.measure import asyncdepo_cmd, run_measured, start_sim, stop_sim
 
 HERE = Path(__file__).resolve().parent
 USER, PASSWORD = "bench", "bench-password"
-
-
-def asyncdepo_cmd() -> list[str]:
-    exe = Path(sys.executable).parent / "asyncdepo"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "asyncdepo.cli"]
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
-
-
-def start_sim(root: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [*asyncdepo_cmd(), "sim", "immport", "--port", "0", "--root", str(root), "--user", f"{USER}:{PASSWORD}",
-         "--token-lifetime", "3600"],
-        stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "listening on" not in line:
-        proc.kill()
-        raise SystemExit(f"simulator did not start: {line!r}")
-    url = line.split("listening on", 1)[1].split()[0]
-    return proc, url
 
 
 def post(url: str, data: bytes, headers: dict[str, str]) -> Any:
@@ -132,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         store = work / "store"
         write_study(store, "SDY1", args.files, size, per_dir=100)
         expect = {p.relative_to(store).as_posix(): size for p in (store / "SDY1").rglob("*.bin")}
-        sim, url = start_sim(store)
+        sim, url = start_sim("immport", store, "--user", f"{USER}:{PASSWORD}", "--token-lifetime", "3600")
         urls = signed_urls(url, "SDY1")
         env = {**os.environ, "ASYNCDEPO_IMMPORT_PASSWORD": PASSWORD}
         rounds: list[dict[str, Any]] = []
@@ -176,12 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         if sim is not None:
-            sim.send_signal(signal.SIGINT)
-            try:
-                sim.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                sim.kill()
-                sim.wait()
+            stop_sim(sim)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -30,9 +30,7 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,31 +38,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-try:
-    from benchmarks.measure import run_measured
-except ModuleNotFoundError:  # run as a script (python benchmarks/bench_pdis.py): benchmarks/ is on sys.path
-    from measure import run_measured  # type: ignore[no-redef]
+from asyncdepo.config import parse_size
+
+if __package__ in (None, ""):  # run as a script (python benchmarks/bench_pdis.py): make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.measure import asyncdepo_cmd, child_env, run_measured, start_sim, stop_sim, warm
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 EMAIL, PASSWORD = "bench@example.org", "bench-password"
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, **extra}
-    # run the working tree's package whatever the install state of the venv
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def asyncdepo_cmd() -> list[str]:
-    return [sys.executable, "-c", "import sys; from asyncdepo.cli import main; sys.exit(main(sys.argv[1:]))"]
 
 
 def make_dataset(root: Path, frames: int, frame_size: int) -> Path:
@@ -87,36 +69,6 @@ def make_dataset(root: Path, frames: int, frame_size: int) -> Path:
             fh.write(head + pixels + b"\0" * ((frame_size - len(head)) % 2))
     marker.write_text(json.dumps(shape))
     return data
-
-
-def warm(data: Path) -> int:
-    total = 0
-    for p in sorted(data.iterdir()):
-        with open(p, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                total += len(chunk)
-    return total
-
-
-def start_sim(root: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [*asyncdepo_cmd(), "sim", "pdis", "--port", "0", "--root", str(root), "--status-delay", "-1",
-         "--user", f"{EMAIL}:{PASSWORD}"], stdout=subprocess.PIPE, text=True, cwd=REPO, env=child_env())
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "listening on" not in line:
-        proc.kill()
-        raise SystemExit(f"simulator did not start: {line!r}")
-    return proc, line.split("listening on", 1)[1].split()[0]
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def login(url: str) -> str:
@@ -181,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds: list[dict[str, Any]] = []
     for n in range(args.rounds):
         work = Path(tempfile.mkdtemp(prefix="bench-pdis-"))
-        sim, url = start_sim(work / "sim")
+        sim, url = start_sim("pdis", work / "sim", "--status-delay", "-1", "--user", f"{EMAIL}:{PASSWORD}")
         try:
             token = login(url)
             order = ("asyncdepo", "pipeline") if n % 2 == 0 else ("pipeline", "asyncdepo")
@@ -196,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                   f" | tar|zstd|curl {p['mb_s']:.0f} MB/s ({p['cpu_s']:.1f} CPU s, {p['peak_rss_mb']:.0f} MB)"
                   f" | ratio {row['ratio']:.2f}", flush=True)
         finally:
-            stop(sim)
+            stop_sim(sim)
             shutil.rmtree(work, ignore_errors=True)
     best = {k: max(r[k]["mb_s"] for r in rounds) for k in ("asyncdepo", "pipeline")}
     rss = max(r["asyncdepo"]["peak_rss_mb"] for r in rounds)

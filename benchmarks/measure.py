@@ -22,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -151,3 +153,53 @@ def run_measured(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd:
             os.unlink(rss_file)
     return Measurement(wall=wall, cpu=usage.ru_utime + usage.ru_stime, tree_rss=tree.peak,
                        max_rss=int(max_kib * 1024), rc=proc.returncode, stdout=out, stderr=err)
+
+
+# -- what every archive benchmark needs besides measuring ---------------------------------------------------
+REPO = Path(__file__).resolve().parent.parent
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child, with ``extra`` set and this working tree's package first on the path."""
+    env = {**os.environ, **extra}
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def asyncdepo_cmd() -> list[str]:
+    """How a user runs asyncdepo: the environment's console script, else ``python -m asyncdepo.cli``."""
+    exe = Path(sys.executable).parent / "asyncdepo"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "asyncdepo.cli"]
+
+
+def warm(root: Path) -> int:
+    """Read every file under ``root`` once (so each contender starts from the page cache); returns bytes."""
+    total = 0
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    total += len(chunk)
+    return total
+
+
+def start_sim(name: str, root: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
+    """``asyncdepo sim NAME --port 0 --root ROOT ARGS`` in a process of its own; returns it and its URL."""
+    proc = subprocess.Popen([*asyncdepo_cmd(), "sim", name, "--port", "0", "--root", str(root), *args],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO, env=child_env())
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # the simulator prints where it listens once it does
+    if "listening on" not in line:
+        proc.kill()
+        raise SystemExit(f"simulator {name} did not start: {line!r}")
+    return proc, line.split("listening on", 1)[1].split()[0]
+
+
+def stop_sim(proc: subprocess.Popen[str]) -> None:
+    """Stop a simulator like Ctrl-C would; kill it if it does not go."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -51,34 +51,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-try:
-    from benchmarks.measure import run_measured
-    from benchmarks.peers_tools import (
-        BUCKET,
-        EXTRA_TOOLS,
-        KEY,
-        SECRET,
-        TOOLS,
-        MiB,
-        tool_command,
-        tool_env,
-        venv_binary,
-        worker_main,
-    )
-except ModuleNotFoundError:  # run as a script (python benchmarks/peers.py): benchmarks/ is on sys.path
-    from measure import run_measured  # type: ignore[no-redef]
-    from peers_tools import (  # type: ignore[no-redef]
-        BUCKET,
-        EXTRA_TOOLS,
-        KEY,
-        SECRET,
-        TOOLS,
-        MiB,
-        tool_command,
-        tool_env,
-        venv_binary,
-        worker_main,
-    )
+if __package__ in (None, ""):  # run as a script (python benchmarks/peers.py): make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.measure import run_measured, warm
+from benchmarks.peers_tools import (
+    BUCKET,
+    EXTRA_TOOLS,
+    KEY,
+    SECRET,
+    TOOLS,
+    MiB,
+    tool_command,
+    tool_env,
+    venv_binary,
+    worker_main,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -304,15 +291,6 @@ def run_one(server: Server, tool: str, ds_name: str, src: Path, run: int, md5s: 
           f"{total / m['wall'] / 1e6:7.1f} MB/s cpu {m['cpu']:5.2f} s rss {m['rss'] / 1e6:6.1f} MB"
           + (f"  FAILED: {problem}" if problem else ""), flush=True)
     return row
-
-
-def warm(src: Path) -> None:
-    """Read every file of the dataset once, so the first tool of the first run does not pay the disk."""
-    for p in src.iterdir():
-        if p.is_file():
-            with open(p, "rb") as fh:
-                while fh.read(8 * MiB):
-                    pass
 
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
