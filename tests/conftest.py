@@ -1,12 +1,15 @@
-"""Shared fixtures: datasets, the tus simulator (in the test's loop or in a thread), a journal path."""
+"""Shared fixtures: datasets, the tus simulator (in the test's loop or in a thread), a journal path, an HTTP
+client session; and ``tus_args`` for the tus simulator's options."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from asyncdepo.sim import tus
@@ -73,3 +76,20 @@ def journal(tmp_path: Path) -> Path:
 def upload_bytes(faults: FaultInjector) -> int:
     """Body bytes a tus simulator received for uploads: PATCHes plus creation-with-upload POSTs."""
     return faults.total_bytes("PATCH") + faults.total_bytes("POST")
+
+
+def tus_args(**kw: object) -> argparse.Namespace:
+    """The tus simulator's options as its command line would give them, with ``kw`` changed."""
+    parser = argparse.ArgumentParser()
+    tus.add_arguments(parser)
+    ns = parser.parse_args([])
+    for k, v in kw.items():
+        setattr(ns, k, v)
+    return ns
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for talking to a simulator directly (30 s per request at most)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session

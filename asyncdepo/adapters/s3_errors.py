@@ -23,27 +23,6 @@ from typing import Any
 from asyncdepo import errors
 
 # S3 error codes -> how to treat them. Anything not listed falls back to the HTTP status (errors.http_error).
-_TRANSIENT_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestThrottled",
-        "TooManyRequestsException",
-        "RequestLimitExceeded",
-        "ProvisionedThroughputExceededException",
-        "InternalError",
-        "ServiceUnavailable",
-        "RequestTimeout",
-        "RequestTimeTooSkewed",
-        "OperationAborted",
-        "BadDigest",
-        "InvalidDigest",
-        "XAmzContentSHA256Mismatch",
-        "IncompleteBody",
-        "NoSuchUpload",
-    }
-)
 _THROTTLE_CODES = frozenset(
     {
         "SlowDown",
@@ -55,6 +34,18 @@ _THROTTLE_CODES = frozenset(
         "ProvisionedThroughputExceededException",
     }
 )
+_TRANSIENT_CODES = _THROTTLE_CODES | {
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "OperationAborted",
+    "BadDigest",
+    "InvalidDigest",
+    "XAmzContentSHA256Mismatch",
+    "IncompleteBody",
+    "NoSuchUpload",
+}
 _AUTH_HINTS = {
     "AccessDenied": "check that the credentials may write to this bucket and prefix (IAM or bucket policy)",
     "AllAccessDisabled": "access to this bucket is disabled; contact its owner",

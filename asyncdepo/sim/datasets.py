@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import random
+import struct
+import zlib
 from pathlib import Path
 
 _TILE_CACHE: dict[int, bytes] = {}
@@ -82,3 +84,14 @@ def make_demo_dataset(root: Path, files: int = 300) -> Path:
             p.write_text(f'{{"sample": {i}, "beamline": "demo"}}\n')
     os.utime(root, None)
     return root
+
+
+def make_png(width: int, height: int) -> bytes:
+    """A valid 8-bit greyscale PNG of the given size, all black (EMPIAR image-set thumbnails in tests)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" * (width + 1) for _ in range(height))  # filter byte 0, then the pixels
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")

@@ -143,6 +143,13 @@ class PdisApi:
             return _error(403, "You do not have permission to access this submission.")
         return sub
 
+    def _caller_owns(self, request: web.Request) -> Submission | web.Response:
+        """The submission in the URL if the caller's token is valid and it is theirs, else the error to send."""
+        user = self._user(request)
+        if isinstance(user, web.Response):
+            return user
+        return self._owned(request, user)
+
     async def _form(self, request: web.Request) -> dict[str, Any]:
         """A small JSON or urlencoded body as a dict; raises web.HTTPBadRequest (as JSON) on junk."""
         raw = await self.faults.read_all(request, limit=_FIELD_LIMIT)
@@ -325,20 +332,14 @@ class PdisApi:
         return _json([self.state.to_json(s) for s in subs])
 
     async def submission(self, request: web.Request) -> web.Response:
-        user = self._user(request)
-        if isinstance(user, web.Response):
-            return user
-        sub = self._owned(request, user)
+        sub = self._caller_owns(request)
         if isinstance(sub, web.Response):
             return sub
         self.state.on_poll(sub)
         return _json(self.state.to_json(sub))
 
     async def delete(self, request: web.Request) -> web.Response:
-        user = self._user(request)
-        if isinstance(user, web.Response):
-            return user
-        sub = self._owned(request, user)
+        sub = self._caller_owns(request)
         if isinstance(sub, web.Response):
             return sub
         status = self.state.status(sub)

@@ -18,11 +18,9 @@ import os
 import shutil
 import socket
 import ssl
-import struct
 import subprocess
 import sys
 import threading
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Self
@@ -34,6 +32,7 @@ pytest.importorskip("cryptography")
 from aiohttp import web
 
 from asyncdepo.sim import empiar as empiar_sim
+from asyncdepo.sim.datasets import make_png
 from asyncdepo.sim.faults import FaultInjector
 from tests.tlscert import self_signed
 
@@ -87,15 +86,6 @@ class TlsSim:
         if self.stop_event is not None:
             self.loop.call_soon_threadsafe(self.stop_event.set)
         self.thread.join(30)
-
-
-def make_png(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"".join(b"\x00" * (width + 1) for _ in range(height)))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def example_json(data_name: str) -> dict[str, Any]:

@@ -6,8 +6,6 @@ import asyncio
 import base64
 import copy
 import hashlib
-import struct
-import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from asyncdepo.adapters.globus import GlobusClient, TaskProgress, TransferItem
 from asyncdepo.engine.api import RetryPolicy
 from asyncdepo.sim import empiar as empiar_sim
 from asyncdepo.sim import globus as globus_sim
+from asyncdepo.sim.datasets import make_png
 from asyncdepo.sim.faults import FaultInjector
 from asyncdepo.sim.server import SimServer
 
@@ -32,17 +31,6 @@ TOKEN = {"Authorization": "Token sim-token"}
 
 def basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-
-
-def make_png(width: int, height: int) -> bytes:
-    """A valid greyscale PNG of the given size (all black)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    rows = b"".join(b"\x00" + b"\x00" * width for _ in range(height))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 def deposition(*dirs: str) -> dict[str, Any]:
@@ -72,12 +60,6 @@ async def empiar(tmp_path: Path) -> AsyncIterator[SimServer]:
     app = empiar_sim.build_app(tmp_path / "store", FaultInjector(), None)
     async with SimServer(app) as server:
         yield server
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
 
 
 async def call(http: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> tuple[int, Any, str]:

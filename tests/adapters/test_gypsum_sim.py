@@ -42,12 +42,6 @@ async def sim(tmp_path: Path) -> AsyncIterator[SimServer]:
         yield server
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
 def bucket(sim: SimServer) -> Path:
     """The simulator's bucket directory (objects as files)."""
     return sim.app[gsim.STATE_KEY].bucket.root

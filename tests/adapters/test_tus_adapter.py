@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,7 +12,6 @@ import pytest
 from aiohttp import web
 
 from asyncdepo.adapters.tus import ChecksumMismatchError, TusAdapter
-from tests.conftest import upload_bytes
 from asyncdepo.engine.types import Chunk, Item
 from asyncdepo.errors import (
     IntegrityError,
@@ -25,18 +23,10 @@ from asyncdepo.errors import (
 from asyncdepo.sim import tus as tus_sim
 from asyncdepo.sim.faults import FaultInjector, FaultRule
 from asyncdepo.sim.server import SimServer
+from tests.conftest import tus_args, upload_bytes
 
 TOKEN = "s3cret-token-value"
 CHUNK = 64 * 1024
-
-
-def _args(**kw: object) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    tus_sim.add_arguments(parser)
-    ns = parser.parse_args([])
-    for k, v in kw.items():
-        setattr(ns, k, v)
-    return ns
 
 
 class Sim:
@@ -54,13 +44,13 @@ class Sim:
 
 
 async def start_sim(root: Path, **kw: object) -> SimServer:
-    return await SimServer(tus_sim.build_app(root, FaultInjector(), _args(**kw))).start()
+    return await SimServer(tus_sim.build_app(root, FaultInjector(), tus_args(**kw))).start()
 
 
 @pytest.fixture(params=[True, False], ids=["checksum", "no-checksum"])
 async def sim(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Sim]:
     ext = ",".join(e for e in tus_sim.ALL_EXTENSIONS if request.param or e != "checksum")
-    app = tus_sim.build_app(tmp_path, FaultInjector(), _args(extensions=ext, max_size=1 << 30))
+    app = tus_sim.build_app(tmp_path, FaultInjector(), tus_args(extensions=ext, max_size=1 << 30))
     auth: list[str | None] = []
 
     @web.middleware

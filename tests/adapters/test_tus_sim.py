@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import hashlib
@@ -17,32 +16,18 @@ from yarl import URL
 from asyncdepo.sim import tus as tus_sim
 from asyncdepo.sim.faults import FaultInjector, FaultRule
 from asyncdepo.sim.server import SimServer
+from tests.conftest import tus_args
 
 V = {"Tus-Resumable": "1.0.0"}
 OCTET = {**V, "Content-Type": "application/offset+octet-stream"}
 PATCH_ROUTE = "PATCH /files/{upload_id}"
 
 
-def _args(**kw: object) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    tus_sim.add_arguments(parser)
-    ns = parser.parse_args([])
-    for k, v in kw.items():
-        setattr(ns, k, v)
-    return ns
-
-
 @pytest.fixture
 async def sim(tmp_path: Path) -> AsyncIterator[SimServer]:
-    app = tus_sim.build_app(tmp_path, FaultInjector(), _args(max_size=1 << 20))
+    app = tus_sim.build_app(tmp_path, FaultInjector(), tus_args(max_size=1 << 20))
     async with SimServer(app) as server:
         yield server
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
 
 
 def b64(text: str) -> str:
@@ -294,7 +279,7 @@ async def test_concurrent_patch_waits_for_lock(
 
 
 async def test_lock_timeout_423(tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    app = tus_sim.build_app(tmp_path, FaultInjector(), _args(lock_timeout=0.0))
+    app = tus_sim.build_app(tmp_path, FaultInjector(), tus_args(lock_timeout=0.0))
     async with SimServer(app) as server:
         loc = await create(http, server, 20)
         slow = await _raw_patch_start(server.url, loc, 0, 10, b"AAAAA")

@@ -6,9 +6,7 @@ import argparse
 import hashlib
 import json
 import shutil
-import struct
 import sys
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,20 +18,12 @@ from asyncdepo.cli import empiar as cli
 from asyncdepo.engine.journal import Journal
 from asyncdepo.sim import empiar as empiar_sim
 from asyncdepo.sim import globus as globus_sim
+from asyncdepo.sim.datasets import make_png
 from asyncdepo.sim.faults import FaultInjector
 from asyncdepo.sim.server import ThreadedSim
 
 ASCP = shutil.which("asyncdepo-sim-ascp") or str(Path(sys.executable).parent / "asyncdepo-sim-ascp")
 TRANSFER_PASS = "transfer-secret-3141"
-
-
-def make_png(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"".join(b"\x00" * (width + 1) for _ in range(height)))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def deposition(*dirs: str) -> dict[str, Any]:
