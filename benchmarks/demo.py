@@ -3,12 +3,12 @@ every file's sha256 checked against what the simulator stored."""
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import tempfile
 from pathlib import Path
 
 from asyncdepo.cli import main as cli_main
+from asyncdepo.engine.hashing import hash_path_sync
 from asyncdepo.sim import tus
 from asyncdepo.sim.datasets import make_demo_dataset
 from asyncdepo.sim.faults import FaultInjector
@@ -16,11 +16,7 @@ from asyncdepo.sim.server import ThreadedSim
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return hash_path_sync(path, ("sha256",)).hexdigests()["sha256"]
 
 
 def main() -> int:

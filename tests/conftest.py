@@ -4,7 +4,6 @@ client session; and ``tus_args`` for the tus simulator's options."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -12,17 +11,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from asyncdepo.engine.hashing import hash_path_sync
 from asyncdepo.sim import tus
 from asyncdepo.sim.faults import FaultInjector
 from asyncdepo.sim.server import SimServer, ThreadedSim
 
 
 def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return hash_path_sync(path, ("sha256",)).hexdigests()["sha256"]
 
 
 def tree_digests(root: Path) -> dict[str, str]:
