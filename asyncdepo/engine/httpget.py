@@ -105,11 +105,11 @@ class _Stop:
 def untrusted(what: str, exc: ssl.SSLCertVerificationError) -> PermanentError:
     """A TLS certificate the client does not trust, as a permanent error that says what to check."""
     return PermanentError(f"{what}: the server's TLS certificate is not trusted ({exc.verify_message})",
-                          hint="check the server URL; a private CA goes in SSL_CERT_FILE (AWS_CA_BUNDLE for S3)")
+                          hint="check the server URL; a private CA goes in SSL_CERT_FILE (or the target's own CA setting)")
 
 
 def _message(raw: bytes) -> str:
-    """The server's own error text: JSON ``message``/``error``/``reason``, S3's XML Code and Message, else
+    """The server's own error text: JSON ``message``/``error``/``reason``, an XML error's Code and Message, else
     the start of the body."""
     try:
         body = orjson.loads(raw)
