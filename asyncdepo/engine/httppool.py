@@ -12,6 +12,8 @@ import http.client
 import ssl
 import threading
 
+from asyncdepo.engine.tlsbio import BioHTTPSConnection
+
 STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
 Key = tuple[str, str, "int | None", int]  # scheme, host, port, id of the SSL context (0 for http)
@@ -43,8 +45,7 @@ class ConnectionPool:
             if pool:
                 return pool.pop(), True
         if scheme == "https":
-            return http.client.HTTPSConnection(host, port, timeout=timeout,
-                                               context=ctx or default_ssl_context()), False
+            return BioHTTPSConnection(host, port, timeout=timeout, context=ctx or default_ssl_context()), False
         return http.client.HTTPConnection(host, port, timeout=timeout), False
 
     def give(self, scheme: str, host: str, port: int | None, conn: http.client.HTTPConnection, *,

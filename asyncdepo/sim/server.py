@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any, Self
@@ -34,12 +35,25 @@ SIMULATORS: dict[str, str] = {
     "immport": "asyncdepo.sim.immport",
 }
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 FAULTS_KEY: web.AppKey[FaultInjector] = web.AppKey("asyncdepo_faults", FaultInjector)
+
+
+@web.middleware
+async def forwarded_proto(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Behind a TLS-terminating proxy (``X-Forwarded-Proto: https``) the URLs a simulator hands out say https.
+
+    The proxy passes the client's Host header on, so ``request.url`` names the proxy; only the scheme is lost.
+    """
+    proto = request.headers.get("X-Forwarded-Proto", "").lower()
+    if proto in ("http", "https") and proto != request.scheme:
+        request = request.clone(scheme=proto)
+    return await handler(request)
 
 
 def make_app(faults: FaultInjector, *, client_max_size: int = 1 << 30) -> web.Application:
     """An Application with the fault middleware and the ``/_sim/`` control routes installed."""
-    app = web.Application(middlewares=[faults.middleware], client_max_size=client_max_size)
+    app = web.Application(middlewares=[forwarded_proto, faults.middleware], client_max_size=client_max_size)
     app[FAULTS_KEY] = faults
     faults.add_routes(app)
     return app
@@ -53,17 +67,22 @@ def load(name: str) -> ModuleType:
 
 
 class SimServer:
-    """An aiohttp app listening on 127.0.0.1 in the running loop: ``async with SimServer(app) as s: s.url``."""
+    """An aiohttp app listening on 127.0.0.1 in the running loop: ``async with SimServer(app) as s: s.url``.
 
-    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0) -> None:
+    With ``ssl_context`` it serves HTTPS (the URLs it hands out say https too: they come from the request).
+    """
+
+    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.app = app
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context
         self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
 
     @property
     def faults(self) -> FaultInjector:
@@ -72,7 +91,7 @@ class SimServer:
     async def start(self) -> Self:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True, ssl_context=self.ssl_context)
         await site.start()
         addresses = self._runner.addresses  # (host, port, ...) of each bound socket
         if self.port == 0 and addresses:  # the port the OS chose when 0 was asked for
@@ -165,17 +184,37 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="inject a fault: 'METHOD PATH KIND [key=value ...]', e.g. "
         "'PATCH /files/* drop after=1M first=2' or 'POST * status=429 retry-after=1' (repeatable)",
     )
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM",
+                        help="serve HTTPS with this certificate (chain) in PEM; needs --tls-key. Clients trust a "
+                        "self-signed one through SSL_CERT_FILE (asyncdepo, Python) or --cacert (curl)")
+    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert, in PEM")
+
+
+def server_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The server's TLS context from ``--tls-cert``/``--tls-key``, or None for plain HTTP."""
+    cert, key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise SystemExit("asyncdepo sim: --tls-cert and --tls-key go together")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SystemExit(f"asyncdepo sim: cannot load the TLS certificate {cert} and key {key}: {exc}") from None
+    return ctx
 
 
 def serve_forever(name: str, args: argparse.Namespace) -> int:
     """``asyncdepo sim NAME``: build the app from ``args`` and serve until interrupted."""
     module = load(name)
     faults = FaultInjector([parse_rule(r) for r in args.fault])
+    tls = server_tls(args)
     args.root.mkdir(parents=True, exist_ok=True)
     app = module.build_app(args.root, faults, args)
 
     async def main() -> None:
-        server = SimServer(app, host=args.host, port=args.port)
+        server = SimServer(app, host=args.host, port=args.port, ssl_context=tls)
         await server.start()
         print(f"asyncdepo sim {name} listening on {server.url} (storage {args.root})", flush=True)
         try:

@@ -178,3 +178,45 @@ def test_stalled_ascp_is_killed_and_resumed_in_the_same_run(tmp_path: Path, stor
     # the hung ascp was stopped (its counters written on SIGTERM); the next session moved only the rest
     assert [s["bytes"] for s in sessions] == [cut, total - cut] and sessions[0]["status"] != 0
     _identical(store, tmp_path / "out")
+
+
+def test_https_pull_from_a_simulator_serving_tls(tmp_path: Path, store: Path) -> None:
+    """The simulator as a user starts it with a certificate (``asyncdepo sim immport --tls-cert ...``); the
+    pull trusts it through SSL_CERT_FILE, and refuses it, clearly and without retrying, when not told to."""
+    pytest.importorskip("cryptography")
+    from tests.tlscert import self_signed
+
+    cert, key = self_signed(tmp_path)
+    sim = subprocess.Popen([*CLI, "sim", "immport", "--port", "0", "--root", str(store), "--user",
+                            f"alice:{PASSWORD}", "--tls-cert", str(cert), "--tls-key", str(key)],
+                           stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        assert sim.stdout is not None
+        line = sim.stdout.readline()  # printed once it listens
+        assert "listening on https://127.0.0.1:" in line, line
+        url = line.split("listening on", 1)[1].split()[0]
+        refused = _pull(tmp_path, url, "--study", "SDY1", str(tmp_path / "refused"), "--via", "https")
+        assert refused.returncode != 0
+        assert "TLS certificate is not trusted" in refused.stderr and "SSL_CERT_FILE" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        res = _pull(tmp_path, url, "--study", "SDY1", str(tmp_path / "out"), "--via", "https",
+                    env={"SSL_CERT_FILE": str(cert)})
+        assert res.returncode == 0, res.stderr
+        assert "16 sent, 0 skipped, 0 failed" in res.stderr
+        _identical(store / "SDY1", tmp_path / "out" / "SDY1")
+    finally:
+        sim.send_signal(signal.SIGINT)
+        sim.wait(timeout=30)
+
+
+def test_sim_tls_options_are_checked(tmp_path: Path) -> None:
+    res = subprocess.run([*CLI, "sim", "immport", "--port", "0", "--root", str(tmp_path), "--tls-cert",
+                          str(tmp_path / "missing.pem")], capture_output=True, text=True, timeout=60,
+                         stdin=subprocess.DEVNULL)
+    assert res.returncode != 0 and "--tls-cert and --tls-key go together" in res.stderr
+    (tmp_path / "c.pem").write_text("not a certificate")
+    res = subprocess.run([*CLI, "sim", "immport", "--port", "0", "--root", str(tmp_path), "--tls-cert",
+                          str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "c.pem")], capture_output=True,
+                         text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert res.returncode != 0 and "cannot load the TLS certificate" in res.stderr
+    assert "Traceback" not in res.stderr

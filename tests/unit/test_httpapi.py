@@ -1,8 +1,11 @@
-"""The threaded API client (asyncdepo.engine.httpapi): bodies, keep-alive reuse, stale connections."""
+"""The threaded API client (asyncdepo.engine.httpapi): bodies, keep-alive reuse, stale connections; each over
+plain HTTP and over TLS (a self-signed certificate only the test's client context trusts)."""
 
 from __future__ import annotations
 
 import asyncio
+import ssl
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -18,6 +21,10 @@ class Server:
         app = web.Application()
         app.router.add_post("/echo", self.echo)
         self.server = TestServer(app, host="127.0.0.1")
+        self.client_ctx: ssl.SSLContext | None = None
+
+    def client(self) -> ApiClient:
+        return ApiClient(ssl_context=self.client_ctx)
 
     async def echo(self, request: web.Request) -> web.Response:
         assert request.transport is not None
@@ -28,16 +35,24 @@ class Server:
                                   "auth": request.headers.get("Authorization")})
 
 
-@pytest.fixture
-async def server():
+@pytest.fixture(params=["http", "https"])
+async def server(request: pytest.FixtureRequest, tmp_path: Path):
     srv = Server()
-    await srv.server.start_server()
+    if request.param == "https":
+        pytest.importorskip("cryptography")
+        from tests.tlscert import contexts
+
+        server_ctx, srv.client_ctx = contexts(tmp_path)
+        await srv.server.start_server(ssl=server_ctx)
+        assert str(srv.server.make_url("/")).startswith("https://")
+    else:
+        await srv.server.start_server()
     yield srv
     await srv.server.close()
 
 
 async def test_json_and_form_bodies_and_headers(server: Server) -> None:
-    client = ApiClient()
+    client = server.client()
     url = str(server.server.make_url("/echo"))
     r = await client.request("POST", url, json={"paths": ["/SDY1"]}, headers={"Authorization": "bearer t"})
     assert r.status == 200 and r.headers["content-type"].startswith("application/json")
@@ -49,7 +64,7 @@ async def test_json_and_form_bodies_and_headers(server: Server) -> None:
 
 
 async def test_connections_are_kept_alive_and_reused(server: Server) -> None:
-    client = ApiClient()
+    client = server.client()
     url = str(server.server.make_url("/echo"))
     for _ in range(5):
         assert (await client.request("POST", url, json={})).status == 200
@@ -58,7 +73,7 @@ async def test_connections_are_kept_alive_and_reused(server: Server) -> None:
 
 
 async def test_a_connection_the_server_closed_while_idle_is_replaced(server: Server) -> None:
-    client = ApiClient()
+    client = server.client()
     url = str(server.server.make_url("/echo"))
     assert (await client.request("POST", url, json={"n": 1})).status == 200
     server.transports[-1].close()  # the server drops the idle keep-alive connection
@@ -73,20 +88,7 @@ def test_only_http_urls() -> None:
         ApiClient().request_sync("GET", "ftp://example.org/x")
 
 
-async def test_over_tls_with_the_callers_ca(tmp_path) -> None:
-    pytest.importorskip("cryptography")
-    from tests.tlscert import contexts
-
-    server_ctx, client_ctx = contexts(tmp_path)
-    srv = Server()
-    await srv.server.start_server(ssl=server_ctx)
-    try:
-        client = ApiClient(ssl_context=client_ctx)
-        url = str(srv.server.make_url("/echo"))
-        assert url.startswith("https://")
-        for n in range(2):
-            assert (await client.request("POST", url, json={"n": n})).json()["body"] == f'{{"n":{n}}}'
-        assert len(srv.peers) == 1  # TLS connections are kept alive too
-        client.close()
-    finally:
-        await srv.server.close()
+@pytest.mark.parametrize("server", ["https"], indirect=True)
+async def test_a_certificate_the_client_does_not_trust_is_refused(server: Server) -> None:
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await ApiClient().request("POST", str(server.server.make_url("/echo")), json={})
