@@ -212,11 +212,11 @@ def test_https_pull_from_a_simulator_serving_tls(tmp_path: Path, store: Path) ->
 def test_sim_tls_options_are_checked(tmp_path: Path) -> None:
     res = subprocess.run([*CLI, "sim", "immport", "--port", "0", "--root", str(tmp_path), "--tls-cert",
                           str(tmp_path / "missing.pem")], capture_output=True, text=True, timeout=60,
-                         stdin=subprocess.DEVNULL)
+                         stdin=subprocess.DEVNULL, check=False)
     assert res.returncode != 0 and "--tls-cert and --tls-key go together" in res.stderr
     (tmp_path / "c.pem").write_text("not a certificate")
     res = subprocess.run([*CLI, "sim", "immport", "--port", "0", "--root", str(tmp_path), "--tls-cert",
                           str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "c.pem")], capture_output=True,
-                         text=True, timeout=60, stdin=subprocess.DEVNULL)
+                         text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
     assert res.returncode != 0 and "cannot load the TLS certificate" in res.stderr
     assert "Traceback" not in res.stderr
