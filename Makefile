@@ -29,16 +29,20 @@ bench: $(STAMP) tools
 	-$(BIN)/python -m benchmarks.bench_pdis
 	-$(BIN)/python -m benchmarks.bench_gypsum
 	-$(BIN)/python -m benchmarks.bench_immport
+	-$(BIN)/python -m benchmarks.bench_immport --tls off --rounds 3 --out benchmarks/results/immport-http.json
 
 # asyncdepo vs rclone, s5cmd and boto3 on a fast nginx discard sink and on rclone serve s3 (needs root:
 # installs nginx-extras when missing); results and plots in benchmarks/results/
 bench-peers: $(STAMP) tools
 	$(BIN)/python -m benchmarks.peers --runs 3 --tools asyncdepo,rclone,s5cmd,boto3,asyncdepo-direct
 
-# Debian tools the benchmarks compare against (curl, zstd); installed only when missing
+# Debian tools the benchmarks compare against or run on (curl, zstd; nginx and openssl for the HTTPS front of
+# the ImmPort benchmark); installed only when missing
 tools:
-	@command -v curl >/dev/null && command -v zstd >/dev/null || \
-	  (apt-get update -qq && apt-get install -y -qq curl zstd >/dev/null)
+	@command -v curl >/dev/null && command -v zstd >/dev/null && command -v nginx >/dev/null && \
+	  command -v openssl >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq curl zstd openssl \
+	    $$(command -v nginx >/dev/null || echo nginx-extras) >/dev/null)
 
 # mypy is not part of `make test`: its verdict moves with the versions of the dependencies CI installs
 lint: $(STAMP)

@@ -24,20 +24,12 @@ from asyncdepo.sim.datasets import make_files
 
 if __package__ in (None, ""):  # run as a script (python benchmarks/bench_engine.py): make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.measure import run_measured
+from benchmarks.measure import free_port, run_measured
 
 HERE = Path(__file__).parent
 DATA = HERE / "data"
 RESULTS = HERE / "results"
 VENV_BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def measured(argv: list[str]) -> dict[str, float]:
@@ -54,7 +46,7 @@ def measured(argv: list[str]) -> dict[str, float]:
 class Sim:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.port = _free_port()
+        self.port = free_port()
         self.proc = subprocess.Popen([str(VENV_BIN / "asyncdepo"), "sim", "tus", "--port", str(self.port),
                                       "--root", str(root)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert self.proc.stdout is not None

@@ -23,6 +23,7 @@ import dataclasses
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -170,6 +171,13 @@ def asyncdepo_cmd() -> list[str]:
     """How a user runs asyncdepo: the environment's console script, else ``python -m asyncdepo.cli``."""
     exe = Path(sys.executable).parent / "asyncdepo"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "asyncdepo.cli"]
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def warm(root: Path) -> int:

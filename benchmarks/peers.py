@@ -53,7 +53,7 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script (python benchmarks/peers.py): make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.measure import run_measured, warm
+from benchmarks.measure import free_port, run_measured, warm
 from benchmarks.peers_tools import (
     BUCKET,
     EXTRA_TOOLS,
@@ -119,12 +119,6 @@ def manifest(data_dir: Path, name: str) -> dict[str, str]:
 
 
 # -- servers ------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, attempts: int = 200) -> None:
     for _ in range(attempts):
         if proc is not None and proc.poll() is not None:

