@@ -422,3 +422,22 @@ async def test_include_and_exclude_choose_the_files_on_both_routes(big_sim, tmp_
                   if not fnmatch.fnmatchcase(p.name, "file002[0-4]*.bin"))
     got = sorted(p.name for p in (tmp_path / "out").rglob("*.bin"))
     assert got == want and report.files_done == len(want) > 0
+
+
+async def test_behind_a_tls_front_the_signed_urls_say_https(sim, study: Path) -> None:
+    """A proxy terminating TLS passes the client's Host and ``X-Forwarded-Proto: https``: the DRS URL must
+    name the proxy with https (what the clients were given), and still serve the file when fetched."""
+    server, _ = sim
+    rel = "SDY1/ResultFiles/d01/file00003.bin"
+    front = "front.example:8443"
+    async with aiohttp.ClientSession() as http:
+        hdr = {"Authorization": f"bearer {await _login(http, server.url)}"}
+        async with http.get(f"{server.url}/data/query/drs/download/s3/{file_uuid(rel)}",
+                            headers={**hdr, "Host": front, "X-Forwarded-Proto": "https"}) as r:
+            url = (await r.json())["url"]
+        assert url.startswith(f"https://{front}/"), url
+        async with http.get(f"{server.url}/data/query/drs/download/s3/{file_uuid(rel)}", headers=hdr) as r:
+            direct = (await r.json())["url"]
+        assert direct.startswith(f"{server.url}/")  # without the header, the simulator's own origin
+        async with http.get(server.url + url.removeprefix(f"https://{front}"), headers={"Host": front}) as r:
+            assert r.status == 200 and await r.read() == (study / rel).read_bytes()  # the signature holds
