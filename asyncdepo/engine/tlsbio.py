@@ -21,7 +21,7 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
 RAW = 1 << 19  # at most this much ciphertext is read from the kernel at once
@@ -78,6 +78,10 @@ class TLSStream:
             self._flush()
             return result
 
+    def _read(self, n: int, buffer: memoryview | bytearray) -> int:
+        """``SSLObject.read`` into a buffer: returns a count (typeshed knows only the bytes-returning form)."""
+        return cast(int, self.tls.read(n, buffer))
+
     # -- the socket methods http.client uses ----------------------------------------------------------
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -88,7 +92,7 @@ class TLSStream:
     def recv_into(self, buffer: memoryview | bytearray, nbytes: int = 0, flags: int = 0) -> int:
         """Up to ``nbytes`` (default: the buffer's size) of plaintext; 0 at the end of the stream."""
         try:
-            return self._io(self.tls.read, nbytes or len(buffer), buffer)
+            return self._io(self._read, nbytes or len(buffer), buffer)
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
             return 0  # close_notify, or a server that just closed (as SSLSocket's suppress_ragged_eofs)
 
@@ -104,7 +108,7 @@ class TLSStream:
         got = 0
         while got < n:
             try:
-                k = self.tls.read(n - got, view[got:n])
+                k = self._read(n - got, view[got:n])
                 if not k:
                     return got  # close_notify arrived: the stream ends here
                 got += k
@@ -183,7 +187,7 @@ class BioHTTPSConnection(http.client.HTTPSConnection):
         http.client.HTTPConnection.connect(self)  # TCP (and TCP_NODELAY) only
         assert self.sock is not None
         try:
-            self.sock = TLSStream(self.sock, self._tls_context, self.host)  # type: ignore[assignment]
+            self.sock = TLSStream(self.sock, self._tls_context, self.host)
         except BaseException:
             self.sock.close()
             self.sock = None
