@@ -267,3 +267,13 @@ async def test_an_untrusted_certificate_is_a_permanent_error(server: Server, tmp
         await get(server, "/f", tmp_path / "a", ssl_context=None)  # the default context does not know this CA
     assert not is_transient(info.value)
     assert not (tmp_path / "a").exists() or (tmp_path / "a").stat().st_size == 0
+
+
+@pytest.mark.parametrize("server", ["https"], indirect=True)
+async def test_a_certificate_for_another_name_is_refused(server: Server, tmp_path: Path) -> None:
+    """The certificate is trusted but names 127.0.0.1 only: asked as ``localhost``, the name check must fail."""
+    url = server.url("/f").replace("://127.0.0.1:", "://localhost:")
+    spec = httpget.PlainGet(url=url, what="GET /f", ssl_context=server.client_ctx)
+    with pytest.raises(PermanentError, match="not trusted.*(mismatch|match)") as info:
+        await httpget.fetch(spec, 0, tmp_path / "a", MultiHash(("md5",)), lambda n: None, then=lambda: None)
+    assert not is_transient(info.value)
