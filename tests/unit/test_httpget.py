@@ -36,7 +36,7 @@ class Server:
         app = web.Application()
         app.router.add_get("/f", self.file)
         for name in ("norange", "moved", "loop", "missing", "busy", "denied", "short", "badrange", "endless",
-                     "chunked", "stall"):
+                     "chunked", "stall", "aborted"):
             app.router.add_get(f"/{name}", getattr(self, name))  # each route is the handler of its name
         self.release = asyncio.Event()
         self.server = TestServer(app, host="127.0.0.1")
@@ -87,6 +87,15 @@ class Server:
         await resp.write(BODY[:100_000])
         assert request.transport is not None
         request.transport.close()  # cut: the client sees fewer bytes than Content-Length
+        return resp
+
+    async def aborted(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = len(BODY)
+        await resp.prepare(request)
+        await resp.write(BODY[:100_000])
+        assert request.transport is not None
+        request.transport.abort()  # no close_notify over TLS: a bare TCP end mid-body
         return resp
 
     async def stall(self, request: web.Request) -> web.StreamResponse:
@@ -229,6 +238,13 @@ async def test_a_cut_body_keeps_what_arrived_and_is_transient(server: Server, tm
     with pytest.raises(TransientError, match="GET /short"):
         await get(server, "/short", part)
     assert part.read_bytes() == BODY[:100_000]  # a retry resumes after these
+
+
+async def test_an_aborted_connection_keeps_what_arrived_and_is_transient(server: Server, tmp_path: Path) -> None:
+    part = tmp_path / "f.part"
+    with pytest.raises(TransientError, match="GET /aborted"):
+        await get(server, "/aborted", part)
+    assert BODY.startswith(part.read_bytes()) and len(part.read_bytes()) <= 100_000  # a retry resumes after these
 
 
 async def test_a_range_answer_from_elsewhere_is_refused(server: Server, tmp_path: Path) -> None:
