@@ -2,8 +2,8 @@
 
 Why: an ``SSLSocket`` read returns at most one TLS record (16 KiB) and OpenSSL reads each record from the
 kernel in two ``read`` calls (header, then body), each with the GIL released and taken back. Measured on
-2 cores, eight threads pulling 300 x 4 MiB over TLS from nginx with md5: 2.9 s user + 3.1 s system through
-``SSLSocket``; 2.6 s user + 1.0-1.3 s system through memory BIOs, where one ``recv`` brings up to 512 KiB
+2 cores with a bare loop of eight threads pulling 300 x 4 MiB over TLS from nginx with md5: 2.9 s user +
+3.1 s system through ``SSLSocket``; 2.6 s user + 1.0-1.3 s system through memory BIOs, where one ``recv`` brings up to 512 KiB
 of ciphertext and OpenSSL decrypts it from memory (``ssl.SSLObject``, the standard library's own
 non-socket TLS, which asyncio uses too). The certificate checks are the context's, unchanged.
 
@@ -49,7 +49,10 @@ class TLSStream:
     def _flush(self) -> None:
         data = self._out.read()
         if data:
-            self.raw.sendall(data)
+            try:
+                self.raw.sendall(data)
+            except BlockingIOError:  # SO_SNDTIMEO ran out
+                raise TimeoutError("timed out") from None
 
     def _fill(self) -> None:
         """Move what ciphertext has arrived (up to :data:`RAW`) from the kernel into the incoming BIO.
