@@ -295,8 +295,9 @@ def fetch_sync(spec: PlainGet, offset: int, part: Path, hasher: MultiHash, on_by
     except ssl.SSLCertVerificationError as exc:  # retrying will not make the certificate trusted
         raise untrusted(spec.what, exc) from None
     except (OSError, http.client.HTTPException) as exc:
-        # a blocking socket whose SO_RCVTIMEO ran out says EAGAIN: say what it means
-        detail = "timed out" if isinstance(exc, BlockingIOError) else _QUERY.sub("?...", str(exc))
+        if isinstance(exc, BlockingIOError):  # a blocking socket whose SO_RCVTIMEO ran out says EAGAIN
+            exc = TimeoutError("timed out")
+        detail = _QUERY.sub("?...", str(exc))
         raise TransientError(f"{spec.what}: {type(exc).__name__}{': ' + detail if detail else ''}") from None
     finally:
         sink.flush()
