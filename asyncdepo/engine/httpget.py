@@ -267,14 +267,37 @@ def _receive(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection, v
     return not left
 
 
+class _BufferPool:
+    """Page-aligned block buffers kept between transfers (a new mapping per file costs its page faults again);
+    at most ``keep`` idle, so memory stays bounded by the transfers running at once."""
+
+    def __init__(self, keep: int = 16) -> None:
+        self._idle: list[memoryview] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def take(self) -> memoryview:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return memoryview(mmap.mmap(-1, BLOCK))  # page-aligned: a bytearray reads several times slower (PERF-FACTS)
+
+    def give(self, view: memoryview) -> None:
+        with self._lock:
+            if len(self._idle) < self._keep:
+                self._idle.append(view)
+
+
+_BUFFERS = _BufferPool()
+
+
 def fetch_sync(spec: PlainGet, offset: int, part: Path, hasher: MultiHash, on_bytes: Callable[[int], None],
                stop: _Stop, throttle: Callable[[int], None] | None = None) -> int:
     """Blocking: append the body from ``offset`` to ``part``, feeding ``hasher``; returns the bytes written.
 
     Every byte that arrived is written before an error propagates, so a retry resumes after it.
     """
-    buf = mmap.mmap(-1, BLOCK)  # page-aligned: reads into a bytearray run several times slower (PERF-FACTS)
-    view = memoryview(buf)
+    view = _BUFFERS.take()
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sink = _Sink(fd, hasher, on_bytes, 0)
     try:
@@ -301,7 +324,8 @@ def fetch_sync(spec: PlainGet, offset: int, part: Path, hasher: MultiHash, on_by
         raise TransientError(f"{spec.what}: {type(exc).__name__}{': ' + detail if detail else ''}") from None
     finally:
         sink.flush()
-        os.close(fd)  # the buffer goes with its last reference (closing it here could meet a live slice)
+        os.close(fd)
+        _BUFFERS.give(view)  # nothing holds a slice of it now: the sink hashed and wrote each block at once
 
 
 async def fetch(spec: PlainGet, offset: int, part: Path, hasher: MultiHash, on_bytes: Callable[[int], None],
