@@ -80,23 +80,24 @@ class Server:
     async def badrange(self, request: web.Request) -> web.Response:
         return web.Response(body=BODY[5:], status=206, headers={"Content-Range": f"bytes 5-{len(BODY) - 1}/*"})
 
-    async def short(self, request: web.Request) -> web.StreamResponse:
+    async def _cut(self, request: web.Request, abort: bool) -> web.StreamResponse:
+        """Send the first 100,000 bytes of BODY under its full Content-Length, then end the connection."""
         resp = web.StreamResponse()
         resp.content_length = len(BODY)
         await resp.prepare(request)
         await resp.write(BODY[:100_000])
         assert request.transport is not None
-        request.transport.close()  # cut: the client sees fewer bytes than Content-Length
+        if abort:
+            request.transport.abort()  # no close_notify over TLS: a bare TCP end mid-body
+        else:
+            request.transport.close()  # over TLS, close_notify first
         return resp
 
+    async def short(self, request: web.Request) -> web.StreamResponse:
+        return await self._cut(request, abort=False)
+
     async def aborted(self, request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse()
-        resp.content_length = len(BODY)
-        await resp.prepare(request)
-        await resp.write(BODY[:100_000])
-        assert request.transport is not None
-        request.transport.abort()  # no close_notify over TLS: a bare TCP end mid-body
-        return resp
+        return await self._cut(request, abort=True)
 
     async def stall(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse()
