@@ -1,20 +1,37 @@
 """Shared fixtures: datasets, the tus simulator (in the test's loop or in a thread), a journal path, an HTTP
-client session; and ``tus_args`` for the tus simulator's options."""
+client session; ``tus_args`` for the tus simulator's options; ``start_over`` for a test server on HTTP or TLS."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 
 from asyncdepo.engine.hashing import hash_path_sync
 from asyncdepo.sim import tus
 from asyncdepo.sim.faults import FaultInjector
 from asyncdepo.sim.server import SimServer, ThreadedSim
+
+
+async def start_over(server: TestServer, scheme: str, folder: Path) -> ssl.SSLContext | None:
+    """Start ``server`` over ``http`` or ``https``; over https (a self-signed certificate for 127.0.0.1, written
+    to ``folder``) return a client context that trusts only that certificate."""
+    if scheme != "https":
+        await server.start_server()
+        return None
+    pytest.importorskip("cryptography")
+    from tests.tlscert import contexts
+
+    server_ctx, client_ctx = contexts(folder)
+    await server.start_server(ssl=server_ctx)
+    assert str(server.make_url("/")).startswith("https://")
+    return client_ctx
 
 
 def sha256_of(path: Path) -> str:

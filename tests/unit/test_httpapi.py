@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from asyncdepo.engine.httpapi import ApiClient
+from tests.conftest import start_over
 
 
 class Server:
@@ -38,15 +39,7 @@ class Server:
 @pytest.fixture(params=["http", "https"])
 async def server(request: pytest.FixtureRequest, tmp_path: Path):
     srv = Server()
-    if request.param == "https":
-        pytest.importorskip("cryptography")
-        from tests.tlscert import contexts
-
-        server_ctx, srv.client_ctx = contexts(tmp_path)
-        await srv.server.start_server(ssl=server_ctx)
-        assert str(srv.server.make_url("/")).startswith("https://")
-    else:
-        await srv.server.start_server()
+    srv.client_ctx = await start_over(srv.server, request.param, tmp_path)
     yield srv
     await srv.server.close()
 

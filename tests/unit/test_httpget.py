@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestServer
 from asyncdepo.engine import httpget
 from asyncdepo.engine.hashing import MultiHash
 from asyncdepo.errors import DepoError, PermanentError, TransientError, is_transient
+from tests.conftest import start_over
 
 BODY = os.urandom(3 * httpget.BLOCK + 12345)
 
@@ -132,15 +133,7 @@ class Server:
 @pytest.fixture(params=["http", "https"])
 async def server(request: pytest.FixtureRequest, tmp_path: Path):
     srv = Server()
-    if request.param == "https":
-        pytest.importorskip("cryptography")
-        from tests.tlscert import contexts
-
-        server_ctx, srv.client_ctx = contexts(tmp_path)
-        await srv.server.start_server(ssl=server_ctx)
-        assert srv.url("/f").startswith("https://")
-    else:
-        await srv.server.start_server()
+    srv.client_ctx = await start_over(srv.server, request.param, tmp_path)
     httpget.POOL.close()  # no connection left over from another test's server
     yield srv
     httpget.POOL.close()
@@ -181,7 +174,7 @@ async def test_a_pooled_connection_the_server_closed_is_replaced(server: Server,
 
 
 async def test_a_chunked_body_without_length(server: Server, tmp_path: Path) -> None:
-    size, hasher, seen = await get(server, "/chunked", tmp_path / "c")
+    _, hasher, seen = await get(server, "/chunked", tmp_path / "c")
     assert (tmp_path / "c").read_bytes() == BODY and sum(seen) == len(BODY)
     assert hasher.hexdigests()["md5"] == hashlib.md5(BODY).hexdigest()
     await get(server, "/f", tmp_path / "d")  # the connection went back to the pool in a usable state
