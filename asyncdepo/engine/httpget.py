@@ -228,7 +228,7 @@ def _receive(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection, v
     """
     left = resp.length
     sock = conn.sock
-    if left is None or sock is None or isinstance(sock, ssl.SSLSocket):  # chunked: http.client reads
+    if left is None or sock is None or isinstance(sock, ssl.SSLSocket):  # chunked (or an SSLSocket): http.client reads
         while not stop.flag.is_set():
             if throttle is not None:
                 throttle(len(view))  # reading slower lets TCP flow control slow the sender

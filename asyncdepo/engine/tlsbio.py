@@ -140,21 +140,6 @@ class TLSStream:
     def close(self) -> None:
         self.raw.close()
 
-    def fileno(self) -> int:
-        return self.raw.fileno()
-
-    def gettimeout(self) -> float | None:
-        return self.raw.gettimeout()
-
-    def settimeout(self, timeout: float | None) -> None:
-        self.raw.settimeout(timeout)
-
-    def setsockopt(self, *args: Any) -> None:
-        self.raw.setsockopt(*args)
-
-    def getpeercert(self) -> Any:
-        return self.tls.getpeercert()
-
 
 class _Reader(io.RawIOBase):
     """The raw reader under ``TLSStream.makefile``: plaintext from the session."""
