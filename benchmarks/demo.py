@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from asyncdepo.cli import main as cli_main
-from asyncdepo.engine.hashing import hash_path_sync
+from asyncdepo.digests import hash_path_sync
 from asyncdepo.sim import tus
 from asyncdepo.sim.datasets import make_demo_dataset
 from asyncdepo.sim.faults import FaultInjector

@@ -94,8 +94,8 @@ def direct_worker(argv: list[str]) -> int:
 
     import anyio
 
-    from asyncdepo.adapters.s3 import S3Adapter
-    from asyncdepo.engine.types import Chunk, Item
+    from asyncdepo.adapters.s3.adapter import S3Adapter
+    from asyncdepo.contract import Chunk, Item
 
     src, url, prefix, n, chunk = Path(argv[0]), argv[1], argv[2], int(argv[3]), int(argv[4]) * MiB
 

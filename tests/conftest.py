@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from asyncdepo.engine.hashing import hash_path_sync
+from asyncdepo.digests import hash_path_sync
 from asyncdepo.sim import tus
 from asyncdepo.sim.faults import FaultInjector
 from asyncdepo.sim.server import SimServer, ThreadedSim

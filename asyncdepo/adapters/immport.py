@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any, Self
 import anyio
 import orjson
 
-from asyncdepo.adapters.base import Adapter, ChunkWriter, Features
+from asyncdepo.contract import Adapter, ChunkWriter, Features
 from asyncdepo.engine import api
 from asyncdepo.engine.api import ApiClient, PlainGet, Reply, untrusted
-from asyncdepo.engine.types import Item, RemoteItem
+from asyncdepo.contract import Item, RemoteItem
 from asyncdepo.errors import (
     AuthError,
     DepoError,

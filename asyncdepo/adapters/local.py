@@ -35,8 +35,8 @@ from urllib.parse import unquote, urlsplit
 
 import anyio
 
-from asyncdepo.adapters.base import Adapter, ChunkWriter, Features, register
-from asyncdepo.engine.types import Chunk, Item, RemoteItem
+from asyncdepo.contract import Adapter, ChunkWriter, Features, register
+from asyncdepo.contract import Chunk, Item, RemoteItem
 from asyncdepo.errors import IntegrityError, OffsetMismatchError, SourceError, TransientError, UsageError
 
 PART_SUFFIX = ".asyncdepo-part"

@@ -41,9 +41,9 @@ import anyio
 import orjson
 from aiohttp import payload
 
-from asyncdepo.adapters.base import Adapter, ChunkWriter, Features
+from asyncdepo.contract import Adapter, ChunkWriter, Features
 from asyncdepo.engine.api import RetryPolicy, client_session, retry_call
-from asyncdepo.engine.types import ByteSource, Item
+from asyncdepo.contract import ByteSource, Item
 from asyncdepo.errors import (
     AuthError,
     ConflictError,

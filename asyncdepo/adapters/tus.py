@@ -50,9 +50,9 @@ import aiohttp
 import anyio
 from multidict import CIMultiDictProxy
 
-from asyncdepo.adapters.base import Adapter, ChunkWriter, Features, register
+from asyncdepo.contract import Adapter, ChunkWriter, Features, register
 from asyncdepo.engine.api import SourcePayload, ViewPayload, client_session, request_timeout
-from asyncdepo.engine.types import ByteSource, Chunk, Item
+from asyncdepo.contract import ByteSource, Chunk, Item
 from asyncdepo.errors import (
     IntegrityError,
     OffsetMismatchError,

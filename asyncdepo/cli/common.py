@@ -57,7 +57,7 @@ def make_reporter(args: argparse.Namespace, title: str = "asyncdepo") -> Reporte
     if getattr(args, "json", False):
         return Reporter([JsonSink(sys.stdout)])
     if not getattr(args, "quiet", False) and sys.stderr.isatty():
-        from asyncdepo.render import RichSink
+        from asyncdepo.cli.render import RichSink
 
         return Reporter([RichSink(title=title)])
     return Reporter([LogSink()])

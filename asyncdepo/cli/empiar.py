@@ -36,12 +36,12 @@ import anyio
 import orjson
 
 from asyncdepo import errors
-from asyncdepo.adapters import empiar as E
-from asyncdepo.adapters import empiar_schema as schema
+from asyncdepo.adapters.empiar import depositor as E
+from asyncdepo.adapters.empiar import schema
 from asyncdepo.adapters.globus import DEFAULT_BASE as GLOBUS_BASE
 from asyncdepo.adapters.globus import GlobusClient
 from asyncdepo.cli import common
-from asyncdepo.engine import ascp as A
+from asyncdepo.transport.ascp import runner as A
 
 VERSION = "asyncdepo empiar (compatible with empiar-depositor 1.6b30)"
 RIGHTS = {"1": "owner", "2": "view", "3": "view and edit", "4": "view, edit and submit"}

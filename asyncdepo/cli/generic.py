@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def make_adapter(url: str, args: argparse.Namespace, config: Any = None) -> Any:
     """The adapter for a target URL; raises UsageError naming the known schemes."""
-    from asyncdepo.adapters import base
+    from asyncdepo import adapters as base
 
     scheme = url.split("://", 1)[0] if "://" in url else ""
     factory = base.lookup(scheme)

@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 import anyio
 import orjson
 
-from asyncdepo.adapters.gypsum import GypsumAdapter, parse_target
-from asyncdepo.adapters.gypsum_api import GypsumClient
-from asyncdepo.adapters.gypsum_session import SessionStore
+from asyncdepo.adapters.gypsum.adapter import GypsumAdapter, parse_target
+from asyncdepo.adapters.gypsum.api import GypsumClient
+from asyncdepo.adapters.gypsum.session import SessionStore
 from asyncdepo.cli import common
 from asyncdepo.errors import DepoError, UsageError
 

@@ -33,12 +33,12 @@ from asyncdepo.config import EngineConfig
 from asyncdepo.engine.pull import pull
 from asyncdepo.engine.report import RunReport
 from asyncdepo.engine.source import selected
-from asyncdepo.engine.types import RemoteItem
+from asyncdepo.contract import RemoteItem
 from asyncdepo.errors import AuthError, DepoError, IntegrityError, TransientError, UsageError, is_transient
 from asyncdepo.events import ItemDone, ItemFailed, ItemRetrying, ItemSkipped, JobFinished, Reporter
 
 if TYPE_CHECKING:  # the ascp runner is imported only by the ascp route (it costs start-up time on https)
-    from asyncdepo.engine.ascp import AscpOptions, AscpProgress
+    from asyncdepo.transport.ascp.runner import AscpOptions, AscpProgress
 
 PART = ".asyncdepo-part"  # the engine's temporary suffix (engine.pull.PART)
 ASPERA_USER = "databrowser"
@@ -149,7 +149,7 @@ async def pull_via_ascp(adapter: ImmportAdapter, outdir: Path | str, opts: AscpO
 
     :raises AuthError: the login or the Aspera token was refused (nothing could succeed then).
     """
-    from asyncdepo.engine.ascp import AscpSecrets, transfer
+    from asyncdepo.transport.ascp.runner import AscpSecrets, transfer
 
     config = config or EngineConfig()
     reporter = reporter or Reporter()
@@ -290,7 +290,7 @@ async def _pull(args: argparse.Namespace, adapter: ImmportAdapter, outdir: str, 
                 reporter: Reporter) -> RunReport:
     opts = None
     if args.via == "ascp":
-        from asyncdepo.engine.ascp import AscpOptions, check_ascp
+        from asyncdepo.transport.ascp.runner import AscpOptions, check_ascp
 
         opts = AscpOptions(ascp=args.ascp, mode="recv", host=args.aspera_host, user=ASPERA_USER,
                            key_file=args.aspera_key, tcp_port=args.aspera_port, udp_port=args.aspera_port,

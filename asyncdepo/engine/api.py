@@ -7,15 +7,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from asyncdepo.engine.hashing import MultiHash, digest_bytes, hash_file
-from asyncdepo.engine.httpapi import ApiClient, Reply
-from asyncdepo.engine.httpget import untrusted
-from asyncdepo.engine.retry import RetryPolicy, retry_call
-from asyncdepo.engine.types import ByteSource, Chunk, Item, PartInfo, PlainGet, RemoteItem
+from asyncdepo.digests import MultiHash, digest_bytes, hash_file
+from asyncdepo.transport.httpapi import ApiClient, Reply
+from asyncdepo.transport.httpget import untrusted
+from asyncdepo.transport.pacer import RetryPolicy, retry_call
+from asyncdepo.contract import ByteSource, Chunk, Item, PartInfo, PlainGet, RemoteItem
 
 if TYPE_CHECKING:
     from asyncdepo.engine.compress import TarSource, tar_source
-    from asyncdepo.engine.httpbody import (
+    from asyncdepo.transport.httpbody import (
         SourcePayload,
         ViewPayload,
         client_session,
@@ -29,9 +29,9 @@ if TYPE_CHECKING:
 # adapter which never touches them (ImmPort's plain GETs) should not pay
 _LAZY = {
     "TarSource": "asyncdepo.engine.compress", "tar_source": "asyncdepo.engine.compress",
-    "SourcePayload": "asyncdepo.engine.httpbody", "ViewPayload": "asyncdepo.engine.httpbody",
-    "client_session": "asyncdepo.engine.httpbody", "request_timeout": "asyncdepo.engine.httpbody",
-    "transport_error": "asyncdepo.engine.httpbody", "FileSource": "asyncdepo.engine.pipeline",
+    "SourcePayload": "asyncdepo.transport.httpbody", "ViewPayload": "asyncdepo.transport.httpbody",
+    "client_session": "asyncdepo.transport.httpbody", "request_timeout": "asyncdepo.transport.httpbody",
+    "transport_error": "asyncdepo.transport.httpbody", "FileSource": "asyncdepo.engine.pipeline",
     "iter_items": "asyncdepo.engine.source",
 }
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import anyio
 
-from asyncdepo.engine.hashing import MultiHash
+from asyncdepo.digests import MultiHash
 from asyncdepo.engine.pipeline import RawReader
-from asyncdepo.engine.types import Item
+from asyncdepo.contract import Item
 
 BLOCK = tarfile.BLOCKSIZE  # 512
 

@@ -17,15 +17,15 @@ from typing import Any
 
 import anyio
 
-from asyncdepo.adapters.base import Adapter
+from asyncdepo.contract import Adapter
 from asyncdepo.config import EngineConfig
-from asyncdepo.engine import httpget
-from asyncdepo.engine.bandwidth import TokenBucket
-from asyncdepo.engine.hashing import FACTORIES, MultiHash, hash_path_sync
+from asyncdepo.transport import httpget
+from asyncdepo.transport.bandwidth import TokenBucket
+from asyncdepo.digests import FACTORIES, MultiHash, hash_path_sync
 from asyncdepo.engine.report import RunReport, _fill, _ticker, describe, first_error
-from asyncdepo.engine.retry import RetryPolicy
+from asyncdepo.transport.pacer import RetryPolicy
 from asyncdepo.engine.source import selected
-from asyncdepo.engine.types import PlainGet, RemoteItem
+from asyncdepo.contract import PlainGet, RemoteItem
 from asyncdepo.errors import IntegrityError, TransientError, UsageError, is_transient
 from asyncdepo.events import (
     ItemDone,

@@ -23,18 +23,18 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from asyncdepo.adapters.base import Adapter
+from asyncdepo.contract import Adapter
 from asyncdepo.config import EngineConfig
-from asyncdepo.engine.bandwidth import TokenBucket
+from asyncdepo.transport.bandwidth import TokenBucket
 from asyncdepo.engine.compress import TarSource
-from asyncdepo.engine.hashing import hash_path_sync
+from asyncdepo.digests import hash_path_sync
 from asyncdepo.engine.journal import Journal
 from asyncdepo.engine.pipeline import BufferPool
 from asyncdepo.engine.report import RunReport, _fill, _ticker, describe, first_error
-from asyncdepo.engine.retry import RetryPolicy
+from asyncdepo.transport.pacer import RetryPolicy
 from asyncdepo.engine.source import walk
 from asyncdepo.engine.transfer import Run, send_item
-from asyncdepo.engine.types import Item
+from asyncdepo.contract import Item
 from asyncdepo.errors import is_transient
 from asyncdepo.events import ItemDone, ItemFailed, ItemSkipped, JobFinished, JobStarted, Reporter
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import anyio
 
-from asyncdepo.engine.types import Item
+from asyncdepo.contract import Item
 from asyncdepo.errors import SourceError, UsageError
 
 BATCH = 256

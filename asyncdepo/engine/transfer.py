@@ -17,15 +17,15 @@ from typing import Any, TypeVar
 
 import anyio
 
-from asyncdepo.adapters.base import Adapter, ChunkWriter, Features
+from asyncdepo.contract import Adapter, ChunkWriter, Features
 from asyncdepo.config import EngineConfig
-from asyncdepo.engine.bandwidth import TokenBucket
-from asyncdepo.engine.hashing import MultiHash, digest_bytes, hash_path_sync
+from asyncdepo.transport.bandwidth import TokenBucket
+from asyncdepo.digests import MultiHash, digest_bytes, hash_path_sync
 from asyncdepo.engine.journal import Journal
 from asyncdepo.engine.pipeline import BufferPool, ChunkStream, FileSource, RawReader, ZstdReader, read_small
 from asyncdepo.engine.report import first_error
-from asyncdepo.engine.retry import RetryPolicy
-from asyncdepo.engine.types import Chunk, Item
+from asyncdepo.transport.pacer import RetryPolicy
+from asyncdepo.contract import Chunk, Item
 from asyncdepo.errors import (
     OffsetMismatchError,
     PermanentError,

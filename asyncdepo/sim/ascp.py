@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from asyncdepo.engine.ascp_faspmgr import FASP_ERRORS
+from asyncdepo.transport.ascp.faspmgr import FASP_ERRORS
 from asyncdepo.sim.ascp_output import Manager, err, fmt_size, out, progress_line
 from asyncdepo.sim.ascp_transfer import Args, Dropped, Job, Session, SessionError, Usage
 

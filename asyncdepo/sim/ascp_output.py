@@ -2,7 +2,7 @@
 
 Contract: :func:`out` writes to stdout and :func:`err` writes a line to stderr, both flushed at once and
 silent when the reader has gone (a closed pipe is not an error for a child). :func:`fmt_size` and
-:func:`progress_line` format what real ascp prints (see :mod:`asyncdepo.engine.ascp_parse` for the
+:func:`progress_line` format what real ascp prints (see :mod:`asyncdepo.transport.ascp.console` for the
 reader's side). :class:`Manager` connects to ``127.0.0.1:port`` when ``-M port`` was given (raising
 ``OSError`` when it cannot) and writes ``FASPMGR 2`` frames with escaped values; once the connection
 fails it stops sending rather than failing the transfer. Nothing here ever receives a secret.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 import sys
 
-from asyncdepo.engine.ascp_faspmgr import escape_value
+from asyncdepo.transport.ascp.faspmgr import escape_value
 
 __all__ = ("Manager", "err", "fmt_size", "out", "progress_line")
 

@@ -16,7 +16,7 @@ Behaviour and choices:
   ``Invalid username/password.``; 403 ``You do not have permission to perform this action.`` when the
   user has no (sufficient) rights on the entry; 404 ``Not found.``; 405 ``Method "GET" not allowed.``;
   415 for a JSON call whose body is not ``application/json``.
-* The deposition JSON is checked with the same rules the client applies (:mod:`asyncdepo.adapters.empiar_schema`);
+* The deposition JSON is checked with the same rules the client applies (:mod:`asyncdepo.adapters.empiar.schema`);
   a bad one is 400 with ``detail`` (the first problem) and ``errors`` (``{field: [message]}``).
 * Creating an entry makes its upload area ``ROOT/<upload-prefix>/<DIR>/data`` (prefix ``upload`` as on the
   real server; the reference client's ``-dl`` mode writes to ``tmp/andrii``). The stand-in ascp, run with
@@ -49,7 +49,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from asyncdepo.adapters.empiar_schema import MIN_THUMBNAIL, data_relative, png_size, problems
+from asyncdepo.adapters.empiar.schema import MIN_THUMBNAIL, data_relative, png_size, problems
 from asyncdepo.sim.faults import FaultInjector
 from asyncdepo.sim.server import make_app
 

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from asyncdepo.adapters.s3_writer import S3Writer
-from asyncdepo.engine.types import Chunk, Item
+from asyncdepo.adapters.s3.writer import S3Writer
+from asyncdepo.contract import Chunk, Item
 
 if TYPE_CHECKING:
     from tests.adapters.s3_servers import S3TestServer

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from asyncdepo.adapters.base import Adapter
+from asyncdepo.contract import Adapter
 from asyncdepo.adapters.local import LocalAdapter
-from asyncdepo.adapters.s3 import S3Adapter
+from asyncdepo.adapters.s3.adapter import S3Adapter
 from asyncdepo.adapters.tus import TusAdapter
 from asyncdepo.config import EngineConfig
 from asyncdepo.engine.pull import pull
 from asyncdepo.engine.scheduler import push
-from asyncdepo.engine.types import Chunk, Item
+from asyncdepo.contract import Chunk, Item
 from asyncdepo.sim import tus
 from asyncdepo.sim.faults import FaultInjector
 from asyncdepo.sim.server import SimServer

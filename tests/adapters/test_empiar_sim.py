@@ -15,8 +15,8 @@ import anyio
 import pytest
 
 from asyncdepo import errors
-from asyncdepo.adapters.empiar import Credentials, EmpiarApi
-from asyncdepo.adapters.empiar_schema import png_size
+from asyncdepo.adapters.empiar.depositor import Credentials, EmpiarApi
+from asyncdepo.adapters.empiar.schema import png_size
 from asyncdepo.adapters.globus import GlobusClient, TaskProgress, TransferItem
 from asyncdepo.engine.api import RetryPolicy
 from asyncdepo.sim import empiar as empiar_sim

@@ -195,7 +195,7 @@ def test_gypsum_client_reads_what_asyncdepo_pushed(sim: ThreadedSim, tmp_path: P
     """Both directions: a version pushed by asyncdepo (with dedup links) is read back by gypsum-client."""
     import anyio
 
-    from asyncdepo.adapters.gypsum import GypsumAdapter
+    from asyncdepo.adapters.gypsum.adapter import GypsumAdapter
     from asyncdepo.config import EngineConfig
     from asyncdepo.engine.scheduler import push
 

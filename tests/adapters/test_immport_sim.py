@@ -16,7 +16,7 @@ import pytest
 from asyncdepo.adapters.immport import Endpoints, ImmportAdapter
 from asyncdepo.cli.immport import pull_via_ascp
 from asyncdepo.config import EngineConfig
-from asyncdepo.engine.ascp import AscpOptions
+from asyncdepo.transport.ascp.runner import AscpOptions
 from asyncdepo.engine.pull import pull
 from asyncdepo.errors import AuthError, PermanentError, RemoteValidationError
 from asyncdepo.sim.faults import FaultInjector, FaultRule

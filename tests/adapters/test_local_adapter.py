@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from asyncdepo.adapters.base import lookup
+from asyncdepo.adapters import lookup
 from asyncdepo.adapters.local import PART_SUFFIX, LocalAdapter
-from asyncdepo.engine.types import Chunk, Item
+from asyncdepo.contract import Chunk, Item
 from asyncdepo.errors import IntegrityError, OffsetMismatchError, UsageError
 
 

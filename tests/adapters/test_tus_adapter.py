@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from asyncdepo.adapters.tus import ChecksumMismatchError, TusAdapter
-from asyncdepo.engine.types import Chunk, Item
+from asyncdepo.contract import Chunk, Item
 from asyncdepo.errors import (
     IntegrityError,
     OffsetMismatchError,

@@ -17,8 +17,8 @@ from typing import Any
 import anyio
 import pytest
 
-from asyncdepo.adapters.gypsum import GypsumAdapter
-from asyncdepo.adapters.gypsum_api import GypsumClient
+from asyncdepo.adapters.gypsum.adapter import GypsumAdapter
+from asyncdepo.adapters.gypsum.api import GypsumClient
 from asyncdepo.cli import gypsum as cli
 from asyncdepo.config import EngineConfig
 from asyncdepo.engine.pull import pull

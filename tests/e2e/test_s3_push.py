@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from asyncdepo.adapters.s3 import S3Adapter
+from asyncdepo.adapters.s3.adapter import S3Adapter
 from asyncdepo.config import EngineConfig
 from asyncdepo.engine.pull import pull
 from asyncdepo.engine.scheduler import push  # re-exported as asyncdepo.push

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from asyncdepo import errors
-from asyncdepo.engine.ascp_parse import (
+from asyncdepo.transport.ascp.console import (
     ConsoleParser,
     FaspMgrParser,
     LineSplitter,

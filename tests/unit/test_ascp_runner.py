@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from asyncdepo import errors
-from asyncdepo.engine.ascp import (
+from asyncdepo.transport.ascp.runner import (
     AscpOptions,
     AscpProgress,
     AscpSecrets,
@@ -24,7 +24,7 @@ from asyncdepo.engine.ascp import (
     run_once,
     transfer,
 )
-from asyncdepo.engine.retry import RetryPolicy
+from asyncdepo.transport.pacer import RetryPolicy
 from asyncdepo.sim.server import SimServer
 
 STANDIN = Path(sys.executable).parent / "asyncdepo-sim-ascp"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from asyncdepo.engine.bandwidth import TokenBucket
-from asyncdepo.engine.retry import RetryPolicy, retry_call
+from asyncdepo.transport.bandwidth import TokenBucket
+from asyncdepo.transport.pacer import RetryPolicy, retry_call
 from asyncdepo.errors import AuthError, RateLimitedError, TransientError
 
 

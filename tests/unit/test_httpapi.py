@@ -1,4 +1,4 @@
-"""The threaded API client (asyncdepo.engine.httpapi): bodies, keep-alive reuse, stale connections; each over
+"""The threaded API client (asyncdepo.transport.httpapi): bodies, keep-alive reuse, stale connections; each over
 plain HTTP and over TLS (a self-signed certificate only the test's client context trusts)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from asyncdepo.engine.httpapi import ApiClient
+from asyncdepo.transport.httpapi import ApiClient
 from tests.conftest import start_over
 
 

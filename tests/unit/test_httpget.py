@@ -1,7 +1,7 @@
-"""The threaded plain GET (asyncdepo.engine.httpget) against a small aiohttp server on loopback.
+"""The threaded plain GET (asyncdepo.transport.httpget) against a small aiohttp server on loopback.
 
 Every behaviour is checked over plain HTTP and over TLS (self-signed; the TLS route reads through memory
-BIOs, asyncdepo.engine.tlsbio, and has code paths of its own).
+BIOs, asyncdepo.transport.tlsbio, and has code paths of its own).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from asyncdepo.engine import httpget
-from asyncdepo.engine.hashing import MultiHash
+from asyncdepo.transport import httpget
+from asyncdepo.digests import MultiHash
 from asyncdepo.errors import DepoError, PermanentError, TransientError, is_transient
 from tests.conftest import start_over
 

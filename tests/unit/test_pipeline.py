@@ -13,11 +13,11 @@ import pytest
 import zstandard
 
 from asyncdepo.engine.compress import TarSource
-from asyncdepo.engine.hashing import MultiHash
+from asyncdepo.digests import MultiHash
 from asyncdepo.engine.journal import Journal
 from asyncdepo.engine.pipeline import BufferPool, ChunkStream, FileSource, RawReader, ZstdReader
 from asyncdepo.engine.source import iter_items
-from asyncdepo.engine.types import Item
+from asyncdepo.contract import Item
 from asyncdepo.errors import SourceChangedError
 
 

@@ -17,13 +17,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from asyncdepo.adapters.base import Adapter, Features
+from asyncdepo.contract import Adapter, Features
 from asyncdepo.config import EngineConfig
-from asyncdepo.engine import httpget
+from asyncdepo.transport import httpget
 from asyncdepo.engine.api import PlainGet
-from asyncdepo.engine.bandwidth import TokenBucket
+from asyncdepo.transport.bandwidth import TokenBucket
 from asyncdepo.engine.pull import pull
-from asyncdepo.engine.types import RemoteItem
+from asyncdepo.contract import RemoteItem
 from asyncdepo.errors import UsageError
 
 FILES = {f"d/f{i}.bin": os.urandom(300_000 + 70_001 * i) for i in range(5)}

@@ -1,4 +1,4 @@
-"""The S3 fast path's request signing (``asyncdepo.adapters.s3_fast.SigV4``) against botocore's, offline.
+"""The S3 fast path's request signing (``asyncdepo.adapters.s3.fast.SigV4``) against botocore's, offline.
 
 (The fast path against real S3 servers is tested in tests/adapters/test_s3_adapter.py.)
 """
@@ -17,7 +17,7 @@ def test_sigv4_matches_botocore(monkeypatch: pytest.MonkeyPatch) -> None:
     from botocore.config import Config
     from botocore.credentials import Credentials
 
-    from asyncdepo.adapters.s3_fast import SigV4
+    from asyncdepo.adapters.s3.fast import SigV4
 
     when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
     monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: when.replace(tzinfo=None))

@@ -1,9 +1,9 @@
 """Parsers for what ``ascp`` says on its console, and the account of one session built from all it says.
 
-Nothing here runs a process: :mod:`asyncdepo.engine.ascp` feeds :class:`SessionAccount` from the child's
+Nothing here runs a process: :mod:`asyncdepo.transport.ascp.runner` feeds :class:`SessionAccount` from the child's
 pipes and management socket, and it turns what ascp said into per-file progress and an outcome. All of
 it is pure and synchronous, so the unit tests feed it recorded text. The management-port frames, the FASP
-error table and the classification of failures live in :mod:`asyncdepo.engine.ascp_faspmgr`; every
+error table and the classification of failures live in :mod:`asyncdepo.transport.ascp.faspmgr`; every
 public name there is re-exported here, so ``ascp_parse`` stays the one import for ascp's output.
 
 Console (stdout). Progress lines are redrawn in place with ``\\r``; a file's last line ends with ``\\n``::
@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePath
 
 from asyncdepo import errors
-from asyncdepo.engine.ascp_faspmgr import (
+from asyncdepo.transport.ascp.faspmgr import (
     AUTH_CODES,
     FASP_ERRORS,
     MGR_HEADER,

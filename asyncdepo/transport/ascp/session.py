@@ -1,6 +1,6 @@
 """One ascp child process from spawn to reap: pipes, management port, stall watchdog, terminate/kill.
 
-:func:`run_session` is the lifecycle behind :func:`asyncdepo.engine.ascp.run_once` and ``transfer``
+:func:`run_session` is the lifecycle behind :func:`asyncdepo.transport.ascp.runner.run_once` and ``transfer``
 (whose docstring states the user-facing contract); it knows nothing of argv or secrets beyond what it is
 handed. Contract:
 
@@ -36,10 +36,10 @@ import anyio
 from anyio.abc import ByteReceiveStream, Process, SocketAttribute, SocketListener
 
 from asyncdepo import errors
-from asyncdepo.engine import ascp_parse as P
+from asyncdepo.transport.ascp import console as P
 
 if TYPE_CHECKING:
-    from asyncdepo.engine.ascp import AscpOptions
+    from asyncdepo.transport.ascp.runner import AscpOptions
 
 __all__ = ("SessionOutcome", "run_session")
 

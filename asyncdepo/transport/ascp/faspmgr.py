@@ -1,6 +1,6 @@
 """ascp's management-port protocol and its failures: FASPMGR frames, the FASP error table, classification.
 
-Nothing here runs a process or reads the console's progress lines (that is :mod:`asyncdepo.engine.ascp_parse`,
+Nothing here runs a process or reads the console's progress lines (that is :mod:`asyncdepo.transport.ascp.console`,
 which re-exports every public name of this module). All of it is pure and synchronous.
 
 Management port (``-M port``): ascp connects to our listener and writes frames: a ``FASPMGR 2`` line,

@@ -38,10 +38,10 @@ from typing import Any, Self
 
 import anyio
 
-from asyncdepo.adapters.base import Adapter, ChunkWriter, Features
-from asyncdepo.adapters.gypsum_api import GypsumClient, file_path
-from asyncdepo.adapters.gypsum_session import SessionRecord, SessionStore
-from asyncdepo.adapters.gypsum_writer import GypsumWriter
+from asyncdepo.contract import Adapter, ChunkWriter, Features
+from asyncdepo.adapters.gypsum.api import GypsumClient, file_path
+from asyncdepo.adapters.gypsum.session import SessionRecord, SessionStore
+from asyncdepo.adapters.gypsum.writer import GypsumWriter
 from asyncdepo.engine.api import Item, PlainGet, RemoteItem
 from asyncdepo.errors import (
     AuthError,

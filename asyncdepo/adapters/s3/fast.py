@@ -36,7 +36,7 @@ import anyio
 from yarl import URL
 
 from asyncdepo import errors
-from asyncdepo.adapters.s3_errors import map_error_response, map_s3_error
+from asyncdepo.transport.s3errors import map_error_response, map_s3_error
 from asyncdepo.engine.api import ViewPayload
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """S3 (and S3-compatible servers) as a target and a source: ``s3://BUCKET/PREFIX`` on aiobotocore.
 
 Push: a file that fits in one chunk goes as one PutObject; a larger file as a multipart upload whose parts
-the engine's workers send concurrently (see :mod:`asyncdepo.adapters.s3_writer`). Every body carries
+the engine's workers send concurrently (see :mod:`asyncdepo.adapters.s3.writer`). Every body carries
 Content-MD5 from the digest the engine computed while reading, and every ETag S3 returns is compared with
 it; the final multipart ETag is compared with ``md5(concat(part md5s))-N``. The UploadId and the finished
 parts are journaled through ``ChunkWriter.state()``; a re-run asks ListParts and sends only missing parts.
@@ -41,10 +41,10 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import anyio
 
 from asyncdepo import errors
-from asyncdepo.adapters.base import Adapter, ChunkWriter, Features, register
-from asyncdepo.adapters.s3_errors import map_s3_error
+from asyncdepo.contract import Adapter, ChunkWriter, Features, register
+from asyncdepo.transport.s3errors import map_s3_error
 from asyncdepo.engine.api import PlainGet
-from asyncdepo.engine.types import Item, RemoteItem
+from asyncdepo.contract import Item, RemoteItem
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -109,7 +109,7 @@ class S3Adapter(Adapter):
     :param region: the signing region (default: from the environment/profile, else us-east-1).
     :param profile: a profile of the shared AWS config files.
     :param fast_path: send PutObject/UploadPart as signed aiohttp PUTs once botocore has resolved the
-        endpoint (see :mod:`asyncdepo.adapters.s3_fast`); False sends everything through aiobotocore.
+        endpoint (see :mod:`asyncdepo.adapters.s3.fast`); False sends everything through aiobotocore.
     :raises UsageError: a malformed URL.
     """
 
@@ -182,7 +182,7 @@ class S3Adapter(Adapter):
         creds = self._static_credentials()
         if not (self.fast_path and self.endpoint_url and creds):
             return False
-        from asyncdepo.adapters.s3_fast import FastPath
+        from asyncdepo.adapters.s3.fast import FastPath
 
         region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         self._fast = FastPath(None, self.bucket, self.pool_size, base=f"{self.endpoint_url.rstrip('/')}/{self.bucket}/",
@@ -257,7 +257,7 @@ class S3Adapter(Adapter):
             raise
         _trim_per_request_work(client)
         if self.fast_path and self._fast is None:
-            from asyncdepo.adapters.s3_fast import FastPath
+            from asyncdepo.adapters.s3.fast import FastPath
 
             self._fast = FastPath(client, self.bucket, self.pool_size)
         self._client, self._stack = client, stack
@@ -278,7 +278,7 @@ class S3Adapter(Adapter):
     async def call(self, op: str, what: str, nbytes: int = 0, **params: Any) -> dict[str, Any]:
         """One S3 operation (``op`` is the client method, e.g. ``"put_object"``), one attempt, mapped errors.
 
-        :raises DepoError: the mapped failure (see :mod:`asyncdepo.adapters.s3_errors`).
+        :raises DepoError: the mapped failure (see :mod:`asyncdepo.transport.s3errors`).
         """
         client = await self.client()
         try:
@@ -332,7 +332,7 @@ class S3Adapter(Adapter):
 
         :raises DepoError: ListParts failed for another reason than a vanished upload.
         """
-        from asyncdepo.adapters.s3_writer import S3Writer
+        from asyncdepo.adapters.s3.writer import S3Writer
 
         writer = S3Writer(self, item, self.key_for(item.rel))
         if saved:

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from asyncdepo.adapters.base import ChunkWriter
-from asyncdepo.adapters.gypsum_api import connection_error, map_status, s3_error_text
+from asyncdepo.contract import ChunkWriter
+from asyncdepo.adapters.gypsum.api import connection_error, map_status, s3_error_text
 from asyncdepo.engine.api import ByteSource, Item, SourcePayload, request_timeout
 from asyncdepo.errors import DepoError, IntegrityError, SourceChangedError, TransientError
 
 if TYPE_CHECKING:
-    from asyncdepo.adapters.gypsum import GypsumAdapter
+    from asyncdepo.adapters.gypsum.adapter import GypsumAdapter
 
 PRESIGN_REUSE = 3000.0  # seconds a presigned URL is reused (the real server signs them for 3600 s)
 

@@ -35,8 +35,8 @@ Contract (what a caller may rely on):
   reaped — shielded, as anyio's ``Process.aclose`` does. No child outlives :func:`run_once`.
 
 This module holds the options, the command line and the public entry points; the child process's
-lifecycle (spawn, pipes, management port, stall watchdog, reaping) is :mod:`asyncdepo.engine.ascp_process`,
-and the parsing of what ascp says is :mod:`asyncdepo.engine.ascp_parse`.
+lifecycle (spawn, pipes, management port, stall watchdog, reaping) is :mod:`asyncdepo.transport.ascp.session`,
+and the parsing of what ascp says is :mod:`asyncdepo.transport.ascp.console`.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from asyncdepo import errors
-from asyncdepo.engine import ascp_parse as P
-from asyncdepo.engine.ascp_process import SessionOutcome, run_session
-from asyncdepo.engine.retry import RetryPolicy
+from asyncdepo.transport.ascp import console as P
+from asyncdepo.transport.ascp.session import SessionOutcome, run_session
+from asyncdepo.transport.pacer import RetryPolicy
 
 __all__ = (
     "SECRET_ENV", "AscpOptions", "AscpProgress", "AscpResult", "AscpSecrets", "ProgressCallback",

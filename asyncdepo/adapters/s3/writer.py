@@ -1,6 +1,6 @@
 """The S3 item writer: one PutObject for a file that fits in one chunk, else a multipart upload.
 
-Contracts (see :class:`asyncdepo.adapters.base.ChunkWriter`):
+Contracts (see :class:`asyncdepo.contract.ChunkWriter`):
 
 * ``write(chunk)`` takes the whole file (``offset == 0`` and ``last``): PutObject with Content-MD5, and the
   returned ETag must equal the chunk's md5.
@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from asyncdepo import errors
-from asyncdepo.adapters.base import ChunkWriter
-from asyncdepo.adapters.s3 import etag_md5, multipart_etag
-from asyncdepo.adapters.s3_errors import s3_code
-from asyncdepo.engine.types import ByteSource, Chunk, Item, PartInfo
+from asyncdepo.contract import ChunkWriter
+from asyncdepo.adapters.s3.adapter import etag_md5, multipart_etag
+from asyncdepo.transport.s3errors import s3_code
+from asyncdepo.contract import ByteSource, Chunk, Item, PartInfo
 
 if TYPE_CHECKING:
-    from asyncdepo.adapters.s3 import S3Adapter
+    from asyncdepo.adapters.s3.adapter import S3Adapter
 
 log = logging.getLogger(__name__)
 

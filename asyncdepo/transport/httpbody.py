@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 from aiohttp import payload
 
-from asyncdepo.engine.types import ByteSource
+from asyncdepo.contract import ByteSource
 
 
 class SourcePayload(payload.Payload):

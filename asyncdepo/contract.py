@@ -1,4 +1,19 @@
-"""The adapter contract: what the engine may rely on, and what an adapter may rely on.
+"""The contract between the engine and the adapters: what each side may rely on.
+
+Both sides import this module and nothing of each other (the model is rclone's ``fs/``). It holds:
+
+* the value types that cross the line — :class:`Item` (a file found by the walk), :class:`Chunk` (one request
+  body read into a reserved buffer), :class:`ByteSource` (one streamed body), :class:`PartInfo`,
+  :class:`RemoteItem` (a file listed for a pull) and :class:`PlainGet` (a pull item fetched by plain GET);
+* :class:`Features` — what an archive can do, the only thing the engine reads to decide how to send;
+* :class:`ChunkWriter` and :class:`Adapter` — the interface an archive implements;
+* :func:`register` and :data:`REGISTRY` — URL schemes to adapter factories (``asyncdepo.adapters`` loads the
+  built-in ones).
+
+Buffers: ``Chunk.data`` is valid only until the writer's ``write``/``write_part`` call returns (the buffer is
+reused), so an adapter that needs the bytes later must copy them; each view a ByteSource yields is valid until
+the next one is requested, and a body class must not hand a view to a transport that may still hold it after
+that (see :mod:`asyncdepo.transport.httpbody`).
 
 An adapter translates a job into one archive's API. The engine never branches on an adapter's name or
 type; what differs between archives is declared in :class:`Features`, and the engine reads those.
@@ -22,18 +37,88 @@ whose response was lost, after calling ``writer.resync()`` to learn the server's
 
 Secrets: an adapter keeps credentials to itself; ``describe()`` and ``state()`` must not contain any.
 
-Adapters never import engine internals: only ``asyncdepo.engine.types``, ``asyncdepo.engine.api`` and
-``asyncdepo.engine.ascp``.
+Adapters import this module, :mod:`asyncdepo.transport` and the engine's facade :mod:`asyncdepo.engine.api`;
+never the engine's internals.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ssl
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
-from asyncdepo.engine.types import ByteSource, Chunk, Item, PartInfo, PlainGet, RemoteItem
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Item:
+    """A regular file to send. ``path`` is absolute; ``rel`` uses '/' whatever the platform."""
+
+    path: str
+    rel: str
+    size: int
+    mtime_ns: int
+
+
+@dataclasses.dataclass(slots=True)
+class Chunk:
+    """One request body: ``data`` covers ``[offset, offset + len(data))`` of the (possibly compressed) stream.
+
+    ``digests`` holds hex digests of ``data`` for the algorithms the adapter asked for in
+    ``Features.chunk_digests``; ``part_number`` is 1-based for multipart targets and 0 otherwise.
+    ``last`` is true for the final chunk of the item; ``total`` is the stream's length once known.
+    """
+
+    offset: int
+    data: memoryview
+    digests: dict[str, str]
+    last: bool
+    part_number: int = 0
+    total: int | None = None
+
+
+@runtime_checkable
+class ByteSource(Protocol):
+    """A streamed body read with bounded read-ahead, hashed in the same pass."""
+
+    size: int | None
+    digests: dict[str, str]
+
+    def __aiter__(self) -> AsyncIterator[memoryview]: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PartInfo:
+    """What the server confirmed for one part of a multipart upload (journaled)."""
+
+    number: int
+    size: int
+    etag: str
+    md5: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RemoteItem:
+    """One file on a remote archive, as listed for a pull. ``digests`` maps an algorithm to a hex digest
+    the archive published (e.g. ``{"md5": ...}``); ``ref`` is adapter-private (a key, a UUID, a URL)."""
+
+    rel: str
+    size: int | None
+    digests: dict[str, str]
+    ref: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlainGet:
+    """A GET that needs nothing but its URL and headers. ``what`` names it in messages (never the URL: a
+    signed URL's query is a credential). ``timeout`` bounds every socket wait (connect and each read)."""
+
+    url: str
+    what: str
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    ssl_context: ssl.SSLContext | None = None
+    timeout: float = 120.0
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,39 +258,22 @@ class Adapter(ABC):
     async def plain_get(self, item: RemoteItem) -> PlainGet | None:
         """The item as a plain GET (URL and headers; the engine adds Range), or None to use :meth:`read`.
 
-        A plain GET is received, hashed and written in a worker thread (:mod:`asyncdepo.engine.httpget`),
+        A plain GET is received, hashed and written in a worker thread (:mod:`asyncdepo.transport.httpget`),
         which is much cheaper than streaming it through the event loop.
         """
         return None
 
 
 AdapterFactory = Callable[..., Adapter]
-_REGISTRY: dict[str, AdapterFactory] = {}
-_LOADED = False
+#: URL scheme -> adapter factory; filled by :func:`register` as adapter modules are imported
+REGISTRY: dict[str, AdapterFactory] = {}
 
 
 def register(scheme: str) -> Callable[[AdapterFactory], AdapterFactory]:
     """Class decorator: make an adapter reachable by a URL scheme (``tus+http``, ``file``, ``s3``)."""
 
     def deco(factory: AdapterFactory) -> AdapterFactory:
-        _REGISTRY[scheme] = factory
+        REGISTRY[scheme] = factory
         return factory
 
     return deco
-
-
-def lookup(scheme: str) -> AdapterFactory | None:
-    """The factory registered for ``scheme``, importing the built-in adapters on first use."""
-    global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        from asyncdepo import adapters as _pkg  # registers the built-ins
-
-        _pkg.load_builtins()
-    return _REGISTRY.get(scheme)
-
-
-def schemes() -> list[str]:
-    """Registered URL schemes, for help and error messages."""
-    lookup("")
-    return sorted(_REGISTRY)

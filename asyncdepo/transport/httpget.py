@@ -36,11 +36,11 @@ import anyio
 import anyio.from_thread
 import orjson
 
-from asyncdepo.engine.bandwidth import TokenBucket
-from asyncdepo.engine.hashing import MultiHash
-from asyncdepo.engine.httppool import STALE, ConnectionPool
-from asyncdepo.engine.tlsbio import TLSStream, set_timeouts
-from asyncdepo.engine.types import PlainGet
+from asyncdepo.transport.bandwidth import TokenBucket
+from asyncdepo.digests import MultiHash
+from asyncdepo.transport.httppool import STALE, ConnectionPool
+from asyncdepo.transport.tlsbio import TLSStream, set_timeouts
+from asyncdepo.contract import PlainGet
 from asyncdepo.errors import PermanentError, TransientError, http_error, parse_retry_after
 
 T = TypeVar("T")

@@ -2,7 +2,7 @@
 
 EMPIAR is not a per-file upload target: an entry is created over its JSON API, its files go by ascp (one
 session per image set, several at once) or Globus into the entry's upload folder, and the entry is then
-submitted. So this adapter is an orchestrator rather than an :class:`~asyncdepo.adapters.base.Adapter`; it uses
+submitted. So this adapter is an orchestrator rather than an :class:`~asyncdepo.contract.Adapter`; it uses
 only ``engine.api`` (retry policy, timeouts) and ``engine.ascp`` (the ascp runner).
 
 Resume: :class:`DepositState` (entry id and directory, the phase reached, the image sets already sent with a
@@ -29,11 +29,11 @@ import anyio
 import orjson
 
 from asyncdepo import errors
-from asyncdepo.adapters.empiar_schema import Layout
+from asyncdepo.adapters.empiar.schema import Layout
 from asyncdepo.adapters.globus import GlobusClient, TaskProgress, TransferItem
-from asyncdepo.engine import ascp
+from asyncdepo.transport.ascp import runner as ascp
 from asyncdepo.engine.api import RetryPolicy, request_timeout, retry_call, transport_error
-from asyncdepo.engine.ascp import AscpOptions, AscpProgress, AscpSecrets
+from asyncdepo.transport.ascp.runner import AscpOptions, AscpProgress, AscpSecrets
 from asyncdepo.events import ItemDone, ItemFailed, ItemRetrying, ItemSkipped, ItemStarted, Reporter
 
 DEFAULT_SERVER = "https://www.ebi.ac.uk"
@@ -240,7 +240,7 @@ def _scan(sources: tuple[Path, ...]) -> tuple[int, int, str]:
 
 
 async def plan_units(layout: Layout) -> list[Unit]:
-    """The transfer units of a :class:`~asyncdepo.adapters.empiar_schema.Layout`: one per image set, one per
+    """The transfer units of a :class:`~asyncdepo.adapters.empiar.schema.Layout`: one per image set, one per
     folder of extra files; scanned in a thread."""
     specs: list[tuple[str, str, tuple[Path, ...], str]] = []
     for s in layout.imagesets:

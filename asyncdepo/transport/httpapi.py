@@ -1,10 +1,10 @@
 """Small API requests (JSON in, JSON out) over pooled keep-alive ``http.client`` connections in worker threads.
 
-For adapters whose bulk bytes already go through :mod:`asyncdepo.engine.httpget` and whose API calls are
+For adapters whose bulk bytes already go through :mod:`asyncdepo.transport.httpget` and whose API calls are
 few and small (ImmPort: a login, a manifest, one DRS lookup per file). Such an adapter then never imports
 aiohttp, whose import alone costs 0.12-0.15 s of a start-up of about 0.3 s on these machines, and each call
 costs one thread hop instead of a pass through aiohttp's client machinery on the event loop. Adapters that
-stream request bodies keep aiohttp (:mod:`asyncdepo.engine.httpbody`).
+stream request bodies keep aiohttp (:mod:`asyncdepo.transport.httpbody`).
 
 :class:`ApiClient` keeps up to ``max_idle`` idle connections per (scheme, host, port). A request that
 fails on a reused connection before any response arrived (the server closed it while it was idle) is sent
@@ -24,7 +24,7 @@ from urllib.parse import urlencode, urlsplit
 import anyio
 import orjson
 
-from asyncdepo.engine.httppool import STALE, ConnectionPool
+from asyncdepo.transport.httppool import STALE, ConnectionPool
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ import http.client
 import ssl
 import threading
 
-from asyncdepo.engine.tlsbio import BioHTTPSConnection
+from asyncdepo.transport.tlsbio import BioHTTPSConnection
 
 STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 

@@ -1,0 +1,1 @@
+"""EMPIAR: the deposition flow (``depositor``) and the deposition JSON's schema (``schema``)."""

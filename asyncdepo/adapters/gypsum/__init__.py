@@ -1,0 +1,1 @@
+"""gypsum (ArtifactDB): the adapter, its REST API client, the upload session and the presigned-PUT writer."""

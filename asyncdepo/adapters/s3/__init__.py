@@ -1,0 +1,6 @@
+"""S3 and S3-compatible servers (``s3://BUCKET/PREFIX``): the adapter, its item writer and the signed-PUT
+fast path."""
+
+from asyncdepo.adapters.s3.adapter import S3Adapter, etag_md5, multipart_etag, parse_s3_url
+
+__all__ = ("S3Adapter", "etag_md5", "multipart_etag", "parse_s3_url")
