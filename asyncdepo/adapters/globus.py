@@ -23,7 +23,8 @@ import aiohttp
 import anyio
 
 from asyncdepo import errors
-from asyncdepo.engine.api import RetryPolicy, request_timeout, retry_call, transport_error
+from asyncdepo.transport.httpbody import request_timeout, transport_error
+from asyncdepo.transport.pacer import RetryPolicy, retry_call
 
 DEFAULT_BASE = "https://transfer.api.globus.org/v0.10"
 SYNC_LEVELS = {"exists": 0, "size": 1, "mtime": 2, "checksum": 3}

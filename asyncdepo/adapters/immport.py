@@ -30,10 +30,7 @@ from typing import TYPE_CHECKING, Any, Self
 import anyio
 import orjson
 
-from asyncdepo.contract import Adapter, ChunkWriter, Features
-from asyncdepo.engine import api
-from asyncdepo.engine.api import ApiClient, PlainGet, Reply, untrusted
-from asyncdepo.contract import Item, RemoteItem
+from asyncdepo.contract import Adapter, ChunkWriter, Features, Item, PlainGet, RemoteItem
 from asyncdepo.errors import (
     AuthError,
     DepoError,
@@ -44,6 +41,9 @@ from asyncdepo.errors import (
     http_error,
     parse_retry_after,
 )
+from asyncdepo.transport import httpbody, pacer
+from asyncdepo.transport.httpapi import ApiClient, Reply
+from asyncdepo.transport.httpget import untrusted
 
 if TYPE_CHECKING:
     import aiohttp
@@ -152,7 +152,7 @@ class ImmportAdapter(Adapter):
         study: str | None = None,
         endpoints: Endpoints = Endpoints(),
         drs: str = "s3",
-        policy: api.RetryPolicy | None = None,
+        policy: pacer.RetryPolicy | None = None,
     ) -> None:
         if study is not None and not STUDY.match(study):
             raise UsageError(f"--study {study!r}: expected an accession like SDY1")
@@ -169,7 +169,7 @@ class ImmportAdapter(Adapter):
         self.study = study
         self.endpoints = endpoints
         self.drs = drs
-        self.policy = policy or api.RetryPolicy()
+        self.policy = policy or pacer.RetryPolicy()
         self._api: ApiClient | None = None
         self._http: aiohttp.ClientSession | None = None  # only for read(); pulls use plain_get
         self._token: str | None = None
@@ -246,7 +246,7 @@ class ImmportAdapter(Adapter):
         if self._token is None:
             async with self._lock:
                 if self._token is None:
-                    self._token = await api.retry_call(self.login, self.policy)
+                    self._token = await pacer.retry_call(self.login, self.policy)
         return self._token
 
     async def _renew(self, stale: str) -> None:
@@ -254,7 +254,7 @@ class ImmportAdapter(Adapter):
         async with self._lock:
             if self._token == stale:
                 self._token = None
-                self._token = await api.retry_call(self.login, self.policy)
+                self._token = await pacer.retry_call(self.login, self.policy)
 
     async def call(self, method: str, path: str, *, base: str | None = None, json: Any = None,
                    what: str | None = None) -> Any:
@@ -284,7 +284,7 @@ class ImmportAdapter(Adapter):
                 return _json(r, what)
             raise AssertionError("unreachable")
 
-        return await api.retry_call(once, self.policy)
+        return await pacer.retry_call(once, self.policy)
 
     # -- listing ------------------------------------------------------------------------------------
     async def manifest(self, study: str) -> list[dict[str, Any]]:
@@ -401,9 +401,9 @@ class ImmportAdapter(Adapter):
         import aiohttp  # only this streaming route needs it; pulls go through plain_get
 
         if self._http is None:
-            self._http = api.client_session()
+            self._http = httpbody.client_session()
         try:
-            async with self._http.get(url, headers=headers, timeout=api.request_timeout(left)) as r:
+            async with self._http.get(url, headers=headers, timeout=httpbody.request_timeout(left)) as r:
                 if r.status >= 400:
                     raise http_error(r.status, _message(await r.read()), what=what,
                                      retry_after=parse_retry_after(r.headers.get("Retry-After")))

@@ -35,8 +35,7 @@ from urllib.parse import unquote, urlsplit
 
 import anyio
 
-from asyncdepo.contract import Adapter, ChunkWriter, Features, register
-from asyncdepo.contract import Chunk, Item, RemoteItem
+from asyncdepo.contract import Adapter, Chunk, ChunkWriter, Features, Item, RemoteItem, register
 from asyncdepo.errors import IntegrityError, OffsetMismatchError, SourceError, TransientError, UsageError
 
 PART_SUFFIX = ".asyncdepo-part"

@@ -41,9 +41,7 @@ import anyio
 import orjson
 from aiohttp import payload
 
-from asyncdepo.contract import Adapter, ChunkWriter, Features
-from asyncdepo.engine.api import RetryPolicy, client_session, retry_call
-from asyncdepo.contract import ByteSource, Item
+from asyncdepo.contract import Adapter, ByteSource, ChunkWriter, Features, Item
 from asyncdepo.errors import (
     AuthError,
     ConflictError,
@@ -58,6 +56,8 @@ from asyncdepo.errors import (
     http_error,
     parse_retry_after,
 )
+from asyncdepo.transport.httpbody import client_session
+from asyncdepo.transport.pacer import RetryPolicy, retry_call
 
 DEFAULT_SERVER = "https://proteindiffraction.org/api/v1/"
 PDB_CODE = re.compile(r"^[0-9][A-Za-z0-9]{3}$")

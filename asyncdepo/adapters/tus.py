@@ -50,9 +50,7 @@ import aiohttp
 import anyio
 from multidict import CIMultiDictProxy
 
-from asyncdepo.contract import Adapter, ChunkWriter, Features, register
-from asyncdepo.engine.api import SourcePayload, ViewPayload, client_session, request_timeout
-from asyncdepo.contract import ByteSource, Chunk, Item
+from asyncdepo.contract import Adapter, ByteSource, Chunk, ChunkWriter, Features, Item, register
 from asyncdepo.errors import (
     IntegrityError,
     OffsetMismatchError,
@@ -63,6 +61,7 @@ from asyncdepo.errors import (
     http_error,
     parse_retry_after,
 )
+from asyncdepo.transport.httpbody import SourcePayload, ViewPayload, client_session, request_timeout
 
 TUS_VERSION = "1.0.0"
 OFFSET_TYPE = "application/offset+octet-stream"

@@ -204,9 +204,9 @@ def _server(args: argparse.Namespace) -> tuple[str, str]:
 
 # -- the run ------------------------------------------------------------------------------------------------
 async def _deposit(args: argparse.Namespace, reporter: Any) -> tuple[E.DepositState, str]:
-    from asyncdepo.engine.api import client_session
     from asyncdepo.engine.journal import Journal, default_path
     from asyncdepo.events import JobFinished, JobStarted
+    from asyncdepo.transport.httpbody import client_session
 
     server, prefix = _server(args)
     doc = load_deposition(args.json_input)

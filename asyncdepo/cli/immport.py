@@ -30,10 +30,10 @@ import anyio
 from asyncdepo.adapters.immport import ASPERA_HOST, Endpoints, ImmportAdapter, Secret, immport_path
 from asyncdepo.cli import common
 from asyncdepo.config import EngineConfig
+from asyncdepo.contract import RemoteItem
 from asyncdepo.engine.pull import pull
 from asyncdepo.engine.report import RunReport
 from asyncdepo.engine.source import selected
-from asyncdepo.contract import RemoteItem
 from asyncdepo.errors import AuthError, DepoError, IntegrityError, TransientError, UsageError, is_transient
 from asyncdepo.events import ItemDone, ItemFailed, ItemRetrying, ItemSkipped, JobFinished, Reporter
 
@@ -99,7 +99,7 @@ def _dest(out: Path, rel: str) -> Path:
 
 async def _present(dest: Path, item: RemoteItem) -> bool:
     """True when ``dest`` already holds ``item`` (same size, and md5 when the archive published one)."""
-    from asyncdepo.engine.api import hash_file
+    from asyncdepo.digests import hash_file
 
     try:
         if item.size is not None and dest.stat().st_size != item.size:
@@ -116,7 +116,7 @@ async def _verify(out: Path, item: RemoteItem) -> None:
     :raises TransientError: missing or short (ascp did not finish it; a rerun resumes it).
     :raises IntegrityError: the md5 differs from the manifest's (the temporary file is deleted).
     """
-    from asyncdepo.engine.api import hash_file
+    from asyncdepo.digests import hash_file
 
     dest = _dest(out, item.rel)
     part = dest.with_name(dest.name + PART)

@@ -1,5 +1,6 @@
-"""The engine facade adapters may use (with ``engine.types`` and ``engine.ascp``); nothing else of the
-engine is theirs to import. Everything here is documented in its own module."""
+"""The engine facade adapters may use: reading files and trees as streamed bodies, the walk, and hashing a
+file off the loop. Nothing else of the engine is theirs to import (the transport helpers they need live in
+:mod:`asyncdepo.transport`, the shared types in :mod:`asyncdepo.contract`)."""
 
 from __future__ import annotations
 
@@ -7,32 +8,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from asyncdepo.digests import MultiHash, digest_bytes, hash_file
-from asyncdepo.transport.httpapi import ApiClient, Reply
-from asyncdepo.transport.httpget import untrusted
-from asyncdepo.transport.pacer import RetryPolicy, retry_call
-from asyncdepo.contract import ByteSource, Chunk, Item, PartInfo, PlainGet, RemoteItem
+from asyncdepo.contract import Item
+from asyncdepo.digests import hash_file
 
 if TYPE_CHECKING:
     from asyncdepo.engine.compress import TarSource, tar_source
-    from asyncdepo.transport.httpbody import (
-        SourcePayload,
-        ViewPayload,
-        client_session,
-        request_timeout,
-        transport_error,
-    )
     from asyncdepo.engine.pipeline import FileSource
     from asyncdepo.engine.source import iter_items
 
-# loaded on first use (PEP 562): aiohttp, zstandard and the read pipeline cost start-up time that an
-# adapter which never touches them (ImmPort's plain GETs) should not pay
+# loaded on first use (PEP 562): zstandard and the read pipeline cost start-up time that an adapter which
+# never touches them should not pay
 _LAZY = {
     "TarSource": "asyncdepo.engine.compress", "tar_source": "asyncdepo.engine.compress",
-    "SourcePayload": "asyncdepo.transport.httpbody", "ViewPayload": "asyncdepo.transport.httpbody",
-    "client_session": "asyncdepo.transport.httpbody", "request_timeout": "asyncdepo.transport.httpbody",
-    "transport_error": "asyncdepo.transport.httpbody", "FileSource": "asyncdepo.engine.pipeline",
-    "iter_items": "asyncdepo.engine.source",
+    "FileSource": "asyncdepo.engine.pipeline", "iter_items": "asyncdepo.engine.source",
 }
 
 
@@ -46,33 +34,7 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = (
-    "ApiClient",
-    "ByteSource",
-    "Chunk",
-    "FileSource",
-    "Item",
-    "MultiHash",
-    "PartInfo",
-    "PlainGet",
-    "RemoteItem",
-    "Reply",
-    "RetryPolicy",
-    "SourcePayload",
-    "TarSource",
-    "ViewPayload",
-    "client_session",
-    "digest_bytes",
-    "file_source",
-    "hash_file",
-    "iter_items",
-    "request_timeout",
-    "retry_call",
-    "tar_source",
-    "transport_error",
-    "untrusted",
-    "walk",
-)
+__all__ = ("FileSource", "TarSource", "file_source", "hash_file", "iter_items", "tar_source", "walk")
 
 
 def file_source(path: str | Path, *, offset: int = 0, length: int | None = None,

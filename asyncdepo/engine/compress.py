@@ -19,9 +19,9 @@ from typing import Any
 
 import anyio
 
+from asyncdepo.contract import Item
 from asyncdepo.digests import MultiHash
 from asyncdepo.engine.pipeline import RawReader
-from asyncdepo.contract import Item
 
 BLOCK = tarfile.BLOCKSIZE  # 512
 

@@ -26,8 +26,8 @@ from typing import Any, Protocol, Self
 import anyio
 import anyio.abc
 
-from asyncdepo.digests import MultiHash, digest_bytes
 from asyncdepo.contract import Chunk, Item
+from asyncdepo.digests import MultiHash, digest_bytes
 from asyncdepo.errors import SourceChangedError, SourceError
 
 

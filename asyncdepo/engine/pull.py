@@ -17,15 +17,11 @@ from typing import Any
 
 import anyio
 
-from asyncdepo.contract import Adapter
 from asyncdepo.config import EngineConfig
-from asyncdepo.transport import httpget
-from asyncdepo.transport.bandwidth import TokenBucket
+from asyncdepo.contract import Adapter, PlainGet, RemoteItem
 from asyncdepo.digests import FACTORIES, MultiHash, hash_path_sync
 from asyncdepo.engine.report import RunReport, _fill, _ticker, describe, first_error
-from asyncdepo.transport.pacer import RetryPolicy
 from asyncdepo.engine.source import selected
-from asyncdepo.contract import PlainGet, RemoteItem
 from asyncdepo.errors import IntegrityError, TransientError, UsageError, is_transient
 from asyncdepo.events import (
     ItemDone,
@@ -37,6 +33,9 @@ from asyncdepo.events import (
     Reporter,
     Stats,
 )
+from asyncdepo.transport import httpget
+from asyncdepo.transport.bandwidth import TokenBucket
+from asyncdepo.transport.pacer import RetryPolicy
 
 PART = ".asyncdepo-part"
 

@@ -23,20 +23,19 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from asyncdepo.contract import Adapter
 from asyncdepo.config import EngineConfig
-from asyncdepo.transport.bandwidth import TokenBucket
-from asyncdepo.engine.compress import TarSource
+from asyncdepo.contract import Adapter, Item
 from asyncdepo.digests import hash_path_sync
+from asyncdepo.engine.compress import TarSource
 from asyncdepo.engine.journal import Journal
 from asyncdepo.engine.pipeline import BufferPool
 from asyncdepo.engine.report import RunReport, _fill, _ticker, describe, first_error
-from asyncdepo.transport.pacer import RetryPolicy
 from asyncdepo.engine.source import walk
 from asyncdepo.engine.transfer import Run, send_item
-from asyncdepo.contract import Item
 from asyncdepo.errors import is_transient
 from asyncdepo.events import ItemDone, ItemFailed, ItemSkipped, JobFinished, JobStarted, Reporter
+from asyncdepo.transport.bandwidth import TokenBucket
+from asyncdepo.transport.pacer import RetryPolicy
 
 
 def _hashes(config: EngineConfig, adapter: Adapter) -> tuple[str, ...]:

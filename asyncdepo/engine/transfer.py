@@ -17,15 +17,12 @@ from typing import Any, TypeVar
 
 import anyio
 
-from asyncdepo.contract import Adapter, ChunkWriter, Features
 from asyncdepo.config import EngineConfig
-from asyncdepo.transport.bandwidth import TokenBucket
+from asyncdepo.contract import Adapter, Chunk, ChunkWriter, Features, Item
 from asyncdepo.digests import MultiHash, digest_bytes, hash_path_sync
 from asyncdepo.engine.journal import Journal
 from asyncdepo.engine.pipeline import BufferPool, ChunkStream, FileSource, RawReader, ZstdReader, read_small
 from asyncdepo.engine.report import first_error
-from asyncdepo.transport.pacer import RetryPolicy
-from asyncdepo.contract import Chunk, Item
 from asyncdepo.errors import (
     OffsetMismatchError,
     PermanentError,
@@ -34,6 +31,8 @@ from asyncdepo.errors import (
     is_transient,
 )
 from asyncdepo.events import ItemDone, ItemRetrying, ItemStarted, Reporter
+from asyncdepo.transport.bandwidth import TokenBucket
+from asyncdepo.transport.pacer import RetryPolicy
 
 T = TypeVar("T")
 

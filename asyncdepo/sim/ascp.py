@@ -28,9 +28,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-from asyncdepo.transport.ascp.faspmgr import FASP_ERRORS
 from asyncdepo.sim.ascp_output import Manager, err, fmt_size, out, progress_line
 from asyncdepo.sim.ascp_transfer import Args, Dropped, Job, Session, SessionError, Usage
+
+# FASP error 27, as ascp describes it (the stand-in writes its own text: it shares nothing with the client)
+PARTIAL_FAILURE = "Some individual files failed"
 
 # the stand-in's own names, and those of ascp_output and ascp_transfer (re-exported)
 __all__ = (
@@ -182,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             session.summary()
         status = 1 if session.failed else 0
         session.mgr.send("DONE" if status == 0 else "ERROR", Code=27 if status else 0,
-                         Description="" if status == 0 else FASP_ERRORS[27])
+                         Description="" if status == 0 else PARTIAL_FAILURE)
     except Usage as exc:
         err(str(exc))
         err(USAGE)

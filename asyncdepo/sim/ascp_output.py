@@ -13,8 +13,6 @@ from __future__ import annotations
 import socket
 import sys
 
-from asyncdepo.transport.ascp.faspmgr import escape_value
-
 __all__ = ("Manager", "err", "fmt_size", "out", "progress_line")
 
 
@@ -62,8 +60,13 @@ class Manager:
     def send(self, kind: str, **fields: object) -> None:
         if self.sock is None:
             return
-        body = "".join(f"{k}: {escape_value(str(v))}\n" for k, v in fields.items())
+        body = "".join(f"{k}: {_escape(str(v))}\n" for k, v in fields.items())
         try:
             self.sock.sendall(f"FASPMGR 2\nType: {kind}\n{body}\n".encode())
         except OSError:
             self.sock = None
+
+
+def _escape(value: str) -> str:
+    """A management-frame value as ascp writes it: ESC doubled, newline and CR as ESC n / ESC r."""
+    return value.replace("\x1b", "\x1b\x1b").replace("\n", "\x1bn").replace("\r", "\x1br")

@@ -10,15 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import TYPE_CHECKING, Any
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
-from asyncdepo.sim.faults import FAULT_KEY
+from asyncdepo.sim.faults import FAULT_KEY, FaultInjector
 
-if TYPE_CHECKING:
-    from asyncdepo.sim.immport import ImmportSim
+
+class FileHost(Protocol):
+    """What the file responses need of the simulator: its files, counters, faults and the hold switch."""
+
+    root: Path
+    faults: FaultInjector
+    file_gets: int
+    hold_after: int | None
+    bytes_out: defaultdict[str, int]
+    events: defaultdict[str, int]
+
+    async def maybe_hold(self) -> None: ...
 
 CHUNK = 1 << 20
 
@@ -53,7 +65,7 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None | str:
     return start, end
 
 
-async def serve_file(request: web.Request, sim: ImmportSim, rel: str) -> web.StreamResponse:
+async def serve_file(request: web.Request, sim: FileHost, rel: str) -> web.StreamResponse:
     """Stream ``rel`` honouring Range, counting the bytes written; a ``drop`` fault cuts the response."""
     local = sim.root / rel
     sim.file_gets += 1
@@ -89,7 +101,7 @@ async def serve_file(request: web.Request, sim: ImmportSim, rel: str) -> web.Str
         os.close(fd)
 
 
-async def _send_body(request: web.Request, resp: web.StreamResponse, sim: ImmportSim, fd: int, start: int,
+async def _send_body(request: web.Request, resp: web.StreamResponse, sim: FileHost, fd: int, start: int,
                      end: int, cut: int | None) -> None:
     """Write ``[start, end)`` of ``fd``; count what was handed to the transport; cut after ``cut`` bytes."""
     route = sim.faults.route_name(request)

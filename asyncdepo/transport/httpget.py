@@ -36,12 +36,12 @@ import anyio
 import anyio.from_thread
 import orjson
 
-from asyncdepo.transport.bandwidth import TokenBucket
+from asyncdepo.contract import PlainGet
 from asyncdepo.digests import MultiHash
+from asyncdepo.errors import PermanentError, TransientError, http_error, parse_retry_after
+from asyncdepo.transport.bandwidth import TokenBucket
 from asyncdepo.transport.httppool import STALE, ConnectionPool
 from asyncdepo.transport.tlsbio import TLSStream, set_timeouts
-from asyncdepo.contract import PlainGet
-from asyncdepo.errors import PermanentError, TransientError, http_error, parse_retry_after
 
 T = TypeVar("T")
 BLOCK = 1 << 19

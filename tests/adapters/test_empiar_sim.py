@@ -18,7 +18,7 @@ from asyncdepo import errors
 from asyncdepo.adapters.empiar.depositor import Credentials, EmpiarApi
 from asyncdepo.adapters.empiar.schema import png_size
 from asyncdepo.adapters.globus import GlobusClient, TaskProgress, TransferItem
-from asyncdepo.engine.api import RetryPolicy
+from asyncdepo.transport.pacer import RetryPolicy
 from asyncdepo.sim import empiar as empiar_sim
 from asyncdepo.sim import globus as globus_sim
 from asyncdepo.sim.datasets import make_png

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 from asyncdepo.contract import Adapter, Features
 from asyncdepo.config import EngineConfig
 from asyncdepo.transport import httpget
-from asyncdepo.engine.api import PlainGet
+from asyncdepo.contract import PlainGet
 from asyncdepo.transport.bandwidth import TokenBucket
 from asyncdepo.engine.pull import pull
 from asyncdepo.contract import RemoteItem

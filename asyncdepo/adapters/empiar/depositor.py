@@ -31,10 +31,11 @@ import orjson
 from asyncdepo import errors
 from asyncdepo.adapters.empiar.schema import Layout
 from asyncdepo.adapters.globus import GlobusClient, TaskProgress, TransferItem
-from asyncdepo.transport.ascp import runner as ascp
-from asyncdepo.engine.api import RetryPolicy, request_timeout, retry_call, transport_error
-from asyncdepo.transport.ascp.runner import AscpOptions, AscpProgress, AscpSecrets
 from asyncdepo.events import ItemDone, ItemFailed, ItemRetrying, ItemSkipped, ItemStarted, Reporter
+from asyncdepo.transport.ascp import runner as ascp
+from asyncdepo.transport.ascp.runner import AscpOptions, AscpProgress, AscpSecrets
+from asyncdepo.transport.httpbody import request_timeout, transport_error
+from asyncdepo.transport.pacer import RetryPolicy, retry_call
 
 DEFAULT_SERVER = "https://www.ebi.ac.uk"
 ASCP_HOST = "emp_dep@hx-fasp-1.ebi.ac.uk"

@@ -38,11 +38,10 @@ from typing import Any, Self
 
 import anyio
 
-from asyncdepo.contract import Adapter, ChunkWriter, Features
 from asyncdepo.adapters.gypsum.api import GypsumClient, file_path
 from asyncdepo.adapters.gypsum.session import SessionRecord, SessionStore
 from asyncdepo.adapters.gypsum.writer import GypsumWriter
-from asyncdepo.engine.api import Item, PlainGet, RemoteItem
+from asyncdepo.contract import Adapter, ChunkWriter, Features, Item, PlainGet, RemoteItem
 from asyncdepo.errors import (
     AuthError,
     ConflictError,
@@ -319,7 +318,7 @@ class GypsumAdapter(Adapter):
         if self.session is None or item.rel not in self.session.file_urls:
             raise UsageError(f"{item.rel}: not part of the gypsum upload (prepare was not run, or the file "
                              "was added after the upload started)")
-        return GypsumWriter(self, item, self.session.file_urls[item.rel], self.session.token,
+        return GypsumWriter(self.client, item, self.session.file_urls[item.rel], self.session.token,
                             self._md5.get(item.rel))
 
     async def finish(self, ok: bool) -> dict[str, Any]:

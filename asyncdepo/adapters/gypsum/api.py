@@ -23,7 +23,6 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from asyncdepo.engine.api import RetryPolicy, client_session, request_timeout, retry_call
 from asyncdepo.errors import (
     AuthError,
     ConflictError,
@@ -35,6 +34,8 @@ from asyncdepo.errors import (
     http_error,
     parse_retry_after,
 )
+from asyncdepo.transport.httpbody import client_session, request_timeout
+from asyncdepo.transport.pacer import RetryPolicy, retry_call
 
 TOKEN_HINT = "set GITHUB_TOKEN (or ASYNCDEPO_GYPSUM_TOKEN) to a GitHub token with the read:user and read:org scopes"
 _XML_MESSAGE = re.compile(rb"<Message>(.*?)</Message>", re.DOTALL)

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 
-from asyncdepo.contract import ChunkWriter
-from asyncdepo.adapters.gypsum.api import connection_error, map_status, s3_error_text
-from asyncdepo.engine.api import ByteSource, Item, SourcePayload, request_timeout
+from asyncdepo.adapters.gypsum.api import GypsumClient, connection_error, map_status, s3_error_text
+from asyncdepo.contract import ByteSource, ChunkWriter, Item
 from asyncdepo.errors import DepoError, IntegrityError, SourceChangedError, TransientError
-
-if TYPE_CHECKING:
-    from asyncdepo.adapters.gypsum.adapter import GypsumAdapter
+from asyncdepo.transport.httpbody import SourcePayload, request_timeout
 
 PRESIGN_REUSE = 3000.0  # seconds a presigned URL is reused (the real server signs them for 3600 s)
 
@@ -76,15 +73,15 @@ class _OncePayload(SourcePayload):
 class GypsumWriter(ChunkWriter):
     """One file's presign + PUT. Used by one item task; request-level retries call ``write_stream`` again."""
 
-    def __init__(self, adapter: GypsumAdapter, item: Item, url_path: str, token: str, md5: str | None) -> None:
+    def __init__(self, client: GypsumClient, item: Item, url_path: str, token: str, md5: str | None) -> None:
         super().__init__()
-        self.adapter, self.item, self._url_path, self._token, self._md5 = adapter, item, url_path, token, md5
+        self.client, self.item, self._url_path, self._token, self._md5 = client, item, url_path, token, md5
         self._put: tuple[str, str, float] | None = None
         self.etag: str | None = None
 
     async def _presigned(self) -> tuple[str, str]:
         if self._put is None or time.monotonic() - self._put[2] > PRESIGN_REUSE:
-            url, b64 = await self.adapter.client.presign(self._url_path, self._token, self.item.rel)
+            url, b64 = await self.client.presign(self._url_path, self._token, self.item.rel)
             self._put = (url, b64, time.monotonic())
         return self._put[0], self._put[1]
 
@@ -98,7 +95,7 @@ class GypsumWriter(ChunkWriter):
         url, md5b64 = await self._presigned()
         what = f"gypsum PUT {self.item.rel}"
         size = self.item.size
-        session = self.adapter.client.session
+        session = self.client.session
         assert session is not None
         headers = {"Content-MD5": md5b64, "Content-Length": str(size), "Content-Type": "application/octet-stream"}
         try:

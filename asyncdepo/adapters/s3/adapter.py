@@ -30,7 +30,6 @@ Client settings, and why:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import ssl
@@ -41,14 +40,13 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import anyio
 
 from asyncdepo import errors
-from asyncdepo.contract import Adapter, ChunkWriter, Features, register
+from asyncdepo.adapters.s3.etags import etag_md5
+from asyncdepo.adapters.s3.writer import S3Writer
+from asyncdepo.contract import Adapter, ChunkWriter, Features, Item, PlainGet, RemoteItem, register
 from asyncdepo.transport.s3errors import map_s3_error
-from asyncdepo.engine.api import PlainGet
-from asyncdepo.contract import Item, RemoteItem
 
 MiB = 1 << 20
 GiB = 1 << 30
-_MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-_]{0,254}$", re.IGNORECASE)
 
 
@@ -66,17 +64,6 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, parts.path.strip("/")
 
 
-def etag_md5(etag: str | None) -> str | None:
-    """The hex md5 in a plain (single-part) ETag, or None for multipart/other ETags."""
-    if not etag:
-        return None
-    value = etag.strip().strip('"').lower()
-    return value if _MD5_ETAG.match(value) else None
-
-
-def multipart_etag(part_md5s: list[str]) -> str:
-    """The ETag S3 gives a completed multipart upload: ``md5(concat(binary part md5s))-N``."""
-    return hashlib.md5(b"".join(bytes.fromhex(m) for m in part_md5s)).hexdigest() + f"-{len(part_md5s)}"
 
 
 def request_deadline(nbytes: int) -> float:
@@ -332,8 +319,7 @@ class S3Adapter(Adapter):
 
         :raises DepoError: ListParts failed for another reason than a vanished upload.
         """
-        from asyncdepo.adapters.s3.writer import S3Writer
-
+        
         writer = S3Writer(self, item, self.key_for(item.rel))
         if saved:
             await writer.restore(saved)

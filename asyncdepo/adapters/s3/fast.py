@@ -36,8 +36,8 @@ import anyio
 from yarl import URL
 
 from asyncdepo import errors
+from asyncdepo.transport.httpbody import ViewPayload
 from asyncdepo.transport.s3errors import map_error_response, map_s3_error
-from asyncdepo.engine.api import ViewPayload
 
 log = logging.getLogger(__name__)
 

@@ -25,18 +25,14 @@ import base64
 import hashlib
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 
 from asyncdepo import errors
-from asyncdepo.contract import ChunkWriter
-from asyncdepo.adapters.s3.adapter import etag_md5, multipart_etag
+from asyncdepo.adapters.s3.etags import etag_md5, multipart_etag
+from asyncdepo.contract import ByteSource, Chunk, ChunkWriter, Item, PartInfo
 from asyncdepo.transport.s3errors import s3_code
-from asyncdepo.contract import ByteSource, Chunk, Item, PartInfo
-
-if TYPE_CHECKING:
-    from asyncdepo.adapters.s3.adapter import S3Adapter
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +53,23 @@ def _body(chunk: Chunk) -> memoryview:
     return data
 
 
+class S3Calls(Protocol):
+    """What the writer needs of the adapter: one S3 call, one body upload, names for messages."""
+
+    list_page_size: int
+
+    def where(self, key: str) -> str: ...
+
+    async def call(self, op: str, what: str, nbytes: int = 0, **params: Any) -> dict[str, Any]: ...
+
+    async def put_data(self, key: str, body: memoryview, content_md5: str, what: str,
+                       upload: tuple[str, int] | None = None) -> str: ...
+
+
 class S3Writer(ChunkWriter):
     """Sends one item to ``s3://bucket/key``. Created by :meth:`S3Adapter.open_item`."""
 
-    def __init__(self, adapter: S3Adapter, item: Item, key: str) -> None:
+    def __init__(self, adapter: S3Calls, item: Item, key: str) -> None:
         super().__init__()
         self.adapter = adapter
         self.item = item

@@ -39,7 +39,7 @@ from asyncdepo import errors
 from asyncdepo.transport.ascp import console as P
 
 if TYPE_CHECKING:
-    from asyncdepo.transport.ascp.runner import AscpOptions
+    from asyncdepo.transport.ascp.options import AscpOptions
 
 __all__ = ("SessionOutcome", "run_session")
 
