@@ -112,6 +112,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("include", (), _globs, "only files whose relative path matches GLOB (repeatable)", "GLOB", True),
     Option("exclude", (), _globs, "skip files whose relative path matches GLOB (repeatable)", "GLOB", True),
     Option("follow_symlinks", False, bool, "follow symbolic links (default: skip them)", flag=True),
+    Option("checksum", False, bool, "before skipping a file whose size and mtime are unchanged, hash it and "
+           "compare with the digest sent (catches a rewrite that kept size and mtime; reads every file)",
+           flag=True),
 )
 
 
@@ -140,6 +143,7 @@ class EngineConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     follow_symlinks: bool = False
+    checksum: bool = False
     item_attempts: int = 3
     stream_block: int = 1 << 20
     journal_path: Path | None = None

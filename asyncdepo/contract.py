@@ -139,6 +139,8 @@ class Features:
     :param item_digests: digests of the whole file that the adapter needs (``prepare``/``complete``).
     :param server_digest: which digest the server reports back, so the engine computes it while reading.
     :param pull: the adapter can list and read remote items.
+    :param any_name: the target can store a file whose name is not valid UTF-8 (any bytes Linux allows);
+        without it such a file fails on its own (an S3 key, a JSON API's path must be UTF-8).
     """
 
     multipart: bool = False
@@ -154,6 +156,7 @@ class Features:
     item_digests: tuple[str, ...] = ()
     server_digest: str | None = None
     pull: bool = False
+    any_name: bool = False
 
 
 class ChunkWriter(ABC):
@@ -202,6 +205,22 @@ class ChunkWriter(ABC):
         :raises IntegrityError: the server's digest or size differs from ours.
         """
 
+    async def verify(self, chunks: AsyncIterator[list[tuple[int, int, str]]], algo: str) -> int:
+        """Check what the target holds before the engine builds on it, after a reopen from saved state.
+
+        ``chunks`` yields, in offset order and in batches, ``(offset, length, digest)`` of every chunk the
+        target confirmed in earlier attempts (the journal's record; ``digest`` is the hex ``algo`` digest of
+        the chunk's bytes). A target that can read its bytes back re-hashes them and keeps only the prefix
+        whose chunks match, contiguously from 0 (a local part file is truncated to it). Returns the offset
+        from which the item resumes, and sets ``confirmed`` to it; never more than ``confirmed``.
+
+        The default trusts ``confirmed``: for targets that cannot be read back (tus checks each chunk's
+        digest as it arrives, ``Upload-Checksum``) the server's offset is what can be checked.
+
+        :raises TransientError: the target could not be read.
+        """
+        return self.confirmed
+
     async def abort(self) -> None:
         """Discard what was sent (terminate, AbortMultipartUpload, delete a temp file). Must not raise."""
 
@@ -245,6 +264,15 @@ class Adapter(ABC):
     async def finish(self, ok: bool) -> dict[str, Any]:
         """End the job: commit on success, abort on failure. Returns a secret-free summary."""
         return {}
+
+    async def discard(self, rel: str, saved: Mapping[str, Any] | None) -> None:
+        """Remove what an earlier run started on the target for ``rel`` (a part file, a multipart or tus
+        upload), described by its journaled writer state ``saved``; called when the source file vanished.
+        The default does nothing (targets that keep nothing unfinished). Must not raise for what is already
+        gone.
+
+        :raises TransferError: the target refused (the engine reports it and goes on).
+        """
 
     # -- pull ---------------------------------------------------------------------------------------
     def list_remote(self) -> AsyncIterator[RemoteItem]:

@@ -7,7 +7,8 @@ codes into them at their boundary, so the engine and the CLI only ever look at t
     ├── UsageError                 bad input found before any transfer (arguments, paths, metadata)
     │   └── ValidationError        metadata refused locally; ``field`` names the offending field
     ├── SourceError                the local side: missing/unreadable file, file changed while read
-    │   └── SourceChangedError     size or mtime moved during the read; the item is re-sent (transient)
+    │   ├── SourceChangedError     size or mtime moved during the read; the item is re-sent (transient)
+    │   └── SourceVanishedError    the file was deleted before it was sent in full ("source vanished")
     ├── TransferError              something went wrong talking to a target
     │   ├── TransientError         worth retrying (network, 5xx, 429, timeouts, stalls)
     │   │   ├── RateLimitedError   429/503 carrying a Retry-After (``retry_after`` seconds)
@@ -18,6 +19,9 @@ codes into them at their boundary, so the engine and the CLI only ever look at t
     │       ├── ConflictError      the server already has this (duplicate, locked, exists)
     │       └── RemoteValidationError  the archive refused the request's content (400)
     ├── IntegrityError             a digest or size reported by the target differs from ours (never a warning)
+    │   └── BodyDamagedError       the server says the body it received is damaged (a TransferError too)
+    ├── DiskFullError              the local disk (a file:// target, a pull's directory) is full; ends the run
+    ├── JobLockedError             another process runs this job now (``holder``: pid, host, since when)
     └── Cancelled                  the run was interrupted (Ctrl-C); the journal holds what is needed to resume
 
 ``is_transient(exc)`` is the one place that decides whether an exception is retried: TransientError,
@@ -65,6 +69,10 @@ class SourceError(DepoError):
 
 class SourceChangedError(SourceError):
     """A file's size or mtime changed while it was being read; it will be re-sent from zero."""
+
+
+class SourceVanishedError(SourceError):
+    """A file was deleted after the walk found it (or since an earlier run of the job started it)."""
 
 
 class TransferError(DepoError):
@@ -117,6 +125,29 @@ class RemoteValidationError(PermanentError):
 
 class IntegrityError(DepoError):
     """A digest or size the target reported differs from what was computed while reading."""
+
+
+class BodyDamagedError(IntegrityError, TransferError):
+    """The server reports that the request body it received is damaged (a corrupt stream, a digest of the
+    body that differs: S3 BadDigest, tus 460). Retried with a fresh read, like any IntegrityError."""
+
+
+class DiskFullError(DepoError):
+    """No space left (ENOSPC) or quota exceeded (EDQUOT) on a local disk we write to. Not retried: the run
+    stops, part files are kept for resume. ``free`` is the space still available (bytes, when known)."""
+
+    def __init__(self, message: str, *, path: str = "", free: int | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
+        self.free = free
+
+
+class JobLockedError(DepoError):
+    """Another process holds this job's lock; ``holder`` says which (pid, host, since when)."""
+
+    def __init__(self, message: str, *, holder: dict[str, object] | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.holder = dict(holder or {})
 
 
 class Cancelled(DepoError):

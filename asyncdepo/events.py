@@ -24,6 +24,25 @@ import orjson
 log = logging.getLogger("asyncdepo")
 
 
+def printable(name: str) -> str:
+    """``name`` as it can be shown and written as JSON: a byte that is not UTF-8 (a surrogate escape, as
+    ``os.fsdecode`` gives it for file names) appears as ``\\xNN``; every other name is returned as it is."""
+    if name.isascii():
+        return name
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def printable_tree(value: Any) -> Any:
+    """``value`` (JSON-like) with every string made :func:`printable`."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {printable(str(k)): printable_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [printable_tree(v) for v in value]
+    return value
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Event:
     """Base of every event; ``kind`` is the JSON ``event`` field."""
@@ -223,7 +242,11 @@ class JsonSink(Sink):
         self.stream = stream or sys.stdout
 
     def _write(self, obj: dict[str, Any]) -> None:
-        self.stream.write(orjson.dumps(obj).decode() + "\n")
+        try:
+            line = orjson.dumps(obj)
+        except TypeError:  # a file name that is not UTF-8 (JSON strings cannot hold its bytes): escaped
+            line = orjson.dumps(printable_tree(obj))
+        self.stream.write(line.decode() + "\n")
         self.stream.flush()
 
     def emit(self, event: Event) -> None:
@@ -242,10 +265,10 @@ class LogSink(Sink):
         if isinstance(event, Message):
             log.log(logging.WARNING if event.level == "warning" else logging.INFO, "%s", event.text)
         elif isinstance(event, ItemFailed):
-            log.error("failed: %s: %s", event.rel, event.error)
+            log.error("failed: %s: %s", printable(event.rel), printable(event.error))
         elif isinstance(event, ItemRetrying):
-            log.warning("retrying %s (attempt %d, in %.1fs): %s", event.rel, event.attempt, event.delay,
-                        event.error)
+            log.warning("retrying %s (attempt %d, in %.1fs): %s", printable(event.rel), event.attempt,
+                        event.delay, printable(event.error))
 
 
 class CollectSink(Sink):

@@ -8,9 +8,14 @@ Resume: the writer's ``state()`` records the source file's size and mtime. When 
 that state and the source is unchanged, ``confirmed`` is the size of the existing part file (clamped to the
 item's size), so a crash or Ctrl-C resumes where the disk stopped. Without matching saved state a part file
 left behind is not trusted (it may hold another version of the file): it is truncated and the item starts
-from zero. A resumed item is verified at ``complete`` by hashing the whole part file (off the loop) with the
-digests the engine passes, because the prefix came from an earlier run; items written in one go are not
-re-read.
+from zero. Before the engine builds on a part file, ``verify`` re-hashes it chunk by chunk against the
+digests the journal recorded as each chunk was written, and truncates it after the last chunk that matches
+(bytes past the journal's record, written just before a crash, are re-sent too: at most half a second's
+worth). A resumed item that was not verified that way is checked at ``complete`` by hashing the whole part
+file with the digests the engine passes; items written in one go are not re-read.
+
+A full disk (ENOSPC, EDQUOT) is :class:`~asyncdepo.errors.DiskFullError` carrying the space still free: it
+is not retried, and the part file stays for the resume once space is freed.
 
 Chunks are idempotent: a chunk at or below ``confirmed`` is rewritten in place; one past ``confirmed``
 raises OffsetMismatchError. Every file operation runs in a worker thread (``anyio.to_thread``); the part
@@ -20,7 +25,10 @@ mode 0644 (less the umask) and parent directories as needed.
 Pull (``features.pull``): ``list_remote`` walks DIR one directory at a time (part files skipped, symlinks
 not followed), ``read`` yields 1 MiB blocks from an offset. No digests are published.
 
-Paths: ``rel`` must be relative and free of ``..``; anything else is a UsageError (never written).
+Paths: ``rel`` must be relative and free of ``..``; anything else is a UsageError (never written). Any name
+Linux allows is written as it is, including names that are not UTF-8 (``Features.any_name``).
+
+``discard(rel, saved)`` removes the part file of an item whose source vanished.
 """
 
 from __future__ import annotations
@@ -36,7 +44,16 @@ from urllib.parse import unquote, urlsplit
 import anyio
 
 from asyncdepo.contract import Adapter, Chunk, ChunkWriter, Features, Item, RemoteItem, register
-from asyncdepo.errors import IntegrityError, OffsetMismatchError, SourceError, TransientError, UsageError
+from asyncdepo.digests import FACTORIES, hash_path_sync
+from asyncdepo.errors import (
+    DiskFullError,
+    IntegrityError,
+    OffsetMismatchError,
+    SourceError,
+    TransientError,
+    UsageError,
+)
+from asyncdepo.transport.failures import disk_error
 
 PART_SUFFIX = ".asyncdepo-part"
 READ_BLOCK = 1 << 20
@@ -53,20 +70,22 @@ def safe_rel(rel: str) -> PurePosixPath:
     return p
 
 
-def _io_error(what: str, exc: OSError) -> TransientError:
-    # a full disk or a vanished mount may come back; the message names the file, never more
-    return TransientError(f"{what}: {exc.strerror or exc.__class__.__name__}")
+def _io_error(what: str, exc: OSError, root: Path | None = None) -> TransientError | DiskFullError:
+    """An I/O failure as an error of the tree (``failures.disk_error``): a full disk stops the run, anything
+    else (a vanished mount, an I/O error) may come back and is transient."""
+    return disk_error(what, exc, root if root is not None else Path("/"))
 
 
 class LocalWriter(ChunkWriter):
     """Writes one item into its part file; see the module docstring."""
 
-    def __init__(self, final: Path, item: Item, resumed: bool) -> None:
+    def __init__(self, final: Path, item: Item, resumed: bool, root: Path | None = None) -> None:
         super().__init__()
         self.final = final
         self.part = final.with_name(final.name + PART_SUFFIX)
         self.item = item
         self.resumed = resumed
+        self.root = root or final.parent
 
     def state(self) -> dict[str, Any]:
         return {"size": self.item.size, "mtime_ns": self.item.mtime_ns, "confirmed": self.confirmed}
@@ -103,8 +122,44 @@ class LocalWriter(ChunkWriter):
         try:
             await anyio.to_thread.run_sync(pwrite_all)
         except OSError as exc:
-            raise _io_error(f"write {self.item.rel}{PART_SUFFIX}", exc) from exc
+            raise _io_error(f"write {self.item.rel}{PART_SUFFIX}", exc, self.root) from exc
         self.confirmed = max(self.confirmed, chunk.offset + len(data))
+
+    async def verify(self, chunks: AsyncIterator[list[tuple[int, int, str]]], algo: str) -> int:
+        """Re-hash the part file's chunks against the journal's digests; truncate it after the last chunk that
+        matches (see the module docstring). Returns the new ``confirmed``.
+
+        :raises TransientError: the part file cannot be read or truncated.
+        """
+        good = 0
+        if algo in FACTORIES:
+            try:
+                async for batch in chunks:
+                    good, whole = await anyio.to_thread.run_sync(self._check, batch, good, algo)
+                    if not whole:
+                        break
+            except OSError as exc:
+                raise _io_error(f"verify {self.item.rel}{PART_SUFFIX}", exc, self.root) from exc
+        if good < self.confirmed:
+            try:
+                await anyio.to_thread.run_sync(os.truncate, self.part, good)
+            except OSError as exc:
+                raise _io_error(f"truncate {self.item.rel}{PART_SUFFIX}", exc, self.root) from exc
+            self.confirmed = good
+        self.resumed = False  # the prefix is verified: complete() need not hash the whole file again
+        return self.confirmed
+
+    def _check(self, batch: list[tuple[int, int, str]], start: int, algo: str) -> tuple[int, bool]:
+        """Blocking: the end of the verified prefix after ``batch``, and whether every chunk in it matched."""
+        pos = start
+        for offset, length, digest in batch:
+            if offset != pos or offset + length > self.confirmed:
+                return pos, False  # a gap in the record, or past what the file holds
+            got = hash_path_sync(self.part, (algo,), start=offset, stop=offset + length).hexdigests()[algo]
+            if got != digest:
+                return pos, False
+            pos = offset + length
+        return pos, True
 
     async def complete(self, digests: Mapping[str, str], size: int) -> dict[str, Any]:
         """fsync, check the size (and, for a resumed item, the digests), then rename into place.
@@ -132,7 +187,7 @@ class LocalWriter(ChunkWriter):
         try:
             got = await anyio.to_thread.run_sync(finish)
         except OSError as exc:
-            raise _io_error(f"finish {self.item.rel}", exc) from exc
+            raise _io_error(f"finish {self.item.rel}", exc, self.root) from exc
         return {"path": self.item.rel, "size": got}
 
     async def abort(self) -> None:
@@ -180,7 +235,7 @@ class LocalAdapter(Adapter):
     """A local directory as a target: ``file:///DIR`` (``file://localhost/DIR`` also accepted)."""
 
     name = "local"
-    features = Features(chunked=True, resumable=True, pull=True)
+    features = Features(chunked=True, resumable=True, pull=True, any_name=True)
 
     def __init__(self, url: str, config: Any = None, secrets: Mapping[str, str] | None = None) -> None:
         parts = urlsplit(url)
@@ -209,7 +264,7 @@ class LocalAdapter(Adapter):
         trusted = (
             saved is not None and saved.get("size") == item.size and saved.get("mtime_ns") == item.mtime_ns
         )
-        writer = LocalWriter(final, item, resumed=False)
+        writer = LocalWriter(final, item, resumed=False, root=self.root)
 
         def prepare() -> int:
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -226,9 +281,22 @@ class LocalAdapter(Adapter):
         try:
             writer.confirmed = await anyio.to_thread.run_sync(prepare)
         except OSError as exc:
-            raise _io_error(f"open {item.rel}{PART_SUFFIX}", exc) from exc
+            raise _io_error(f"open {item.rel}{PART_SUFFIX}", exc, self.root) from exc
         writer.resumed = writer.confirmed > 0
         return writer
+
+    async def discard(self, rel: str, saved: Mapping[str, Any] | None) -> None:
+        """Remove the part file of ``rel`` (the source vanished); nothing when there is none.
+
+        :raises UsageError: ``rel`` escapes the directory.
+        :raises TransientError: the part file exists but cannot be removed.
+        """
+        final = self.root.joinpath(*safe_rel(rel).parts)
+        part = final.with_name(final.name + PART_SUFFIX)
+        try:
+            await anyio.to_thread.run_sync(lambda: part.unlink(missing_ok=True))
+        except OSError as exc:
+            raise _io_error(f"remove {rel}{PART_SUFFIX}", exc) from exc
 
     # -- pull ------------------------------------------------------------------------------------------
     async def list_remote(self) -> AsyncIterator[RemoteItem]:

@@ -22,6 +22,16 @@ PATCH's Upload-Offset already confirmed the whole length; for a deferred upload 
 length was not yet declared it sends an empty PATCH with ``Upload-Length``); ``abort`` is DELETE
 (termination extension) and never raises. ``write_stream`` sends a whole ByteSource as one PATCH.
 
+Resume check: tus has no way to read an upload back, so what is checked before building on it is the
+server's offset (HEAD) and length against the item; every byte the server holds was checked by the server
+itself as it arrived when the checksum extension is in use (``Upload-Checksum`` per PATCH, 460 on a
+mismatch). The engine forgets its journaled chunk digests past the server's offset, so nothing is built on
+chunks the server lost.
+
+Names: ``relpath`` and ``filename`` metadata are base64 of the name's bytes, so a name that is not UTF-8 is
+sent as it is (``Features.any_name``). ``discard(rel, saved)`` terminates the saved upload (DELETE) of an
+item whose source vanished.
+
 Features are decided in ``__aenter__`` from OPTIONS: ``chunk_digests`` is ``("sha1",)`` only when the
 server lists ``checksum`` and ``sha1`` (the class default assumes it, so an engine that reads features
 before entering computes sha1 rather than missing it). ``Tus-Max-Size`` is the largest *upload*, not a
@@ -330,7 +340,7 @@ class TusAdapter(Adapter):
     """A tus 1.0.0 server; see the module docstring."""
 
     name = "tus"
-    features = Features(chunked=True, resumable=True, chunk_digests=("sha1",))
+    features = Features(chunked=True, resumable=True, chunk_digests=("sha1",), any_name=True)
 
     def __init__(self, url: str, config: Any = None, secrets: Mapping[str, str] | None = None) -> None:
         parts = urlsplit(url)
@@ -372,7 +382,7 @@ class TusAdapter(Adapter):
         self.max_size = _int_header(headers, "Tus-Max-Size")
         # features depend on what this server offers, so they are set per instance
         self.features = Features(  # type: ignore[misc]
-            chunked=True, resumable=True, chunk_digests=("sha1",) if checksum else ()
+            chunked=True, resumable=True, chunk_digests=("sha1",) if checksum else (), any_name=True
         )
         if "creation" not in self.extensions:
             await self.__aexit__()
@@ -411,6 +421,15 @@ class TusAdapter(Adapter):
                 await writer.abort()  # an upload of another version of the file
         # created by the first write (creation-with-upload when offered), so a small file costs one request
         return TusWriter(self._http, item, None, checksum, item.size if item.size >= 0 else None, creator=self)
+
+    async def discard(self, rel: str, saved: Mapping[str, Any] | None) -> None:
+        """Terminate the saved upload of ``rel`` (DELETE; an upload already gone is fine).
+
+        :raises TransferError: the server refused the termination.
+        """
+        location = saved.get("location") if saved else None
+        if isinstance(location, str) and location:
+            await self._http.request("DELETE", location, ok=(204, 200), passthrough=(404, 410))
 
     @property
     def with_upload(self) -> bool:

@@ -1,9 +1,11 @@
 """What every command shares: engine options, the reporter for the chosen output, running a coroutine
 with Ctrl-C handling, and turning errors into one message and an exit status.
 
-Exit statuses: 0 everything done; 1 some items failed (the report lists them); 2 bad usage or input
-(nothing was sent); 3 authentication or permission refused; 4 a permanent refusal by the archive
-(quota, conflict, validation); 5 a transient failure that outlasted the retries; 130 interrupted.
+Exit statuses: 0 everything done; 1 some items failed (the report lists them: a source that vanished, a
+directory that could not be read and a full disk included); 2 bad usage or input (nothing was sent);
+3 authentication or permission refused; 4 a permanent refusal by the archive (quota, conflict, validation);
+5 a transient failure that outlasted the retries; 6 the job is running in another process (its lock is
+held; the message names the holder); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import anyio
 
 from asyncdepo import config as cfgmod
 from asyncdepo.config import EngineConfig
-from asyncdepo.errors import AuthError, DepoError, PermanentError, TransientError, UsageError
-from asyncdepo.events import JsonSink, LogSink, Reporter
+from asyncdepo.errors import AuthError, DepoError, JobLockedError, PermanentError, TransientError, UsageError
+from asyncdepo.events import JsonSink, LogSink, Reporter, printable
 
 T = TypeVar("T")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_REFUSED, EXIT_TRANSIENT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
+EXIT_LOCKED = 6
 
 
 class Interrupted(Exception):
@@ -66,7 +69,9 @@ def make_reporter(args: argparse.Namespace, title: str = "asyncdepo") -> Reporte
 def error_exit(exc: BaseException) -> int:
     """Print ``exc`` as a person should see it and return the exit status for it."""
     if isinstance(exc, DepoError):
-        print(f"asyncdepo: error: {exc.describe()}", file=sys.stderr)
+        print(f"asyncdepo: error: {printable(exc.describe())}", file=sys.stderr)
+        if isinstance(exc, JobLockedError):
+            return EXIT_LOCKED
         if isinstance(exc, UsageError):
             return EXIT_USAGE
         if isinstance(exc, AuthError):
@@ -144,7 +149,7 @@ def print_report(report: Any, *, json_out: bool = False, resume_hint: str | None
          f"({report.mb_per_s:,.1f} MB/s on the wire), {report.retries} retries"),
     ]
     for rel, err in report.failures[:20]:
-        lines.append(f"  failed: {rel}: {err}")
+        lines.append(f"  failed: {printable(rel)}: {printable(err)}")
     if len(report.failures) > 20:
         lines.append(f"  ... and {len(report.failures) - 20} more (asyncdepo status {report.job_id})")
     for key, value in (report.summary or {}).items():

@@ -12,6 +12,7 @@ import anyio
 
 from asyncdepo.cli import common
 from asyncdepo.errors import DepoError, UsageError
+from asyncdepo.events import printable, printable_tree
 
 SECRET_ENV = {"tus+http": "ASYNCDEPO_TUS_TOKEN", "tus+https": "ASYNCDEPO_TUS_TOKEN"}
 
@@ -158,12 +159,12 @@ def _jobs(args: argparse.Namespace) -> int:
 
     rows = anyio.run(main)
     if args.json:
-        print(orjson.dumps(rows).decode())
+        print(orjson.dumps(printable_tree(rows)).decode())
         return 0
     if not rows:
         print("no jobs yet")
     for r in rows:
-        print(f"{r['id']}  {r['state']:<11} {r['done']}/{r['items']} done  {r['kind']} {r['source']} -> "
+        print(f"{r['id']}  {r['state']:<11} {r['done']}/{r['items']} done  {r['kind']} {printable(r['source'])} -> "
               f"{r['target']}")
     return 0
 
@@ -183,13 +184,13 @@ def _status(args: argparse.Namespace) -> int:
 
     row, st = anyio.run(main)
     if args.json:
-        print(orjson.dumps({"job": row, **st}).decode())
-        return 0
-    print(f"job {row['id']} ({row['state']}): {row['kind']} {row['source']} -> {row['target']}")
+        print(orjson.dumps(printable_tree({"job": row, **st})).decode())
+        return 0 if not st["failures"] else 1
+    print(f"job {row['id']} ({row['state']}): {row['kind']} {printable(row['source'])} -> {row['target']}")
     for state, c in sorted(st["counts"].items()):
         print(f"  {state:<8} {c['files']:>8} files {c['bytes'] / 1e6:>12,.1f} MB")
     for f in st["failures"]:
-        print(f"  failed: {f['rel']}: {f['error']}" + (" (transient)" if f["transient"] else ""))
+        print(f"  failed: {printable(f['rel'])}: {printable(f['error'])}" + (" (transient)" if f["transient"] else ""))
     return 0 if not st["failures"] else 1
 
 

@@ -1,15 +1,26 @@
-"""SQLite (WAL) resume journal: jobs, items, job-level adapter state; batched commits.
+"""SQLite (WAL) resume journal: jobs, items, chunk digests, job-level adapter state; batched commits;
+one lock per job.
 
 Default location ``$XDG_STATE_HOME/asyncdepo/journal.sqlite`` (``~/.local/state/...``), ``--journal``
 overrides. Tables:
 
-* ``jobs(id, kind, source, target, argv, created, updated, state)`` — a job's id is derived from
+* ``jobs(id, kind, source, target, argv, created, updated, state, runs)`` — a job's id is derived from
   (kind, source, target), so re-running the same push finds the same job; ``argv`` is the secret-free
-  command that resumes it.
-* ``items(job, rel, size, mtime_ns, state, offset, remote, digests, error, transient, attempts)`` —
+  command that resumes it; ``runs`` counts the runs that opened it (each run's number marks what it walked).
+* ``items(job, rel, size, mtime_ns, state, offset, remote, digests, error, transient, attempts, walked)`` —
   ``state`` is one of queued, partial, done, failed, skipped; ``remote`` is the adapter's JSON resume
-  state (upload location, UploadId and parts), never a secret.
+  state (upload location, UploadId and parts), never a secret; ``walked`` is the number of the last run
+  whose walk found the file (rows of unfinished files that a run did not find are how a vanished source is
+  noticed: the walk itself only yields files that exist).
+* ``chunks(job, rel, offset, length, digest)`` — a digest of every chunk the target confirmed for an item
+  still in progress, so a resume can check what the target holds before building on it; dropped when the
+  item is done or starts over. One row per chunk (16 MiB by default): a resumed item's rows are read back in
+  batches, never all at once.
 * ``job_state(job, data)`` — the adapter's job-level JSON state (upload tokens, sessions ids).
+
+File names: a name that is not UTF-8 (Linux allows any bytes but ``/`` and NUL) reaches us as a ``str`` with
+surrogate escapes (``os.fsdecode``); such a name is stored as a BLOB of its bytes, every other name as TEXT,
+so old journals keep working and every name Linux allows can be journaled.
 
 Writes are queued in memory and committed in batches (512 rows or 0.5 s), in WAL mode with
 ``synchronous=NORMAL``: a commit appends to the WAL without an fsync, so 10,000 small files cost a few
@@ -17,37 +28,71 @@ dozen commits, and a SIGKILL loses at most the last half second — which the re
 because every adapter asks the server what it has. ``flush()`` forces a commit; the engine calls it
 before the first byte of a multi-chunk item is sent, so its upload location survives a crash.
 
+Opening: several processes (or tasks) may open a fresh journal at once. The busy timeout is set before
+anything else, the schema is created in one ``BEGIN IMMEDIATE`` transaction (a plain read-then-write
+transaction can be refused at once, without waiting, to avoid a deadlock), and an open refused with
+"database is locked" all the same is retried a bounded number of times (:data:`OPEN_RETRY`).
+
+The job lock: :meth:`Journal.open_job` takes the job's lock (:mod:`asyncdepo.engine.joblock`) before it
+touches the job's row, and holds it until :meth:`Journal.close`; a second run of the same job gets
+:class:`~asyncdepo.errors.JobLockedError` naming the holder.
+
 All SQLite calls run in one worker thread (a CapacityLimiter of 1), never on the event loop.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, TypeVarTuple
 
 import anyio
 import orjson
 
+from asyncdepo.engine.joblock import JobLock, lock_path
+from asyncdepo.errors import TransientError
+from asyncdepo.transport.pacer import RetryPolicy, retry_call
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, source TEXT NOT NULL, target TEXT NOT NULL,
     argv TEXT NOT NULL DEFAULT '[]', created REAL NOT NULL, updated REAL NOT NULL,
-    state TEXT NOT NULL DEFAULT 'running');
+    state TEXT NOT NULL DEFAULT 'running', runs INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS items (
     job TEXT NOT NULL, rel TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
     state TEXT NOT NULL, offset INTEGER NOT NULL DEFAULT 0, remote TEXT, digests TEXT, error TEXT,
     transient INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
+    walked INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job, rel)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS items_state ON items(job, state);
+CREATE TABLE IF NOT EXISTS chunks (
+    job TEXT NOT NULL, rel TEXT NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+    digest TEXT NOT NULL, PRIMARY KEY (job, rel, offset)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS job_state (job TEXT PRIMARY KEY, data TEXT NOT NULL);
 """
 
-ITEM_FIELDS = ("size", "mtime_ns", "state", "offset", "remote", "digests", "error", "transient", "attempts")
+# columns added since the first release: (table, column, definition); added to older journals on open
+MIGRATIONS = (
+    ("items", "walked", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "runs", "INTEGER NOT NULL DEFAULT 0"),
+)
+
+ITEM_FIELDS = ("size", "mtime_ns", "state", "offset", "remote", "digests", "error", "transient", "attempts",
+               "walked")
+
+#: the error text of an item whose source vanished (the sweep of a later run recognises its own rows by it)
+VANISHED = "source vanished"
+
+#: opening a journal that other processes are creating at the same moment: a few quick tries
+OPEN_RETRY = RetryPolicy(attempts=6, base=0.05, cap=1.0)
+
+#: seconds SQLite waits for a lock held by another connection before it answers "database is locked"
+BUSY_TIMEOUT = 30.0
 
 _T = TypeVar("_T")
 _Args = TypeVarTuple("_Args")
@@ -60,11 +105,30 @@ def default_path() -> Path:
 
 def job_id(kind: str, source: str, target: str) -> str:
     """A stable id for (kind, source, target): the same push gets the same job."""
-    return hashlib.sha256(f"{kind}\0{source}\0{target}".encode()).hexdigest()[:12]
+    return hashlib.sha256(f"{kind}\0{source}\0{target}".encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+def db_key(text: str) -> str | bytes:
+    """How a name is stored: TEXT when it is valid UTF-8, else a BLOB of its bytes (see the module docstring)."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
+    return text
+
+
+def db_text(value: str | bytes) -> str:
+    """A stored name back as the ``str`` the walk gives (surrogate escapes for bytes that are not UTF-8)."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+ChunkRecord = tuple[int, int, str]  # (offset, length, digest)
 
 
 class Journal:
-    """Open with ``await Journal.open(path)``; close with ``await journal.close()`` (flushes)."""
+    """Open with ``await Journal.open(path)``; close with ``await journal.close()`` (flushes, releases locks)."""
 
     BATCH = 512
     INTERVAL = 0.5
@@ -73,26 +137,56 @@ class Journal:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._pending: dict[tuple[str, str], dict[str, Any]] = {}
+        self._chunks: dict[tuple[str, str, int], tuple[int, str]] = {}
+        self._forget: list[tuple[str, str, int]] = []
         self._last_flush = time.monotonic()
         self._limiter = anyio.CapacityLimiter(1)
+        self._locks: dict[str, JobLock] = {}
+        #: job id -> the number of this run of it (set by :meth:`open_job`)
+        self.runs: dict[str, int] = {}
         self.commits = 0
 
     @classmethod
     async def open(cls, path: Path | None = None) -> Journal:
+        """Open (creating when needed) the journal at ``path`` (default :func:`default_path`).
+
+        :raises TransientError: the journal stayed locked by other processes through every try.
+        """
         j = cls(Path(path) if path else default_path())
-        await j._run(j._open_sync)
+        await retry_call(lambda: j._run(j._open_sync), OPEN_RETRY)
         return j
 
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not self.path.exists()
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        if fresh:
-            os.chmod(self.path, 0o600)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA busy_timeout=10000")
-        db.executescript(SCHEMA)
+        # created 0600 before SQLite sees it: no window in which another user could open it
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT)
+        try:
+            db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                for table, column, definition in MIGRATIONS:
+                    have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                    if column not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            db.close()
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise TransientError(f"journal {self.path}: {exc}",
+                                     hint="another asyncdepo is creating or migrating it; try again") from None
+            raise
+        except BaseException:
+            db.close()
+            raise
         self._db = db
 
     async def _run(self, fn: Callable[[*_Args], _T], *args: *_Args) -> _T:
@@ -105,23 +199,48 @@ class Journal:
 
     # -- jobs -----------------------------------------------------------------------------------------
     async def open_job(self, kind: str, source: str, target: str, argv: Sequence[str] = ()) -> tuple[str, bool]:
-        """Create or find the job for (kind, source, target); returns (id, existed)."""
+        """Lock, then create or find the job for (kind, source, target); returns (id, existed).
+
+        The lock is held until :meth:`close` (or :meth:`release_job`); :attr:`runs` holds this run's number.
+
+        :raises JobLockedError: another process runs this job now.
+        """
         jid = job_id(kind, source, target)
+        if jid not in self._locks:
+            self._locks[jid] = await anyio.to_thread.run_sync(JobLock.acquire, lock_path(self.path, jid), jid)
 
-        def do() -> bool:
+        def do() -> tuple[bool, int]:
             now = time.time()
-            row = self.db.execute("SELECT id FROM jobs WHERE id=?", (jid,)).fetchone()
-            if row:
-                self.db.execute("UPDATE jobs SET updated=?, state='running', argv=? WHERE id=?",
-                                (now, orjson.dumps(list(argv)).decode(), jid))
-            else:
-                self.db.execute(
-                    "INSERT INTO jobs(id, kind, source, target, argv, created, updated) VALUES (?,?,?,?,?,?,?)",
-                    (jid, kind, source, target, orjson.dumps(list(argv)).decode(), now, now))
-            return row is not None
+            args = json.dumps(list(argv))  # json, not orjson: a path that is not UTF-8 survives as escapes
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self.db.execute("SELECT runs FROM jobs WHERE id=?", (jid,)).fetchone()
+                runs = (row[0] if row else 0) + 1
+                if row:
+                    self.db.execute("UPDATE jobs SET updated=?, state='running', argv=?, runs=? WHERE id=?",
+                                    (now, args, runs, jid))
+                else:
+                    self.db.execute(
+                        "INSERT INTO jobs(id, kind, source, target, argv, created, updated, runs) "
+                        "VALUES (?,?,?,?,?,?,?,?)", (jid, kind, db_key(source), target, args, now, now, runs))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            return row is not None, runs
 
-        existed = await self._run(do)
+        try:
+            existed, self.runs[jid] = await self._run(do)
+        except BaseException:
+            await self.release_job(jid)
+            raise
         return jid, existed
+
+    async def release_job(self, jid: str) -> None:
+        """Give back the lock of ``jid`` (no-op when this journal does not hold it)."""
+        lock = self._locks.pop(jid, None)
+        if lock is not None:
+            await anyio.to_thread.run_sync(lock.release)
 
     async def set_job(self, jid: str, state: str) -> None:
         await self._run(lambda: self.db.execute("UPDATE jobs SET state=?, updated=? WHERE id=?",
@@ -136,7 +255,7 @@ class Journal:
             if len(rows) != 1:
                 return None
             r = rows[0]
-            return {"id": r[0], "kind": r[1], "source": r[2], "target": r[3], "argv": orjson.loads(r[4]),
+            return {"id": r[0], "kind": r[1], "source": db_text(r[2]), "target": r[3], "argv": json.loads(r[4]),
                     "created": r[5], "updated": r[6], "state": r[7]}
 
         return await self._run(do)
@@ -148,18 +267,19 @@ class Journal:
                 "(SELECT count(*) FROM items i WHERE i.job=j.id AND i.state='done'), "
                 "(SELECT count(*) FROM items i WHERE i.job=j.id) FROM jobs j ORDER BY j.updated DESC LIMIT ?",
                 (limit,)).fetchall()
-            return [{"id": r[0], "kind": r[1], "source": r[2], "target": r[3], "updated": r[4], "state": r[5],
-                     "done": r[6], "items": r[7]} for r in rows]
+            return [{"id": r[0], "kind": r[1], "source": db_text(r[2]), "target": r[3], "updated": r[4],
+                     "state": r[5], "done": r[6], "items": r[7]} for r in rows]
 
         return await self._run(do)
 
     async def status(self, jid: str, failures: int = 50) -> dict[str, Any]:
         """Per-state counts and bytes, and up to ``failures`` failed items with their reasons."""
+        await self.flush()
 
         def do() -> dict[str, Any]:
             counts = {r[0]: {"files": r[1], "bytes": r[2] or 0} for r in self.db.execute(
                 "SELECT state, count(*), sum(size) FROM items WHERE job=? GROUP BY state", (jid,))}
-            failed = [{"rel": r[0], "error": r[1], "transient": bool(r[2])} for r in self.db.execute(
+            failed = [{"rel": db_text(r[0]), "error": r[1], "transient": bool(r[2])} for r in self.db.execute(
                 "SELECT rel, error, transient FROM items WHERE job=? AND state='failed' ORDER BY rel LIMIT ?",
                 (jid, failures))]
             return {"counts": counts, "failures": failed}
@@ -186,14 +306,14 @@ class Journal:
         def do() -> dict[str, dict[str, Any]]:
             out: dict[str, dict[str, Any]] = {}
             for i in range(0, len(rels), 500):
-                part = rels[i:i + 500]
+                part = [db_key(r) for r in rels[i:i + 500]]
                 q = ("SELECT rel, size, mtime_ns, state, offset, remote, digests, error, transient, attempts "
                      f"FROM items WHERE job=? AND rel IN ({','.join('?' * len(part))})")
                 for r in self.db.execute(q, (jid, *part)):
-                    out[r[0]] = {"size": r[1], "mtime_ns": r[2], "state": r[3], "offset": r[4],
-                                 "remote": orjson.loads(r[5]) if r[5] else None,
-                                 "digests": orjson.loads(r[6]) if r[6] else {}, "error": r[7],
-                                 "transient": bool(r[8]), "attempts": r[9]}
+                    out[db_text(r[0])] = {"size": r[1], "mtime_ns": r[2], "state": r[3], "offset": r[4],
+                                          "remote": orjson.loads(r[5]) if r[5] else None,
+                                          "digests": orjson.loads(r[6]) if r[6] else {}, "error": r[7],
+                                          "transient": bool(r[8]), "attempts": r[9]}
             return out
 
         found = await self._run(do)
@@ -206,8 +326,50 @@ class Journal:
 
     async def failed_transient(self, jid: str, limit: int = 100_000) -> list[str]:
         await self.flush()
-        return await self._run(lambda: [r[0] for r in self.db.execute(
+        return await self._run(lambda: [db_text(r[0]) for r in self.db.execute(
             "SELECT rel FROM items WHERE job=? AND state='failed' AND transient=1 LIMIT ?", (jid, limit))])
+
+    async def unseen(self, jid: str, run: int, after: str | bytes = "", limit: int = 256
+                     ) -> list[tuple[str | bytes, dict[str, Any]]]:
+        """Unfinished items of ``jid`` that run ``run`` did not walk, in key order after the key ``after``
+        (pass the last key returned to page on); each as (key, {rel, size, state, remote}).
+
+        Rows an earlier run already failed as vanished are not listed (see :meth:`drop_vanished`).
+        """
+        await self.flush()
+
+        def do() -> list[tuple[str | bytes, dict[str, Any]]]:
+            rows = self.db.execute(
+                "SELECT rel, size, state, remote FROM items WHERE job=? AND walked!=? AND state!='done' "
+                "AND NOT (state='failed' AND error=?) AND rel>? ORDER BY rel LIMIT ?",
+                (jid, run, VANISHED, after, limit)).fetchall()
+            return [(r[0], {"rel": db_text(r[0]), "size": r[1], "state": r[2],
+                            "remote": orjson.loads(r[3]) if r[3] else None}) for r in rows]
+
+        return await self._run(do)
+
+    async def drop_vanished(self, jid: str, run: int) -> int:
+        """Delete the rows earlier runs failed as vanished whose file this run did not find either: they
+        were reported once; the job no longer has them. Returns how many."""
+        await self.flush()
+        cur = await self._run(lambda: self.db.execute(
+            "DELETE FROM items WHERE job=? AND state='failed' AND error=? AND walked!=?", (jid, VANISHED, run)))
+        return cur.rowcount
+
+    async def delete(self, jid: str, rel: str) -> None:
+        """Remove the item's row and chunk digests (pending writes of it included)."""
+        self._pending.pop((jid, rel), None)
+        self.forget_chunks(jid, rel)
+        await self.flush()
+        await self._run(lambda: self.db.execute("DELETE FROM items WHERE job=? AND rel=?", (jid, db_key(rel))))
+
+    async def kept_for_resume(self, jid: str) -> tuple[int, int]:
+        """(items, bytes) the target holds for unfinished items of ``jid`` (part files, uploads in progress)."""
+        await self.flush()
+        row = await self._run(lambda: self.db.execute(
+            "SELECT count(*), sum(offset) FROM items WHERE job=? AND state!='done' AND remote IS NOT NULL "
+            "AND offset>0", (jid,)).fetchone())
+        return int(row[0] or 0), int(row[1] or 0)
 
     async def record(self, jid: str, rel: str, **fields: Any) -> None:
         """Queue an update of the item row (``size`` and ``mtime_ns`` needed on first record)."""
@@ -215,20 +377,60 @@ class Journal:
         if unknown:
             raise ValueError(f"unknown journal fields {unknown}")
         self._pending.setdefault((jid, rel), {}).update(fields)
-        if len(self._pending) >= self.BATCH or time.monotonic() - self._last_flush >= self.INTERVAL:
+        await self._maybe_flush()
+
+    # -- chunk digests ----------------------------------------------------------------------------------
+    async def record_chunk(self, jid: str, rel: str, offset: int, length: int, digest: str) -> None:
+        """Queue the digest of ``[offset, offset + length)`` of the item, which the target confirmed."""
+        self._chunks[(jid, rel, offset)] = (length, digest)
+        await self._maybe_flush()
+
+    def forget_chunks(self, jid: str, rel: str, start: int = 0) -> None:
+        """Drop the chunk digests of the item that reach past ``start`` (all of them with 0); queued."""
+        for key in [k for k, (n, _) in self._chunks.items() if k[:2] == (jid, rel) and k[2] + n > start]:
+            del self._chunks[key]
+        self._forget.append((jid, rel, start))
+
+    async def chunks(self, jid: str, rel: str, batch: int = 256) -> AsyncIterator[list[ChunkRecord]]:
+        """The item's chunk digests in offset order, ``batch`` at a time (pending ones committed first)."""
+        await self.flush()
+        after = -1
+        key = db_key(rel)
+        while True:
+            rows = await self._run(lambda a=after: self.db.execute(  # type: ignore[misc]
+                "SELECT offset, length, digest FROM chunks WHERE job=? AND rel=? AND offset>? "
+                "ORDER BY offset LIMIT ?", (jid, key, a, batch)).fetchall())
+            if not rows:
+                return
+            yield [(int(r[0]), int(r[1]), str(r[2])) for r in rows]
+            after = rows[-1][0]
+
+    # -- commits --------------------------------------------------------------------------------------
+    async def _maybe_flush(self) -> None:
+        if (len(self._pending) + len(self._chunks) >= self.BATCH
+                or time.monotonic() - self._last_flush >= self.INTERVAL):
             await self.flush()
 
     async def flush(self) -> None:
         """Commit every queued row in one transaction."""
-        if not self._pending:
+        if not self._pending and not self._chunks and not self._forget:
             return
         pending, self._pending = self._pending, {}
+        chunks, self._chunks = self._chunks, {}
+        forget, self._forget = self._forget, []
         self._last_flush = time.monotonic()
 
         def do() -> None:
             db = self.db
             db.execute("BEGIN")
             try:
+                for jid, rel, start in forget:  # before the inserts: a later chunk queued after it survives
+                    db.execute("DELETE FROM chunks WHERE job=? AND rel=? AND offset+length>?",
+                               (jid, db_key(rel), start))
+                db.executemany(
+                    "INSERT INTO chunks(job, rel, offset, length, digest) VALUES (?,?,?,?,?) "
+                    "ON CONFLICT(job, rel, offset) DO UPDATE SET length=excluded.length, digest=excluded.digest",
+                    [(jid, db_key(rel), off, n, d) for (jid, rel, off), (n, d) in chunks.items()])
                 for (jid, rel), f in pending.items():
                     row = {k: (orjson.dumps(v).decode() if k in ("remote", "digests") and v is not None else v)
                            for k, v in f.items()}
@@ -239,7 +441,7 @@ class Journal:
                     db.execute(
                         f"INSERT INTO items(job, rel, {', '.join(ins)}) VALUES (?, ?, {', '.join('?' * len(ins))}) "
                         f"ON CONFLICT(job, rel) DO UPDATE SET {sets}",
-                        (jid, rel, *ins.values()))
+                        (jid, db_key(rel), *ins.values()))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -250,9 +452,13 @@ class Journal:
             await self._run(do)
 
     async def close(self) -> None:
-        if self._db is None:
-            return
+        """Flush, close the database and release every job lock this journal holds."""
         with anyio.CancelScope(shield=True):
-            await self.flush()
-            db, self._db = self._db, None
-            await self._run(db.close)
+            try:
+                if self._db is not None:
+                    await self.flush()
+                    db, self._db = self._db, None
+                    await self._run(db.close)
+            finally:
+                for jid in list(self._locks):
+                    await self.release_job(jid)

@@ -11,7 +11,7 @@ from typing import Any
 
 import anyio
 
-from asyncdepo.errors import DepoError
+from asyncdepo.errors import DepoError, DiskFullError
 from asyncdepo.events import Reporter
 
 
@@ -31,13 +31,18 @@ class RunReport:
     failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
     interrupted: bool = False
+    #: why the run stopped before it tried every item (a full disk), "" when it did not
+    stopped: str = ""
+    #: the error that stopped it (not part of the JSON report: its message is in ``failures``)
+    stop_error: BaseException | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def mb_per_s(self) -> float:
         return self.bytes_sent / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "stop_error"}
+        d["summary"] = dict(self.summary)
         d["mb_per_s"] = round(self.mb_per_s, 2)
         d["failures"] = [{"rel": r, "error": e} for r, e in self.failures]
         return d
@@ -70,3 +75,26 @@ def _fill(report: RunReport, reporter: Reporter, started: float) -> None:
     report.bytes_sent = s.bytes_sent
     report.retries = s.retries
     report.seconds = round(time.monotonic() - started, 3)
+
+
+def megabytes(n: float) -> str:
+    """Bytes as ``12.3 MB`` (MB = 10^6 bytes, as every figure in a report)."""
+    return f"{n / 1e6:,.1f} MB"
+
+
+def disk_full_message(err: DiskFullError, need: int, exact: bool, kept: tuple[int, int]) -> str:
+    """The one message of a run stopped by a full disk: where, how much is free, how much more is missing
+    (``need``: bytes still to write; ``exact`` False while the walk had not finished, so "at least"), and
+    what was kept for resume (``kept``: part files, bytes)."""
+    free = err.free
+    if free is None:
+        space = f"{megabytes(need)} still to write"
+    else:
+        missing = max(0, need - free)
+        space = (f"{megabytes(free)} free, {'' if exact else 'at least '}{megabytes(missing)} more needed "
+                 f"({megabytes(need)} still to write)")
+    files, size = kept
+    text = f"disk full on {err.path or 'the target'}: {space}"
+    if files:
+        text += f"; {files} partial file(s) ({megabytes(size)}) kept for resume"
+    return text + "; free some space and run the same command again"

@@ -26,16 +26,31 @@ import anyio.abc
 from asyncdepo.config import EngineConfig
 from asyncdepo.contract import Adapter, Item
 from asyncdepo.digests import hash_path_sync
+from asyncdepo.engine.checks import (
+    check_name,
+    content_check,
+    discard,
+    disk_full_failure,
+    same_content,
+    stop_disk_full,
+    sweep_vanished,
+    utf8,
+    walk_failed,
+)
 from asyncdepo.engine.compress import TarSource
-from asyncdepo.engine.journal import Journal
+from asyncdepo.engine.journal import VANISHED, Journal
 from asyncdepo.engine.pipeline import BufferPool
 from asyncdepo.engine.report import RunReport, _fill, _ticker, describe, first_error
 from asyncdepo.engine.source import walk
 from asyncdepo.engine.transfer import Run, send_item
-from asyncdepo.errors import is_transient
-from asyncdepo.events import ItemDone, ItemFailed, ItemSkipped, JobFinished, JobStarted, Reporter
+from asyncdepo.errors import DiskFullError, SourceError, SourceVanishedError, is_transient
+from asyncdepo.events import ItemDone, ItemFailed, ItemSkipped, JobFinished, JobStarted, Reporter, printable
 from asyncdepo.transport.bandwidth import TokenBucket
 from asyncdepo.transport.pacer import RetryPolicy
+
+#: what the walk hands a worker: the item, its saved writer state, and (``--checksum``) the digests its
+#: content must still have for it to be skipped
+Entry = tuple[Item, dict[str, Any] | None, tuple[str, str] | None]
 
 
 def _hashes(config: EngineConfig, adapter: Adapter) -> tuple[str, ...]:
@@ -67,26 +82,37 @@ def _make_run(config: EngineConfig, adapter: Adapter, reporter: Reporter, journa
 
 async def _fail(run: Run, item: Item, exc: BaseException, report: RunReport) -> None:
     err = first_error(exc)
+    if isinstance(err, DiskFullError):
+        await stop_disk_full(run, item, err, report)
+        return
     msg = describe(err)
     transient = is_transient(err)
+    error = msg.splitlines()[0]
+    if isinstance(err, SourceVanishedError):
+        # what the target holds of it is removed; the journal and the report say the same thing
+        await discard(run, item.rel, report)
+        error = VANISHED
     await run.journal.record(run.job, item.rel, size=item.size, mtime_ns=item.mtime_ns, state="failed",
-                             error=msg.splitlines()[0], transient=int(transient))
+                             error=error, transient=int(transient), walked=run.journal.runs.get(run.job, 0))
     run.reporter.stats.files_failed += 1
     run.reporter.emit(ItemFailed(rel=item.rel, error=msg, transient=transient))
     report.failures.append((item.rel, msg.splitlines()[0]))
 
 
 async def _items(run: Run, root: Path, only: list[str] | None, skip: set[str],
-                 digests: dict[str, dict[str, str]]) -> AsyncIterator[tuple[Item, dict[str, Any] | None]]:
-    """Walked (or, for a retry round, named) items that still need sending, with their saved state."""
+                 digests: dict[str, dict[str, str]], report: RunReport) -> AsyncIterator[Entry]:
+    """Walked (or, for a retry round, named) items that still need sending, with their saved state and,
+    with ``--checksum``, the digests their content must still have to be skipped."""
     cfg, stats = run.config, run.reporter.stats
+    walked = run.journal.runs.get(run.job, 0)
 
     def warn(rel: str, why: str) -> None:
-        run.reporter.warning(f"skipped {rel}: {why}")
+        run.reporter.warning(f"skipped {printable(rel)}: {why}")
 
     async def batches() -> AsyncIterator[list[Item]]:
         if only is None:
-            async for b in walk(root, cfg.include, cfg.exclude, cfg.follow_symlinks, warn):
+            async for b in walk(root, cfg.include, cfg.exclude, cfg.follow_symlinks, warn,
+                                on_error=lambda rel, why: unreadable.append((rel, why))):
                 yield b
             return
         for i in range(0, len(only), 256):
@@ -95,14 +121,26 @@ async def _items(run: Run, root: Path, only: list[str] | None, skip: set[str],
                 p = root / rel if root.is_dir() else root
                 try:
                     st = p.stat()
-                except OSError:
-                    warn(rel, "no longer exists")
+                except FileNotFoundError:
+                    vanished.append(rel)
+                    continue
+                except OSError as exc:
+                    unreadable.append((rel, f"cannot stat: {exc.strerror}"))
                     continue
                 out.append(Item(str(p), rel, st.st_size, st.st_mtime_ns))
             yield out
 
+    unreadable: list[tuple[str, str]] = []
+    vanished: list[str] = []
     async for batch in batches():
+        for rel, why in unreadable:
+            await walk_failed(run, rel, why, report)
+        unreadable.clear()
         rows = await run.journal.lookup(run.job, [i.rel for i in batch])
+        for rel in vanished:
+            await _fail(run, Item(str(root / rel), rel, (rows.get(rel) or {}).get("size", 0), 0),
+                        SourceVanishedError(f"{rel}: source vanished"), report)
+        vanished.clear()
         for item in batch:
             if only is None:
                 stats.files_total += 1
@@ -111,49 +149,71 @@ async def _items(run: Run, root: Path, only: list[str] | None, skip: set[str],
             same = row is not None and row.get("size") == item.size and row.get("mtime_ns") == item.mtime_ns
             if item.rel in skip:
                 await run.journal.record(run.job, item.rel, size=item.size, mtime_ns=item.mtime_ns,
-                                         state="done", digests=digests.get(item.rel), error=None)
+                                         state="done", digests=digests.get(item.rel), error=None, walked=walked)
                 stats.files_skipped += 1
                 stats.bytes_done += item.size
                 run.reporter.emit(ItemSkipped(rel=item.rel, size=item.size, reason="archive already has it"))
                 continue
             if same and row is not None and row.get("state") == "done":
-                stats.files_skipped += 1
-                stats.bytes_done += item.size
-                run.reporter.emit(ItemSkipped(rel=item.rel, size=item.size, reason="unchanged since last run"))
+                check = content_check(row.get("digests") or {}) if cfg.checksum else None
+                if check is None:
+                    stats.files_skipped += 1
+                    stats.bytes_done += item.size
+                    run.reporter.emit(ItemSkipped(rel=item.rel, size=item.size, reason="unchanged since last run"))
+                    continue
+                yield item, None, check  # the worker hashes it: skipped only if the content is the same
                 continue
             if row is not None and not same:
                 # changed since it was recorded: forget the old state, re-send from zero
                 await run.journal.record(run.job, item.rel, size=item.size, mtime_ns=item.mtime_ns,
-                                         state="queued", offset=0, remote=None, error=None)
+                                         state="queued", offset=0, remote=None, error=None, walked=walked)
+                run.journal.forget_chunks(run.job, item.rel)
                 row = None
-            yield item, (row or {}).get("remote") if row else None
+            elif row is not None:
+                await run.journal.record(run.job, item.rel, walked=walked)
+            else:
+                await run.journal.record(run.job, item.rel, size=item.size, mtime_ns=item.mtime_ns,
+                                         state="queued", walked=walked)
+            yield item, (row or {}).get("remote") if row else None, None
+    for rel, why in unreadable:
+        await walk_failed(run, rel, why, report)
     stats.walk_done = True
 
 
 async def _pass(run: Run, root: Path, report: RunReport, only: list[str] | None, skip: set[str],
                 digests: dict[str, dict[str, str]]) -> None:
-    """One pass over the items with ``transfers`` workers fed through a bounded stream."""
+    """One pass over the items with ``transfers`` workers fed through a bounded stream; stopped early when
+    the target's disk is full (``report.stopped``)."""
     workers = run.config.transfers
-    send, recv = anyio.create_memory_object_stream[tuple[Item, dict[str, Any] | None]](2 * workers)
+    send, recv = anyio.create_memory_object_stream[Entry](2 * workers)
 
     async def feeder() -> None:
         async with send:
-            async for entry in _items(run, root, only, skip, digests):
+            async for entry in _items(run, root, only, skip, digests, report):
                 await send.send(entry)
 
     async def worker(stream: Any) -> None:
         async with stream:
-            async for item, saved in stream:
+            async for item, saved, check in stream:
                 try:
+                    if not run.features.any_name:
+                        check_name(item.rel, run.adapter.describe())
+                    if check is not None and await same_content(run, item, check):
+                        continue
                     await send_item(run, item, saved, digests.get(item.rel))
                 except Exception as exc:  # noqa: BLE001 - recorded; the run goes on with the other items
                     await _fail(run, item, exc, report)
+                    if report.stopped:
+                        tg.cancel_scope.cancel()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(feeder)
         async with recv:
             for _ in range(workers):
                 tg.start_soon(worker, recv.clone())
+    if report.stop_error is not None:
+        await disk_full_failure(run, report)
+        report.stop_error = None
 
 
 async def _prehash(run: Run, root: Path) -> list[tuple[Item, dict[str, str]]]:
@@ -168,10 +228,11 @@ async def _prehash(run: Run, root: Path) -> list[tuple[Item, dict[str, str]]]:
         out.append((item, m.hexdigests()))
 
     async for batch in walk(root, cfg.include, cfg.exclude, cfg.follow_symlinks,
-                            lambda r, w: run.reporter.warning(f"skipped {r}: {w}")):
+                            lambda r, w: run.reporter.warning(f"skipped {printable(r)}: {w}")):
         async with anyio.create_task_group() as tg:
             for item in batch:
-                tg.start_soon(one, item)
+                if run.features.any_name or utf8(item.rel):  # the others fail on their own in the pass
+                    tg.start_soon(one, item)
     out.sort(key=lambda p: p[0].rel)
     return out
 
@@ -188,9 +249,13 @@ async def _packed(run: Run, root: Path, report: RunReport) -> None:
         return
     algos = tuple(dict.fromkeys(run.hashes))
 
+    def unreadable(rel: str, why: str) -> None:
+        # a directory missing from the archive would make it differ from the source: the item fails
+        raise SourceError(f"{printable(rel)}: {why}; the archive would miss it")
+
     async def items() -> AsyncIterator[Item]:
         async for b in walk(root, cfg.include, cfg.exclude, cfg.follow_symlinks,
-                            lambda r, w: run.reporter.warning(f"skipped {r}: {w}")):
+                            lambda r, w: run.reporter.warning(f"skipped {printable(r)}: {w}"), on_error=unreadable):
             for it in b:
                 stats.files_total += 1
                 stats.bytes_total += it.size
@@ -276,8 +341,9 @@ async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None
     report = RunReport(ok=False, job_id="")
     ok = False
     try:
+        # the job's lock is taken before anything touches the target: a second run of it stops here
+        job, existed = await journal.open_job("push", str(root), target_identity(adapter, config), argv or [])
         async with adapter:
-            job, existed = await journal.open_job("push", str(root), target_identity(adapter, config), argv or [])
             report.job_id = job
             if existed:
                 adapter.restore_job_state(await journal.job_state(job))
@@ -331,6 +397,9 @@ async def _run_all(run: Run, root: Path, report: RunReport) -> None:
         await run.journal.set_job_state(run.job, run.adapter.job_state())
         del listed
     await _pass(run, root, report, None, skip, digests)
+    if report.stopped:
+        return  # the disk is full: nothing more can be written in this run
+    await sweep_vanished(run, root, report)
     for _ in range(run.config.retries):
         again = await run.journal.failed_transient(run.job)
         if not again:

@@ -3,9 +3,14 @@
 The walk runs in a worker thread and hands items to the event loop in small batches, so walking a
 million files never holds them all: memory is the stack of directories still to visit plus one batch.
 Symbolic links are skipped unless ``follow_symlinks`` (then directory loops are cut by (dev, inode));
-sockets, FIFOs and devices are skipped with a warning through ``on_skip``. Directory order is the
+sockets, FIFOs and devices are skipped with a warning through ``on_skip``. A directory that cannot be
+listed, or an entry that cannot be stat'ed, goes to ``on_error`` when one is given (the caller makes it a
+failure: the target would otherwise silently miss files), else to ``on_skip``. Directory order is the
 file system's (stable for an unchanged directory), not sorted, so a huge directory is never listed
 in memory.
+
+Names: ``rel`` is built from ``os.scandir`` on ``str`` paths, so a name that is not UTF-8 arrives with
+surrogate escapes (``os.fsdecode``) and maps back to the same bytes in every ``os`` call.
 """
 
 from __future__ import annotations
@@ -45,9 +50,11 @@ def check_source(root: Path) -> Path:
 
 def iter_items(root: Path, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
                follow_symlinks: bool = False,
-               on_skip: Callable[[str, str], None] | None = None) -> Generator[Item, None, None]:
+               on_skip: Callable[[str, str], None] | None = None,
+               on_error: Callable[[str, str], None] | None = None) -> Generator[Item, None, None]:
     """Blocking generator of the regular files under ``root`` (or ``root`` itself when it is a file)."""
     skip = on_skip or (lambda rel, why: None)
+    error = on_error or skip
     root = check_source(root)
     if root.is_file():
         st = root.stat()
@@ -62,7 +69,7 @@ def iter_items(root: Path, include: tuple[str, ...] = (), exclude: tuple[str, ..
         try:
             it = os.scandir(dpath)
         except OSError as exc:
-            skip(drel or ".", f"cannot list directory: {exc.strerror}")
+            error(drel or ".", f"cannot list directory: {exc.strerror}")
             continue
         with it:
             for entry in it:
@@ -73,7 +80,7 @@ def iter_items(root: Path, include: tuple[str, ...] = (), exclude: tuple[str, ..
                         continue
                     st = entry.stat(follow_symlinks=True)
                 except OSError as exc:
-                    skip(rel, f"cannot stat: {exc.strerror}")
+                    error(rel, f"cannot stat: {exc.strerror}")
                     continue
                 if stat.S_ISDIR(st.st_mode):
                     key = (st.st_dev, st.st_ino)
@@ -94,15 +101,19 @@ def iter_items(root: Path, include: tuple[str, ...] = (), exclude: tuple[str, ..
 
 async def walk(root: Path | str, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
                follow_symlinks: bool = False,
-               on_skip: Callable[[str, str], None] | None = None) -> AsyncIterator[list[Item]]:
-    """Batches of Items from a walk running in a worker thread (see the module docstring).
+               on_skip: Callable[[str, str], None] | None = None,
+               on_error: Callable[[str, str], None] | None = None) -> AsyncIterator[list[Item]]:
+    """Batches of Items from a walk running in a worker thread (see the module docstring); ``on_skip`` and
+    ``on_error`` are called on the event loop, before the batch that follows them (an exception they raise
+    ends the walk).
 
     :raises UsageError: the source does not exist or cannot be read.
     """
     path = Path(root)
     await anyio.to_thread.run_sync(check_source, path)
-    skipped: list[tuple[str, str]] = []
-    gen = iter_items(path, include, exclude, follow_symlinks, lambda r, w: skipped.append((r, w)))
+    skipped: list[tuple[str, str, bool]] = []
+    gen = iter_items(path, include, exclude, follow_symlinks, lambda r, w: skipped.append((r, w, False)),
+                     lambda r, w: skipped.append((r, w, on_error is not None)))
 
     def batch() -> list[Item]:
         out: list[Item] = []
@@ -115,10 +126,12 @@ async def walk(root: Path | str, include: tuple[str, ...] = (), exclude: tuple[s
     try:
         while True:
             items = await anyio.to_thread.run_sync(batch)
-            if on_skip is not None:
-                for rel, why in skipped:
+            noted, skipped[:] = list(skipped), []
+            for rel, why, failed in noted:
+                if failed and on_error is not None:
+                    on_error(rel, why)
+                elif on_skip is not None:
                     on_skip(rel, why)
-            skipped.clear()
             if not items:
                 return
             yield items

@@ -28,6 +28,7 @@ from asyncdepo.errors import (
     PermanentError,
     SourceChangedError,
     SourceError,
+    SourceVanishedError,
     is_transient,
 )
 from asyncdepo.events import ItemDone, ItemRetrying, ItemStarted, Reporter
@@ -35,6 +36,11 @@ from asyncdepo.transport.bandwidth import TokenBucket
 from asyncdepo.transport.pacer import RetryPolicy
 
 T = TypeVar("T")
+
+#: the digest journaled for every chunk a target confirmed (so a resume can check what the target holds):
+#: the cheapest one at hand. Only chunks of items larger than one chunk are journaled; a smaller item is
+#: simply re-sent when its state is in doubt.
+CHUNK_DIGEST = "xxh3"
 
 
 @dataclasses.dataclass
@@ -183,8 +189,9 @@ async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash)
         await run.journal.flush()  # the upload location must survive a crash before bytes move
     length = first
     known = writer.state()
+    digests = tuple(dict.fromkeys((*run.features.chunk_digests, CHUNK_DIGEST)))
     async with ChunkStream(opener, pool=run.pool, chunk_size=cfg.chunk_size, read_ahead=cfg.read_ahead,
-                           chunk_digests=run.features.chunk_digests, limiter=run.io, start_offset=first,
+                           chunk_digests=digests, limiter=run.io, start_offset=first,
                            skip=skip, total=total) as stream:
         async for chunk in stream:
             if chunk.offset + len(chunk.data) <= writer.confirmed and not chunk.last:
@@ -192,6 +199,8 @@ async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash)
             await _send_chunk(run, item, writer, chunk)
             length = chunk.offset + len(chunk.data)
             state = writer.state()
+            await run.journal.record_chunk(run.job, item.rel, chunk.offset, len(chunk.data),
+                                           chunk.digests[CHUNK_DIGEST])
             await run.journal.record(run.job, item.rel, state="partial", offset=length, remote=state)
             if big and state != known and not chunk.last:
                 # the target created its upload with this chunk: its location must survive a crash
@@ -270,6 +279,11 @@ async def _attempt(run: Run, item: Item, saved: dict[str, Any] | None, known: di
     await run.journal.record(run.job, item.rel, size=item.size, mtime_ns=item.mtime_ns, state="partial",
                              remote=writer.state())
     mode = _mode(run, remote)
+    if writer.confirmed > 0:
+        # check what the target holds against the journaled chunk digests before building on it; chunks
+        # past the verified offset are forgotten (they are sent, and recorded, again)
+        await writer.verify(run.journal.chunks(run.job, item.rel), CHUNK_DIGEST)
+        run.journal.forget_chunks(run.job, item.rel, writer.confirmed)
     run.reporter.emit(ItemStarted(rel=item.rel, size=item.size, offset=writer.confirmed))
     hasher = MultiHash(run.hashes)
     try:
@@ -297,10 +311,13 @@ async def _attempt(run: Run, item: Item, saved: dict[str, Any] | None, known: di
             with anyio.CancelScope(shield=True):
                 await writer.abort()
             await run.journal.record(run.job, item.rel, remote=None, offset=0)
+            run.journal.forget_chunks(run.job, item.rel)
         raise
     digests.pop("stream_size", None)
     await run.journal.record(run.job, item.rel, state="done", offset=item.size, digests=digests,
                              remote=result or writer.state(), error=None, transient=0)
+    if mode == "chunked" and (item.size < 0 or item.size > run.config.chunk_size):
+        run.journal.forget_chunks(run.job, item.rel)  # only unfinished items are resumed
     stats = run.reporter.stats
     stats.files_done += 1
     stats.bytes_done += item.size
@@ -344,9 +361,12 @@ async def send_item(run: Run, item: Item, saved: dict[str, Any] | None,
 
 
 def restat(item: Item) -> Item:
-    """The item with its current size and mtime (after it changed)."""
+    """The item with its current size and mtime (after it changed).
+
+    :raises SourceVanishedError: the file is gone.
+    """
     try:
         st = os.stat(item.path)
-    except FileNotFoundError:
-        raise SourceError(f"{item.rel}: file disappeared") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise SourceVanishedError(f"{item.rel}: source vanished (deleted while it was being sent)") from None
     return dataclasses.replace(item, size=st.st_size, mtime_ns=st.st_mtime_ns)

@@ -41,7 +41,8 @@ Choices (the spec leaves them open, or a real server differs):
 * When an upload completes (offset == length) its data file is hard-linked (no copy) to
   ``ROOT/complete/<relpath>`` (``relpath`` metadata, else ``filename``, else the upload id), replacing an
   earlier file of that name atomically, so tests compare the tree on disk with the source. A ``relpath``
-  or ``filename`` that is absolute or contains ``..`` is refused at creation with 400.
+  or ``filename`` that is absolute or contains ``..`` is refused at creation with 400. A name that is not
+  UTF-8 lands under its very bytes (Linux file names are bytes).
 * Upload-Metadata: ``key base64value`` pairs separated by commas; keys unique, without spaces or commas;
   a value may be absent. Invalid base64 or a duplicate key is 400. Values that are not UTF-8 are kept only
   in the raw header (HEAD returns it as sent).

@@ -9,6 +9,8 @@ is the truth and the data file is truncated to it. A completed upload is hard-li
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import os
 from pathlib import Path
 from typing import Any
@@ -90,7 +92,13 @@ class TusState:
         return up
 
     def target_rel(self, up: Upload) -> str:
-        return up.metadata.get("relpath") or up.metadata.get("filename") or up.id
+        """Where a completed upload lands under ``complete/``: ``relpath``, else ``filename``, else its id. A
+        name that is not UTF-8 (Linux file names are bytes) lands under those very bytes."""
+        for key in ("relpath", "filename"):
+            name = up.metadata.get(key) or raw_name(up.raw_metadata, key)
+            if name:
+                return name
+        return up.id
 
     def materialise(self, up: Upload) -> None:
         """Hard-link a completed upload to ``complete/<relpath>``, replacing an older file atomically."""
@@ -101,3 +109,22 @@ class TusState:
         os.link(self.data_path(up.id), tmp)
         os.replace(tmp, dest)
         up.materialised = True
+
+
+def raw_name(header: str, key: str) -> str | None:
+    """The value of ``key`` in a raw ``Upload-Metadata`` header as a file-system name (``os.fsdecode`` of its
+    bytes, so a name that is not UTF-8 maps back to the same bytes), or None when absent, unreadable or not
+    a relative path without ``..``."""
+    for pair in header.split(","):
+        name, _, value = pair.strip().partition(" ")
+        if name != key:
+            continue
+        try:
+            raw = base64.b64decode(value.strip(), validate=True)
+        except binascii.Error:
+            return None
+        parts = raw.split(b"/")
+        if not raw or raw.startswith(b"/") or b".." in parts or b"\0" in raw or b"\\" in raw:
+            return None
+        return os.fsdecode(raw)
+    return None

@@ -15,6 +15,9 @@ Everything that talks to a server turns what went wrong into the errors tree her
   errors) -> TransientError, an untrusted certificate -> PermanentError with a hint. A DepoError raised by
   our own code underneath (a request body that found its file changed) comes out as itself.
 * :func:`parse_retry_after` — Retry-After as seconds (delta or HTTP date).
+* :func:`disk_error` — a failed write to a local disk (a file:// target, a pull's part file): a full disk
+  (ENOSPC, EDQUOT) -> DiskFullError with the space still free, which is not retried (a full disk does not
+  empty itself between two attempts); anything else -> TransientError.
 
 S3's XML errors are parsed in :mod:`asyncdepo.transport.s3errors`, ascp's exit and FASP codes in
 :mod:`asyncdepo.transport.ascp.faspmgr`; both build on :func:`status_error` and the tree.
@@ -27,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
+import os
 import re
 import ssl
 import sys
@@ -39,6 +44,7 @@ from asyncdepo.errors import (
     AuthError,
     ConflictError,
     DepoError,
+    DiskFullError,
     PermanentError,
     QuotaError,
     RateLimitedError,
@@ -188,3 +194,25 @@ def boundary(what: str) -> Iterator[None]:
         if not is_transport_failure(exc):
             raise
         raise connection_error(exc, what) from None
+
+
+#: errno values that mean the disk is full (no space left, or the user's quota used up)
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def free_space(path: str | os.PathLike[str]) -> int | None:
+    """Bytes an unprivileged writer may still use on the file system holding ``path`` (None when unknown)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def disk_error(what: str, exc: OSError, where: str | os.PathLike[str]) -> DiskFullError | TransientError:
+    """A failed local write as an error of the tree (see the module docstring); ``where`` is a path on the
+    disk written to (for the free space and the message). The message names the file, never more."""
+    if exc.errno in DISK_FULL:
+        free = free_space(where)
+        return DiskFullError(f"{what}: {exc.strerror}", path=os.fspath(where), free=free)
+    return TransientError(f"{what}: {exc.strerror or type(exc).__name__}")

@@ -328,6 +328,14 @@ class S3Adapter(Adapter):
     async def finish(self, ok: bool) -> dict[str, Any]:
         return {"target": self.describe()}
 
+    async def discard(self, rel: str, saved: Mapping[str, Any] | None) -> None:
+        """Abort the journaled multipart upload of ``rel`` (its source vanished); nothing without one. An upload
+        already gone (NoSuchUpload) is fine; another failure is logged, never raised."""
+        upload_id = (saved or {}).get("upload_id")
+        if upload_id:
+            key = str((saved or {}).get("key") or self.key_for(rel))
+            await S3Writer(self, Item(rel, rel, 0, 0), key)._abort_id(str(upload_id))
+
     # -- pull ---------------------------------------------------------------------------------------
     async def list_remote(self) -> AsyncIterator[RemoteItem]:
         """Every object under the prefix, ``list_page_size`` keys a page; directory markers are skipped.
