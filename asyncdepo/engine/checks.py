@@ -174,5 +174,4 @@ async def disk_full_failure(run: Run, report: RunReport) -> None:
     message = disk_full_message(err, need, stats.walk_done, kept)
     where = printable(err.path) or "(target)"
     stats.files_failed += 1
-    run.reporter.emit(ItemFailed(rel=where, error=message, transient=False))
-    report.failures.append((where, message))
+    report.failures.append((where, message))  # in the report only: it is the run's failure, not a file's

@@ -124,6 +124,22 @@ def db_text(value: str | bytes) -> str:
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
 
+def _dumps(value: Any) -> str:
+    """JSON text of ``value``; a name that is not UTF-8 (surrogate escapes) is written as ``\\udcXX``
+    escapes, which orjson refuses to write and :func:`_loads` reads back."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value)
+
+
+def _loads(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)  # lone surrogate escapes (see _dumps)
+
+
 ChunkRecord = tuple[int, int, str]  # (offset, length, digest)
 
 
@@ -289,14 +305,14 @@ class Journal:
     async def job_state(self, jid: str) -> dict[str, Any]:
         def do() -> dict[str, Any]:
             row = self.db.execute("SELECT data FROM job_state WHERE job=?", (jid,)).fetchone()
-            return orjson.loads(row[0]) if row else {}
+            return _loads(row[0]) if row else {}
 
         return await self._run(do)
 
     async def set_job_state(self, jid: str, data: dict[str, Any]) -> None:
         await self._run(lambda: self.db.execute(
             "INSERT INTO job_state(job, data) VALUES (?, ?) ON CONFLICT(job) DO UPDATE SET data=excluded.data",
-            (jid, orjson.dumps(data).decode())))
+            (jid, _dumps(data))))
 
     # -- items ----------------------------------------------------------------------------------------
     async def lookup(self, jid: str, rels: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -311,8 +327,8 @@ class Journal:
                      f"FROM items WHERE job=? AND rel IN ({','.join('?' * len(part))})")
                 for r in self.db.execute(q, (jid, *part)):
                     out[db_text(r[0])] = {"size": r[1], "mtime_ns": r[2], "state": r[3], "offset": r[4],
-                                          "remote": orjson.loads(r[5]) if r[5] else None,
-                                          "digests": orjson.loads(r[6]) if r[6] else {}, "error": r[7],
+                                          "remote": _loads(r[5]) if r[5] else None,
+                                          "digests": _loads(r[6]) if r[6] else {}, "error": r[7],
                                           "transient": bool(r[8]), "attempts": r[9]}
             return out
 
@@ -344,7 +360,7 @@ class Journal:
                 "AND NOT (state='failed' AND error=?) AND rel>? ORDER BY rel LIMIT ?",
                 (jid, run, VANISHED, after, limit)).fetchall()
             return [(r[0], {"rel": db_text(r[0]), "size": r[1], "state": r[2],
-                            "remote": orjson.loads(r[3]) if r[3] else None}) for r in rows]
+                            "remote": _loads(r[3]) if r[3] else None}) for r in rows]
 
         return await self._run(do)
 
@@ -432,7 +448,7 @@ class Journal:
                     "ON CONFLICT(job, rel, offset) DO UPDATE SET length=excluded.length, digest=excluded.digest",
                     [(jid, db_key(rel), off, n, d) for (jid, rel, off), (n, d) in chunks.items()])
                 for (jid, rel), f in pending.items():
-                    row = {k: (orjson.dumps(v).decode() if k in ("remote", "digests") and v is not None else v)
+                    row = {k: (_dumps(v) if k in ("remote", "digests") and v is not None else v)
                            for k, v in f.items()}
                     if not row:
                         continue

@@ -4,6 +4,9 @@ Each remote item is written to ``OUTDIR/<rel>.asyncdepo-part`` and renamed into 
 size and the digests the archive published match, so a file under its real name is always complete.
 A re-run skips files already present with the right size (and digest when one is published) and
 continues a partial file from its size, re-hashing the prefix it already has.
+
+A full disk (ENOSPC, EDQUOT on a part file) is not retried: the first one stops the pull, the part files
+stay for the next run, and the report has one failure saying how much space is missing.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ import anyio
 from asyncdepo.config import EngineConfig
 from asyncdepo.contract import Adapter, PlainGet, RemoteItem
 from asyncdepo.digests import FACTORIES, MultiHash, hash_path_sync
-from asyncdepo.engine.report import RunReport, _fill, _ticker, describe, first_error
+from asyncdepo.engine.report import RunReport, _fill, _ticker, describe, disk_full_message, first_error
 from asyncdepo.engine.source import selected
-from asyncdepo.errors import IntegrityError, TransientError, UsageError, is_transient
+from asyncdepo.errors import DiskFullError, IntegrityError, TransientError, UsageError, is_transient
 from asyncdepo.events import (
     ItemDone,
     ItemFailed,
@@ -35,6 +38,7 @@ from asyncdepo.events import (
 )
 from asyncdepo.transport import httpget
 from asyncdepo.transport.bandwidth import TokenBucket
+from asyncdepo.transport.failures import disk_error
 from asyncdepo.transport.pacer import RetryPolicy
 
 PART = ".asyncdepo-part"
@@ -95,8 +99,12 @@ def _finish(part: Path, dest: Path, item: RemoteItem, algos: tuple[str, ...], ha
 
 async def _stream(adapter: Adapter, item: RemoteItem, offset: int, part: Path, hasher: MultiHash, stats: Stats,
                   io: anyio.CapacityLimiter, bucket: TokenBucket | None) -> None:
-    """Append ``adapter.read(item, offset)`` to ``part``: each block hashed and written in one thread hop."""
-    fh = await anyio.to_thread.run_sync(lambda: open(part, "ab"))  # noqa: SIM115 - opened in a thread, closed below
+    """Append ``adapter.read(item, offset)`` to ``part``: each block hashed and written in one thread hop.
+
+    :raises DiskFullError: the disk is full (the part file keeps what was written).
+    """
+    what = f"write {item.rel}{PART}"
+    fd = await anyio.to_thread.run_sync(lambda: os.open(part, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
     try:
         async for data in adapter.read(item, offset):
             block = bytes(data)  # the adapter may reuse its buffer once we ask for more
@@ -105,12 +113,17 @@ async def _stream(adapter: Adapter, item: RemoteItem, offset: int, part: Path, h
 
             def store(b: bytes = block) -> None:
                 hasher.update(b)
-                fh.write(b)
+                view = memoryview(b)
+                try:
+                    while view:  # a write may be short (a disk filling up writes what fits first)
+                        view = view[os.write(fd, view):]
+                except OSError as exc:
+                    raise disk_error(what, exc, part.parent) from None
 
             await anyio.to_thread.run_sync(store, limiter=io)
             stats.add_sent(item.rel, len(block))
     finally:
-        await anyio.to_thread.run_sync(fh.close)
+        await anyio.to_thread.run_sync(os.close, fd)
 
 
 @dataclasses.dataclass
@@ -187,6 +200,27 @@ async def _fetch(adapter: Adapter, job: _Job, reporter: Reporter, io: anyio.Capa
             spec = None  # a signed URL may have expired meanwhile: ask again
 
 
+async def _disk_full(err: DiskFullError, out: Path, rels: set[str], stats: Stats, report: RunReport) -> None:
+    """The one failure of a pull stopped by a full disk: what is missing, and the part files kept."""
+
+    def kept() -> tuple[int, int]:
+        sizes = [_size(_part_of(out, rel)) for rel in rels]
+        return sum(1 for n in sizes if n), sum(n or 0 for n in sizes)
+
+    files, size = await anyio.to_thread.run_sync(kept)
+    need = max(0, stats.bytes_total - stats.bytes_done - size)
+    message = disk_full_message(err, need, stats.walk_done, (files, size))
+    where = err.path or str(out)
+    report.stopped = "disk full"
+    stats.files_failed += 1
+    report.failures.append((where, message))  # in the report only: it is the pull's failure, not a file's
+
+
+def _part_of(out: Path, rel: str) -> Path:
+    dest = _target(out, rel)
+    return dest.with_name(dest.name + PART)
+
+
 async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None = None, *,
                reporter: Reporter | None = None, tick: float = 0.5, bucket: TokenBucket | None = None) -> RunReport:
     """Fetch every item ``adapter.list_remote()`` yields into ``outdir``; failures are in the report.
@@ -209,6 +243,9 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
     attempts = config.request_attempts * max(1, config.item_attempts)
     if bucket is None and config.bwlimit:
         bucket = TokenBucket(config.bwlimit)  # --bwlimit caps the whole pull, as it caps a push
+
+    full: list[DiskFullError] = []  # the first full-disk error stops the pull
+    stopped_in_flight: set[str] = set()
 
     def failed(item: RemoteItem, exc: Exception) -> None:
         msg = describe(exc)
@@ -254,7 +291,13 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
                                          tuple(a for a in config.hash if a in FACTORIES))
                             stats.files_done += 1
                         except Exception as exc:  # noqa: BLE001 - this item fails, the pull goes on
-                            failed(job.item, exc)
+                            err = first_error(exc)
+                            if not isinstance(err, DiskFullError):
+                                failed(job.item, exc)
+                            elif not full:  # no more room: stop, one message for the whole pull
+                                full.append(err)
+                                stopped_in_flight.update(stats.active)
+                                inner.cancel_scope.cancel()
                         finally:
                             stats.item_out(job.item.rel)
 
@@ -267,6 +310,8 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
                             inner.start_soon(preparer, recv.clone(), ready_send.clone())
                             inner.start_soon(worker, ready_recv.clone())
                 tg.cancel_scope.cancel()
+            if full:
+                await _disk_full(full[0], out, stopped_in_flight, stats, report)
             report.summary = await adapter.finish(not report.failures) or {}
     finally:
         _fill(report, reporter, started)

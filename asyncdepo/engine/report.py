@@ -83,7 +83,8 @@ def megabytes(n: float) -> str:
 
 
 def disk_full_message(err: DiskFullError, need: int, exact: bool, kept: tuple[int, int]) -> str:
-    """The one message of a run stopped by a full disk: where, how much is free, how much more is missing
+    """The one message of a run stopped by a full disk (reported against the disk's path): how much is free,
+    how much more is missing
     (``need``: bytes still to write; ``exact`` False while the walk had not finished, so "at least"), and
     what was kept for resume (``kept``: part files, bytes)."""
     free = err.free
@@ -94,7 +95,7 @@ def disk_full_message(err: DiskFullError, need: int, exact: bool, kept: tuple[in
         space = (f"{megabytes(free)} free, {'' if exact else 'at least '}{megabytes(missing)} more needed "
                  f"({megabytes(need)} still to write)")
     files, size = kept
-    text = f"disk full on {err.path or 'the target'}: {space}"
+    text = f"disk full: {space}"
     if files:
         text += f"; {files} partial file(s) ({megabytes(size)}) kept for resume"
     return text + "; free some space and run the same command again"

@@ -40,6 +40,7 @@ from asyncdepo.contract import PlainGet
 from asyncdepo.digests import MultiHash
 from asyncdepo.errors import PermanentError, TransientError, http_error, parse_retry_after
 from asyncdepo.transport.bandwidth import TokenBucket
+from asyncdepo.transport.failures import DISK_FULL, disk_error
 from asyncdepo.transport.httppool import STALE, ConnectionPool
 from asyncdepo.transport.tlsbio import TLSStream, set_timeouts
 
@@ -189,19 +190,32 @@ def _open(spec: PlainGet, offset: int, stop: _Stop) -> tuple[http.client.HTTPCon
 class _Sink:
     """Where the body goes: drop a prefix the server sent anyway, hash, append, report progress now and then."""
 
-    def __init__(self, fd: int, hasher: MultiHash, on_bytes: Callable[[int], None], skip: int) -> None:
+    def __init__(self, fd: int, hasher: MultiHash, on_bytes: Callable[[int], None], skip: int,
+                 part: Path | None = None) -> None:
         self.fd, self.hasher, self.on_bytes, self.skip = fd, hasher, on_bytes, skip
+        self.part = part
         self.written = self.unreported = 0
         self.reported_at = time.monotonic()
 
     def put(self, data: memoryview | bytes) -> None:
+        """Hash and append ``data``.
+
+        :raises DiskFullError: the disk is full (not retried; the part file keeps what fit).
+        """
         if self.skip:
             cut = min(self.skip, len(data))
             data, self.skip = data[cut:], self.skip - cut
         if not data:
             return
         self.hasher.update(data)
-        os.write(self.fd, data)
+        view = memoryview(data)
+        try:
+            while view:  # a write may be short (a disk filling up writes what fits first)
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:
+            if exc.errno not in DISK_FULL or self.part is None:
+                raise
+            raise disk_error(f"write {self.part.name}", exc, self.part.parent) from None
         self.written += len(data)
         self.unreported += len(data)
         now = time.monotonic()
@@ -299,7 +313,7 @@ def fetch_sync(spec: PlainGet, offset: int, part: Path, hasher: MultiHash, on_by
     """
     view = _BUFFERS.take()
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    sink = _Sink(fd, hasher, on_bytes, 0)
+    sink = _Sink(fd, hasher, on_bytes, 0, part)
     try:
         conn, resp, sink.skip, where = _open(spec, offset, stop)
         complete = False

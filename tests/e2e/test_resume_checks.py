@@ -1,0 +1,148 @@
+"""A resume checks what the target holds before building on it, and a run never ends "done" while the target
+differs from the source: a corrupted part file is re-sent from its last good chunk, a source deleted between
+runs fails "source vanished" (and what the target held of it is removed), ``--checksum`` catches a rewrite
+that kept size and mtime. Each case runs the CLI as a user does (the first, interrupted run in-process with a
+fault injected at the adapter's write boundary; the runs that follow as real processes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from asyncdepo.adapters.local import PART_SUFFIX, LocalWriter
+from asyncdepo.cli import main as cli_main
+from asyncdepo.contract import Chunk
+from asyncdepo.errors import TransientError
+from tests.conftest import tree_digests
+
+CHUNK = 1 << 20
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "asyncdepo.cli", *argv], capture_output=True, text=True,
+                          timeout=300)
+
+
+def _report(out: str) -> dict[str, Any]:
+    lines = [orjson.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return next(e["report"] for e in lines if e["event"] == "job_finished")  # type: ignore[no-any-return]
+
+
+def _tree(root: Path, files: dict[str, int]) -> Path:
+    root.mkdir(parents=True)
+    for name, size in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(os.urandom(size))
+    return root
+
+
+def _stop_writes_at(monkeypatch: pytest.MonkeyPatch, offset: int) -> None:
+    """The local adapter's writes fail from ``offset`` on: the run ends with part files and journal state."""
+    real = LocalWriter.write
+
+    async def failing(self: LocalWriter, chunk: Chunk) -> None:
+        if chunk.offset >= offset:
+            raise TransientError(f"write {self.item.rel}: injected I/O error")
+        await real(self, chunk)
+
+    monkeypatch.setattr(LocalWriter, "write", failing)
+
+
+def _first_run(monkeypatch: pytest.MonkeyPatch, src: Path, url: str, journal: Path, stop_at: int) -> None:
+    _stop_writes_at(monkeypatch, stop_at)
+    rc = cli_main(["push", str(src), url, "--journal", str(journal), "--chunk-size", "1M", "-q",
+                   "--request-attempts", "1", "--retries", "0"])
+    monkeypatch.undo()
+    assert rc == 1
+
+
+def test_local_part_corrupted_between_runs_is_resent_from_its_last_good_chunk(
+        tmp_path: Path, journal: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _tree(tmp_path / "src", {"big.bin": 6 * CHUNK + 321})
+    dest = tmp_path / "dest"
+    url = f"file://{dest}"
+    _first_run(monkeypatch, src, url, journal, 4 * CHUNK)
+    part = dest / ("big.bin" + PART_SUFFIX)
+    assert part.stat().st_size == 4 * CHUNK
+    with open(part, "r+b") as fh:  # damage inside the second chunk, as a bad disk or another program would
+        fh.seek(CHUNK + CHUNK // 2)
+        fh.write(b"\0" * 64)
+    rerun = _cli("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M", "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    report = _report(rerun.stdout)
+    # the first chunk matched its journaled digest; everything from the damaged one on was sent again,
+    # without a single retry (before, the damage was found only at the end, again on every attempt)
+    assert report["bytes_sent"] == (6 * CHUNK + 321) - CHUNK and report["retries"] == 0
+    assert tree_digests(dest) == tree_digests(src)
+    assert not part.exists()
+
+
+def test_local_source_vanished_between_runs_fails_and_its_part_file_is_removed(
+        tmp_path: Path, journal: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _tree(tmp_path / "src", {"keep.bin": 3 * CHUNK, "gone.bin": 3 * CHUNK + 5, "small.txt": 100})
+    dest = tmp_path / "dest"
+    url = f"file://{dest}"
+    _first_run(monkeypatch, src, url, journal, CHUNK)
+    assert (dest / ("gone.bin" + PART_SUFFIX)).exists()
+    (src / "gone.bin").unlink()
+    rerun = _cli("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M")
+    assert rerun.returncode == 1, rerun.stderr
+    assert "failed: gone.bin: source vanished" in rerun.stderr
+    assert not (dest / ("gone.bin" + PART_SUFFIX)).exists() and not (dest / "gone.bin").exists()
+    assert tree_digests(dest) == tree_digests(src)
+    jid = rerun.stderr.split("job ", 1)[1].split(":", 1)[0]
+    status = _cli("status", jid, "--journal", str(journal), "--json")
+    assert status.returncode == 1
+    st = orjson.loads(status.stdout)
+    assert st["failures"] == [{"rel": "gone.bin", "error": "source vanished", "transient": False}]
+    assert st["counts"]["done"]["files"] == 2
+    # reported once: the next run that does not find it either is done (the journal drops it)
+    third = _cli("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M")
+    assert third.returncode == 0, third.stderr
+    assert orjson.loads(_cli("status", jid, "--journal", str(journal), "--json").stdout)["failures"] == []
+
+
+def test_tus_source_vanished_between_runs_terminates_its_upload(
+        tmp_path: Path, journal: Path, threaded_tus: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from asyncdepo.sim import tus
+
+    src = _tree(tmp_path / "src", {"gone.bin": 3 * CHUNK + 5, "keep.txt": 10})
+    url = f"tus+http://127.0.0.1:{threaded_tus.server.port}/files/"
+    # the first run: every PATCH of gone.bin after the first fails (503), so its upload is left half done
+    threaded_tus.call(lambda: threaded_tus.faults.add("PATCH * status=503 skip=1 first=0"))
+    assert cli_main(["push", str(src), url, "--journal", str(journal), "--chunk-size", "1M", "-q",
+                     "--request-attempts", "1", "--retries", "0"]) == 1
+    threaded_tus.call(threaded_tus.faults.clear)
+    state = threaded_tus.server.app[tus.STATE_KEY]
+    started = [u for u in state.uploads.values() if u.metadata.get("relpath") == "gone.bin"]
+    assert len(started) == 1 and 0 < started[0].offset < 3 * CHUNK + 5 and not started[0].terminated
+    (src / "gone.bin").unlink()
+    rerun = _cli("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M")
+    assert rerun.returncode == 1 and "failed: gone.bin: source vanished" in rerun.stderr, rerun.stderr
+    assert started[0].terminated  # DELETE: the server no longer keeps the half upload
+    assert tree_digests(threaded_tus.store / "complete") == tree_digests(src)
+
+
+def test_checksum_resends_a_file_rewritten_with_same_size_and_mtime(tmp_path: Path, journal: Path) -> None:
+    src = _tree(tmp_path / "src", {"a.bin": 5000, "b.bin": 7000})
+    dest = tmp_path / "dest"
+    url = f"file://{dest}"
+    assert _cli("push", str(src), url, "--journal", str(journal)).returncode == 0
+    target = src / "a.bin"
+    st = target.stat()
+    target.write_bytes(os.urandom(5000))  # same size ...
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and the old mtime back
+    plain = _cli("push", str(src), url, "--journal", str(journal), "--json")
+    assert plain.returncode == 0 and _report(plain.stdout)["files_skipped"] == 2  # size+mtime cannot see it
+    assert tree_digests(dest) != tree_digests(src)
+    checked = _cli("push", str(src), url, "--journal", str(journal), "--json", "--checksum")
+    assert checked.returncode == 0, checked.stderr
+    report = _report(checked.stdout)
+    assert report["files_done"] == 1 and report["files_skipped"] == 1 and report["bytes_sent"] == 5000
+    assert tree_digests(dest) == tree_digests(src)
