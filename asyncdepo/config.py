@@ -30,6 +30,14 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+def format_size(n: int) -> str:
+    """``16777216`` -> ``'16M'`` (the largest binary unit that divides it; what :func:`parse_size` reads)."""
+    for unit in ("T", "G", "M", "K"):
+        if n and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return str(n)
+
+
 def parse_rate(text: str | int | None) -> float | None:
     """``--bwlimit``: ``'100M'`` -> bytes per second (binary units, as rclone); 0/None/off -> no limit."""
     if text is None or text in ("", "0", 0, "off"):
@@ -162,8 +170,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine options (also ASYNCDEPO_<NAME> env vars and config.toml)")
     for opt in OPTIONS:
         flag = "--" + opt.name.replace("_", "-")
-        default_text = "off" if opt.default in (None, (), False) else (
-            ",".join(opt.default) if isinstance(opt.default, tuple) else opt.default)
+        default_text = _default_text(opt)
         if opt.flag:
             group.add_argument(flag, action="store_true", default=None, help=opt.help)
         elif opt.repeat:
@@ -172,6 +179,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             group.add_argument(flag, default=None, metavar=opt.metavar,
                                help=f"{opt.help} (default {default_text})")
+
+
+def _default_text(opt: Option) -> str:
+    """An option's default as a person types it: ``16M`` for a size, ``md5`` for a list, ``off`` for none."""
+    d = opt.default
+    if d in (None, (), False):
+        return "off"
+    if isinstance(d, tuple):
+        return ",".join(d)
+    if opt.parse is parse_size and isinstance(d, int):
+        return format_size(d)
+    return str(d)
 
 
 def config_file() -> Path:
@@ -216,7 +235,6 @@ def options_markdown() -> str:
     """The option table as Markdown (README/docs)."""
     rows = ["| flag | env | default | meaning |", "|---|---|---|---|"]
     for opt in OPTIONS:
-        d = opt.default
-        d = ",".join(d) if isinstance(d, tuple) else ("off" if d in (None, False) else d)
-        rows.append(f"| `--{opt.name.replace('_', '-')}` | `ASYNCDEPO_{opt.name.upper()}` | {d} | {opt.help} |")
+        rows.append(f"| `--{opt.name.replace('_', '-')}` | `ASYNCDEPO_{opt.name.upper()}` | {_default_text(opt)} "
+                    f"| {opt.help} |")
     return "\n".join(rows)

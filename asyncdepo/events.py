@@ -181,6 +181,9 @@ class Stats:
             "bytes_total": self.bytes_total,
             "bytes_done": self.bytes_done,
             "bytes_sent": self.bytes_sent,
+            # bytes moved so far of the items in flight (each counted up to its size): progress displays add
+            # them to bytes_done so the overall bar moves while a large file is sent, not only when it ends
+            "bytes_moving": sum(min(sent, size) for size, sent in self.active.values() if size > 0),
             "rate": self.bytes_sent / elapsed,
             "retries": self.retries,
             "walk_done": self.walk_done,
@@ -231,6 +234,9 @@ class Reporter:
             sink.tick(snap)
 
     def close(self) -> None:
+        """A last tick (so the display's last frame shows the end, not the state of the tick before it), then
+        close the sinks."""
+        self.tick()
         for sink in self.sinks:
             sink.close()
 

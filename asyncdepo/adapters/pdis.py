@@ -21,9 +21,12 @@ Idempotence and resume:
   same submission, and an older ``uploaded`` submission with a different md5 (the data changed) is deleted.
 
 Credentials: the API token is sent only as ``Authorization: Token ...`` to the server's own origin; it is
-never in ``describe()``, ``job_state()``, messages or the journal. Errors: 401 -> AuthError (log in again),
-403 -> AuthError (another account's submission), 400 -> RemoteValidationError naming the field the server
-named, 404 -> RemoteValidationError, 409 -> ConflictError, 5xx/429/network -> TransientError.
+never in ``describe()``, ``job_state()``, messages or the journal. Errors: 401 -> AuthError (log in again;
+at login: the email or password was refused), 403 -> AuthError (another account's submission), 400 ->
+RemoteValidationError naming the field the server named, except a body damaged on the way (400 "corrupt zstd
+stream", "truncated zstd stream") -> BodyDamagedError, an IntegrityError retried with a fresh read of the
+dataset; 404 -> RemoteValidationError, 409 -> ConflictError, 5xx/429/network -> TransientError (through
+``transport.failures.status_error``).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from aiohttp import payload
 from asyncdepo.contract import Adapter, ByteSource, ChunkWriter, Features, Item
 from asyncdepo.errors import (
     AuthError,
+    BodyDamagedError,
     ConflictError,
     DepoError,
     IntegrityError,
@@ -53,9 +57,8 @@ from asyncdepo.errors import (
     TransientError,
     UsageError,
     ValidationError,
-    http_error,
-    parse_retry_after,
 )
+from asyncdepo.transport.failures import status_error
 from asyncdepo.transport.httpbody import client_session
 from asyncdepo.transport.pacer import RetryPolicy, retry_call
 
@@ -291,7 +294,15 @@ class PdisClient:
         return await retry_call(once, self.policy)
 
     async def login(self, email: str, password: str) -> str:
-        body = await self.call("POST", "auth/token/", data={"username": email, "password": password})
+        """Exchange email and password for the API token.
+
+        :raises AuthError: PDIS refused the email or the password (the message says so, not "the token").
+        """
+        try:
+            body = await self.call("POST", "auth/token/", data={"username": email, "password": password})
+        except AuthError as exc:
+            raise AuthError(f"pdis POST auth/token/: PDIS refused the email or the password (HTTP {exc.status})",
+                            status=exc.status, hint="check the email and the password") from None
         token = (body or {}).get("token")
         if not isinstance(token, str) or not token:
             raise TransientError("pdis POST auth/token/: no token in the answer")
@@ -340,6 +351,15 @@ class PdisClient:
             interval = min(cap, interval * 1.5) if interval > 0 else 0.0
 
 
+def _damaged(status: int, message: str) -> type[TransferError] | None:
+    """PDIS's quirk: a body damaged on the way (a bit flipped in the zstd stream, a cut-off stream) is
+    answered 400 like a bad request; it is an integrity failure, sent again with a fresh read."""
+    text = message.lower()
+    if status == 400 and ("corrupt" in text or "truncated" in text) and "zstd" in text:
+        return BodyDamagedError
+    return None
+
+
 def _status_error(status: int, message: str, retry_after: str | None, what: str, subject: str) -> TransferError:
     if status == 401:
         return AuthError(f"{what}: PDIS refused the API token (HTTP 401: {message})", status=401,
@@ -347,9 +367,9 @@ def _status_error(status: int, message: str, retry_after: str | None, what: str,
     if status == 403:
         return AuthError(f"{what}: submission {subject or '?'} belongs to another account (HTTP 403: {message})",
                          status=403, hint="use the API token of the account that uploaded it")
-    if status == 400:
+    if status == 400 and _damaged(status, message) is None:
         return RemoteValidationError(f"{what}: PDIS refused the request (HTTP 400): {message}", status=400)
-    return http_error(status, message, retry_after=parse_retry_after(retry_after), what=what)
+    return status_error(status, message, what=what, retry_after=retry_after, refine=_damaged)
 
 
 class PdisWriter(ChunkWriter):

@@ -48,15 +48,38 @@ def add_engine_options(parser: argparse.ArgumentParser, *, journal: bool = True)
                          help="resume journal (default $XDG_STATE_HOME/asyncdepo/journal.sqlite)")
 
 
+def anywhere(parser: argparse.ArgumentParser, sub: Any,
+             add: Callable[[argparse.ArgumentParser, dict[str, Any]], None]) -> None:
+    """Options a user may type before or after the subcommand (``asyncdepo gypsum --server URL create P`` and
+    ``asyncdepo gypsum create P --server URL``): ``add(p, extra)`` adds them to ``p`` with ``**extra``; they
+    go on ``parser`` as usual and on every subcommand of ``sub`` (its ``add_subparsers`` action, with every
+    subcommand already added) with ``default=SUPPRESS``, so a value given after the subcommand wins and one
+    given before it is kept."""
+    add(parser, {})
+    for child in dict.fromkeys(sub.choices.values()):
+        add(child, {"default": argparse.SUPPRESS})
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """EngineConfig from flags, ASYNCDEPO_* variables and the config file; raises UsageError."""
     return cfgmod.load(args)
 
 
+def setup_logging(args: argparse.Namespace) -> None:
+    """Log lines to stderr: -v shows retries and details (INFO), -q only errors (a failed file; retries and
+    warnings are silent: the final report says what went wrong), otherwise warnings too. The level is set on
+    the ``asyncdepo`` logger (every module of ours logs below it), so it holds for each command run in one
+    process."""
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("asyncdepo").setLevel(
+        logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING)
+
+
 def make_reporter(args: argparse.Namespace, title: str = "asyncdepo") -> Reporter:
-    """JSON lines with --json; rich progress on a terminal; log lines otherwise."""
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(levelname)s %(message)s", stream=sys.stderr)
+    """JSON lines with --json; rich progress on a terminal; log lines otherwise (see :func:`setup_logging`)."""
+    setup_logging(args)
     if getattr(args, "json", False):
         return Reporter([JsonSink(sys.stdout)])
     if not getattr(args, "quiet", False) and sys.stderr.isatty():
@@ -143,10 +166,14 @@ def print_report(report: Any, *, json_out: bool = False, resume_hint: str | None
     if json_out:
         return EXIT_OK if report.ok else EXIT_FAILED
     secs = report.seconds
+    limit = getattr(report, "bwlimit", None)
+    # MB = 10^6 bytes everywhere in the report; --bwlimit is in binary units (60M = 62.9 MB/s), so it is
+    # shown converted next to the rate it bounds
+    held = f"; --bwlimit {limit / 1e6:,.1f} MB/s" if limit else ""
     lines = [
         (f"job {report.job_id}: {report.files_done} sent, {report.files_skipped} skipped, "
          f"{report.files_failed} failed; {report.bytes / 1e6:,.1f} MB in {secs:.2f} s "
-         f"({report.mb_per_s:,.1f} MB/s on the wire), {report.retries} retries"),
+         f"({report.mb_per_s:,.1f} MB/s on the wire{held}), {report.retries} retries"),
     ]
     for rel, err in report.failures[:20]:
         lines.append(f"  failed: {printable(rel)}: {printable(err)}")

@@ -72,12 +72,16 @@ def _parser() -> argparse.ArgumentParser:
     jobs.add_argument("--journal", metavar="PATH")
     jobs.add_argument("--json", action="store_true")
 
+    # sim and bench hand the rest of the line to their own parsers; their own -h/--help is kept here so
+    # that `asyncdepo sim --help` answers (exit 0) instead of being refused as an unknown option
     sim = sub.add_parser("sim", help="run a local simulator of an archive (tus, pdis, gypsum, empiar, "
                                      "globus, immport)", add_help=False)
+    sim.add_argument("-h", "--help", action="store_true", dest="wants_help")
     sim.add_argument("name", nargs="?")
     sim.add_argument("rest", nargs=argparse.REMAINDER)
 
     bench = sub.add_parser("bench", help="benchmarks: `asyncdepo bench sweep TARGET ...`", add_help=False)
+    bench.add_argument("-h", "--help", action="store_true", dest="wants_help")
     bench.add_argument("what", nargs="?")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     return p
@@ -230,9 +234,10 @@ def _sim(args: argparse.Namespace) -> int:
     from asyncdepo.sim import server
 
     names = ", ".join(sorted(server.SIMULATORS))
-    if not args.name or args.name in ("-h", "--help"):
-        print(f"usage: asyncdepo sim NAME --port P --root DIR [--fault RULE ...]\nsimulators: {names}")
-        return 0 if args.name else 2
+    if not args.name or args.wants_help:
+        print(f"usage: asyncdepo sim NAME --port P --root DIR [--fault RULE ...]\nsimulators: {names}\n"
+              "(asyncdepo sim NAME --help for a simulator's own options)")
+        return 0 if args.wants_help else 2
     try:
         module = server.load(args.name)
     except KeyError as exc:
@@ -253,7 +258,7 @@ def _bench(args: argparse.Namespace) -> int:
         return int(sweep_main(args.rest))
     print("usage: asyncdepo bench sweep TARGET --transfers 1,2,4,8 --chunk-size 8M,16M [--dataset DIR]\n"
           "(the throughput benchmarks run with `make bench`)")
-    return 2
+    return 0 if args.wants_help else 2
 
 
 def main(argv: list[str]) -> int:

@@ -60,8 +60,15 @@ def _engine_run(fn: Callable[[], Awaitable[T]], reporter: Any) -> T:
         raise
 
 
-def _server_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", metavar="URL", help=f"gypsum REST URL (default $ASYNCDEPO_GYPSUM_URL or {DEFAULT_SERVER})")
+def _server_option(p: argparse.ArgumentParser, extra: dict[str, Any] | None = None) -> None:
+    p.add_argument("--server", metavar="URL", help=f"gypsum REST URL (default $ASYNCDEPO_GYPSUM_URL or {DEFAULT_SERVER})",
+                   **(extra or {}))
+
+
+def _group_options(p: argparse.ArgumentParser, extra: dict[str, Any]) -> None:
+    _server_option(p, extra)
+    p.add_argument("--journal", metavar="PATH", help="journal whose directory holds the session files (abort)",
+                   **extra)
 
 
 # -- push / pull ---------------------------------------------------------------------------------------
@@ -169,8 +176,6 @@ def _quota_values(args: argparse.Namespace) -> dict[str, float]:
 
 def _group_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="asyncdepo gypsum", description="Inspect and administer a gypsum server.")
-    _server_option(p)
-    p.add_argument("--journal", metavar="PATH", help="journal whose directory holds the session files (abort)")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
     sub.add_parser("ls", help="projects, assets, versions or files").add_argument("path", nargs="?", default="")
     sub.add_parser("versions", help="versions of an asset, latest marked").add_argument("target", help="PROJECT/ASSET")
@@ -199,6 +204,7 @@ def _group_parser() -> argparse.ArgumentParser:
     sp.add_argument("--owner", action="append", help="owner login or org (repeatable)")
     sp.add_argument("--uploader", action="append", type=_uploader, help="uploader spec, as for create")
     sp.add_argument("--replace", action="store_true", help="replace the lists instead of adding to them")
+    common.anywhere(p, sub, _group_options)  # --server and --journal before or after the command
     return p
 
 

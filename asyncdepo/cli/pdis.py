@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -204,13 +203,21 @@ def login_main(argv: list[str]) -> int:
     try:
         server = _server(args)
         email = args.email or os.environ.get(EMAIL_ENV) or input("PDIS email: ").strip()
+        from_env = bool(os.environ.get(PASSWORD_ENV))
         password = os.environ.get(PASSWORD_ENV) or getpass.getpass("PDIS password: ")
         if not email or not password:
             raise UsageError("an email and a password are needed")
 
         async def main() -> str:
             async with PdisClient(server, None) as client:
-                return await client.login(email, password)
+                try:
+                    return await client.login(email, password)
+                except AuthError as exc:  # say where the refused password came from
+                    where = f"${PASSWORD_ENV}" if from_env else "the password typed at the prompt"
+                    exc.hint = (f"check the email ({email}) and {where}"
+                                + (f"; unset {PASSWORD_ENV} to be asked instead" if from_env else
+                                   f"; it may also be given in {PASSWORD_ENV}"))
+                    raise
 
         token = _run(main)
         path = save_token(server, token)
@@ -290,8 +297,7 @@ def push_main(argv: list[str]) -> int:
     except DepoError as exc:
         return common.error_exit(exc)
     # each dataset gets a reporter of its own below (common.make_reporter would start a second live display)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(message)s", stream=sys.stderr)
+    common.setup_logging(args)
     board = _Board([d.name for d in dirs], live=not args.json and not args.quiet and sys.stderr.isatty())
     stored = ["push", "pdis", *[str(a) for a in argv]]
     results: dict[str, dict[str, Any]] = {}
@@ -393,15 +399,20 @@ def _group_parser() -> argparse.ArgumentParser:
                        ("delete", "delete a submission (only uploaded, validated or error_no_data)"),
                        ("equipment", "synchrotrons and beamlines with their ids")):
         sp = sub.add_parser(name, help=text, description=text)
-        _server_arg(sp)
-        sp.add_argument("--json", action="store_true", help="JSON on stdout")
         if name in ("status", "delete"):
             sp.add_argument("token", help="the submission's upload token")
         if name == "status":
             sp.add_argument("--wait", action="store_true", help="poll until a terminal status")
             sp.add_argument("--poll-interval", type=float, default=5.0, metavar="S")
             sp.add_argument("--wait-timeout", type=float, default=None, metavar="S")
+    common.anywhere(p, sub, _group_options)  # --server and --json before or after the command
     return p
+
+
+def _group_options(p: argparse.ArgumentParser, extra: dict[str, Any]) -> None:
+    p.add_argument("--server", metavar="URL", help=f"PDIS API base URL (default ${SERVER_ENV} or {DEFAULT_SERVER})",
+                   **({"default": None} | extra))
+    p.add_argument("--json", action="store_true", help="JSON on stdout", **({"default": False} | extra))
 
 
 def _table(rows: list[list[str]]) -> str:

@@ -10,10 +10,11 @@ from typing import Any
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from asyncdepo.events import Event, ItemFailed, ItemRetrying, Message, Sink
+from asyncdepo.events import Event, ItemFailed, ItemRetrying, Message, Sink, printable
 
 
 def _size(n: float) -> str:
@@ -45,18 +46,25 @@ class RichSink(Sink):
     def emit(self, event: Event) -> None:
         if isinstance(event, Message):
             style = "yellow" if event.level == "warning" else "cyan"
-            self.console.print(f"[{style}]{event.text}[/]", highlight=False)
+            self.console.print(f"[{style}]{escape(printable(event.text))}[/]", highlight=False)
         elif isinstance(event, ItemFailed):
-            self.console.print(f"[red]failed[/] {event.rel}: {event.error.splitlines()[0]}", highlight=False)
+            # names and messages are escaped: a file called "x[1].bin" is not markup
+            self.console.print(f"[red]failed[/] {escape(printable(event.rel))}: "
+                               f"{escape(printable(event.error.splitlines()[0]))}", highlight=False)
         elif isinstance(event, ItemRetrying) and event.attempt == 1:
-            self.console.print(f"[yellow]retrying[/] {event.rel}: {event.error}", highlight=False)
+            self.console.print(f"[yellow]retrying[/] {escape(printable(event.rel))}: "
+                               f"{escape(printable(event.error))}", highlight=False)
 
     def tick(self, snap: dict[str, Any]) -> None:
         total = snap["bytes_total"]
-        done = snap["bytes_done"]
+        # what is done plus what the files in flight have moved: the bar moves while a large file is sent
+        done = min(total, snap["bytes_done"] + snap.get("bytes_moving", 0)) if total else snap["bytes_done"]
         files_total = snap["files_total"]
         files = snap["files_done"] + snap["files_skipped"]
-        pct = 100.0 * done / total if total else 0.0
+        if total:
+            pct = 100.0 * done / total
+        else:  # nothing to send (an empty tree, or every file skipped with size 0): done once the walk is
+            pct = 100.0 if snap["walk_done"] and files >= files_total else 0.0
         width = 30
         filled = int(width * pct / 100)
         bar = "█" * filled + "░" * (width - filled)
@@ -71,8 +79,8 @@ class RichSink(Sink):
         table = Table.grid(padding=(0, 1))
         table.add_row(head)
         for rel, (size, sent) in snap["active"].items():
-            frac = f"{100.0 * sent / size:5.1f}%" if size > 0 else _size(sent)
-            table.add_row(Text(f"  {frac}  {rel}", style="dim"))
+            frac = f"{100.0 * min(sent, size) / size:5.1f}%" if size > 0 else _size(sent)
+            table.add_row(Text(f"  {frac}  {printable(rel)}", style="dim"))
         self.live.update(table)
 
     def close(self) -> None:

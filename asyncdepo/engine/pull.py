@@ -234,7 +234,7 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
     reporter = reporter or Reporter()
     out = Path(outdir).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    report = RunReport(ok=False, job_id="pull")
+    report = RunReport(ok=False, job_id="pull", bwlimit=config.bwlimit)
     started = time.monotonic()
     io = anyio.CapacityLimiter(max(4, 2 * (os.cpu_count() or 2)))
     getters = anyio.CapacityLimiter(config.transfers)  # one thread per transfer doing a plain GET

@@ -33,6 +33,8 @@ class RunReport:
     interrupted: bool = False
     #: why the run stopped before it tried every item (a full disk), "" when it did not
     stopped: str = ""
+    #: the --bwlimit the run was held to (bytes/s), for the summary next to the rate
+    bwlimit: float | None = None
     #: the error that stopped it (not part of the JSON report: its message is in ``failures``)
     stop_error: BaseException | None = dataclasses.field(default=None, repr=False, compare=False)
 

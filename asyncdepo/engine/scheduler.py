@@ -338,7 +338,7 @@ async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None
     await anyio.to_thread.run_sync(check_source, root)
     journal = await Journal.open(journal_path or config.journal_path)
     started = time.monotonic()
-    report = RunReport(ok=False, job_id="")
+    report = RunReport(ok=False, job_id="", bwlimit=config.bwlimit)
     ok = False
     try:
         # the job's lock is taken before anything touches the target: a second run of it stops here

@@ -138,7 +138,9 @@ def test_ascp_auth_failure_falls_back_to_globus(world: World, monkeypatch: pytes
     entry = world.only_entry()
     assert entry.submitted
     assert tree_md5(world.uploaded(entry)) == tree_md5(world.data)
-    assert all(s["status"] != 0 for s in world.sessions())  # every ascp session was refused
+    sessions = world.sessions()
+    # ascp did run, once per transfer unit, and every session was refused (an empty list would pass all())
+    assert len(sessions) == 3 and all(s["status"] != 0 for s in sessions), sessions
     assert world.globus.server is not None
     tasks = globus_sim.state_of(world.globus.server.app).tasks
     assert [t.status for t in tasks.values()] == ["SUCCEEDED"] and next(iter(tasks.values())).sync_level == 3
@@ -150,6 +152,8 @@ def test_ascp_auth_failure_without_globus_is_permanent(world: World, monkeypatch
     assert cli.push_main(world.argv("-s")) == 3
     err = capsys.readouterr().err
     assert "failed to authenticate" in err and TRANSFER_PASS not in err
+    assert err.count("failed to authenticate") == 1, err  # said once, naming every transfer it stopped
+    assert "this failed for " in err and "particles" in err and "micrographs" in err
     assert len(world.sessions()) == 3  # permanent: no retry although --attempts 2
     assert not world.only_entry().submitted
 

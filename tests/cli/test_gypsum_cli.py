@@ -424,3 +424,16 @@ def test_cli_killed_push_resumes_without_resending(tsim: ThreadedSim, tmp_path: 
     assert faults.bytes_in[PUT] == sum(len(files[r]) for r in missing) and len(missing) <= 30
     assert not (root / "proj/..LOCK").exists()
     assert all((version / rel).read_bytes() == data for rel, data in files.items())
+
+
+def test_group_options_are_accepted_after_the_command(tsim: ThreadedSim, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``asyncdepo gypsum create ... --server URL``: the global option after the subcommand is taken (and wins
+    over one given before it), as a user types it."""
+    monkeypatch.setenv("ASYNCDEPO_GYPSUM_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("ASYNCDEPO_GYPSUM_TOKEN", ADMIN)
+    assert cli.group_main(["create", "later", "--owner", "olivia", "--server", tsim.url]) == 0
+    assert cli.group_main(["--server", tsim.url, "create", "before", "--owner", "olivia"]) == 0
+    capsys.readouterr()
+    assert cli.group_main(["--server", "http://127.0.0.1:9", "ls", "--server", tsim.url]) == 0
+    assert capsys.readouterr().out.split() == ["before/", "later/", "proj/"]

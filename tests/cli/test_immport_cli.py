@@ -174,6 +174,7 @@ def test_stalled_ascp_is_killed_and_resumed_in_the_same_run(tmp_path: Path, stor
                     "--aspera-host", "127.0.0.1", "--stall-timeout", "1", "-q",
                     env={"ASYNCDEPO_SIM_ASCP_FAIL": f"stall:{cut}:once"})
     assert res.returncode == 0, res.stderr
+    assert "WARNING" not in res.stderr and "retrying" not in res.stderr, res.stderr  # -q: the retry is silent
     sessions = [json.loads(x) for x in (tmp_path / "ascp.jsonl").read_text().splitlines()]
     # the hung ascp was stopped (its counters written on SIGTERM); the next session moved only the rest
     assert [s["bytes"] for s in sessions] == [cut, total - cut] and sessions[0]["status"] != 0

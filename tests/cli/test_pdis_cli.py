@@ -135,6 +135,9 @@ def test_login_stores_token_0600(sim: Sim, env: dict[str, str], capsys: pytest.C
     monkeypatch.setenv("ASYNCDEPO_PDIS_PASSWORD", "wrong")
     code, _, err = run_cli(capsys, "login", "pdis", "--email", "alice@lab.edu")
     assert code == 3 and "HTTP 401" in err and "wrong" not in err
+    # it says which credentials were refused and where the password came from, not "the API token"
+    assert "refused the email or the password" in err and "$ASYNCDEPO_PDIS_PASSWORD" in err
+    assert "API token" not in err
     monkeypatch.setenv("ASYNCDEPO_PDIS_PASSWORD", "alicepw")
     code, _, err = run_cli(capsys, "login", "pdis", "--email", "alice@lab.edu")
     assert code == 0, err
@@ -334,3 +337,38 @@ def test_group_commands(sim: Sim, env: dict[str, str], tmp_path: Path, capsys: p
     assert any(s["short"] == "APS" for s in orjson.loads(out))
     code, out, err = run_cli(capsys, "pdis", "status", "f" * 40)
     assert code == 4 and "HTTP 404" in err
+    # options before or after the command
+    code, out, _ = run_cli(capsys, "pdis", "--json", "submissions", "--server", sim.url)
+    assert code == 0 and [s["token"] for s in orjson.loads(out)] == [token]
+    code, out, err = run_cli(capsys, "pdis", "--server", "http://127.0.0.1:9/api/v1/", "equipment",
+                             "--server", sim.url)
+    assert code == 0 and "APS" in out, err
+
+
+def test_body_damaged_in_transit_is_sent_again_with_a_fresh_read(
+        sim: Sim, env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One bit flipped in the first upload's body (as a bad NIC or proxy would): the server answers 400
+    "corrupt zstd stream", which is an integrity failure of that request, not a refusal of the dataset; the
+    upload is built and sent again and the dataset is stored whole, once."""
+    from asyncdepo.adapters.pdis import MultipartSourcePayload
+
+    ds = make_dataset(tmp_path, "5mno_flip", frames=6)
+    real = MultipartSourcePayload._put
+    flipped = [0]
+
+    async def flip_once(self: MultipartSourcePayload, writer: Any, data: Any) -> None:
+        if not flipped[0] and len(data) > 4096:  # inside the zstd stream of the first body only
+            flipped[0] += 1
+            damaged = bytearray(data)
+            damaged[len(damaged) // 2] ^= 0x10
+            data = bytes(damaged)
+        await real(self, writer, data)
+
+    monkeypatch.setattr(MultipartSourcePayload, "_put", flip_once)
+    code, out, err = run_cli(capsys, "push", "pdis", str(ds), "--pdb", "5MNO", "--json")
+    assert code == 0, err
+    assert assert_stored_matches(sim, ds, results(out)["5mno_flip"]["md5"])
+    assert sim.faults.requests[UPLOAD] == 2 and flipped[0] == 1
+    retried = [orjson.loads(line) for line in out.splitlines() if '"item_retrying"' in line]
+    assert len(retried) == 1 and "corrupt zstd stream" in retried[0]["error"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -155,6 +156,13 @@ def test_token_never_reaches_json_logs_or_journal(tmp_path: Path, capfd, journal
     assert {"job_started", "item_done", "job_finished"} <= {d["event"] for d in lines}
     assert any(d["event"] == "item_retrying" for d in lines)
     assert token not in out and token not in err
+    files = list(journal.parent.glob(journal.name + "*"))
+    assert journal in files and journal.stat().st_size > 0  # the check below reads a journal that exists
+    db = sqlite3.connect(journal)
+    try:  # ... and holds this push: a check over an empty journal would pass without saying anything
+        assert db.execute("SELECT count(*) FROM items WHERE state='done'").fetchone()[0] == 44
+    finally:
+        db.close()
     for f in journal.parent.glob(journal.name + "*"):
         assert token.encode() not in f.read_bytes()
 

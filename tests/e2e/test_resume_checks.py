@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import pytest
@@ -20,6 +20,11 @@ from asyncdepo.cli import main as cli_main
 from asyncdepo.contract import Chunk
 from asyncdepo.errors import TransientError
 from tests.conftest import tree_digests
+
+if TYPE_CHECKING:
+    from tests.adapters.s3_servers import S3TestServer
+
+pytest_plugins = ["tests.adapters.s3_servers"]
 
 CHUNK = 1 << 20
 
@@ -146,3 +151,66 @@ def test_checksum_resends_a_file_rewritten_with_same_size_and_mtime(tmp_path: Pa
     report = _report(checked.stdout)
     assert report["files_done"] == 1 and report["files_skipped"] == 1 and report["bytes_sent"] == 5000
     assert tree_digests(dest) == tree_digests(src)
+
+
+def test_s3_source_vanished_between_runs_aborts_its_multipart_upload(
+        moto_server: S3TestServer, tmp_path: Path, journal: Path) -> None:
+    import anyio
+
+    from asyncdepo.config import EngineConfig
+    from asyncdepo.engine.scheduler import push
+    from tests.adapters.s3_helpers import PART
+    from tests.e2e.test_s3_push import CountingS3
+
+    src = _tree(tmp_path / "src", {"gone.raw": 3 * PART + 10, "keep.txt": 100})
+    bucket = moto_server.new_bucket()
+    url = f"s3://{bucket}/ds"
+    strict = EngineConfig(transfers=2, chunk_size=PART, request_attempts=1, item_attempts=1, retries=0)
+    first = CountingS3(url, strict, moto_server.secrets, endpoint_url=moto_server.endpoint_url)
+    first.fail = {("upload_part", 2): "before"}
+    first.gate = 2
+    report = anyio.run(lambda: push(src, first, strict, journal_path=journal))
+    assert not report.ok
+    client = moto_server.client()
+    assert len(client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])) == 1
+    (src / "gone.raw").unlink()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": moto_server.access_key, "AWS_SECRET_ACCESS_KEY": moto_server.secret_key}
+    rerun = subprocess.run([sys.executable, "-m", "asyncdepo.cli", "push", str(src), url, "--endpoint-url",
+                            moto_server.endpoint_url, "--journal", str(journal), "--chunk-size", str(PART)],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert rerun.returncode == 1 and "failed: gone.raw: source vanished" in rerun.stderr, rerun.stderr
+    assert not client.list_multipart_uploads(Bucket=bucket).get("Uploads")  # aborted
+    assert [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])] == ["ds/keep.txt"]
+
+
+def test_tus_server_behind_the_journal_is_resumed_from_its_own_offset(
+        tmp_path: Path, journal: Path, threaded_tus: Any) -> None:
+    """The server lost the tail of an upload the journal had recorded as confirmed (a restore from backup):
+    the resume builds on what the server holds (HEAD), not on the journal's chunks past it."""
+    from asyncdepo.sim import tus
+
+    size = 6 * CHUNK + 99
+    src = _tree(tmp_path / "src", {"big.bin": size})
+    url = f"tus+http://127.0.0.1:{threaded_tus.server.port}/files/"
+    threaded_tus.call(lambda: threaded_tus.faults.add("PATCH * status=503 skip=3 first=0"))
+    first = _cli("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M", "--request-attempts",
+                 "1", "--retries", "0")
+    assert first.returncode == 1, first.stderr
+    state = threaded_tus.server.app[tus.STATE_KEY]
+    (up,) = state.uploads.values()
+    assert up.offset == 4 * CHUNK  # the POST's chunk and three PATCHes
+    back = CHUNK + CHUNK // 2  # mid-chunk, as a server may keep part of a request
+
+    def lose_tail() -> None:
+        up.offset = back
+        os.truncate(state.data_path(up.id), back)
+        state.save(up)
+
+    threaded_tus.call(lose_tail)
+    threaded_tus.call(threaded_tus.faults.clear)
+    threaded_tus.faults.reset_counters()
+    rerun = _cli("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M", "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    assert _report(rerun.stdout)["bytes_sent"] == size - back
+    assert threaded_tus.faults.total_bytes("PATCH") == size - back
+    assert tree_digests(threaded_tus.store / "complete") == tree_digests(src)

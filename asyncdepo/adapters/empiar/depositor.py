@@ -376,7 +376,9 @@ class Depositor:
                     try:
                         await self._ascp(unit)
                     except errors.DepoError as exc:
-                        self.reporter.emit(ItemFailed(unit.label, str(exc), errors.is_transient(exc)))
+                        if not isinstance(exc, errors.AuthError):
+                            # a refused password is the same failure for every unit: said once, below
+                            self.reporter.emit(ItemFailed(unit.label, str(exc), errors.is_transient(exc)))
                         failed.append((unit, exc))
 
             async with anyio.create_task_group() as tg:
@@ -388,9 +390,14 @@ class Depositor:
             return
         if job.globus is None:
             first = failed[0][1]
-            if len(failed) > 1:
-                first.hint = (first.hint + "; " if first.hint else "") + "also failed: " + ", ".join(
-                    f"{u.label} ({e})" for u, e in failed[1:4])
+            same = [u.label for u, e in failed if str(e) == str(first)]
+            other = [(u, e) for u, e in failed if str(e) != str(first)]
+            notes = [first.hint] if first.hint else []
+            if len(same) > 1:  # one message for a failure every unit met (a wrong password), naming them
+                notes.append("this failed for " + ", ".join(same))
+            if other:
+                notes.append("also failed: " + ", ".join(f"{u.label} ({e})" for u, e in other[:3]))
+            first.hint = "; ".join(notes) or None
             raise first
         if job.ascp is not None:
             self.reporter.warning(f"ascp failed for {len(failed)} transfer(s); sending them with Globus instead")
