@@ -31,6 +31,7 @@ bench: $(STAMP) tools
 	-$(BIN)/python -m benchmarks.bench_gypsum
 	-$(BIN)/python -m benchmarks.bench_immport
 	-$(BIN)/python -m benchmarks.bench_immport --tls off --rounds 3 --out benchmarks/results/immport-http.json
+	-$(BIN)/python -m benchmarks.bench_bwlimit --chunk-size 1M --out benchmarks/results/bwlimit-1M.json
 
 # asyncdepo vs rclone, s5cmd and boto3 on a fast nginx discard sink and on rclone serve s3 (needs root:
 # installs nginx-extras when missing); results and plots in benchmarks/results/
