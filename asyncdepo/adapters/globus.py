@@ -24,7 +24,7 @@ import anyio
 
 from asyncdepo import errors
 from asyncdepo.transport.httpbody import request_timeout, transport_error
-from asyncdepo.transport.pacer import RetryPolicy, retry_call
+from asyncdepo.transport.pacer import Pacer
 
 DEFAULT_BASE = "https://transfer.api.globus.org/v0.10"
 SYNC_LEVELS = {"exists": 0, "size": 1, "mtime": 2, "checksum": 3}
@@ -62,12 +62,12 @@ class GlobusClient:
     """
 
     def __init__(self, session: aiohttp.ClientSession, token: str, *, base_url: str = DEFAULT_BASE,
-                 poll_interval: float = 2.0, policy: RetryPolicy | None = None) -> None:
+                 poll_interval: float = 2.0, pacer: Pacer | None = None) -> None:
         self._session = session
         self._token = token
         self.base_url = base_url.rstrip("/")
         self.poll_interval = poll_interval
-        self.policy = policy or RetryPolicy()
+        self.pacer = pacer or Pacer()
 
     def __repr__(self) -> str:  # never the token
         return f"GlobusClient({self.base_url!r})"
@@ -99,7 +99,7 @@ class GlobusClient:
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 raise transport_error(exc, f"Globus {method} /{path}") from None
 
-        return await retry_call(once, self.policy)
+        return await self.pacer.call(once)
 
     async def endpoint(self, endpoint_id: str) -> dict[str, Any]:
         """The endpoint document; raises RemoteValidationError when Globus does not know it."""

@@ -41,9 +41,10 @@ from asyncdepo.errors import (
     http_error,
     parse_retry_after,
 )
-from asyncdepo.transport import httpbody, pacer
+from asyncdepo.transport import httpbody
 from asyncdepo.transport.httpapi import ApiClient, Reply
 from asyncdepo.transport.httpget import untrusted
+from asyncdepo.transport.pacer import Pacer
 
 if TYPE_CHECKING:
     import aiohttp
@@ -152,7 +153,7 @@ class ImmportAdapter(Adapter):
         study: str | None = None,
         endpoints: Endpoints = Endpoints(),
         drs: str = "s3",
-        policy: pacer.RetryPolicy | None = None,
+        pacer: Pacer | None = None,
     ) -> None:
         if study is not None and not STUDY.match(study):
             raise UsageError(f"--study {study!r}: expected an accession like SDY1")
@@ -169,7 +170,7 @@ class ImmportAdapter(Adapter):
         self.study = study
         self.endpoints = endpoints
         self.drs = drs
-        self.policy = policy or pacer.RetryPolicy()
+        self.pacer = pacer or Pacer()
         self._api: ApiClient | None = None
         self._http: aiohttp.ClientSession | None = None  # only for read(); pulls use plain_get
         self._token: str | None = None
@@ -246,7 +247,7 @@ class ImmportAdapter(Adapter):
         if self._token is None:
             async with self._lock:
                 if self._token is None:
-                    self._token = await pacer.retry_call(self.login, self.policy)
+                    self._token = await self.pacer.call(self.login)
         return self._token
 
     async def _renew(self, stale: str) -> None:
@@ -254,7 +255,7 @@ class ImmportAdapter(Adapter):
         async with self._lock:
             if self._token == stale:
                 self._token = None
-                self._token = await pacer.retry_call(self.login, self.policy)
+                self._token = await self.pacer.call(self.login)
 
     async def call(self, method: str, path: str, *, base: str | None = None, json: Any = None,
                    what: str | None = None) -> Any:
@@ -262,7 +263,7 @@ class ImmportAdapter(Adapter):
 
         :raises AuthError: still 401/403 after a renewal, or the login was refused.
         :raises RemoteValidationError: 400/404 (the message is the archive's).
-        :raises TransientError: after the retry policy ran out.
+        :raises TransientError: after the pacer's attempts ran out.
         """
         url = f"{base or self.endpoints.api}{path}"
         what = what or f"{method} {path}"
@@ -284,7 +285,7 @@ class ImmportAdapter(Adapter):
                 return _json(r, what)
             raise AssertionError("unreachable")
 
-        return await pacer.retry_call(once, self.policy)
+        return await self.pacer.call(once)
 
     # -- listing ------------------------------------------------------------------------------------
     async def manifest(self, study: str) -> list[dict[str, Any]]:

@@ -57,7 +57,7 @@ from asyncdepo.errors import (
     parse_retry_after,
 )
 from asyncdepo.transport.httpbody import client_session
-from asyncdepo.transport.pacer import RetryPolicy, retry_call
+from asyncdepo.transport.pacer import Pacer
 
 DEFAULT_SERVER = "https://proteindiffraction.org/api/v1/"
 PDB_CODE = re.compile(r"^[0-9][A-Za-z0-9]{3}$")
@@ -230,10 +230,10 @@ class PdisClient:
     :param token: the API token (None only for :meth:`login`).
     """
 
-    def __init__(self, server: str, token: str | None, *, policy: RetryPolicy | None = None) -> None:
+    def __init__(self, server: str, token: str | None, *, pacer: Pacer | None = None) -> None:
         self.base = normalize_server(server)
         self._token = token
-        self.policy = policy or RetryPolicy()
+        self.pacer = pacer or Pacer()
         self.session: aiohttp.ClientSession | None = None
         self._equipment: list[dict[str, Any]] | None = None
 
@@ -288,7 +288,7 @@ class PdisClient:
         async def once() -> Any:
             return (await self.request(method, path, **kw))[1]
 
-        return await retry_call(once, self.policy)
+        return await self.pacer.call(once)
 
     async def login(self, email: str, password: str) -> str:
         body = await self.call("POST", "auth/token/", data={"username": email, "password": password})

@@ -17,9 +17,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from asyncdepo.transport import httpget
 from asyncdepo.digests import MultiHash
 from asyncdepo.errors import DepoError, PermanentError, TransientError, is_transient
+from asyncdepo.transport import httpget
 from tests.conftest import start_over
 
 BODY = os.urandom(3 * httpget.BLOCK + 12345)

@@ -3,7 +3,7 @@
 EMPIAR is not a per-file upload target: an entry is created over its JSON API, its files go by ascp (one
 session per image set, several at once) or Globus into the entry's upload folder, and the entry is then
 submitted. So this adapter is an orchestrator rather than an :class:`~asyncdepo.contract.Adapter`; it uses
-only ``engine.api`` (retry policy, timeouts) and ``engine.ascp`` (the ascp runner).
+only the contract and the transport (the pacer, HTTP timeouts, the ascp runner).
 
 Resume: :class:`DepositState` (entry id and directory, the phase reached, the image sets already sent with a
 fingerprint of their files) is handed to ``save_state`` after every step; given back, a run re-deposits the
@@ -35,7 +35,7 @@ from asyncdepo.events import ItemDone, ItemFailed, ItemRetrying, ItemSkipped, It
 from asyncdepo.transport.ascp import runner as ascp
 from asyncdepo.transport.ascp.runner import AscpOptions, AscpProgress, AscpSecrets
 from asyncdepo.transport.httpbody import request_timeout, transport_error
-from asyncdepo.transport.pacer import RetryPolicy, retry_call
+from asyncdepo.transport.pacer import Pacer, RetryEvent
 
 DEFAULT_SERVER = "https://www.ebi.ac.uk"
 ASCP_HOST = "emp_dep@hx-fasp-1.ebi.ac.uk"
@@ -75,11 +75,11 @@ class EmpiarApi:
     """
 
     def __init__(self, session: aiohttp.ClientSession, server: str, credentials: Credentials, *,
-                 policy: RetryPolicy | None = None) -> None:
+                 pacer: Pacer | None = None) -> None:
         self._session = session
         self._credentials = credentials
         self.base = server.rstrip("/") + API_PATH
-        self.policy = policy or RetryPolicy()
+        self.pacer = pacer or Pacer()
 
     def __repr__(self) -> str:
         return f"EmpiarApi({self.base!r})"
@@ -124,7 +124,7 @@ class EmpiarApi:
                                             "not a JSON object", status=status)
             return answer
 
-        return await retry_call(once, self.policy)
+        return await self.pacer.call(once)
 
     @staticmethod
     def _entry(answer: Mapping[str, Any], what: str) -> Entry:
@@ -363,10 +363,9 @@ class Depositor:
         for u in job.units:
             if u not in todo:
                 self.reporter.emit(ItemSkipped(u.label, u.size, "sent by an earlier run, unchanged"))
-                stats.files_skipped += u.files
-                stats.bytes_done += u.size
-        stats.files_total += sum(u.files for u in job.units)
-        stats.bytes_total += sum(u.size for u in job.units)
+                stats.skipped(u.size, files=u.files)
+        for u in job.units:
+            stats.found(u.size, files=u.files)
         failed: list[tuple[Unit, errors.DepoError]] = []
         if job.ascp is not None and todo:
             limiter = anyio.CapacityLimiter(max(1, job.transfers))
@@ -402,8 +401,7 @@ class Depositor:
         await self.save()
         stats = self.reporter.stats
         stats.item_out(unit.label)
-        stats.files_done += unit.files
-        stats.bytes_done += unit.size
+        stats.done(unit.size, files=unit.files)
         self.reporter.emit(ItemDone(unit.label, unit.size, sent, {}))
 
     async def _ascp(self, unit: Unit) -> None:
@@ -415,9 +413,9 @@ class Depositor:
         def progress(p: AscpProgress) -> None:
             rep.progress(unit.label, p.delta)
 
-        def retrying(n: int, exc: BaseException, delay: float) -> None:
-            rep.stats.retries += 1
-            rep.emit(ItemRetrying(unit.label, n, str(exc), delay))
+        def retrying(event: RetryEvent) -> None:
+            rep.stats.retried(event.reason)
+            rep.emit(ItemRetrying(unit.label, event.attempt, str(event.error), event.delay, event.reason))
 
         dest = f"{job.ascp_host}:{self._remote(unit.dest)}"
         try:

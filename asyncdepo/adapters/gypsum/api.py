@@ -35,7 +35,7 @@ from asyncdepo.errors import (
     parse_retry_after,
 )
 from asyncdepo.transport.httpbody import client_session, request_timeout
-from asyncdepo.transport.pacer import RetryPolicy, retry_call
+from asyncdepo.transport.pacer import Pacer
 
 TOKEN_HINT = "set GITHUB_TOKEN (or ASYNCDEPO_GYPSUM_TOKEN) to a GitHub token with the read:user and read:org scopes"
 _XML_MESSAGE = re.compile(rb"<Message>(.*?)</Message>", re.DOTALL)
@@ -99,11 +99,11 @@ def connection_error(exc: BaseException, what: str) -> DepoError:
 class GypsumClient:
     """Calls to one gypsum server. ``async with GypsumClient(server, token) as c:``."""
 
-    def __init__(self, server: str, token: str | None = None, *, policy: RetryPolicy | None = None,
+    def __init__(self, server: str, token: str | None = None, *, pacer: Pacer | None = None,
                  session: aiohttp.ClientSession | None = None, connections: int = 64) -> None:
         self.base = normalize_server(server)
         self._token = token
-        self.policy = policy or RetryPolicy()
+        self.pacer = pacer or Pacer()
         self.session = session
         self._own_session = session is None
         self._connections = connections
@@ -167,12 +167,12 @@ class GypsumClient:
         async def once() -> Any:
             return (await self.request(method, path, **kw))[1]
 
-        return await retry_call(once, self.policy)
+        return await self.pacer.call(once)
 
     # -- public reads --------------------------------------------------------------------------------
     async def fetch_json(self, key: str) -> Any:
         """The JSON object at ``key``, or None when it does not exist."""
-        status, body = await retry_call(lambda: self.request("GET", file_path(key), ok=(200, 404)), self.policy)
+        status, body = await self.pacer.call(lambda: self.request("GET", file_path(key), ok=(200, 404)))
         return body if status == 200 else None
 
     async def list_keys(self, prefix: str | None, recursive: bool = False) -> list[str]:
