@@ -23,7 +23,8 @@ import aiohttp
 import anyio
 
 from asyncdepo import errors
-from asyncdepo.transport.httpbody import request_timeout, transport_error
+from asyncdepo.transport.failures import boundary, status_error
+from asyncdepo.transport.httpbody import request_timeout
 from asyncdepo.transport.pacer import Pacer
 
 DEFAULT_BASE = "https://transfer.api.globus.org/v0.10"
@@ -78,8 +79,10 @@ class GlobusClient:
         headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json",
                    "Accept-Encoding": "identity"}
 
+        what = f"Globus {method} /{path}"
+
         async def once() -> tuple[int, dict[str, Any]]:
-            try:
+            with boundary(what):
                 async with self._session.request(method, url, json=body, headers=headers,
                                                  timeout=request_timeout(0)) as resp:
                     try:
@@ -90,14 +93,11 @@ class GlobusClient:
                         data = {}
                     if resp.status >= 400:
                         text = ": ".join(str(data[k]) for k in ("code", "message") if data.get(k)) or resp.reason
-                        exc = errors.http_error(resp.status, str(text or ""), what=f"Globus {method} /{path}",
-                                                retry_after=errors.parse_retry_after(resp.headers.get("Retry-After")))
-                        if isinstance(exc, errors.AuthError):
-                            exc.hint = "give a valid Globus Transfer access token in GLOBUS_TRANSFER_TOKEN"
-                        raise exc
+                        raise status_error(resp.status, str(text or ""), what=what,
+                                           retry_after=resp.headers.get("Retry-After"), hints={
+                                               errors.AuthError: "give a valid Globus Transfer access token in "
+                                                                 "GLOBUS_TRANSFER_TOKEN"})
                     return resp.status, data
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                raise transport_error(exc, f"Globus {method} /{path}") from None
 
         return await self.pacer.call(once)
 

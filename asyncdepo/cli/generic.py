@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 
 from asyncdepo.cli import common
-from asyncdepo.errors import DepoError, UsageError
+from asyncdepo.errors import Cancelled, DepoError, UsageError
 
 SECRET_ENV = {"tus+http": "ASYNCDEPO_TUS_TOKEN", "tus+https": "ASYNCDEPO_TUS_TOKEN"}
 
@@ -117,7 +117,7 @@ def _push(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         report = common.run(lambda: push(args.source, adapter, config, reporter=reporter,
                                          argv=stored), reporter)
-    except common.Interrupted:
+    except Cancelled:
         print(f"\ninterrupted; the journal holds the progress. Resume with:\n  asyncdepo resume {jid}",
               file=sys.stderr)
         return common.EXIT_INTERRUPTED
@@ -134,7 +134,7 @@ def _pull(args: argparse.Namespace) -> int:
     reporter = common.make_reporter(args)
     try:
         report = common.run(lambda: pull(adapter, args.outdir, config, reporter=reporter), reporter)
-    except common.Interrupted:
+    except Cancelled:
         print("\ninterrupted; run the same command again to continue (partial files resume)", file=sys.stderr)
         return common.EXIT_INTERRUPTED
     return common.print_report(report, json_out=args.json)

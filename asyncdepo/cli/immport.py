@@ -34,7 +34,15 @@ from asyncdepo.contract import RemoteItem
 from asyncdepo.engine.pull import pull
 from asyncdepo.engine.report import RunReport
 from asyncdepo.engine.source import selected
-from asyncdepo.errors import AuthError, DepoError, IntegrityError, TransientError, UsageError, is_transient
+from asyncdepo.errors import (
+    AuthError,
+    Cancelled,
+    DepoError,
+    IntegrityError,
+    TransientError,
+    UsageError,
+    is_transient,
+)
 from asyncdepo.events import ItemDone, ItemFailed, ItemRetrying, ItemSkipped, JobFinished, Reporter
 from asyncdepo.transport.pacer import RetryEvent, reason_of
 
@@ -328,7 +336,7 @@ def pull_main(argv: Sequence[str]) -> int:
 
     try:
         common.run(main, reporter)
-    except common.Interrupted:
+    except Cancelled:
         print("\ninterrupted; run the same command again to continue (partial files resume)", file=sys.stderr)
         return common.EXIT_INTERRUPTED
     except DepoError as exc:

@@ -34,7 +34,8 @@ from asyncdepo.adapters.globus import GlobusClient, TaskProgress, TransferItem
 from asyncdepo.events import ItemDone, ItemFailed, ItemRetrying, ItemSkipped, ItemStarted, Reporter
 from asyncdepo.transport.ascp import runner as ascp
 from asyncdepo.transport.ascp.runner import AscpOptions, AscpProgress, AscpSecrets
-from asyncdepo.transport.httpbody import request_timeout, transport_error
+from asyncdepo.transport.failures import boundary, status_error
+from asyncdepo.transport.httpbody import request_timeout
 from asyncdepo.transport.pacer import Pacer, RetryEvent
 
 DEFAULT_SERVER = "https://www.ebi.ac.uk"
@@ -96,13 +97,13 @@ class EmpiarApi:
                 data = orjson.dumps(body)
                 headers["Content-Type"] = "application/json"
             try:
-                async with self._session.request(method, self.base + name, data=data, headers=headers,
-                                                 timeout=request_timeout(0)) as resp:
-                    raw = await resp.read()
-                    status, ctype = resp.status, resp.content_type
-                    retry_after = errors.parse_retry_after(resp.headers.get("Retry-After"))
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                err = transport_error(exc, what)
+                with boundary(what):
+                    async with self._session.request(method, self.base + name, data=data, headers=headers,
+                                                     timeout=request_timeout(0)) as resp:
+                        raw = await resp.read()
+                        status, ctype = resp.status, resp.content_type
+                        retry_after = resp.headers.get("Retry-After")
+            except errors.TransientError as err:
                 if not retry_network:
                     raise errors.PermanentError(
                         f"{err}; the entry may or may not have been created",
@@ -115,10 +116,9 @@ class EmpiarApi:
             if status >= 400:
                 detail = answer.get("detail") if isinstance(answer, dict) else None
                 text = str(detail) if detail else (raw[:200].decode("utf-8", "replace").strip() or "no detail")
-                exc2 = errors.http_error(status, text, retry_after=retry_after, what=what)
-                if isinstance(exc2, errors.AuthError) and status == 401:
-                    exc2.hint = "check the EMPIAR API token (or the username and password given with -p)"
-                raise exc2
+                raise status_error(status, text, what=what, retry_after=retry_after, hints={
+                    errors.AuthError: "check the EMPIAR API token (or the username and password given with -p)"}
+                    if status == 401 else None)
             if not isinstance(answer, dict):
                 raise errors.TransientError(f"{what}: HTTP {status} answered {ctype or 'no content type'}, "
                                             "not a JSON object", status=status)
