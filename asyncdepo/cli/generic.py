@@ -1,4 +1,4 @@
-"""The archive-neutral commands: push/pull to URL targets, resume, status, jobs, sim, bench."""
+"""The archive-neutral commands: push/pull to URL targets, resume, status, jobs, sim."""
 
 from __future__ import annotations
 
@@ -76,9 +76,6 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("name", nargs="?")
     sim.add_argument("rest", nargs=argparse.REMAINDER)
 
-    bench = sub.add_parser("bench", help="benchmarks: `asyncdepo bench sweep TARGET ...`", add_help=False)
-    bench.add_argument("what", nargs="?")
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
@@ -243,18 +240,6 @@ def _sim(args: argparse.Namespace) -> int:
     return server.serve_forever(args.name, p.parse_args(args.rest))
 
 
-def _bench(args: argparse.Namespace) -> int:
-    if args.what == "sweep":
-        try:  # the sweep lives with the benchmarks (a source checkout), not in the installed package
-            from benchmarks.sweep import sweep_main
-        except ImportError:
-            raise UsageError("`asyncdepo bench sweep` runs from a source checkout (benchmarks/sweep.py)") from None
-        return int(sweep_main(args.rest))
-    print("usage: asyncdepo bench sweep TARGET --transfers 1,2,4,8 --chunk-size 8M,16M [--dataset DIR]\n"
-          "(the throughput benchmarks run with `make bench`)")
-    return 2
-
-
 def main(argv: list[str]) -> int:
     parser = _parser()
     if not argv:
@@ -274,8 +259,6 @@ def main(argv: list[str]) -> int:
             return _resume(args)
         if args.command == "sim":
             return _sim(args)
-        if args.command == "bench":
-            return _bench(args)
     except DepoError as exc:
         return common.error_exit(exc)
     parser.print_help()
