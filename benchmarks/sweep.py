@@ -392,7 +392,7 @@ def sweep_main(argv: list[str]) -> int:
     best = max(ok, key=lambda p: p["mb_s"]) if ok else None
     report = {
         "target": args.target,
-        "dataset": str(dataset),
+        "dataset": dataset.name,  # a name, not a path: results are committed
         "files": len(files),
         "bytes": total,
         "time": stamp,
