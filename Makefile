@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-peers lint clean
+.PHONY: demo test test-slow bench bench-peers sweep lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: $(STAMP) tools
 # installs nginx-extras when missing); results and plots in benchmarks/results/
 bench-peers: $(STAMP) tools
 	$(BIN)/python -m benchmarks.peers --runs 3 --tools asyncdepo,rclone,s5cmd,boto3,asyncdepo-direct
+
+# a tuning sweep of --transfers x --chunk-size against a target: make sweep ARGS='TARGET --transfers 1,4,8'
+sweep: $(STAMP)
+	$(BIN)/python -m benchmarks.sweep $(ARGS)
 
 # Debian tools the benchmarks compare against or run on (curl, zstd; nginx and openssl for the HTTPS front of
 # the ImmPort benchmark); installed only when missing

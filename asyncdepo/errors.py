@@ -1,31 +1,36 @@
 """The exception tree of asyncdepo.
 
-Every error a user can meet is one of these; adapters translate HTTP statuses, SDK errors and ascp exit
-codes into them at their boundary, so the engine and the CLI only ever look at the class::
+Every error a user can meet is one of these. Transport failures are translated into them once, at the
+boundary (:mod:`asyncdepo.transport.failures` for HTTP statuses and network errors,
+:mod:`asyncdepo.transport.s3errors` for S3's XML errors, :mod:`asyncdepo.transport.ascp.faspmgr` for ascp's
+exit and FASP codes), so the retry loop, the engine and the CLI only ever look at the class.
+``tests/unit/test_errors.py`` holds this tree against the classes and checks that each is raised::
 
-    DepoError                      base; ``str(e)`` is a one-line message a person can act on
-    ├── UsageError                 bad input found before any transfer (arguments, paths, metadata)
-    │   └── ValidationError        metadata refused locally; ``field`` names the offending field
-    ├── SourceError                the local side: missing/unreadable file, file changed while read
-    │   ├── SourceChangedError     size or mtime moved during the read; the item is re-sent (transient)
-    │   └── SourceVanishedError    the file was deleted before it was sent in full ("source vanished")
-    ├── TransferError              something went wrong talking to a target
-    │   ├── TransientError         worth retrying (network, 5xx, 429, timeouts, stalls)
-    │   │   ├── RateLimitedError   429/503 carrying a Retry-After (``retry_after`` seconds)
-    │   │   └── OffsetMismatchError the server's confirmed offset differs from ours; resume from it
-    │   └── PermanentError         retrying will not help (auth, validation, quota, conflict)
-    │       ├── AuthError          credentials missing/invalid/forbidden
-    │       ├── QuotaError         the archive refuses because of a storage limit
-    │       ├── ConflictError      the server already has this (duplicate, locked, exists)
-    │       └── RemoteValidationError  the archive refused the request's content (400)
-    ├── IntegrityError             a digest or size reported by the target differs from ours (never a warning)
-    │   └── BodyDamagedError       the server says the body it received is damaged (a TransferError too)
-    ├── DiskFullError              the local disk (a file:// target, a pull's directory) is full; ends the run
-    ├── JobLockedError             another process runs this job now (``holder``: pid, host, since when)
-    └── Cancelled                  the run was interrupted (Ctrl-C); the journal holds what is needed to resume
+    DepoError                           base; ``str(e)`` is a one-line message a person can act on
+    ├── UsageError                      bad input found before any transfer (arguments, paths, metadata)
+    │   └── ValidationError             metadata refused locally; ``field`` names the offending field
+    ├── SourceError                     the local side: missing/unreadable file, file changed while read
+    │   ├── SourceChangedError          size or mtime moved during the read; the item is re-sent (transient)
+    │   └── SourceVanishedError         the file was deleted before it was sent in full ("source vanished")
+    ├── TransferError                   something went wrong talking to a target
+    │   ├── TransientError              worth retrying (network, 5xx, 429, timeouts, stalls)
+    │   │   ├── RateLimitedError        429/503 carrying a Retry-After (``retry_after`` seconds)
+    │   │   └── OffsetMismatchError     the server's confirmed offset differs from ours; resume from it
+    │   └── PermanentError              retrying will not help (auth, validation, quota, conflict)
+    │       ├── AuthError               credentials missing/invalid/forbidden
+    │       ├── QuotaError              the archive refuses because of a storage limit
+    │       ├── ConflictError           the server already has this (duplicate, locked, exists)
+    │       └── RemoteValidationError   the archive refused the request's content (400)
+    ├── IntegrityError                  a digest or size reported by the target differs from ours (never a warning)
+    │   └── BodyDamagedError            the server says the body it received was damaged (a TransferError too)
+    ├── DiskFullError                   the local disk (a file:// target, a pull's directory) is full: ends the run
+    ├── JobLockedError                  another process runs this job now (``holder``: pid, host, since when)
+    └── Cancelled                       the run was interrupted (Ctrl-C, SIGTERM); the journal holds what is needed
+                                        to resume (raised by the CLI's runner once cleanup is done: exit 130)
 
-``is_transient(exc)`` is the one place that decides whether an exception is retried: TransientError,
-SourceChangedError and IntegrityError are retried (a corrupt copy is re-sent), everything else is not.
+``is_transient(exc)`` says whether an exception is worth another try: TransientError, SourceChangedError and
+IntegrityError are (a corrupt copy is re-sent), everything else is not. The retry loop's classifier
+(:func:`asyncdepo.transport.pacer.should_retry`) is built on the same rule.
 
 Messages never contain secrets: adapters build them from the archive's own ``error``/``detail``/``reason``
 text and the request's method and path, never from headers or query strings (presigned URLs carry
@@ -157,50 +162,3 @@ class Cancelled(DepoError):
 def is_transient(exc: BaseException) -> bool:
     """True when ``exc`` should be retried (per request, per item or per run)."""
     return isinstance(exc, (TransientError, SourceChangedError, IntegrityError))
-
-
-def http_error(
-    status: int,
-    message: str,
-    *,
-    retry_after: float | None = None,
-    what: str = "request",
-) -> TransferError:
-    """Map an HTTP status to the tree, with ``message`` taken from the archive's error body.
-
-    401/403 -> AuthError, 409 -> ConflictError, 413 -> QuotaError, 400/404/405/412/415/422 ->
-    RemoteValidationError, 408/425/429/5xx -> transient (RateLimitedError when Retry-After was given).
-    """
-    text = f"{what} failed with HTTP {status}: {message}".rstrip(": ")
-    if status in (429, 503) and retry_after is not None:
-        return RateLimitedError(text, retry_after=retry_after, status=status)
-    if status in (408, 425, 429) or status >= 500:
-        return TransientError(text, status=status)
-    if status in (401, 403):
-        return AuthError(text, status=status)
-    if status == 409:
-        return ConflictError(text, status=status)
-    if status == 413:
-        return QuotaError(text, status=status)
-    return RemoteValidationError(text, status=status)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    import datetime as _dt
-    from email.utils import parsedate_to_datetime
-
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=_dt.UTC)
-    return max(0.0, (when - _dt.datetime.now(_dt.UTC)).total_seconds())

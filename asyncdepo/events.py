@@ -1,10 +1,11 @@
 """Events the engine emits, the statistics it keeps, and the sinks that show them.
 
 Workers never print. They emit frozen events (item queued/started/retrying/done/failed/skipped, job
-started/finished, messages) to a :class:`Reporter`, and add byte counts to its :class:`Stats`
-(a counter add, no event: a million small files cost little). A renderer polls ``stats.snapshot()``
-a few times a second (the rclone accounting pattern) — rich progress on a terminal, periodic JSON
-snapshots with ``--json`` — and receives the item events as they happen.
+started/finished, messages) to a :class:`Reporter`, and add to the counters of its
+:class:`~asyncdepo.accounting.Stats` through its methods (a counter add, no event: a million small files cost
+little). A renderer polls ``stats.snapshot()`` a few times a second (the rclone accounting pattern) — rich
+progress on a terminal, periodic JSON snapshots with ``--json``, metrics — and receives the item events as
+they happen.
 
 Secrets never reach an event: adapters put none in their messages, and ``JsonSink`` writes only the
 fields declared here.
@@ -20,6 +21,8 @@ from collections.abc import Callable
 from typing import IO, Any
 
 import orjson
+
+from asyncdepo.accounting import Stats
 
 log = logging.getLogger("asyncdepo")
 
@@ -78,6 +81,7 @@ class ItemRetrying(Event):
     attempt: int
     error: str
     delay: float
+    reason: str = ""  # the pacer's short label: "5xx", "429", "network", "integrity", ...
     kind = "item_retrying"
 
 
@@ -120,77 +124,6 @@ class JobFinished(Event):
     kind = "job_finished"
 
 
-class Stats:
-    """Counters the workers add to and renderers poll. Single-threaded (event loop) use only.
-
-    ``in_flight`` / ``buffered`` are gauges with high-water marks (``max_in_flight``,
-    ``max_buffered``) so tests can assert the engine's bounds without timing.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self.started = clock()
-        self.files_total = 0
-        self.bytes_total = 0
-        self.walk_done = False
-        self.files_done = 0
-        self.files_skipped = 0
-        self.files_failed = 0
-        self.bytes_done = 0  # bytes of the items (uncompressed), confirmed or skipped
-        self.bytes_sent = 0  # bytes on the wire (compressed, re-sent included)
-        self.retries = 0
-        self.active: dict[str, list[int]] = {}  # rel -> [size, done]
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.buffered = 0
-        self.max_buffered = 0
-        self.requests_in_flight = 0
-        self.max_requests_in_flight = 0
-
-    def item_in(self, rel: str, size: int) -> None:
-        self.active[rel] = [size, 0]
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-
-    def item_out(self, rel: str) -> None:
-        if self.active.pop(rel, None) is not None:
-            self.in_flight -= 1
-
-    def add_sent(self, rel: str, n: int) -> None:
-        self.bytes_sent += n
-        slot = self.active.get(rel)
-        if slot is not None:
-            slot[1] += n
-
-    def buffer(self, delta: int) -> None:
-        self.buffered += delta
-        self.max_buffered = max(self.max_buffered, self.buffered)
-
-    def request(self, delta: int) -> None:
-        self.requests_in_flight += delta
-        self.max_requests_in_flight = max(self.max_requests_in_flight, self.requests_in_flight)
-
-    def snapshot(self) -> dict[str, Any]:
-        elapsed = max(1e-9, self.clock() - self.started)
-        return {
-            "elapsed": round(elapsed, 3),
-            "files_total": self.files_total,
-            "files_done": self.files_done,
-            "files_skipped": self.files_skipped,
-            "files_failed": self.files_failed,
-            "bytes_total": self.bytes_total,
-            "bytes_done": self.bytes_done,
-            "bytes_sent": self.bytes_sent,
-            # bytes moved so far of the items in flight (each counted up to its size): progress displays add
-            # them to bytes_done so the overall bar moves while a large file is sent, not only when it ends
-            "bytes_moving": sum(min(sent, size) for size, sent in self.active.values() if size > 0),
-            "rate": self.bytes_sent / elapsed,
-            "retries": self.retries,
-            "walk_done": self.walk_done,
-            "active": {k: v[:] for k, v in list(self.active.items())[:8]},
-        }
-
-
 class Sink:
     """Receives events; ``tick`` is called a few times a second with a stats snapshot."""
 
@@ -226,7 +159,7 @@ class Reporter:
 
     def progress(self, rel: str, nbytes: int) -> None:
         """Count ``nbytes`` moved for ``rel`` (for adapters that move bytes themselves, e.g. ascp)."""
-        self.stats.add_sent(rel, nbytes)
+        self.stats.moved(rel, nbytes)
 
     def tick(self) -> None:
         snap = self.stats.snapshot()

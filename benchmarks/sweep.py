@@ -1,4 +1,4 @@
-"""Tuning sweep: ``asyncdepo bench sweep TARGET --transfers 1,2,4,8,16,32 --chunk-size 8M,16M,64M
+"""Tuning sweep: ``python -m benchmarks.sweep TARGET --transfers 1,2,4,8,16,32 --chunk-size 8M,16M,64M
 [--compress none,zstd:3] [--dataset DIR|small|large|mixed] [--runs N]``.
 
 Each point of the grid is one ``asyncdepo push DATASET TARGET`` with those settings, run as a child
@@ -14,7 +14,7 @@ its own sub-prefix (``.../sweep-<time>-t8-c16M``), deleted afterwards unless ``-
 (tus, archives) get the URL unchanged. Credentials come from the environment as for ``asyncdepo push``.
 A sweep uploads (grid size x runs x dataset size) bytes: mind real, billed targets.
 
-Entry point for the CLI: :func:`sweep_main` (``asyncdepo bench sweep ...``).
+Run from a source checkout: ``python -m benchmarks.sweep ...`` (or ``make sweep ARGS='...'``).
 """
 
 from __future__ import annotations
@@ -320,7 +320,7 @@ def plot(
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="asyncdepo bench sweep",
+        prog="python -m benchmarks.sweep",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -346,18 +346,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def sweep_main(argv: list[str]) -> int:
-    """``asyncdepo bench sweep ...``; returns 0 when every point succeeded, 1 otherwise, 2 on bad usage."""
+    """``python -m benchmarks.sweep ...``; returns 0 when every point succeeded, 1 otherwise, 2 on bad usage."""
     args = _parser().parse_args(argv)
     try:
         transfers = [int(t) for t in args.transfers.split(",") if t.strip()]
         chunks = parse_sizes(args.chunk_size)
     except Exception as exc:  # noqa: BLE001 - any bad value is a usage error
-        print(f"asyncdepo bench sweep: {exc}", file=sys.stderr)
+        print(f"benchmarks.sweep: {exc}", file=sys.stderr)
         return 2
     compress = [None if c.strip() in ("", "none", "off") else c.strip() for c in args.compress.split(",")]
     if not transfers or not chunks or min(transfers) < 1:
         print(
-            "asyncdepo bench sweep: give at least one --transfers (>= 1) and one --chunk-size",
+            "benchmarks.sweep: give at least one --transfers (>= 1) and one --chunk-size",
             file=sys.stderr,
         )
         return 2
@@ -392,7 +392,7 @@ def sweep_main(argv: list[str]) -> int:
     best = max(ok, key=lambda p: p["mb_s"]) if ok else None
     report = {
         "target": args.target,
-        "dataset": str(dataset),
+        "dataset": dataset.name,  # a name, not a path: results are committed
         "files": len(files),
         "bytes": total,
         "time": stamp,

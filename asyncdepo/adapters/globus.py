@@ -23,8 +23,9 @@ import aiohttp
 import anyio
 
 from asyncdepo import errors
-from asyncdepo.transport.httpbody import request_timeout, transport_error
-from asyncdepo.transport.pacer import RetryPolicy, retry_call
+from asyncdepo.transport.failures import boundary, status_error
+from asyncdepo.transport.httpbody import request_timeout
+from asyncdepo.transport.pacer import Pacer
 
 DEFAULT_BASE = "https://transfer.api.globus.org/v0.10"
 SYNC_LEVELS = {"exists": 0, "size": 1, "mtime": 2, "checksum": 3}
@@ -62,12 +63,12 @@ class GlobusClient:
     """
 
     def __init__(self, session: aiohttp.ClientSession, token: str, *, base_url: str = DEFAULT_BASE,
-                 poll_interval: float = 2.0, policy: RetryPolicy | None = None) -> None:
+                 poll_interval: float = 2.0, pacer: Pacer | None = None) -> None:
         self._session = session
         self._token = token
         self.base_url = base_url.rstrip("/")
         self.poll_interval = poll_interval
-        self.policy = policy or RetryPolicy()
+        self.pacer = pacer or Pacer()
 
     def __repr__(self) -> str:  # never the token
         return f"GlobusClient({self.base_url!r})"
@@ -78,8 +79,10 @@ class GlobusClient:
         headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json",
                    "Accept-Encoding": "identity"}
 
+        what = f"Globus {method} /{path}"
+
         async def once() -> tuple[int, dict[str, Any]]:
-            try:
+            with boundary(what):
                 async with self._session.request(method, url, json=body, headers=headers,
                                                  timeout=request_timeout(0)) as resp:
                     try:
@@ -90,16 +93,13 @@ class GlobusClient:
                         data = {}
                     if resp.status >= 400:
                         text = ": ".join(str(data[k]) for k in ("code", "message") if data.get(k)) or resp.reason
-                        exc = errors.http_error(resp.status, str(text or ""), what=f"Globus {method} /{path}",
-                                                retry_after=errors.parse_retry_after(resp.headers.get("Retry-After")))
-                        if isinstance(exc, errors.AuthError):
-                            exc.hint = "give a valid Globus Transfer access token in GLOBUS_TRANSFER_TOKEN"
-                        raise exc
+                        raise status_error(resp.status, str(text or ""), what=what,
+                                           retry_after=resp.headers.get("Retry-After"), hints={
+                                               errors.AuthError: "give a valid Globus Transfer access token in "
+                                                                 "GLOBUS_TRANSFER_TOKEN"})
                     return resp.status, data
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                raise transport_error(exc, f"Globus {method} /{path}") from None
 
-        return await retry_call(once, self.policy)
+        return await self.pacer.call(once)
 
     async def endpoint(self, endpoint_id: str) -> dict[str, Any]:
         """The endpoint document; raises RemoteValidationError when Globus does not know it."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from http.client import HTTPException
 from typing import TYPE_CHECKING, Any, Self
@@ -33,17 +32,15 @@ import orjson
 from asyncdepo.contract import Adapter, ChunkWriter, Features, Item, PlainGet, RemoteItem
 from asyncdepo.errors import (
     AuthError,
-    DepoError,
     PermanentError,
     RemoteValidationError,
     TransientError,
     UsageError,
-    http_error,
-    parse_retry_after,
 )
-from asyncdepo.transport import httpbody, pacer
+from asyncdepo.transport import httpbody
+from asyncdepo.transport.failures import connection_error, is_transport_failure, message_of, status_error
 from asyncdepo.transport.httpapi import ApiClient, Reply
-from asyncdepo.transport.httpget import untrusted
+from asyncdepo.transport.pacer import Pacer
 
 if TYPE_CHECKING:
     import aiohttp
@@ -70,16 +67,6 @@ class Secret:
         return "Secret(***)"
 
     __str__ = __repr__
-
-
-def _transport(exc: BaseException, what: str) -> DepoError:
-    """A network failure or timeout as a TransientError naming the request (never its URL or headers);
-    an untrusted TLS certificate as a PermanentError (retrying cannot fix it)."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return untrusted(what, exc)
-    # a message may quote the URL; a signed URL's query is a credential, so cut every query string out
-    detail = re.sub(r"\?[^\s'\"]*", "?...", str(exc))
-    return TransientError(f"{what}: {type(exc).__name__}{': ' + detail if detail else ''}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,23 +99,11 @@ def safe_rel(path: str) -> str:
     return "/".join(parts)
 
 
-def _message(raw: bytes) -> str:
-    """The archive's own error text (``message``/``error``), never headers or the URL's query."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:  # not JSON: a proxy's HTML page, an S3 XML error
-        text = raw[:400].decode("utf-8", "replace")
-        return " ".join(text.split())
-    if isinstance(body, dict):
-        return str(body.get("message") or body.get("error") or "")[:300]
-    return ""
-
-
 def _json(reply: Reply, what: str) -> Any:
     try:
         return reply.json()
     except orjson.JSONDecodeError:
-        raise RemoteValidationError(f"{what}: the answer is not JSON ({_message(reply.body)[:100]!r})") from None
+        raise RemoteValidationError(f"{what}: the answer is not JSON ({message_of(reply.body)[:100]!r})") from None
 
 
 class ImmportAdapter(Adapter):
@@ -152,7 +127,7 @@ class ImmportAdapter(Adapter):
         study: str | None = None,
         endpoints: Endpoints = Endpoints(),
         drs: str = "s3",
-        policy: pacer.RetryPolicy | None = None,
+        pacer: Pacer | None = None,
     ) -> None:
         if study is not None and not STUDY.match(study):
             raise UsageError(f"--study {study!r}: expected an accession like SDY1")
@@ -169,7 +144,7 @@ class ImmportAdapter(Adapter):
         self.study = study
         self.endpoints = endpoints
         self.drs = drs
-        self.policy = policy or pacer.RetryPolicy()
+        self.pacer = pacer or Pacer()
         self._api: ApiClient | None = None
         self._http: aiohttp.ClientSession | None = None  # only for read(); pulls use plain_get
         self._token: str | None = None
@@ -220,14 +195,14 @@ class ImmportAdapter(Adapter):
         try:
             r = await self.http.request("POST", url, form=form)
         except (OSError, HTTPException) as exc:
-            raise _transport(exc, "POST /auth/token") from None
+            raise connection_error(exc, "POST /auth/token") from None
         if r.status in (400, 401, 403):
-            detail = _message(r.body)
+            detail = message_of(r.body)
             raise AuthError(f"ImmPort login refused for user {self.user!r}: {detail or r.status}",
                             status=r.status, hint=LOGIN_HINT)
         if r.status >= 400:
-            raise http_error(r.status, _message(r.body), what="ImmPort login",
-                             retry_after=parse_retry_after(r.headers.get("retry-after")))
+            raise status_error(r.status, message_of(r.body), what="ImmPort login",
+                             retry_after=r.headers.get("retry-after"))
         body = _json(r, "ImmPort login")
         token = body.get("access_token") or body.get("token") if isinstance(body, dict) else None
         if not token:
@@ -246,7 +221,7 @@ class ImmportAdapter(Adapter):
         if self._token is None:
             async with self._lock:
                 if self._token is None:
-                    self._token = await pacer.retry_call(self.login, self.policy)
+                    self._token = await self.pacer.call(self.login)
         return self._token
 
     async def _renew(self, stale: str) -> None:
@@ -254,7 +229,7 @@ class ImmportAdapter(Adapter):
         async with self._lock:
             if self._token == stale:
                 self._token = None
-                self._token = await pacer.retry_call(self.login, self.policy)
+                self._token = await self.pacer.call(self.login)
 
     async def call(self, method: str, path: str, *, base: str | None = None, json: Any = None,
                    what: str | None = None) -> Any:
@@ -262,7 +237,7 @@ class ImmportAdapter(Adapter):
 
         :raises AuthError: still 401/403 after a renewal, or the login was refused.
         :raises RemoteValidationError: 400/404 (the message is the archive's).
-        :raises TransientError: after the retry policy ran out.
+        :raises TransientError: after the pacer's attempts ran out.
         """
         url = f"{base or self.endpoints.api}{path}"
         what = what or f"{method} {path}"
@@ -274,17 +249,17 @@ class ImmportAdapter(Adapter):
                 try:
                     r = await self.http.request(method, url, json=json, headers=headers)
                 except (OSError, HTTPException) as exc:
-                    raise _transport(exc, what) from None
+                    raise connection_error(exc, what) from None
                 if r.status == 401 and attempt == 0:
                     await self._renew(token)  # expired (or revoked): log in again, then repeat
                     continue
                 if r.status >= 400:
-                    raise http_error(r.status, _message(r.body), what=what,
-                                     retry_after=parse_retry_after(r.headers.get("retry-after")))
+                    raise status_error(r.status, message_of(r.body), what=what,
+                                     retry_after=r.headers.get("retry-after"))
                 return _json(r, what)
             raise AssertionError("unreachable")
 
-        return await pacer.retry_call(once, self.policy)
+        return await self.pacer.call(once)
 
     # -- listing ------------------------------------------------------------------------------------
     async def manifest(self, study: str) -> list[dict[str, Any]]:
@@ -398,15 +373,14 @@ class ImmportAdapter(Adapter):
         left = None if item.size is None else item.size - offset
         pending: list[bytes] = []
         held = 0
-        import aiohttp  # only this streaming route needs it; pulls go through plain_get
 
         if self._http is None:
             self._http = httpbody.client_session()
         try:
             async with self._http.get(url, headers=headers, timeout=httpbody.request_timeout(left)) as r:
                 if r.status >= 400:
-                    raise http_error(r.status, _message(await r.read()), what=what,
-                                     retry_after=parse_retry_after(r.headers.get("Retry-After")))
+                    raise status_error(r.status, message_of(await r.read()), what=what,
+                                       retry_after=r.headers.get("Retry-After"))
                 skip = 0
                 if offset:
                     got = r.headers.get("Content-Range", "")
@@ -429,8 +403,10 @@ class ImmportAdapter(Adapter):
                 if held:
                     yield b"".join(pending)
                     pending, held = [], 0
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except Exception as exc:
+            if not is_transport_failure(exc):
+                raise
             if held:  # keep what did arrive: the engine writes it and resumes after it
                 yield b"".join(pending)
-            raise _transport(exc, what) from None
+            raise connection_error(exc, what) from None
 

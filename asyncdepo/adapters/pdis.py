@@ -52,15 +52,14 @@ from asyncdepo.errors import (
     DepoError,
     IntegrityError,
     PermanentError,
-    RemoteValidationError,
     TransferError,
     TransientError,
     UsageError,
     ValidationError,
 )
-from asyncdepo.transport.failures import status_error
+from asyncdepo.transport.failures import boundary, status_error
 from asyncdepo.transport.httpbody import client_session
-from asyncdepo.transport.pacer import RetryPolicy, retry_call
+from asyncdepo.transport.pacer import Pacer
 
 DEFAULT_SERVER = "https://proteindiffraction.org/api/v1/"
 PDB_CODE = re.compile(r"^[0-9][A-Za-z0-9]{3}$")
@@ -233,10 +232,10 @@ class PdisClient:
     :param token: the API token (None only for :meth:`login`).
     """
 
-    def __init__(self, server: str, token: str | None, *, policy: RetryPolicy | None = None) -> None:
+    def __init__(self, server: str, token: str | None, *, pacer: Pacer | None = None) -> None:
         self.base = normalize_server(server)
         self._token = token
-        self.policy = policy or RetryPolicy()
+        self.pacer = pacer or Pacer()
         self.session: aiohttp.ClientSession | None = None
         self._equipment: list[dict[str, Any]] | None = None
 
@@ -261,7 +260,7 @@ class PdisClient:
         headers = {"Accept": "application/json"}
         if self._token:
             headers["Authorization"] = f"Token {self._token}"
-        try:
+        with boundary(what):
             async with self.session.request(method, self.base + path, headers=headers, json=json, data=data,
                                             timeout=timeout, allow_redirects=False) as resp:
                 raw = await resp.read()
@@ -273,25 +272,13 @@ class PdisClient:
                     return resp.status, body
                 message = str(body.get("error") or body) if isinstance(body, dict) else (resp.reason or "")
                 raise _status_error(resp.status, message, resp.headers.get("Retry-After"), what, subject)
-        except TransferError:
-            raise
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            # a body that failed on our side (a file changed or unreadable) surfaces as a connection error
-            # whose cause is our own error: report that one, with its own retry class
-            cause: BaseException | None = exc.__cause__
-            while cause is not None and not isinstance(cause, DepoError):
-                cause = cause.__cause__
-            if cause is not None:
-                raise cause from None
-            detail = getattr(exc, "strerror", None) or type(exc).__name__
-            raise TransientError(f"{what}: {detail}") from exc
 
     async def call(self, method: str, path: str, **kw: Any) -> Any:
         """:meth:`request` with per-request retries of transient failures; returns the JSON body."""
         async def once() -> Any:
             return (await self.request(method, path, **kw))[1]
 
-        return await retry_call(once, self.policy)
+        return await self.pacer.call(once)
 
     async def login(self, email: str, password: str) -> str:
         """Exchange email and password for the API token.
@@ -361,15 +348,17 @@ def _damaged(status: int, message: str) -> type[TransferError] | None:
 
 
 def _status_error(status: int, message: str, retry_after: str | None, what: str, subject: str) -> TransferError:
+    """PDIS's answers in its own words: which token, which submission; the classes are the generic ones."""
     if status == 401:
-        return AuthError(f"{what}: PDIS refused the API token (HTTP 401: {message})", status=401,
-                         hint="run `asyncdepo login pdis` again, or set ASYNCDEPO_PDIS_TOKEN")
-    if status == 403:
-        return AuthError(f"{what}: submission {subject or '?'} belongs to another account (HTTP 403: {message})",
-                         status=403, hint="use the API token of the account that uploaded it")
-    if status == 400 and _damaged(status, message) is None:
-        return RemoteValidationError(f"{what}: PDIS refused the request (HTTP 400): {message}", status=400)
-    return status_error(status, message, what=what, retry_after=retry_after, refine=_damaged)
+        message = f"PDIS refused the API token ({message})"
+    elif status == 403:
+        message = f"submission {subject or '?'} belongs to another account ({message})"
+    elif status == 400 and _damaged(status, message) is None:
+        message = f"PDIS refused the request: {message}"
+    hint = ("run `asyncdepo login pdis` again, or set ASYNCDEPO_PDIS_TOKEN" if status == 401 else
+            "use the API token of the account that uploaded it" if status == 403 else None)
+    return status_error(status, message, what=what, retry_after=retry_after, refine=_damaged,
+                        hints={AuthError: hint} if hint else None)
 
 
 class PdisWriter(ChunkWriter):

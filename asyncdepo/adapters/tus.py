@@ -42,7 +42,8 @@ Errors: 409 -> OffsetMismatchError (no offset: servers do not send one; the engi
 :class:`ChecksumMismatchError` (a TransientError: the chunk was damaged on the way and is simply re-sent;
 if the buffer itself is bad the per-item retry re-reads the file), 404/410 on PATCH/HEAD -> TransientError
 (the upload expired or was terminated; reopening the item creates a new one), 423 -> TransientError
-(another request holds the upload), other statuses via ``errors.http_error``; network errors and timeouts
+(another request holds the upload), other statuses as ``transport.failures.status_error`` maps them; network
+errors and timeouts
 -> TransientError naming the method and path (never headers or query strings). Every request has its own
 timeout (connect, sock_read, and a total scaled to the body size).
 """
@@ -68,9 +69,8 @@ from asyncdepo.errors import (
     TransferError,
     TransientError,
     UsageError,
-    http_error,
-    parse_retry_after,
 )
+from asyncdepo.transport.failures import boundary, status_error
 from asyncdepo.transport.httpbody import SourcePayload, ViewPayload, client_session, request_timeout
 
 TUS_VERSION = "1.0.0"
@@ -128,11 +128,11 @@ class _Http:
         ``upload`` says the URL is an upload resource (404/410 then mean "gone, start anew").
 
         :raises TransientError: network error or timeout (message: method and path only).
-        :raises TransferError: an unexpected status, mapped with ``errors.http_error``.
+        :raises TransferError: an unexpected status, mapped by ``transport.failures.status_error``.
         """
         assert self.session is not None, "use the adapter as 'async with adapter:'"
         what = f"tus {method} {urlsplit(url).path}"
-        try:
+        with boundary(what):
             async with self.session.request(
                 method,
                 url,
@@ -145,30 +145,31 @@ class _Http:
                     await resp.release()
                     return resp.status, resp.headers
                 text = (await resp.content.read(300)).decode("utf-8", "replace").strip().splitlines()
-                message = text[0] if text else (resp.reason or "")
-                raise _status_error(resp.status, message, resp.headers.get("Retry-After"), what, upload)
-        except TransferError:
-            raise
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            # str(exc) of a response error can hold the URL with its query; name the class only
-            detail = getattr(exc, "strerror", None) or type(exc).__name__
-            raise TransientError(f"{what}: {detail}") from exc
+                server = text[0] if text else (resp.reason or "")
+                meaning = _MEANING.get(resp.status) if upload or resp.status not in (404, 410) else None
+                message = f"{meaning} ({server})" if meaning and server else (meaning or server)
+                raise status_error(resp.status, message, what=what, retry_after=resp.headers.get("Retry-After"),
+                                   refine=_upload_statuses if upload else _statuses)
 
 
-def _status_error(
-    status: int, message: str, retry_after: str | None, what: str, upload: bool
-) -> TransferError:
-    if status == 409:
-        return OffsetMismatchError(f"{what}: the server holds a different offset (409)", status=409)
-    if status == 460:
-        return ChecksumMismatchError(f"{what}: checksum mismatch (460), chunk discarded", status=460)
-    if status in (404, 410) and upload:
-        return TransientError(
-            f"{what}: the upload is gone (HTTP {status}); it will be created anew", status=status
-        )
-    if status == 423:
-        return TransientError(f"{what}: the upload is locked by another request (423)", status=423)
-    return http_error(status, message, retry_after=parse_retry_after(retry_after), what=what)
+# what tus's own statuses mean (the protocol's, not HTTP's): tus.io/protocols/resumable-upload
+_MEANING = {
+    409: "the server holds a different offset",
+    460: "checksum mismatch, chunk discarded",
+    404: "the upload is gone; it will be created anew",
+    410: "the upload is gone; it will be created anew",
+    423: "the upload is locked by another request",
+}
+
+
+def _statuses(status: int, message: str) -> type[TransferError] | None:
+    """tus's statuses: 409 another offset (the engine resyncs), 460 a damaged chunk (re-sent), 423 locked."""
+    return {409: OffsetMismatchError, 460: ChecksumMismatchError, 423: TransientError}.get(status)
+
+
+def _upload_statuses(status: int, message: str) -> type[TransferError] | None:
+    """On an upload resource 404/410 mean it expired or was terminated: reopening the item creates another."""
+    return TransientError if status in (404, 410) else _statuses(status, message)
 
 
 class TusWriter(ChunkWriter):

@@ -22,17 +22,21 @@ import anyio
 
 from asyncdepo import config as cfgmod
 from asyncdepo.config import EngineConfig
-from asyncdepo.errors import AuthError, DepoError, JobLockedError, PermanentError, TransientError, UsageError
+from asyncdepo.errors import (
+    AuthError,
+    Cancelled,
+    DepoError,
+    JobLockedError,
+    PermanentError,
+    TransientError,
+    UsageError,
+)
 from asyncdepo.events import JsonSink, LogSink, Reporter, printable
 
 T = TypeVar("T")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_REFUSED, EXIT_TRANSIENT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
 EXIT_LOCKED = 6
-
-
-class Interrupted(Exception):
-    """Raised by :func:`run` when SIGINT/SIGTERM cancelled the work."""
 
 
 def add_engine_options(parser: argparse.ArgumentParser, *, journal: bool = True) -> None:
@@ -91,6 +95,9 @@ def make_reporter(args: argparse.Namespace, title: str = "asyncdepo") -> Reporte
 
 def error_exit(exc: BaseException) -> int:
     """Print ``exc`` as a person should see it and return the exit status for it."""
+    if isinstance(exc, Cancelled):
+        print(f"\nasyncdepo: {exc.describe()}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if isinstance(exc, DepoError):
         print(f"asyncdepo: error: {printable(exc.describe())}", file=sys.stderr)
         if isinstance(exc, JobLockedError):
@@ -108,7 +115,8 @@ def error_exit(exc: BaseException) -> int:
 
 
 def run(main: Callable[[], Awaitable[T]], reporter: Reporter | None = None) -> T:
-    """Run ``main`` on uvloop when available; SIGINT/SIGTERM cancel it cleanly and raise Interrupted.
+    """Run ``main`` on uvloop when available; SIGINT/SIGTERM cancel it cleanly and raise
+    :class:`~asyncdepo.errors.Cancelled`.
 
     The coroutine's own ``finally`` blocks (shielded cleanups) run before this returns.
     """
@@ -134,7 +142,7 @@ def run(main: Callable[[], Awaitable[T]], reporter: Reporter | None = None) -> T
             tg.start_soon(watch)
             tg.start_soon(body)
         if interrupted or not result:
-            raise Interrupted()
+            raise Cancelled("interrupted; the journal holds what is needed to resume")
         return result[0]
 
     backend_options: dict[str, Any] = {}

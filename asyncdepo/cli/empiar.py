@@ -41,6 +41,7 @@ from asyncdepo.adapters.empiar import schema
 from asyncdepo.adapters.globus import DEFAULT_BASE as GLOBUS_BASE
 from asyncdepo.adapters.globus import GlobusClient
 from asyncdepo.cli import common
+from asyncdepo.errors import Cancelled
 from asyncdepo.transport.ascp import runner as A
 
 VERSION = "asyncdepo empiar (compatible with empiar-depositor 1.6b30)"
@@ -324,7 +325,7 @@ def push_main(argv: Sequence[str]) -> int:
 
     try:
         common.run(main, reporter)
-    except common.Interrupted:
+    except Cancelled:
         print("\ninterrupted; the journal holds the entry and what was sent. Run the same command again "
               "(or `asyncdepo resume JOB`, see `asyncdepo jobs`) to continue.", file=sys.stderr)
         return common.EXIT_INTERRUPTED

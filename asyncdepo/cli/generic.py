@@ -1,4 +1,4 @@
-"""The archive-neutral commands: push/pull to URL targets, resume, status, jobs, sim, bench."""
+"""The archive-neutral commands: push/pull to URL targets, resume, status, jobs, sim."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 
 from asyncdepo.cli import common
-from asyncdepo.errors import DepoError, UsageError
+from asyncdepo.errors import Cancelled, DepoError, UsageError
 from asyncdepo.events import printable, printable_tree
 
 SECRET_ENV = {"tus+http": "ASYNCDEPO_TUS_TOKEN", "tus+https": "ASYNCDEPO_TUS_TOKEN"}
@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     jobs.add_argument("--journal", metavar="PATH")
     jobs.add_argument("--json", action="store_true")
 
-    # sim and bench hand the rest of the line to their own parsers; their own -h/--help is kept here so
+    # sim hands the rest of the line to its own parser; its own -h/--help is kept here so
     # that `asyncdepo sim --help` answers (exit 0) instead of being refused as an unknown option
     sim = sub.add_parser("sim", help="run a local simulator of an archive (tus, pdis, gypsum, empiar, "
                                      "globus, immport)", add_help=False)
@@ -80,10 +80,6 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("name", nargs="?")
     sim.add_argument("rest", nargs=argparse.REMAINDER)
 
-    bench = sub.add_parser("bench", help="benchmarks: `asyncdepo bench sweep TARGET ...`", add_help=False)
-    bench.add_argument("-h", "--help", action="store_true", dest="wants_help")
-    bench.add_argument("what", nargs="?")
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
@@ -122,7 +118,7 @@ def _push(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         report = common.run(lambda: push(args.source, adapter, config, reporter=reporter,
                                          argv=stored), reporter)
-    except common.Interrupted:
+    except Cancelled:
         print(f"\ninterrupted; the journal holds the progress. Resume with:\n  asyncdepo resume {jid}",
               file=sys.stderr)
         return common.EXIT_INTERRUPTED
@@ -139,7 +135,7 @@ def _pull(args: argparse.Namespace) -> int:
     reporter = common.make_reporter(args)
     try:
         report = common.run(lambda: pull(adapter, args.outdir, config, reporter=reporter), reporter)
-    except common.Interrupted:
+    except Cancelled:
         print("\ninterrupted; run the same command again to continue (partial files resume)", file=sys.stderr)
         return common.EXIT_INTERRUPTED
     return common.print_report(report, json_out=args.json)
@@ -249,18 +245,6 @@ def _sim(args: argparse.Namespace) -> int:
     return server.serve_forever(args.name, p.parse_args(args.rest))
 
 
-def _bench(args: argparse.Namespace) -> int:
-    if args.what == "sweep":
-        try:  # the sweep lives with the benchmarks (a source checkout), not in the installed package
-            from benchmarks.sweep import sweep_main
-        except ImportError:
-            raise UsageError("`asyncdepo bench sweep` runs from a source checkout (benchmarks/sweep.py)") from None
-        return int(sweep_main(args.rest))
-    print("usage: asyncdepo bench sweep TARGET --transfers 1,2,4,8 --chunk-size 8M,16M [--dataset DIR]\n"
-          "(the throughput benchmarks run with `make bench`)")
-    return 0 if args.wants_help else 2
-
-
 def main(argv: list[str]) -> int:
     parser = _parser()
     if not argv:
@@ -280,8 +264,6 @@ def main(argv: list[str]) -> int:
             return _resume(args)
         if args.command == "sim":
             return _sim(args)
-        if args.command == "bench":
-            return _bench(args)
     except DepoError as exc:
         return common.error_exit(exc)
     parser.print_help()

@@ -21,7 +21,7 @@ from asyncdepo.adapters.gypsum.adapter import GypsumAdapter, parse_target
 from asyncdepo.adapters.gypsum.api import GypsumClient
 from asyncdepo.adapters.gypsum.session import SessionStore
 from asyncdepo.cli import common
-from asyncdepo.errors import DepoError, UsageError
+from asyncdepo.errors import Cancelled, DepoError, UsageError
 
 DEFAULT_SERVER = "https://gypsum.artifactdb.com"
 T = TypeVar("T")
@@ -55,7 +55,7 @@ def _engine_run(fn: Callable[[], Awaitable[T]], reporter: Any) -> T:
         return common.run(fn, reporter)
     except BaseExceptionGroup as eg:
         leaf = unwrap(eg)
-        if isinstance(leaf, (DepoError, common.Interrupted)):
+        if isinstance(leaf, DepoError):
             raise leaf from None
         raise
 
@@ -110,7 +110,7 @@ def push_main(argv: list[str]) -> int:
     stored = ["push", "gypsum", *[str(args.source.absolute()) if a == str(args.source) else a for a in argv]]
     try:
         report = _engine_run(lambda: push(args.source, adapter, config, reporter=reporter, argv=stored), reporter)
-    except common.Interrupted:
+    except Cancelled:
         kept = args.keep_for_resume
         print("\ninterrupted; " + ("the upload is kept: run the same command again to resume it"
                                    if kept else "the upload was aborted and the project unlocked"), file=sys.stderr)
@@ -145,7 +145,7 @@ def pull_main(argv: list[str]) -> int:
 
     try:
         report = _engine_run(lambda: pull(adapter, args.outdir, config, reporter=reporter), reporter)
-    except common.Interrupted:
+    except Cancelled:
         print("\ninterrupted; run the same command again to continue (partial files resume)", file=sys.stderr)
         return common.EXIT_INTERRUPTED
     except DepoError as exc:

@@ -34,8 +34,17 @@ from asyncdepo.contract import RemoteItem
 from asyncdepo.engine.pull import pull
 from asyncdepo.engine.report import RunReport
 from asyncdepo.engine.source import selected
-from asyncdepo.errors import AuthError, DepoError, IntegrityError, TransientError, UsageError, is_transient
+from asyncdepo.errors import (
+    AuthError,
+    Cancelled,
+    DepoError,
+    IntegrityError,
+    TransientError,
+    UsageError,
+    is_transient,
+)
 from asyncdepo.events import ItemDone, ItemFailed, ItemRetrying, ItemSkipped, JobFinished, Reporter
+from asyncdepo.transport.pacer import RetryEvent, reason_of
 
 if TYPE_CHECKING:  # the ascp runner is imported only by the ascp route (it costs start-up time on https)
     from asyncdepo.transport.ascp.runner import AscpOptions, AscpProgress
@@ -167,12 +176,13 @@ async def pull_via_ascp(adapter: ImmportAdapter, outdir: Path | str, opts: AscpO
             stats.item_in(rel, sizes.get(rel, p.total or -1))
         reporter.progress(rel, p.delta)
 
-    def on_retry(n: int, exc: BaseException, delay: float) -> None:
-        stats.retries += 1
-        reporter.emit(ItemRetrying(rel="(ascp session)", attempt=n, error=str(exc), delay=round(delay, 3)))
+    def on_retry(event: RetryEvent) -> None:
+        stats.retried(event.reason)
+        reporter.emit(ItemRetrying(rel="(ascp session)", attempt=event.attempt, error=str(event.error),
+                                   delay=round(event.delay, 3), reason=event.reason))
 
     def failed(item: RemoteItem, err: DepoError) -> None:
-        stats.files_failed += 1
+        stats.failed()
         report.failures.append((item.rel, str(err).splitlines()[0]))
         reporter.emit(ItemFailed(rel=item.rel, error=err.describe(), transient=is_transient(err)))
 
@@ -208,8 +218,7 @@ async def pull_via_ascp(adapter: ImmportAdapter, outdir: Path | str, opts: AscpO
                         else:
                             failed(item, err)
                     else:
-                        stats.files_done += 1
-                        stats.bytes_done += sizes[item.rel]
+                        stats.done(sizes[item.rel])
                         reporter.emit(ItemDone(rel=item.rel, size=sizes[item.rel], sent=sizes[item.rel],
                                                digests=dict(item.digests)))
                     finally:
@@ -220,8 +229,8 @@ async def pull_via_ascp(adapter: ImmportAdapter, outdir: Path | str, opts: AscpO
                     tg.start_soon(check, item, session_error, round_ == config.retries, retry)
             if not retry:
                 return
-            stats.retries += len(retry)
             for item, err in retry:
+                stats.retried(reason_of(err))
                 reporter.emit(ItemRetrying(rel=item.rel, attempt=round_ + 1, error=str(err), delay=0.0))
             pending = [item for item, _ in retry]
 
@@ -231,10 +240,9 @@ async def pull_via_ascp(adapter: ImmportAdapter, outdir: Path | str, opts: AscpO
             async for item in adapter.list_remote():
                 if not selected(item.rel, config.include, config.exclude):
                     continue
-                stats.files_total += 1
-                stats.bytes_total += item.size or 0
+                stats.found(item.size)
                 if await _present(_dest(out, item.rel), item):
-                    stats.files_skipped += 1
+                    stats.skipped(item.size or 0)
                     reporter.emit(ItemSkipped(rel=item.rel, size=item.size or 0, reason="already present"))
                     continue
                 sizes[item.rel] = item.size or 0
@@ -328,7 +336,7 @@ def pull_main(argv: Sequence[str]) -> int:
 
     try:
         common.run(main, reporter)
-    except common.Interrupted:
+    except Cancelled:
         print("\ninterrupted; run the same command again to continue (partial files resume)", file=sys.stderr)
         return common.EXIT_INTERRUPTED
     except DepoError as exc:

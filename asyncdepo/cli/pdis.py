@@ -36,7 +36,7 @@ from asyncdepo.adapters.pdis import (
     normalize_server,
 )
 from asyncdepo.cli import common
-from asyncdepo.errors import AuthError, DepoError, UsageError
+from asyncdepo.errors import AuthError, Cancelled, DepoError, UsageError
 from asyncdepo.events import Event, ItemFailed, ItemRetrying, JsonSink, Message, Reporter, Sink
 
 TOKEN_ENV, PASSWORD_ENV, SERVER_ENV, EMAIL_ENV = (
@@ -221,7 +221,7 @@ def login_main(argv: list[str]) -> int:
 
         token = _run(main)
         path = save_token(server, token)
-    except common.Interrupted:
+    except Cancelled:
         return common.EXIT_INTERRUPTED
     except DepoError as exc:
         return common.error_exit(exc)
@@ -344,7 +344,7 @@ def push_main(argv: list[str]) -> int:
 
     try:
         _run(main)
-    except common.Interrupted:
+    except Cancelled:
         board.close()
         print("\ninterrupted; run the same command again to continue (uploads done are not repeated)",
               file=sys.stderr)
@@ -433,7 +433,7 @@ def group_main(argv: list[str]) -> int:
                 return await _group_command(client, args, out)
 
         return int(_run(main))
-    except common.Interrupted:
+    except Cancelled:
         return common.EXIT_INTERRUPTED
     except DepoError as exc:
         return common.error_exit(exc)

@@ -82,7 +82,7 @@ async def walk_failed(run: Run, rel: str, why: str, report: RunReport) -> None:
     key = (rel.rstrip("/") + "/") if why.startswith("cannot list") else rel
     await run.journal.record(run.job, key, size=0, mtime_ns=0, state="failed", error=why, transient=0,
                              walked=run.journal.runs.get(run.job, 0))
-    run.reporter.stats.files_failed += 1
+    run.reporter.stats.failed()
     run.reporter.emit(ItemFailed(rel=key, error=why, transient=False))
     report.failures.append((key, why))
 
@@ -118,7 +118,7 @@ async def sweep_vanished(run: Run, root: Path, report: RunReport) -> None:
                 continue
             await discard(run, rel, report)
             await journal.record(job, rel, state="failed", error=VANISHED, transient=0)
-            stats.files_failed += 1
+            stats.failed()
             message = f"{VANISHED} (deleted after an earlier run started it); what the target held of it was removed"
             run.reporter.emit(ItemFailed(rel=rel, error=message, transient=False))
             report.failures.append((rel, VANISHED))
@@ -143,8 +143,7 @@ async def same_content(run: Run, item: Item, check: tuple[str, str]) -> bool:
         got = await anyio.to_thread.run_sync(lambda: hash_path_sync(item.path, (algo,)).hexdigests()[algo],
                                              limiter=run.io)
         if got == want:
-            stats.files_skipped += 1
-            stats.bytes_done += item.size
+            stats.skipped(item.size)
             run.reporter.emit(ItemSkipped(rel=item.rel, size=item.size, reason="unchanged (content checked)"))
             return True
     await run.journal.record(run.job, item.rel, size=item.size, mtime_ns=item.mtime_ns, state="queued", offset=0,
@@ -173,5 +172,5 @@ async def disk_full_failure(run: Run, report: RunReport) -> None:
     need = max(0, stats.bytes_total - stats.bytes_done - kept[1])
     message = disk_full_message(err, need, stats.walk_done, kept)
     where = printable(err.path) or "(target)"
-    stats.files_failed += 1
+    stats.failed()
     report.failures.append((where, message))  # in the report only: it is the run's failure, not a file's

@@ -31,7 +31,8 @@ before the first byte of a multi-chunk item is sent, so its upload location surv
 Opening: several processes (or tasks) may open a fresh journal at once. The busy timeout is set before
 anything else, the schema is created in one ``BEGIN IMMEDIATE`` transaction (a plain read-then-write
 transaction can be refused at once, without waiting, to avoid a deadlock), and an open refused with
-"database is locked" all the same is retried a bounded number of times (:data:`OPEN_RETRY`).
+"database is locked" all the same is retried a bounded number of times through the pacer
+(:data:`OPEN_RETRY`).
 
 The job lock: :meth:`Journal.open_job` takes the job's lock (:mod:`asyncdepo.engine.joblock`) before it
 touches the job's row, and holds it until :meth:`Journal.close`; a second run of the same job gets

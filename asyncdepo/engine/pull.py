@@ -20,10 +20,11 @@ from typing import Any
 
 import anyio
 
+from asyncdepo.accounting import Stats
 from asyncdepo.config import EngineConfig
 from asyncdepo.contract import Adapter, PlainGet, RemoteItem
 from asyncdepo.digests import FACTORIES, MultiHash, hash_path_sync
-from asyncdepo.engine.report import RunReport, _fill, _ticker, describe, disk_full_message, first_error
+from asyncdepo.engine.report import RunReport, _fill, _ticker, describe, disk_full_message
 from asyncdepo.engine.source import selected
 from asyncdepo.errors import DiskFullError, IntegrityError, TransientError, UsageError, is_transient
 from asyncdepo.events import (
@@ -34,12 +35,20 @@ from asyncdepo.events import (
     ItemStarted,
     JobFinished,
     Reporter,
-    Stats,
 )
 from asyncdepo.transport import httpget
 from asyncdepo.transport.bandwidth import TokenBucket
 from asyncdepo.transport.failures import disk_error
-from asyncdepo.transport.pacer import RetryPolicy
+from asyncdepo.transport.pacer import (
+    SYSTEM_CLOCK,
+    Clock,
+    Pacer,
+    RetryEvent,
+    RetryPolicy,
+    Verdict,
+    first_leaf,
+    should_retry,
+)
 
 PART = ".asyncdepo-part"
 
@@ -121,7 +130,7 @@ async def _stream(adapter: Adapter, item: RemoteItem, offset: int, part: Path, h
                     raise disk_error(what, exc, part.parent) from None
 
             await anyio.to_thread.run_sync(store, limiter=io)
-            stats.add_sent(item.rel, len(block))
+            stats.moved(item.rel, len(block))
     finally:
         await anyio.to_thread.run_sync(os.close, fd)
 
@@ -158,46 +167,56 @@ async def _prepare(adapter: Adapter, item: RemoteItem, dest: Path, io: anyio.Cap
 
 
 async def _fetch(adapter: Adapter, job: _Job, reporter: Reporter, io: anyio.CapacityLimiter,
-                 getters: anyio.CapacityLimiter, policy: RetryPolicy, attempts: int,
+                 getters: anyio.CapacityLimiter, pacer: Pacer,
                  bucket: TokenBucket | None = None, extra: tuple[str, ...] = ()) -> None:
-    """Download one prepared item. A plain GET is received, hashed, checked and renamed in one thread hop."""
+    """Download one prepared item through ``pacer``. A plain GET is received, hashed, checked and renamed in
+    one thread hop; a retry resumes from what the part file holds and asks for the URL again (a signed URL
+    may have expired)."""
     item, dest = job.item, job.dest
     algos = _known(item)
     part = dest.with_name(dest.name + PART)
     stats = reporter.stats
     offset, spec = job.offset, job.spec
-    n = 0
-    while True:
+    retry = False
+    damaged = 0
+
+    def verdict(exc: BaseException) -> Verdict:
+        # a digest mismatch is fetched again once (damage on the way); more would not change the archive
+        nonlocal damaged
+        if isinstance(exc, IntegrityError):
+            damaged += 1
+            if damaged >= 2:
+                return Verdict(False, reason="integrity")
+        return should_retry(exc)
+
+    async def attempt() -> None:
+        nonlocal offset, spec, retry
+        if retry:
+            offset = await anyio.to_thread.run_sync(_resume_at, part, item, limiter=io)
+            spec = None
+        retry = True
         hasher = MultiHash(tuple(dict.fromkeys(algos + extra)))  # --hash adds digests for the report
         if offset:
             await anyio.to_thread.run_sync(functools.partial(hash_path_sync, part, (), into=hasher), limiter=io)
         reporter.emit(ItemStarted(rel=item.rel, size=item.size or -1, offset=offset))
-        try:
-            if spec is None and (item.size is None or offset < item.size):
-                spec = await adapter.plain_get(item)
-            if spec is not None and not httpget.proxied(spec.url):
-                size, got = await httpget.fetch(spec, offset, part, hasher, functools.partial(stats.add_sent, item.rel),
-                                                getters, then=functools.partial(_finish, part, dest, item, algos, hasher),
-                                                bucket=bucket)
-            else:
-                await _stream(adapter, item, offset, part, hasher, stats, io, bucket)
-                size, got = await anyio.to_thread.run_sync(_finish, part, dest, item, algos, hasher, limiter=io)
-            stats.bytes_done += size
-            reporter.emit(ItemDone(rel=item.rel, size=size, sent=size - offset, digests=got))
-            return
-        except Exception as exc:  # noqa: BLE001 - classified: transient ones retried, the rest re-raised
-            err = first_error(exc)
-            n += 1
-            # a digest mismatch is fetched again once (damage on the way); more would not change the archive
-            limit = 2 if isinstance(err, IntegrityError) else attempts
-            if not is_transient(err) or n >= limit:
-                raise err from None
-            delay = policy.delay(n - 1, err)
-            stats.retries += 1
-            reporter.emit(ItemRetrying(rel=item.rel, attempt=n, error=str(err), delay=round(delay, 3)))
-            await policy.sleep(delay)
-            offset = await anyio.to_thread.run_sync(_resume_at, part, item, limiter=io)
-            spec = None  # a signed URL may have expired meanwhile: ask again
+        if spec is None and (item.size is None or offset < item.size):
+            spec = await adapter.plain_get(item)
+        if spec is not None and not httpget.proxied(spec.url):
+            size, got = await httpget.fetch(spec, offset, part, hasher, functools.partial(stats.moved, item.rel),
+                                            getters, then=functools.partial(_finish, part, dest, item, algos, hasher),
+                                            bucket=bucket)
+        else:
+            await _stream(adapter, item, offset, part, hasher, stats, io, bucket)
+            size, got = await anyio.to_thread.run_sync(_finish, part, dest, item, algos, hasher, limiter=io)
+        stats.done(size)
+        reporter.emit(ItemDone(rel=item.rel, size=size, sent=size - offset, digests=got))
+
+    def announce(event: RetryEvent) -> None:
+        stats.retried(event.reason)
+        reporter.emit(ItemRetrying(rel=item.rel, attempt=event.attempt, error=str(event.error),
+                                   delay=round(event.delay, 3), reason=event.reason))
+
+    await pacer.derive(classify=verdict).call(attempt, on_retry=announce)
 
 
 async def _disk_full(err: DiskFullError, out: Path, rels: set[str], stats: Stats, report: RunReport) -> None:
@@ -212,7 +231,7 @@ async def _disk_full(err: DiskFullError, out: Path, rels: set[str], stats: Stats
     message = disk_full_message(err, need, stats.walk_done, (files, size))
     where = err.path or str(out)
     report.stopped = "disk full"
-    stats.files_failed += 1
+    stats.failed()
     report.failures.append((where, message))  # in the report only: it is the pull's failure, not a file's
 
 
@@ -222,7 +241,8 @@ def _part_of(out: Path, rel: str) -> Path:
 
 
 async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None = None, *,
-               reporter: Reporter | None = None, tick: float = 0.5, bucket: TokenBucket | None = None) -> RunReport:
+               reporter: Reporter | None = None, tick: float = 0.5, bucket: TokenBucket | None = None,
+               clock: Clock = SYSTEM_CLOCK) -> RunReport:
     """Fetch every item ``adapter.list_remote()`` yields into ``outdir``; failures are in the report.
 
     Three stages: the lister, ``transfers`` preparers (disk check, URL lookup) and ``transfers`` workers,
@@ -238,9 +258,10 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
     started = time.monotonic()
     io = anyio.CapacityLimiter(max(4, 2 * (os.cpu_count() or 2)))
     getters = anyio.CapacityLimiter(config.transfers)  # one thread per transfer doing a plain GET
-    policy = RetryPolicy(attempts=config.request_attempts)
     stats = reporter.stats
-    attempts = config.request_attempts * max(1, config.item_attempts)
+    # a pull item is one request that resumes where it stopped: its tries are those of a request and an
+    # item together
+    pacer = Pacer(RetryPolicy(attempts=config.request_attempts * max(1, config.item_attempts)), clock=clock)
     if bucket is None and config.bwlimit:
         bucket = TokenBucket(config.bwlimit)  # --bwlimit caps the whole pull, as it caps a push
 
@@ -249,7 +270,7 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
 
     def failed(item: RemoteItem, exc: Exception) -> None:
         msg = describe(exc)
-        stats.files_failed += 1
+        stats.failed()
         report.failures.append((item.rel, msg.splitlines()[0]))
         reporter.emit(ItemFailed(rel=item.rel, error=msg, transient=is_transient(exc)))
 
@@ -263,10 +284,9 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
                     async for item in adapter.list_remote():
                         if not selected(item.rel, config.include, config.exclude):
                             continue
-                        stats.files_total += 1
-                        stats.bytes_total += item.size or 0
+                        stats.found(item.size)
                         await send.send(item)
-                stats.walk_done = True
+                stats.walk_finished()
 
             async def preparer(items: Any, ready: Any) -> None:
                 async with items, ready:
@@ -277,7 +297,7 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
                             failed(item, exc)
                             continue
                         if isinstance(job, int):
-                            stats.files_skipped += 1
+                            stats.skipped(job)
                             reporter.emit(ItemSkipped(rel=item.rel, size=job, reason="already present"))
                         else:
                             await ready.send(job)
@@ -287,11 +307,10 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
                     async for job in jobs:
                         stats.item_in(job.item.rel, job.item.size or -1)
                         try:
-                            await _fetch(adapter, job, reporter, io, getters, policy, attempts, bucket,
+                            await _fetch(adapter, job, reporter, io, getters, pacer, bucket,
                                          tuple(a for a in config.hash if a in FACTORIES))
-                            stats.files_done += 1
                         except Exception as exc:  # noqa: BLE001 - this item fails, the pull goes on
-                            err = first_error(exc)
+                            err = first_leaf(exc)
                             if not isinstance(err, DiskFullError):
                                 failed(job.item, exc)
                             elif not full:  # no more room: stop, one message for the whole pull

@@ -13,6 +13,7 @@ import anyio
 
 from asyncdepo.errors import DepoError, DiskFullError
 from asyncdepo.events import Reporter
+from asyncdepo.transport.pacer import first_leaf
 
 
 @dataclasses.dataclass
@@ -50,15 +51,8 @@ class RunReport:
         return d
 
 
-def first_error(exc: BaseException) -> BaseException:
-    """The first leaf of an exception group (task groups wrap errors), or ``exc`` itself."""
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
-
-
 def describe(exc: BaseException) -> str:
-    err = first_error(exc)
+    err = first_leaf(exc)
     return err.describe() if isinstance(err, DepoError) else f"{type(err).__name__}: {err}"
 
 

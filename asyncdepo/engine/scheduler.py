@@ -7,6 +7,14 @@ renderers. Backpressure is the stream's capacity: the walker waits when workers 
 does not grow with the number of files. Requests in flight are capped by a CapacityLimiter of
 ``min(transfers, features.max_concurrency)``, buffered bytes by the BufferPool.
 
+Retries at the run level (``--retries K``): after the pass, items that failed transiently are sent again
+in up to K more rounds, paced by the same retry loop as requests and items
+(:class:`~asyncdepo.transport.pacer.Pacer`). A pass consumes batches of items from any source — the walk,
+or the names of the items a retry round takes again — so other feeders (a watcher, a coordinator) reuse it.
+
+What the pass checks besides sending (vanished sources, unreadable directories, ``--checksum``, names a
+target cannot store, a full disk that stops the run) lives in :mod:`asyncdepo.engine.checks`.
+
 Cancellation (Ctrl-C) cancels the task group; cleanup is shielded: the journal is flushed, the adapter's
 ``finish(ok=False)`` runs (it aborts job-level state such as a lock unless told to keep it), and the
 job is marked ``interrupted`` so ``asyncdepo resume`` can continue it.
@@ -40,17 +48,13 @@ from asyncdepo.engine.checks import (
 from asyncdepo.engine.compress import TarSource
 from asyncdepo.engine.journal import VANISHED, Journal
 from asyncdepo.engine.pipeline import BufferPool
-from asyncdepo.engine.report import RunReport, _fill, _ticker, describe, first_error
+from asyncdepo.engine.report import RunReport, _fill, _ticker, describe
 from asyncdepo.engine.source import walk
 from asyncdepo.engine.transfer import Run, send_item
-from asyncdepo.errors import DiskFullError, SourceError, SourceVanishedError, is_transient
+from asyncdepo.errors import DiskFullError, SourceError, SourceVanishedError, TransientError, is_transient
 from asyncdepo.events import ItemDone, ItemFailed, ItemSkipped, JobFinished, JobStarted, Reporter, printable
 from asyncdepo.transport.bandwidth import TokenBucket
-from asyncdepo.transport.pacer import RetryPolicy
-
-#: what the walk hands a worker: the item, its saved writer state, and (``--checksum``) the digests its
-#: content must still have for it to be skipped
-Entry = tuple[Item, dict[str, Any] | None, tuple[str, str] | None]
+from asyncdepo.transport.pacer import SYSTEM_CLOCK, Clock, Pacer, RetryPolicy, first_leaf
 
 
 def _hashes(config: EngineConfig, adapter: Adapter) -> tuple[str, ...]:
@@ -64,7 +68,8 @@ def target_identity(adapter: Adapter, config: EngineConfig) -> str:
     return ident + ("#zstd" if config.compress else "")
 
 
-def _make_run(config: EngineConfig, adapter: Adapter, reporter: Reporter, journal: Journal, job: str) -> Run:
+def _make_run(config: EngineConfig, adapter: Adapter, reporter: Reporter, journal: Journal, job: str,
+              clock: Clock = SYSTEM_CLOCK) -> Run:
     f = adapter.features
     transfers = min(config.transfers, f.max_concurrency or config.transfers)
     chunk = config.chunk_size
@@ -77,11 +82,16 @@ def _make_run(config: EngineConfig, adapter: Adapter, reporter: Reporter, journa
                pool=BufferPool(capacity, reporter.stats), io=anyio.CapacityLimiter(io),
                slots=anyio.CapacityLimiter(transfers),
                bucket=TokenBucket(config.bwlimit) if config.bwlimit else None,
-               policy=RetryPolicy(attempts=config.request_attempts), hashes=_hashes(config, adapter))
+               hashes=_hashes(config, adapter), clock=clock)
+
+
+#: what the walk hands a worker: the item, its saved writer state, and (``--checksum``) the digest its
+#: content must still have for it to be skipped
+Entry = tuple[Item, dict[str, Any] | None, tuple[str, str] | None]
 
 
 async def _fail(run: Run, item: Item, exc: BaseException, report: RunReport) -> None:
-    err = first_error(exc)
+    err = first_leaf(exc)
     if isinstance(err, DiskFullError):
         await stop_disk_full(run, item, err, report)
         return
@@ -94,102 +104,108 @@ async def _fail(run: Run, item: Item, exc: BaseException, report: RunReport) -> 
         error = VANISHED
     await run.journal.record(run.job, item.rel, size=item.size, mtime_ns=item.mtime_ns, state="failed",
                              error=error, transient=int(transient), walked=run.journal.runs.get(run.job, 0))
-    run.reporter.stats.files_failed += 1
+    run.reporter.stats.failed()
     run.reporter.emit(ItemFailed(rel=item.rel, error=msg, transient=transient))
     report.failures.append((item.rel, msg.splitlines()[0]))
 
 
-async def _items(run: Run, root: Path, only: list[str] | None, skip: set[str],
-                 digests: dict[str, dict[str, str]], report: RunReport) -> AsyncIterator[Entry]:
-    """Walked (or, for a retry round, named) items that still need sending, with their saved state and,
-    with ``--checksum``, the digests their content must still have to be skipped."""
-    cfg, stats = run.config, run.reporter.stats
-    walked = run.journal.runs.get(run.job, 0)
+Batches = AsyncIterator[list[Item]]
+
+
+async def walked(run: Run, root: Path, report: RunReport) -> Batches:
+    """The walk of ``root`` under the run's filters, as batches (skipped entries reported as warnings; a
+    directory that cannot be read, or an entry that cannot be stat'ed, is a failure of the run)."""
+    cfg = run.config
+    unreadable: list[tuple[str, str]] = []
 
     def warn(rel: str, why: str) -> None:
         run.reporter.warning(f"skipped {printable(rel)}: {why}")
 
-    async def batches() -> AsyncIterator[list[Item]]:
-        if only is None:
-            async for b in walk(root, cfg.include, cfg.exclude, cfg.follow_symlinks, warn,
-                                on_error=lambda rel, why: unreadable.append((rel, why))):
-                yield b
-            return
-        for i in range(0, len(only), 256):
-            out = []
-            for rel in only[i:i + 256]:
-                p = root / rel if root.is_dir() else root
-                try:
-                    st = p.stat()
-                except FileNotFoundError:
-                    vanished.append(rel)
-                    continue
-                except OSError as exc:
-                    unreadable.append((rel, f"cannot stat: {exc.strerror}"))
-                    continue
-                out.append(Item(str(p), rel, st.st_size, st.st_mtime_ns))
-            yield out
-
-    unreadable: list[tuple[str, str]] = []
-    vanished: list[str] = []
-    async for batch in batches():
+    async for batch in walk(root, cfg.include, cfg.exclude, cfg.follow_symlinks, warn,
+                            on_error=lambda rel, why: unreadable.append((rel, why))):
         for rel, why in unreadable:
             await walk_failed(run, rel, why, report)
         unreadable.clear()
+        yield batch
+    for rel, why in unreadable:
+        await walk_failed(run, rel, why, report)
+
+
+async def named(run: Run, root: Path, rels: list[str], report: RunReport) -> Batches:
+    """Items named by ``rels`` (relative to ``root``), stat'ed afresh; a name that no longer exists fails
+    as a vanished source."""
+    for i in range(0, len(rels), 256):
+        out = []
+        for rel in rels[i:i + 256]:
+            p = root / rel if root.is_dir() else root
+            try:
+                st = p.stat()
+            except (FileNotFoundError, NotADirectoryError):
+                await _fail(run, Item(str(p), rel, 0, 0), SourceVanishedError(f"{rel}: {VANISHED}"), report)
+                continue
+            except OSError as exc:
+                await walk_failed(run, rel, f"cannot stat: {exc.strerror}", report)
+                continue
+            out.append(Item(str(p), rel, st.st_size, st.st_mtime_ns))
+        yield out
+
+
+async def _items(run: Run, batches: Batches, count: bool, skip: set[str],
+                 digests: dict[str, dict[str, str]]) -> AsyncIterator[Entry]:
+    """The items of ``batches`` that still need sending, with their saved state and, with ``--checksum``,
+    the digest their content must still have to be skipped (``count``: they are new to the run's totals).
+    Every item that goes on is marked as walked by this run (how :func:`checks.sweep_vanished` tells the
+    journal's rows whose file is gone)."""
+    stats = run.reporter.stats
+    number = run.journal.runs.get(run.job, 0)
+    async for batch in batches:
         rows = await run.journal.lookup(run.job, [i.rel for i in batch])
-        for rel in vanished:
-            await _fail(run, Item(str(root / rel), rel, (rows.get(rel) or {}).get("size", 0), 0),
-                        SourceVanishedError(f"{rel}: source vanished"), report)
-        vanished.clear()
         for item in batch:
-            if only is None:
-                stats.files_total += 1
-                stats.bytes_total += item.size
+            if count:
+                stats.found(item.size)
             row = rows.get(item.rel)
             same = row is not None and row.get("size") == item.size and row.get("mtime_ns") == item.mtime_ns
             if item.rel in skip:
                 await run.journal.record(run.job, item.rel, size=item.size, mtime_ns=item.mtime_ns,
-                                         state="done", digests=digests.get(item.rel), error=None, walked=walked)
-                stats.files_skipped += 1
-                stats.bytes_done += item.size
+                                         state="done", digests=digests.get(item.rel), error=None, walked=number)
+                stats.skipped(item.size)
                 run.reporter.emit(ItemSkipped(rel=item.rel, size=item.size, reason="archive already has it"))
                 continue
             if same and row is not None and row.get("state") == "done":
-                check = content_check(row.get("digests") or {}) if cfg.checksum else None
-                if check is None:
-                    stats.files_skipped += 1
-                    stats.bytes_done += item.size
-                    run.reporter.emit(ItemSkipped(rel=item.rel, size=item.size, reason="unchanged since last run"))
+                if not run.config.checksum:
+                    stats.skipped(item.size)
+                    run.reporter.emit(ItemSkipped(rel=item.rel, size=item.size,
+                                                  reason="unchanged since last run"))
                     continue
-                yield item, None, check  # the worker hashes it: skipped only if the content is the same
+                # the worker hashes it: skipped only if the content is the same
+                yield item, None, content_check(row.get("digests") or {})
                 continue
             if row is not None and not same:
                 # changed since it was recorded: forget the old state, re-send from zero
                 await run.journal.record(run.job, item.rel, size=item.size, mtime_ns=item.mtime_ns,
-                                         state="queued", offset=0, remote=None, error=None, walked=walked)
+                                         state="queued", offset=0, remote=None, error=None, walked=number)
                 run.journal.forget_chunks(run.job, item.rel)
                 row = None
             elif row is not None:
-                await run.journal.record(run.job, item.rel, walked=walked)
+                await run.journal.record(run.job, item.rel, walked=number)
             else:
                 await run.journal.record(run.job, item.rel, size=item.size, mtime_ns=item.mtime_ns,
-                                         state="queued", walked=walked)
+                                         state="queued", walked=number)
             yield item, (row or {}).get("remote") if row else None, None
-    for rel, why in unreadable:
-        await walk_failed(run, rel, why, report)
-    stats.walk_done = True
+    if count:
+        stats.walk_finished()
 
 
-async def _pass(run: Run, root: Path, report: RunReport, only: list[str] | None, skip: set[str],
-                digests: dict[str, dict[str, str]]) -> None:
-    """One pass over the items with ``transfers`` workers fed through a bounded stream; stopped early when
-    the target's disk is full (``report.stopped``)."""
+async def _pass(run: Run, batches: Batches, report: RunReport, skip: set[str],
+                digests: dict[str, dict[str, str]], *, count: bool = True) -> None:
+    """One pass over the items of ``batches`` with ``transfers`` workers fed through a bounded stream;
+    stopped early when the target's disk is full (``report.stopped``)."""
     workers = run.config.transfers
     send, recv = anyio.create_memory_object_stream[Entry](2 * workers)
 
     async def feeder() -> None:
         async with send:
-            async for entry in _items(run, root, only, skip, digests, report):
+            async for entry in _items(run, batches, count, skip, digests):
                 await send.send(entry)
 
     async def worker(stream: Any) -> None:
@@ -245,7 +261,7 @@ async def _packed(run: Run, root: Path, report: RunReport) -> None:
     rows = await run.journal.lookup(run.job, [name])
     if (rows.get(name) or {}).get("state") == "done":
         run.reporter.emit(ItemSkipped(rel=name, size=0, reason="uploaded in an earlier run"))
-        stats.files_skipped += 1
+        stats.skipped(0)
         return
     algos = tuple(dict.fromkeys(run.hashes))
 
@@ -257,8 +273,7 @@ async def _packed(run: Run, root: Path, report: RunReport) -> None:
         async for b in walk(root, cfg.include, cfg.exclude, cfg.follow_symlinks,
                             lambda r, w: run.reporter.warning(f"skipped {printable(r)}: {w}"), on_error=unreadable):
             for it in b:
-                stats.files_total += 1
-                stats.bytes_total += it.size
+                stats.found(it.size)
                 yield it
 
     stats.item_in(name, -1)
@@ -267,7 +282,7 @@ async def _packed(run: Run, root: Path, report: RunReport) -> None:
         sources: list[TarSource] = []
 
         async def once() -> None:
-            stats.files_total = stats.bytes_total = 0
+            stats.restart_walk()
             level = cfg.compress[1] if cfg.compress else 3
             src = TarSource(items(), prefix=root.name, compress=cfg.compress[0] if cfg.compress else None,
                             level=level, threads=cfg.compress_threads, digests=algos, limiter=run.io)
@@ -282,8 +297,7 @@ async def _packed(run: Run, root: Path, report: RunReport) -> None:
         # the adapter's state (e.g. an upload token) must survive a crash before ``finish`` runs
         await run.journal.flush()
         await run.journal.set_job_state(run.job, run.adapter.job_state())
-        stats.files_done = stats.files_total
-        stats.bytes_done = src.inner_size
+        stats.packed_progress(src.inner_size, finished=True)
         run.reporter.emit(ItemDone(rel=name, size=src.inner_size, sent=src.sent, digests=src.inner_digests))
     except Exception as exc:  # noqa: BLE001 - the packed item's failure is recorded in the report
         await _fail(run, pack, exc, report)
@@ -313,8 +327,8 @@ class _Counted:
     async def __anext__(self) -> memoryview:
         data = await self._src.__anext__()
         await self._run.throttle(len(data))
-        self._run.reporter.stats.add_sent(self._rel, len(data))
-        self._run.reporter.stats.bytes_done = self._src.inner_size
+        self._run.reporter.stats.moved(self._rel, len(data))
+        self._run.reporter.stats.packed_progress(self._src.inner_size)
         # ByteSource yields memoryviews; a view of the immutable bytes is free and stays valid
         return memoryview(data)
 
@@ -324,8 +338,9 @@ class _Counted:
 
 async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None = None, *,
                reporter: Reporter | None = None, journal_path: Path | None = None,
-               argv: list[str] | None = None, tick: float = 0.5) -> RunReport:
-    """Push ``source`` (a directory or one file) through ``adapter``; see the module docstring.
+               argv: list[str] | None = None, tick: float = 0.5, clock: Clock = SYSTEM_CLOCK) -> RunReport:
+    """Push ``source`` (a directory or one file) through ``adapter``; see the module docstring. ``clock``
+    paces every retry of the run (tests pass one that steps time).
 
     :raises UsageError: the source is missing or unreadable (before anything is sent).
     Item failures do not raise: they are in the report (``ok`` False) and the journal.
@@ -348,7 +363,7 @@ async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None
             if existed:
                 adapter.restore_job_state(await journal.job_state(job))
             reporter.emit(JobStarted(job=job, source=str(root), target=adapter.describe(), resumed=existed))
-            run = _make_run(config, adapter, reporter, journal, job)
+            run = _make_run(config, adapter, reporter, journal, job, clock)
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_ticker, reporter, tick)
@@ -365,7 +380,7 @@ async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None
                         ok = False
                     await journal.set_job_state(job, adapter.job_state())
     except BaseException as exc:
-        err = first_error(exc)
+        err = first_leaf(exc)
         if isinstance(err, anyio.get_cancelled_exc_class()) or isinstance(exc, KeyboardInterrupt):
             report.interrupted = True
             raise
@@ -384,6 +399,10 @@ async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None
     return report
 
 
+class _Unfinished(TransientError):
+    """Items of the run failed transiently: the run level tries them again."""
+
+
 async def _run_all(run: Run, root: Path, report: RunReport) -> None:
     if run.features.packed:
         await _packed(run, root, report)
@@ -396,18 +415,34 @@ async def _run_all(run: Run, root: Path, report: RunReport) -> None:
         skip = await run.request("(start)", lambda: run.adapter.prepare(listed), attempts=3)
         await run.journal.set_job_state(run.job, run.adapter.job_state())
         del listed
-    await _pass(run, root, report, None, skip, digests)
-    if report.stopped:
-        return  # the disk is full: nothing more can be written in this run
-    await sweep_vanished(run, root, report)
-    for _ in range(run.config.retries):
-        again = await run.journal.failed_transient(run.job)
-        if not again:
-            break
-        run.reporter.message(f"retrying {len(again)} item(s) that failed transiently")
-        failed_before = {rel for rel, _ in report.failures}
-        report.failures = [(r, e) for r, e in report.failures if r not in set(again)]
-        run.reporter.stats.files_failed -= len(failed_before & set(again))
-        await _pass(run, root, report, again, skip, digests)
+    first = True
 
+    async def one_round() -> None:
+        """The first pass over the walk, then a round over what failed transiently; raises _Unfinished
+        while something is left for another round."""
+        nonlocal first
+        if first:
+            first = False
+            await _pass(run, walked(run, root, report), report, skip, digests)
+            if report.stopped:
+                return  # the disk is full: nothing more can be written in this run
+            await sweep_vanished(run, root, report)
+        else:
+            again = await run.journal.failed_transient(run.job)
+            run.reporter.message(f"retrying {len(again)} item(s) that failed transiently")
+            retried = set(again)
+            before = len(report.failures)
+            report.failures = [(r, e) for r, e in report.failures if r not in retried]
+            run.reporter.stats.requeued(before - len(report.failures))
+            await _pass(run, named(run, root, again, report), report, skip, digests, count=False)
+            if report.stopped:
+                return
+        left = await run.journal.failed_transient(run.job, limit=1)
+        if left:
+            raise _Unfinished("some items failed transiently")
 
+    rounds = Pacer(RetryPolicy(attempts=run.config.retries + 1, base=1.0, cap=30.0), clock=run.clock)
+    try:
+        await rounds.call(one_round)
+    except _Unfinished:
+        pass  # what is still failed is in the report and the journal

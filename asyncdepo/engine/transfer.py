@@ -1,10 +1,17 @@
-"""Sending one item: the multipart, chunked and stream modes, per-request and per-item retries.
+"""Sending one item: the multipart, chunked and stream modes, and the request and item levels of retry.
 
-Per request (:meth:`Run.request`): backoff with full jitter, Retry-After honoured, inside a request slot
-(``--transfers`` requests in flight at most). A chunk whose request failed transiently is resent from
-the offset the server confirms (``writer.resync()``), so a dropped connection re-sends at most the
-rest of one chunk. Per item (:func:`send_item`): when a request runs out of attempts, or the source
-changed, the item is reopened from its journaled state (or from zero when the file changed).
+Both levels go through the one retry loop, :class:`~asyncdepo.transport.pacer.Pacer`:
+
+* per request (:meth:`Run.request`, ``run.requests``): backoff with full jitter, Retry-After honoured, a
+  deadline, each attempt inside a request slot (``--transfers`` requests in flight at most; a request that
+  backs off holds no slot). A chunk whose request failed transiently is resent from the offset the server
+  confirms (``writer.resync()`` at the start of the next attempt), so a dropped connection re-sends at most
+  the rest of one chunk;
+* per item (:func:`send_item`, ``run.items``): when a request runs out of attempts, or the source changed,
+  the item is reopened from its journaled state (or from zero when the file changed).
+
+Every retry is counted (``stats.retried``) and announced (:class:`~asyncdepo.events.ItemRetrying`) by
+:meth:`Run.retrying`.
 """
 
 from __future__ import annotations
@@ -22,18 +29,27 @@ from asyncdepo.contract import Adapter, Chunk, ChunkWriter, Features, Item
 from asyncdepo.digests import MultiHash, digest_bytes, hash_path_sync
 from asyncdepo.engine.journal import Journal
 from asyncdepo.engine.pipeline import BufferPool, ChunkStream, FileSource, RawReader, ZstdReader, read_small
-from asyncdepo.engine.report import first_error
 from asyncdepo.errors import (
     OffsetMismatchError,
     PermanentError,
     SourceChangedError,
     SourceError,
     SourceVanishedError,
-    is_transient,
 )
 from asyncdepo.events import ItemDone, ItemRetrying, ItemStarted, Reporter
 from asyncdepo.transport.bandwidth import TokenBucket
-from asyncdepo.transport.pacer import RetryPolicy
+from asyncdepo.transport.pacer import (
+    SYSTEM_CLOCK,
+    Classify,
+    Clock,
+    OnRetry,
+    Pacer,
+    RetryEvent,
+    RetryPolicy,
+    Verdict,
+    first_leaf,
+    should_retry,
+)
 
 T = TypeVar("T")
 
@@ -42,10 +58,14 @@ T = TypeVar("T")
 #: simply re-sent when its state is in doubt.
 CHUNK_DIGEST = "xxh3"
 
+#: no single request (with its retries and waits) may take longer than this
+REQUEST_DEADLINE = 900.0
+
 
 @dataclasses.dataclass
 class Run:
-    """Everything one run shares: config, adapter, bounds, journal and reporting."""
+    """Everything one run shares: config, adapter, bounds, journal, reporting and the pacers of the request
+    and item levels (both built on one clock, so tests can step time)."""
 
     config: EngineConfig
     adapter: Adapter
@@ -56,40 +76,73 @@ class Run:
     io: anyio.CapacityLimiter
     slots: anyio.CapacityLimiter
     bucket: TokenBucket | None
-    policy: RetryPolicy
     hashes: tuple[str, ...]
+    clock: Clock = SYSTEM_CLOCK
+    requests: Pacer = dataclasses.field(init=False)
+    items: Pacer = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        self.requests = Pacer(RetryPolicy(attempts=cfg.request_attempts, deadline=REQUEST_DEADLINE),
+                              classify=_request_verdict, tokens=self.slots, clock=self.clock)
+        self.items = Pacer(RetryPolicy(attempts=cfg.item_attempts, base=0.5, cap=30.0), clock=self.clock)
 
     @property
     def features(self) -> Features:
         return self.adapter.features
+
+    def retrying(self, rel: str) -> OnRetry:
+        """The retry hook for ``rel``: count the retry by reason and announce it."""
+        stats, emit = self.reporter.stats, self.reporter.emit
+
+        def hook(event: RetryEvent) -> None:
+            stats.retried(event.reason)
+            emit(ItemRetrying(rel=rel, attempt=event.attempt, error=str(event.error),
+                              delay=round(event.delay, 3), reason=event.reason))
+        return hook
 
     async def throttle(self, n: int) -> None:
         if self.bucket is not None and n:
             await self.bucket.acquire(n)
 
     async def request(self, rel: str, fn: Callable[[], Awaitable[T]], *, attempts: int | None = None,
-                      retry_offsets: bool = False) -> T:
-        """``await fn()`` in a request slot, retrying transient failures (see the module docstring)."""
-        tries = attempts or self.config.request_attempts
+                      classify: Classify | None = None) -> T:
+        """``await fn()`` through the request pacer (see the module docstring); ``classify`` replaces the
+        request level's retry decision for this call."""
         stats = self.reporter.stats
-        n = 0
-        while True:
+
+        async def counted() -> T:
+            stats.request(+1)
             try:
-                async with self.slots:
-                    stats.request(+1)
-                    try:
-                        return await fn()
-                    finally:
-                        stats.request(-1)
-            except Exception as exc:
-                if not is_transient(exc) or n + 1 >= tries or (
-                        isinstance(exc, OffsetMismatchError) and not retry_offsets):
-                    raise
-                delay = self.policy.delay(n, exc)
-                n += 1
-                stats.retries += 1
-                self.reporter.emit(ItemRetrying(rel=rel, attempt=n, error=str(exc), delay=round(delay, 3)))
-                await self.policy.sleep(delay)
+                return await fn()
+            finally:
+                stats.request(-1)
+
+        pacer = self.requests
+        if attempts is not None or classify is not None:
+            pacer = pacer.derive(attempts=attempts, classify=classify)
+        return await pacer.call(counted, on_retry=self.retrying(rel))
+
+
+def _request_verdict(exc: BaseException) -> Verdict:
+    """Request level: as :func:`should_retry`, except that a server holding another offset is left to the
+    item level, which reopens the item from the server's state (a repeated request would meet the same
+    offset). Chunk sends resync instead: :func:`_chunk_verdict`."""
+    if isinstance(exc, OffsetMismatchError):
+        return Verdict(False, reason="offset")
+    return should_retry(exc)
+
+
+def _chunk_verdict(exc: BaseException) -> Verdict:
+    """A chunk send resyncs with the server before it retries, so another offset is worth a retry, unless
+    the server went back before the chunk (the upload was replaced or truncated): that is the item level's."""
+    if isinstance(exc, _Rewound):
+        return Verdict(False, reason="offset")
+    return should_retry(exc)
+
+
+class _Rewound(OffsetMismatchError):
+    """The server holds less than the start of the chunk being resent."""
 
 
 def _part_size(run: Run, size: int) -> int:
@@ -115,44 +168,32 @@ def _remote_item(run: Run, item: Item) -> Item:
 
 
 async def _send_chunk(run: Run, item: Item, writer: ChunkWriter, chunk: Chunk) -> None:
-    """Send one chunk; after a transient failure resend only what the server does not confirm."""
+    """Send one chunk; after a transient failure, resend only what the server does not confirm."""
     end = chunk.offset + len(chunk.data)
     current = chunk
+    retry = False
     stats = run.reporter.stats
-    tries = run.config.request_attempts
-    n = 0
     await run.throttle(len(chunk.data))
-    while True:
-        try:
-            async with run.slots:
-                stats.request(+1)
-                try:
-                    await writer.write(current)
-                finally:
-                    stats.request(-1)
-            stats.add_sent(item.rel, len(current.data))
-            return
-        except Exception as exc:
-            if not is_transient(exc) or n + 1 >= tries:
-                raise
-            delay = run.policy.delay(n, exc)
-            n += 1
-            stats.retries += 1
-            run.reporter.emit(ItemRetrying(rel=item.rel, attempt=n, error=str(exc), delay=round(delay, 3)))
-            await run.policy.sleep(delay)
-            if not run.features.resumable:
-                continue
-            confirmed = await run.request(item.rel, writer.resync)
+
+    async def attempt() -> None:
+        nonlocal current, retry
+        if retry and run.features.resumable:
+            confirmed = await writer.resync()
             if confirmed >= end:
                 return  # the lost response had in fact landed
             if confirmed < chunk.offset:
-                raise OffsetMismatchError(
-                    f"{item.rel}: server went back to offset {confirmed} (< {chunk.offset})", offset=confirmed)
+                raise _Rewound(f"{item.rel}: server went back to offset {confirmed} (< {chunk.offset})",
+                               offset=confirmed)
             if confirmed != current.offset:
                 data = chunk.data[confirmed - chunk.offset:]
                 digests = (await anyio.to_thread.run_sync(digest_bytes, data, run.features.chunk_digests,
                                                           limiter=run.io) if run.features.chunk_digests else {})
                 current = dataclasses.replace(chunk, offset=confirmed, data=data, digests=digests)
+        retry = True
+        await writer.write(current)
+        stats.moved(item.rel, len(current.data))
+
+    await run.request(item.rel, attempt, classify=_chunk_verdict)
 
 
 async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash) -> int:
@@ -232,7 +273,7 @@ async def _multipart(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHas
             await run.throttle(len(chunk.data))
             info = await run.request(item.rel, lambda: writer.write_part(chunk))
             writer.parts[chunk.part_number] = info
-            stats.add_sent(item.rel, len(chunk.data))
+            stats.moved(item.rel, len(chunk.data))
             await run.journal.record(run.job, item.rel, state="partial", remote=writer.state())
         finally:
             release()
@@ -250,7 +291,7 @@ async def _multipart(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHas
                 buf = stream.detach(chunk)
                 tg.start_soon(send, chunk, buf.release)
     except BaseExceptionGroup as eg:
-        raise first_error(eg) from None
+        raise first_leaf(eg) from None
     return length
 
 
@@ -259,7 +300,7 @@ async def _stream(run: Run, item: Item, writer: ChunkWriter, hasher_algos: tuple
 
     def source() -> FileSource:
         return FileSource(item, digests=hasher_algos, block=cfg.stream_block, limiter=run.io, pool=run.pool,
-                          on_bytes=lambda n: stats.add_sent(item.rel, n), throttle=run.throttle)
+                          on_bytes=lambda n: stats.moved(item.rel, n), throttle=run.throttle)
 
     cfg = run.config
     made: list[FileSource] = []
@@ -306,7 +347,7 @@ async def _attempt(run: Run, item: Item, saved: dict[str, Any] | None, known: di
             digests = {**digests, "stream_size": str(length)}
         result = await run.request(item.rel, lambda: writer.complete(digests, item.size))
     except BaseException as exc:
-        err = first_error(exc)
+        err = first_leaf(exc)
         if isinstance(err, (PermanentError, SourceError)) and not isinstance(err, SourceChangedError):
             with anyio.CancelScope(shield=True):
                 await writer.abort()
@@ -319,45 +360,44 @@ async def _attempt(run: Run, item: Item, saved: dict[str, Any] | None, known: di
     if mode == "chunked" and (item.size < 0 or item.size > run.config.chunk_size):
         run.journal.forget_chunks(run.job, item.rel)  # only unfinished items are resumed
     stats = run.reporter.stats
-    stats.files_done += 1
-    stats.bytes_done += item.size
+    stats.done(item.size)
     run.reporter.emit(ItemDone(rel=item.rel, size=item.size, sent=stats.active.get(item.rel, [0, 0])[1],
                                digests=digests))
 
 
 async def send_item(run: Run, item: Item, saved: dict[str, Any] | None,
                     known: dict[str, str] | None = None) -> None:
-    """Send ``item``; reopen it from its journaled state after a transient failure, up to
-    ``config.item_attempts`` times; from zero when the file changed.
+    """Send ``item`` through the item pacer: after a transient failure the item is reopened from its
+    journaled state, up to ``config.item_attempts`` times; from zero when the file changed.
 
     :raises DepoError: the last failure (transient ones already retried).
     """
     stats = run.reporter.stats
-    stats.item_in(item.rel, item.size)
+    rel = item.rel
+    stats.item_in(rel, item.size)
+    last: list[BaseException] = []
+    have: dict[str, str] = known or {}
+    announce = run.retrying(rel)
+
+    def remember(event: RetryEvent) -> None:
+        last[:] = [event.error]
+        announce(event)
+
+    async def attempt() -> None:
+        nonlocal item, saved, have
+        if last:  # a retry: start from what the journal (or the changed file) says now
+            if isinstance(last[0], SourceChangedError):
+                item = await anyio.to_thread.run_sync(restat, item)
+                saved, have = None, {}
+            else:
+                rows = await run.journal.lookup(run.job, [rel])
+                saved = (rows.get(rel) or {}).get("remote")
+        await _attempt(run, item, saved, have)
+
     try:
-        attempt = 0
-        while True:
-            try:
-                await _attempt(run, item, saved, known or {})
-                return
-            except Exception as exc:  # noqa: BLE001 - classified: transient retried, others re-raised
-                err = first_error(exc)
-                if not is_transient(err) or attempt + 1 >= run.config.item_attempts:
-                    raise err from None
-                attempt += 1
-                delay = run.policy.delay(attempt, err)
-                stats.retries += 1
-                run.reporter.emit(ItemRetrying(rel=item.rel, attempt=attempt, error=str(err),
-                                               delay=round(delay, 3)))
-                await run.policy.sleep(delay)
-                if isinstance(err, SourceChangedError):
-                    item = await anyio.to_thread.run_sync(restat, item)
-                    saved, known = None, {}
-                else:
-                    rows = await run.journal.lookup(run.job, [item.rel])
-                    saved = (rows.get(item.rel) or {}).get("remote")
+        await run.items.call(attempt, on_retry=remember)
     finally:
-        stats.item_out(item.rel)
+        stats.item_out(rel)
 
 
 def restat(item: Item) -> Item:

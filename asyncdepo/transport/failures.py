@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
+import http.client
 import os
 import re
 import ssl
@@ -146,8 +147,9 @@ def untrusted(what: str, exc: ssl.SSLCertVerificationError) -> PermanentError:
 
 
 def is_transport_failure(exc: BaseException) -> bool:
-    """True for the exceptions a network transport raises (socket/OS errors, timeouts, TLS, aiohttp)."""
-    if isinstance(exc, (OSError, TimeoutError, ssl.SSLError, EOFError)):
+    """True for the exceptions a network transport raises (socket/OS errors, timeouts, TLS, http.client's
+    protocol errors, aiohttp)."""
+    if isinstance(exc, (OSError, TimeoutError, ssl.SSLError, EOFError, http.client.HTTPException)):
         return True
     aiohttp = sys.modules.get("aiohttp")  # never imported here: an aiohttp error implies aiohttp is loaded
     return aiohttp is not None and isinstance(exc, aiohttp.ClientError)

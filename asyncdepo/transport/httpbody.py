@@ -107,11 +107,3 @@ def client_session(*, limit: int = 64, limit_per_host: int = 0, ssl: Any = None,
                                      enable_cleanup_closed=True)
     return aiohttp.ClientSession(connector=connector, timeout=request_timeout(), headers=headers,
                                  auto_decompress=False, **kw)
-
-
-def transport_error(exc: BaseException, what: str) -> Exception:
-    """Map an aiohttp/OS error to TransientError naming ``what`` (method and path, never headers)."""
-    from asyncdepo.errors import TransientError
-
-    kind = type(exc).__name__
-    return TransientError(f"{what}: {kind}: {exc}" if str(exc) else f"{what}: {kind}")

@@ -34,13 +34,19 @@ from urllib.parse import urljoin, urlsplit
 
 import anyio
 import anyio.from_thread
-import orjson
 
 from asyncdepo.contract import PlainGet
 from asyncdepo.digests import MultiHash
-from asyncdepo.errors import PermanentError, TransientError, http_error, parse_retry_after
+from asyncdepo.errors import PermanentError, TransientError
 from asyncdepo.transport.bandwidth import TokenBucket
-from asyncdepo.transport.failures import DISK_FULL, disk_error
+from asyncdepo.transport.failures import (
+    DISK_FULL,
+    connection_error,
+    disk_error,
+    is_transport_failure,
+    message_of,
+    status_error,
+)
 from asyncdepo.transport.httppool import STALE, ConnectionPool
 from asyncdepo.transport.tlsbio import TLSStream, set_timeouts
 
@@ -49,7 +55,6 @@ BLOCK = 1 << 19
 MAX_REDIRECTS = 5
 POOL = ConnectionPool(max_idle=32)  # shared by every transfer thread of the process
 PROGRESS_EVERY = 0.2  # seconds between progress reports from a transfer thread
-_QUERY = re.compile(r"\?[^\s'\"]*")
 
 
 @functools.cache
@@ -103,26 +108,6 @@ class _Stop:
                     pass
 
 
-def untrusted(what: str, exc: ssl.SSLCertVerificationError) -> PermanentError:
-    """A TLS certificate the client does not trust, as a permanent error that says what to check."""
-    return PermanentError(f"{what}: the server's TLS certificate is not trusted ({exc.verify_message})",
-                          hint="check the server URL; a private CA goes in SSL_CERT_FILE (or the target's own CA setting)")
-
-
-def _message(raw: bytes) -> str:
-    """The server's own error text: JSON ``message``/``error``/``reason``, an XML error's Code and Message, else
-    the start of the body."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        text = raw[:2000].decode("utf-8", "replace")
-        xml = [m.group(1).strip() for tag in ("Code", "Message") if (m := re.search(f"<{tag}>(.*?)</{tag}>", text))]
-        return ": ".join(xml) if xml else " ".join(text[:400].split())
-    if isinstance(body, dict):
-        return str(body.get("message") or body.get("error") or body.get("reason") or "")[:300]
-    return ""
-
-
 def _where(url: str, spec: PlainGet) -> tuple[tuple[str, str, int | None], str]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -170,10 +155,9 @@ def _open(spec: PlainGet, offset: int, stop: _Stop) -> tuple[http.client.HTTPCon
             url = urljoin(url, location)
             continue
         if resp.status >= 400:
-            detail = _message(resp.read(1 << 16))
+            detail = message_of(resp.read(1 << 16))
             conn.close()
-            raise http_error(resp.status, detail, what=spec.what,
-                             retry_after=parse_retry_after(resp.getheader("Retry-After")))
+            raise status_error(resp.status, detail, what=spec.what, retry_after=resp.getheader("Retry-After"))
         if not offset:
             return conn, resp, 0, where
         if resp.status == 200:
@@ -329,13 +313,12 @@ def fetch_sync(spec: PlainGet, offset: int, part: Path, hasher: MultiHash, on_by
         if stop.flag.is_set():
             raise TransientError(f"{spec.what}: stopped")
         return sink.written
-    except ssl.SSLCertVerificationError as exc:  # retrying will not make the certificate trusted
-        raise untrusted(spec.what, exc) from None
-    except (OSError, http.client.HTTPException) as exc:
+    except Exception as exc:
+        if not is_transport_failure(exc):
+            raise
         if isinstance(exc, BlockingIOError):  # a blocking socket whose SO_RCVTIMEO ran out says EAGAIN
             exc = TimeoutError("timed out")
-        detail = _QUERY.sub("?...", str(exc))
-        raise TransientError(f"{spec.what}: {type(exc).__name__}{': ' + detail if detail else ''}") from None
+        raise connection_error(exc, spec.what) from None
     finally:
         sink.flush()
         os.close(fd)

@@ -17,12 +17,20 @@ Classification (the engine retries what :func:`asyncdepo.errors.is_transient` ac
 
 from __future__ import annotations
 
-import asyncio
+import re
 from typing import Any
 
 from asyncdepo import errors
+from asyncdepo.transport.failures import (
+    connection_error,
+    is_transport_failure,
+    parse_retry_after,
+    status_error,
+)
 
-# S3 error codes -> how to treat them. Anything not listed falls back to the HTTP status (errors.http_error).
+_XML_FIELD = {name: re.compile(rf"<{name}>(.*?)</{name}>".encode(), re.DOTALL) for name in ("Code", "Message")}
+
+# S3 error codes -> how to treat them. Anything not listed falls back to the HTTP status (failures.status_error).
 _THROTTLE_CODES = frozenset(
     {
         "SlowDown",
@@ -70,6 +78,14 @@ _VALIDATION_HINTS = {
     "InvalidRequest": "the request was refused as invalid",
     "NoSuchKey": "the object does not exist (any more)",
 }
+
+
+def parse_s3_xml(body: bytes) -> tuple[str, str]:
+    """(``<Code>``, ``<Message>``) of an S3 XML error body, empty strings when absent. Only these two fields
+    are read: the rest of a SignatureDoesNotMatch answer (StringToSign, AWSAccessKeyId) never leaves here."""
+    code, message = (m.group(1).decode("utf-8", "replace").strip() if (m := rx.search(body)) else ""
+                     for rx in _XML_FIELD.values())
+    return code, message
 
 
 def _status_and_body(exc: Any) -> tuple[int | None, str, str, dict[str, str]]:
@@ -126,7 +142,7 @@ def _classify(
     if code in ("QuotaExceeded", "ServiceQuotaExceeded"):
         return errors.QuotaError(text, status=status)
     if code in _TRANSIENT_CODES:
-        retry_after = errors.parse_retry_after(headers.get("retry-after"))
+        retry_after = parse_retry_after(headers.get("retry-after"))
         if code in _THROTTLE_CODES:
             return errors.RateLimitedError(text, retry_after=retry_after, status=status)
         return errors.TransientError(text, status=status)
@@ -134,12 +150,8 @@ def _classify(
         return errors.RemoteValidationError(text, status=status, hint=_VALIDATION_HINTS[code])
     if status is None:
         return errors.TransientError(text)
-    mapped = errors.http_error(
-        status, detail, retry_after=errors.parse_retry_after(headers.get("retry-after")), what=what
-    )
-    if isinstance(mapped, errors.AuthError) and mapped.hint is None:
-        mapped.hint = "check the credentials (AWS_* environment variables or --profile) and the bucket policy"
-    return mapped
+    return status_error(status, detail, what=what, retry_after=headers.get("retry-after"), hints={
+        errors.AuthError: "check the credentials (AWS_* environment variables or --profile) and the bucket policy"})
 
 
 def map_s3_error(exc: BaseException, what: str) -> errors.DepoError:
@@ -172,16 +184,8 @@ def map_s3_error(exc: BaseException, what: str) -> errors.DepoError:
     # presigned URLs are never used here).
     if isinstance(exc, (bx.HTTPClientError, bx.ConnectionError)):
         return errors.TransientError(f"{what}: connection failed ({type(exc).__name__})")
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-        return errors.TransientError(f"{what}: timed out")
-    if isinstance(exc, OSError):
-        return errors.TransientError(f"{what}: {type(exc).__name__}: {exc.strerror or exc}")
-    try:
-        import aiohttp
-    except ImportError:  # pragma: no cover - aiohttp is a core dependency
-        aiohttp = None  # type: ignore[assignment]
-    if aiohttp is not None and isinstance(exc, aiohttp.ClientError):
-        return errors.TransientError(f"{what}: {type(exc).__name__}")
+    if is_transport_failure(exc):
+        return connection_error(exc, what)
     if isinstance(exc, bx.BotoCoreError):
         return errors.TransientError(f"{what}: {type(exc).__name__}")
     return errors.TransferError(f"{what}: unexpected {type(exc).__name__}")

@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from asyncdepo.contract import Adapter
 from asyncdepo.adapters.local import LocalAdapter
 from asyncdepo.adapters.s3.adapter import S3Adapter
 from asyncdepo.adapters.tus import TusAdapter
 from asyncdepo.config import EngineConfig
+from asyncdepo.contract import Adapter, Chunk, Item
 from asyncdepo.engine.pull import pull
 from asyncdepo.engine.scheduler import push
-from asyncdepo.contract import Chunk, Item
 from asyncdepo.sim import tus
 from asyncdepo.sim.faults import FaultInjector
 from asyncdepo.sim.server import SimServer

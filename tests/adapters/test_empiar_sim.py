@@ -18,12 +18,13 @@ from asyncdepo import errors
 from asyncdepo.adapters.empiar.depositor import Credentials, EmpiarApi
 from asyncdepo.adapters.empiar.schema import png_size
 from asyncdepo.adapters.globus import GlobusClient, TaskProgress, TransferItem
-from asyncdepo.transport.pacer import RetryPolicy
 from asyncdepo.sim import empiar as empiar_sim
 from asyncdepo.sim import globus as globus_sim
 from asyncdepo.sim.datasets import make_png
 from asyncdepo.sim.faults import FaultInjector
 from asyncdepo.sim.server import SimServer
+from asyncdepo.transport.pacer import Pacer, RetryPolicy
+from tests.fakeclock import FakeClock
 
 API = "/empiar/deposition/api/"
 TOKEN = {"Authorization": "Token sim-token"}
@@ -301,17 +302,13 @@ def test_png_size_reader() -> None:
 
 
 # -- the clients against the simulators ----------------------------------------------------------------------
-async def _no_sleep(_: float) -> None:
-    return None
-
-
-FAST = RetryPolicy(attempts=3, sleep=_no_sleep)
+FAST = Pacer(RetryPolicy(attempts=3), clock=FakeClock())
 
 
 async def test_empiar_api_retries_5xx_and_maps_errors(empiar: SimServer, http: aiohttp.ClientSession,
                                                       tmp_path: Path) -> None:
     empiar.faults.add("POST /empiar/deposition/api/deposit_entry/ status=503 first=1")
-    api = EmpiarApi(http, empiar.url, Credentials(token="sim-token"), policy=FAST)
+    api = EmpiarApi(http, empiar.url, Credentials(token="sim-token"), pacer=FAST)
     entry = await api.create(deposition("data/a"))
     assert len(empiar_sim.state_of(empiar.app).entries) == 1  # the 503 created nothing; the retry did
     assert await api.redeposit(deposition("data/a"), entry.entry_id) == entry
@@ -328,7 +325,7 @@ async def test_empiar_api_retries_5xx_and_maps_errors(empiar: SimServer, http: a
     (area / "a" / "f").write_bytes(b"1")
     assert await api.submit(entry.entry_id) == f"EMPIAR-{10000 + entry.entry_id}"
     assert await api.submit(entry.entry_id) is None  # already submitted
-    bad = EmpiarApi(http, empiar.url, Credentials(token="wrong"), policy=FAST)
+    bad = EmpiarApi(http, empiar.url, Credentials(token="wrong"), pacer=FAST)
     with pytest.raises(errors.AuthError, match="Invalid token") as info:
         await bad.create(deposition("data/a"))
     assert "wrong" not in str(info.value) and info.value.hint
@@ -336,7 +333,7 @@ async def test_empiar_api_retries_5xx_and_maps_errors(empiar: SimServer, http: a
 
 async def test_globus_client_waits_fails_and_cancels(globus: SimServer, http: aiohttp.ClientSession,
                                                      tmp_path: Path) -> None:
-    client = GlobusClient(http, "globus-token", base_url=globus.url + "/v0.10", poll_interval=0.01, policy=FAST)
+    client = GlobusClient(http, "globus-token", base_url=globus.url + "/v0.10", poll_interval=0.01, pacer=FAST)
     assert (await client.endpoint(SRC_EP))["activated"] is True
     item = TransferItem("/set", "/upload/D/data/set/", True)
     task_id = await client.submit(SRC_EP, globus_sim.EMPIAR_ENDPOINTS[1], [item], label="t")
@@ -357,7 +354,7 @@ async def test_globus_client_waits_fails_and_cancels(globus: SimServer, http: ai
         await client.wait(task_id, lambda _: scope.cancel())
     assert scope.cancelled_caught and state.tasks[task_id].canceled
 
-    bad = GlobusClient(http, "nope", base_url=globus.url + "/v0.10", policy=FAST)
+    bad = GlobusClient(http, "nope", base_url=globus.url + "/v0.10", pacer=FAST)
     with pytest.raises(errors.AuthError, match="AuthenticationFailed") as info:
         await bad.endpoint(SRC_EP)
     assert "GLOBUS_TRANSFER_TOKEN" in (info.value.hint or "") and "nope" not in str(info.value)

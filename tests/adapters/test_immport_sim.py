@@ -16,13 +16,13 @@ import pytest
 from asyncdepo.adapters.immport import Endpoints, ImmportAdapter
 from asyncdepo.cli.immport import pull_via_ascp
 from asyncdepo.config import EngineConfig
-from asyncdepo.transport.ascp.runner import AscpOptions
 from asyncdepo.engine.pull import pull
 from asyncdepo.errors import AuthError, PermanentError, RemoteValidationError
 from asyncdepo.sim.faults import FaultInjector, FaultRule
 from asyncdepo.sim.immport import IMMPORT_KEY, ImmportSim, build_app
 from asyncdepo.sim.immport_store import file_uuid, write_study
 from asyncdepo.sim.server import SimServer
+from asyncdepo.transport.ascp.runner import AscpOptions
 
 
 class Clock:

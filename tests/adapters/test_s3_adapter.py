@@ -20,9 +20,9 @@ from botocore.exceptions import ClientError
 from asyncdepo import errors
 from asyncdepo.adapters import lookup
 from asyncdepo.adapters.s3 import S3Adapter, multipart_etag, parse_s3_url
-from asyncdepo.transport.s3errors import map_s3_error, s3_code
 from asyncdepo.adapters.s3.writer import S3Writer
 from asyncdepo.contract import Chunk, Item
+from asyncdepo.transport.s3errors import map_s3_error, s3_code
 from tests.adapters.s3_helpers import (
     PART,
     CallCounter,

@@ -302,7 +302,7 @@ def test_401_and_403(sim: Sim, env: dict[str, str], tmp_path: Path, capsys: pyte
     monkeypatch.setenv("ASYNCDEPO_PDIS_TOKEN", "0" * 40)
     code, _, err = run_cli(capsys, "push", "pdis", str(ds), "--pdb", "8VWX")
     assert code == 3
-    assert "PDIS refused the API token (HTTP 401" in err and "asyncdepo login pdis" in err
+    assert "HTTP 401: PDIS refused the API token" in err and "asyncdepo login pdis" in err
     assert sim.faults.requests[UPLOAD] == 0
     monkeypatch.delenv("ASYNCDEPO_PDIS_TOKEN")
     code, _, err = run_cli(capsys, "pdis", "submissions")
@@ -314,7 +314,7 @@ def test_401_and_403(sim: Sim, env: dict[str, str], tmp_path: Path, capsys: pyte
     monkeypatch.setenv("ASYNCDEPO_PDIS_TOKEN", sim.token_of(ALICE))
     for argv in (["status", bob_sub.token], ["delete", bob_sub.token]):
         code, _, err = run_cli(capsys, "pdis", *argv)
-        assert code == 3 and f"submission {bob_sub.token} belongs to another account (HTTP 403" in err
+        assert code == 3 and f"HTTP 403: submission {bob_sub.token} belongs to another account" in err
     assert sim.submissions("bob@lab.edu") == [bob_sub]
 
 

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from asyncdepo import errors
+from asyncdepo.sim.server import SimServer
 from asyncdepo.transport.ascp.runner import (
     AscpOptions,
     AscpProgress,
@@ -24,8 +25,8 @@ from asyncdepo.transport.ascp.runner import (
     run_once,
     transfer,
 )
-from asyncdepo.transport.pacer import RetryPolicy
-from asyncdepo.sim.server import SimServer
+from asyncdepo.transport.pacer import Pacer, RetryEvent, RetryPolicy
+from tests.fakeclock import FakeClock
 
 STANDIN = Path(sys.executable).parent / "asyncdepo-sim-ascp"
 PASSWORD = "pw-Secr3t-of-the-transfer"
@@ -78,11 +79,8 @@ def on_disk(top: Path, rel_to: Path) -> dict[str, int]:
     return {p.relative_to(rel_to).as_posix(): p.stat().st_size for p in top.rglob("*") if p.is_file()}
 
 
-def no_policy_sleep() -> RetryPolicy:
-    async def no_wait(_: float) -> None:
-        await anyio.lowlevel.checkpoint()
-
-    return RetryPolicy(base=1.0, cap=30.0, sleep=no_wait)
+def no_policy_sleep() -> Pacer:
+    return Pacer(RetryPolicy(base=1.0, cap=30.0), clock=FakeClock())
 
 
 def standin_children() -> list[psutil.Process]:
@@ -166,13 +164,13 @@ async def test_dropped_connection_is_retried_and_only_the_tail_resent(tmp_path: 
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     src = make_set(tmp_path / "local", "set1", [600_000, 90_000])
     monkeypatch.setenv("ASYNCDEPO_SIM_ASCP_FAIL", "drop:250000:once")
-    retries: list[tuple[int, BaseException, float]] = []
+    retries: list[RetryEvent] = []
     events: list[AscpProgress] = []
     result = await transfer(opts(management_port=management), [str(src)], "emp_dep@hx:upload/ABC123/data",
                             secrets=AscpSecrets(password=PASSWORD), on_progress=events.append,
-                            on_retry=lambda n, e, d: retries.append((n, e, d)), backoff=no_policy_sleep())
+                            on_retry=retries.append, pacer=no_policy_sleep())
     assert result.attempts == 2 and len(retries) == 1
-    assert isinstance(retries[0][1], errors.TransientError) and "Connection lost" in str(retries[0][1])
+    assert isinstance(retries[0].error, errors.TransientError) and "Connection lost" in str(retries[0].error)
     first, second = counters(tmp_path)
     assert first["bytes"] == 250_000 and first["status"] == 1
     assert second["resumed_from"] == {"set1/img 000.mrc": 250_000}
@@ -181,7 +179,7 @@ async def test_dropped_connection_is_retried_and_only_the_tail_resent(tmp_path: 
     assert on_disk(data, data) == on_disk(src, src.parent) == by_file(events)
     assert (data / "set1" / "img 000.mrc").read_bytes() == (src / "img 000.mrc").read_bytes()
     if management:
-        assert "FASP error 16" in str(retries[0][1]) and result.bytes == 690_000  # exact, both sessions
+        assert "FASP error 16" in str(retries[0].error) and result.bytes == 690_000  # exact, both sessions
 
 
 async def test_without_resume_a_rerun_starts_from_zero(tmp_path: Path, root: Path,
@@ -189,7 +187,7 @@ async def test_without_resume_a_rerun_starts_from_zero(tmp_path: Path, root: Pat
     src = make_set(tmp_path / "local", "set1", [600_000])
     monkeypatch.setenv("ASYNCDEPO_SIM_ASCP_FAIL", "drop:250000:once")
     result = await transfer(opts(resume=0), [str(src)], "u@hx:upload/ABC123/data",
-                            secrets=AscpSecrets(password=PASSWORD), backoff=no_policy_sleep())
+                            secrets=AscpSecrets(password=PASSWORD), pacer=no_policy_sleep())
     assert result.attempts == 2
     assert [c["bytes"] for c in counters(tmp_path)] == [250_000, 600_000]  # what -k 0 costs
 
@@ -201,7 +199,7 @@ async def test_authentication_failure_is_permanent_and_secret_free(tmp_path: Pat
     wrong = "not-" + PASSWORD
     with pytest.raises(errors.AuthError) as info:
         await transfer(opts(management_port=management), [str(src)], "emp_dep@hx:upload/ABC123/data", secrets=AscpSecrets(password=wrong),
-                       backoff=no_policy_sleep())
+                       pacer=no_policy_sleep())
     assert "failed to authenticate" in str(info.value)
     assert wrong not in info.value.describe() and PASSWORD not in info.value.describe()
     assert len(counters(tmp_path)) == 1  # permanent: no second session
@@ -214,7 +212,7 @@ async def test_no_server_is_transient_with_a_port_hint(tmp_path: Path, root: Pat
     seen: list[int] = []
     with pytest.raises(errors.TransientError) as info:
         await transfer(opts(), [str(src)], "u@hx:upload/ABC123/data", secrets=AscpSecrets(password=PASSWORD),
-                       attempts=2, backoff=no_policy_sleep(), on_retry=lambda n, e, d: seen.append(n))
+                       attempts=2, pacer=no_policy_sleep(), on_retry=lambda e: seen.append(e.attempt))
     assert "Failed to open TCP connection for SSH" in str(info.value) and "33001" in (info.value.hint or "")
     assert seen == [1]
 

@@ -1,25 +1,14 @@
-"""Token bucket and retry policy, with time stepped by a fake clock (no sleeping)."""
+"""Token bucket and the pacer (the one retry loop), with time stepped by a fake clock (no sleeping)."""
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
+from asyncdepo.errors import AuthError, OffsetMismatchError, RateLimitedError, TransientError
 from asyncdepo.transport.bandwidth import TokenBucket
-from asyncdepo.transport.pacer import RetryPolicy, retry_call
-from asyncdepo.errors import AuthError, RateLimitedError, TransientError
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
+from asyncdepo.transport.pacer import Pacer, RetryEvent, RetryPolicy, Verdict, retry_call, should_retry
+from tests.fakeclock import FakeClock
 
 
 async def test_bucket_caps_rate_over_time() -> None:
@@ -91,7 +80,7 @@ async def test_bwlimit_within_3_percent_over_the_run_and_any_10s_window() -> Non
 
 async def test_retry_full_jitter_and_retry_after() -> None:
     clock = FakeClock()
-    policy = RetryPolicy(attempts=4, base=1.0, cap=100.0, rng=lambda: 1.0, sleep=clock.sleep)
+    policy = RetryPolicy(attempts=4, base=1.0, cap=100.0)
     calls = 0
 
     async def flaky() -> str:
@@ -103,7 +92,7 @@ async def test_retry_full_jitter_and_retry_after() -> None:
             raise TransientError("boom")
         return "ok"
 
-    assert await retry_call(flaky, policy) == "ok"
+    assert await retry_call(flaky, policy, clock=clock, rng=lambda: 1.0) == "ok"
     # Retry-After honoured, then 1*2**1, 1*2**2 (rng=1.0 gives the top of the jitter window)
     assert clock.slept == [7.0, 2.0, 4.0]
 
@@ -118,7 +107,7 @@ async def test_retry_stops_at_once_on_permanent_errors() -> None:
         raise AuthError("bad token", status=401)
 
     with pytest.raises(AuthError):
-        await retry_call(denied, RetryPolicy(sleep=clock.sleep))
+        await retry_call(denied, RetryPolicy(), clock=clock)
     assert calls == 1 and clock.slept == []
 
 
@@ -129,5 +118,78 @@ async def test_retry_gives_up_after_attempts() -> None:
         raise TransientError("503")
 
     with pytest.raises(TransientError):
-        await retry_call(down, RetryPolicy(attempts=3, rng=lambda: 0.5, sleep=clock.sleep))
+        await retry_call(down, RetryPolicy(attempts=3), clock=clock, rng=lambda: 0.5)
     assert len(clock.slept) == 2
+
+
+async def test_deadline_ends_retries_before_the_wait_would_pass_it() -> None:
+    clock = FakeClock()
+    calls = 0
+
+    async def down() -> None:
+        nonlocal calls
+        calls += 1
+        raise TransientError("503", status=503)
+
+    pacer = Pacer(RetryPolicy(attempts=100, base=1.0, cap=8.0, deadline=20.0), clock=clock, rng=lambda: 1.0)
+    with pytest.raises(TransientError):
+        await pacer.call(down)
+    # waits 1, 2, 4, 8 (15 s in all); the next 8 s would end past 20 s: no fifth wait
+    assert clock.slept == [1.0, 2.0, 4.0, 8.0] and calls == 5
+
+
+async def test_retry_after_is_capped_and_reported_with_its_reason() -> None:
+    clock = FakeClock()
+    seen: list[RetryEvent] = []
+    calls = 0
+
+    async def busy() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RateLimitedError("slow down", retry_after=3600.0, status=429)
+        if calls == 2:
+            raise TransientError("bad gateway", status=502)
+        return "ok"
+
+    pacer = Pacer(RetryPolicy(max_retry_after=60.0), clock=clock, rng=lambda: 0.0, on_retry=seen.append)
+    assert await pacer.call(busy) == "ok"
+    assert clock.slept == [60.0, 0.0]
+    assert [(e.attempt, e.reason) for e in seen] == [(1, "429"), (2, "5xx")]
+
+
+async def test_tokens_are_held_during_attempts_and_released_during_waits() -> None:
+    clock = FakeClock()
+    tokens = anyio.CapacityLimiter(1)
+    held_in_wait: list[int] = []
+
+    class Watch(FakeClock):
+        async def sleep(self, seconds: float) -> None:
+            held_in_wait.append(int(tokens.borrowed_tokens))
+            await super().sleep(seconds)
+
+    calls = 0
+
+    async def flaky() -> None:
+        nonlocal calls
+        calls += 1
+        assert tokens.borrowed_tokens == 1  # the attempt runs holding the token
+        if calls < 3:
+            raise TransientError("reset")
+
+    await Pacer(RetryPolicy(), tokens=tokens, clock=Watch()).call(flaky)
+    assert calls == 3 and held_in_wait == [0, 0] and clock.slept == []
+
+
+async def test_a_classifier_decides_and_groups_are_unwrapped() -> None:
+    clock = FakeClock()
+
+    def no_offsets(exc: BaseException) -> Verdict:
+        return Verdict(False, reason="offset") if isinstance(exc, OffsetMismatchError) else should_retry(exc)
+
+    async def grouped() -> None:
+        raise ExceptionGroup("task group", [OffsetMismatchError("moved", offset=5)])
+
+    with pytest.raises(OffsetMismatchError):  # the leaf, not the group
+        await Pacer(classify=no_offsets, clock=clock).call(grouped)
+    assert clock.slept == []

@@ -12,12 +12,12 @@ import anyio
 import pytest
 import zstandard
 
-from asyncdepo.engine.compress import TarSource
+from asyncdepo.contract import Item
 from asyncdepo.digests import MultiHash
+from asyncdepo.engine.compress import TarSource
 from asyncdepo.engine.journal import Journal
 from asyncdepo.engine.pipeline import BufferPool, ChunkStream, FileSource, RawReader, ZstdReader
 from asyncdepo.engine.source import iter_items
-from asyncdepo.contract import Item
 from asyncdepo.errors import SourceChangedError
 
 

@@ -17,14 +17,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from asyncdepo.contract import Adapter, Features
 from asyncdepo.config import EngineConfig
-from asyncdepo.transport import httpget
-from asyncdepo.contract import PlainGet
-from asyncdepo.transport.bandwidth import TokenBucket
+from asyncdepo.contract import Adapter, Features, PlainGet, RemoteItem
 from asyncdepo.engine.pull import pull
-from asyncdepo.contract import RemoteItem
 from asyncdepo.errors import UsageError
+from asyncdepo.transport import httpget
+from asyncdepo.transport.bandwidth import TokenBucket
 
 FILES = {f"d/f{i}.bin": os.urandom(300_000 + 70_001 * i) for i in range(5)}
 TOTAL = sum(map(len, FILES.values()))

@@ -3,7 +3,7 @@
 EMPIAR is not a per-file upload target: an entry is created over its JSON API, its files go by ascp (one
 session per image set, several at once) or Globus into the entry's upload folder, and the entry is then
 submitted. So this adapter is an orchestrator rather than an :class:`~asyncdepo.contract.Adapter`; it uses
-only ``engine.api`` (retry policy, timeouts) and ``engine.ascp`` (the ascp runner).
+only the contract and the transport (the pacer, HTTP timeouts, the ascp runner).
 
 Resume: :class:`DepositState` (entry id and directory, the phase reached, the image sets already sent with a
 fingerprint of their files) is handed to ``save_state`` after every step; given back, a run re-deposits the
@@ -34,8 +34,9 @@ from asyncdepo.adapters.globus import GlobusClient, TaskProgress, TransferItem
 from asyncdepo.events import ItemDone, ItemFailed, ItemRetrying, ItemSkipped, ItemStarted, Reporter
 from asyncdepo.transport.ascp import runner as ascp
 from asyncdepo.transport.ascp.runner import AscpOptions, AscpProgress, AscpSecrets
-from asyncdepo.transport.httpbody import request_timeout, transport_error
-from asyncdepo.transport.pacer import RetryPolicy, retry_call
+from asyncdepo.transport.failures import boundary, status_error
+from asyncdepo.transport.httpbody import request_timeout
+from asyncdepo.transport.pacer import Pacer, RetryEvent
 
 DEFAULT_SERVER = "https://www.ebi.ac.uk"
 ASCP_HOST = "emp_dep@hx-fasp-1.ebi.ac.uk"
@@ -75,11 +76,11 @@ class EmpiarApi:
     """
 
     def __init__(self, session: aiohttp.ClientSession, server: str, credentials: Credentials, *,
-                 policy: RetryPolicy | None = None) -> None:
+                 pacer: Pacer | None = None) -> None:
         self._session = session
         self._credentials = credentials
         self.base = server.rstrip("/") + API_PATH
-        self.policy = policy or RetryPolicy()
+        self.pacer = pacer or Pacer()
 
     def __repr__(self) -> str:
         return f"EmpiarApi({self.base!r})"
@@ -96,13 +97,13 @@ class EmpiarApi:
                 data = orjson.dumps(body)
                 headers["Content-Type"] = "application/json"
             try:
-                async with self._session.request(method, self.base + name, data=data, headers=headers,
-                                                 timeout=request_timeout(0)) as resp:
-                    raw = await resp.read()
-                    status, ctype = resp.status, resp.content_type
-                    retry_after = errors.parse_retry_after(resp.headers.get("Retry-After"))
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                err = transport_error(exc, what)
+                with boundary(what):
+                    async with self._session.request(method, self.base + name, data=data, headers=headers,
+                                                     timeout=request_timeout(0)) as resp:
+                        raw = await resp.read()
+                        status, ctype = resp.status, resp.content_type
+                        retry_after = resp.headers.get("Retry-After")
+            except errors.TransientError as err:
                 if not retry_network:
                     raise errors.PermanentError(
                         f"{err}; the entry may or may not have been created",
@@ -115,16 +116,15 @@ class EmpiarApi:
             if status >= 400:
                 detail = answer.get("detail") if isinstance(answer, dict) else None
                 text = str(detail) if detail else (raw[:200].decode("utf-8", "replace").strip() or "no detail")
-                exc2 = errors.http_error(status, text, retry_after=retry_after, what=what)
-                if isinstance(exc2, errors.AuthError) and status == 401:
-                    exc2.hint = "check the EMPIAR API token (or the username and password given with -p)"
-                raise exc2
+                raise status_error(status, text, what=what, retry_after=retry_after, hints={
+                    errors.AuthError: "check the EMPIAR API token (or the username and password given with -p)"}
+                    if status == 401 else None)
             if not isinstance(answer, dict):
                 raise errors.TransientError(f"{what}: HTTP {status} answered {ctype or 'no content type'}, "
                                             "not a JSON object", status=status)
             return answer
 
-        return await retry_call(once, self.policy)
+        return await self.pacer.call(once)
 
     @staticmethod
     def _entry(answer: Mapping[str, Any], what: str) -> Entry:
@@ -363,10 +363,9 @@ class Depositor:
         for u in job.units:
             if u not in todo:
                 self.reporter.emit(ItemSkipped(u.label, u.size, "sent by an earlier run, unchanged"))
-                stats.files_skipped += u.files
-                stats.bytes_done += u.size
-        stats.files_total += sum(u.files for u in job.units)
-        stats.bytes_total += sum(u.size for u in job.units)
+                stats.skipped(u.size, files=u.files)
+        for u in job.units:
+            stats.found(u.size, files=u.files)
         failed: list[tuple[Unit, errors.DepoError]] = []
         if job.ascp is not None and todo:
             limiter = anyio.CapacityLimiter(max(1, job.transfers))
@@ -409,8 +408,7 @@ class Depositor:
         await self.save()
         stats = self.reporter.stats
         stats.item_out(unit.label)
-        stats.files_done += unit.files
-        stats.bytes_done += unit.size
+        stats.done(unit.size, files=unit.files)
         self.reporter.emit(ItemDone(unit.label, unit.size, sent, {}))
 
     async def _ascp(self, unit: Unit) -> None:
@@ -422,9 +420,9 @@ class Depositor:
         def progress(p: AscpProgress) -> None:
             rep.progress(unit.label, p.delta)
 
-        def retrying(n: int, exc: BaseException, delay: float) -> None:
-            rep.stats.retries += 1
-            rep.emit(ItemRetrying(unit.label, n, str(exc), delay))
+        def retrying(event: RetryEvent) -> None:
+            rep.stats.retried(event.reason)
+            rep.emit(ItemRetrying(unit.label, event.attempt, str(event.error), event.delay, event.reason))
 
         dest = f"{job.ascp_host}:{self._remote(unit.dest)}"
         try:

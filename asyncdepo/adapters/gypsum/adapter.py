@@ -357,23 +357,23 @@ class GypsumAdapter(Adapter):
         the bucket (done when the version is finished, resp. gone)."""
         url = rec.complete_url if action == "complete" else rec.abort_url
         what = f"gypsum {action} {rec.project}/{rec.asset}/{rec.version}"
-        attempts = self.client.policy.attempts
-        for n in range(attempts):
+        first = True
+
+        async def once() -> None:
+            nonlocal first
+            retried, first = not first, False
             try:
                 await self.client.finish_upload(url, rec.token, what)
-                break
-            except TransientError:
-                if n + 1 >= attempts:
-                    raise
-                await self.client.policy.sleep(self.client.policy.delay(n))
             except PermanentError as exc:
-                if n == 0 or exc.status != 403:
+                if not retried or exc.status != 403:
                     raise
+                # 403 "not locked" after a retry: the lost answer had landed; the bucket tells
                 summary = await self.client.fetch_json(f"{rec.project}/{rec.asset}/{rec.version}/..summary")
                 done = summary is not None and "upload_finish" in summary
-                if (action == "complete" and done) or (action == "abort" and summary is None):
-                    break
-                raise
+                if not ((action == "complete" and done) or (action == "abort" and summary is None)):
+                    raise
+
+        await self.client.pacer.call(once)
         await anyio.to_thread.run_sync(
             lambda: self.sessions.delete(rec.server, rec.project, rec.asset, rec.version))
         self.session = None

@@ -26,21 +26,15 @@ import orjson
 from asyncdepo.errors import (
     AuthError,
     ConflictError,
-    DepoError,
     QuotaError,
-    RemoteValidationError,
     TransferError,
     TransientError,
-    http_error,
-    parse_retry_after,
 )
+from asyncdepo.transport.failures import boundary, status_error
 from asyncdepo.transport.httpbody import client_session, request_timeout
-from asyncdepo.transport.pacer import RetryPolicy, retry_call
+from asyncdepo.transport.pacer import Pacer
 
 TOKEN_HINT = "set GITHUB_TOKEN (or ASYNCDEPO_GYPSUM_TOKEN) to a GitHub token with the read:user and read:org scopes"
-_XML_MESSAGE = re.compile(rb"<Message>(.*?)</Message>", re.DOTALL)
-_XML_CODE = re.compile(rb"<Code>(.*?)</Code>", re.DOTALL)
-_QUERY = re.compile(r"(https?://[^\s?'\"<>]+)\?[^\s'\"<>)]*")
 
 
 def normalize_server(url: str) -> str:
@@ -56,54 +50,33 @@ def file_path(key: str) -> str:
     return "/file/" + quote(key, safe="")
 
 
-def s3_error_text(body: bytes) -> tuple[str, str]:
-    """(code, message) of an S3 XML error body (empty strings when absent)."""
-    code = _XML_CODE.search(body)
-    msg = _XML_MESSAGE.search(body)
-    return (code.group(1).decode(errors="replace") if code else "",
-            msg.group(1).decode(errors="replace") if msg else body[:200].decode(errors="replace"))
+def _quirks(status: int, reason: str) -> type[TransferError] | None:
+    """gypsum's answers that HTTP's classes miss: a project lock held by another upload (403), a full quota
+    and a version that already exists (400)."""
+    low = reason.lower()
+    if status == 403 and "already been locked" in low:
+        return ConflictError
+    if status == 400 and "quota" in low:
+        return QuotaError
+    if status == 400 and "already exists" in low:
+        return ConflictError
+    return None
 
 
 def map_status(status: int, reason: str, what: str, retry_after: str | None = None) -> TransferError:
-    """An error for a non-2xx gypsum answer (see the module docstring)."""
-    text = f"{what}: {reason}" if reason else f"{what}: HTTP {status}"
-    low = reason.lower()
-    if status == 401:
-        return AuthError(f"{text} (HTTP 401)", status=401, hint=TOKEN_HINT)
-    if status == 403 and "already been locked" in low:
-        return ConflictError(f"{text} (HTTP 403)", status=403)
-    if status == 403:
-        return AuthError(f"{text} (HTTP 403)", status=403)
-    if status == 400 and "quota" in low:
-        return QuotaError(f"{text} (HTTP 400)", status=400)
-    if status == 400 and "already exists" in low:
-        return ConflictError(f"{text} (HTTP 400)", status=400)
-    if status in (400, 404):
-        return RemoteValidationError(f"{text} (HTTP {status})", status=status)
-    return http_error(status, reason, retry_after=parse_retry_after(retry_after), what=what)
-
-
-def connection_error(exc: BaseException, what: str) -> DepoError:
-    """A connection-level failure as TransientError, unless our own body raised a DepoError underneath
-    (e.g. the file changed while it was read), which is reported as itself."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, DepoError):
-            return cause
-        cause = cause.__cause__ or cause.__context__
-    # aiohttp puts the request URL in some messages; a presigned URL's query is a credential
-    detail = _QUERY.sub(r"\1?...", str(exc))
-    return TransientError(f"{what}: {type(exc).__name__}: {detail}" if detail else f"{what}: {type(exc).__name__}")
+    """An error for a non-2xx gypsum answer: the generic mapping, gypsum's quirks, the token hint."""
+    return status_error(status, reason, what=what, retry_after=retry_after, refine=_quirks,
+                        hints={AuthError: TOKEN_HINT} if status == 401 else None)
 
 
 class GypsumClient:
     """Calls to one gypsum server. ``async with GypsumClient(server, token) as c:``."""
 
-    def __init__(self, server: str, token: str | None = None, *, policy: RetryPolicy | None = None,
+    def __init__(self, server: str, token: str | None = None, *, pacer: Pacer | None = None,
                  session: aiohttp.ClientSession | None = None, connections: int = 64) -> None:
         self.base = normalize_server(server)
         self._token = token
-        self.policy = policy or RetryPolicy()
+        self.pacer = pacer or Pacer()
         self.session = session
         self._own_session = session is None
         self._connections = connections
@@ -142,7 +115,7 @@ class GypsumClient:
         """
         assert self.session is not None, "use the client as 'async with client:'"
         what = what or f"gypsum {method} {path.split('?')[0]}"
-        try:
+        with boundary(what):
             async with self.session.request(method, self.base + path, headers=self._headers(auth), json=json,
                                             params=params, timeout=request_timeout()) as resp:
                 raw = await resp.read()
@@ -157,22 +130,18 @@ class GypsumClient:
                 reason = body.get("reason") if isinstance(body, dict) else None
                 raise map_status(resp.status, str(reason or resp.reason or ""), what,
                                  resp.headers.get("Retry-After"))
-        except TransferError:
-            raise
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise connection_error(exc, what) from None
 
     async def call(self, method: str, path: str, **kw: Any) -> Any:
         """:meth:`request` with retries of transient failures (for requests safe to repeat)."""
         async def once() -> Any:
             return (await self.request(method, path, **kw))[1]
 
-        return await retry_call(once, self.policy)
+        return await self.pacer.call(once)
 
     # -- public reads --------------------------------------------------------------------------------
     async def fetch_json(self, key: str) -> Any:
         """The JSON object at ``key``, or None when it does not exist."""
-        status, body = await retry_call(lambda: self.request("GET", file_path(key), ok=(200, 404)), self.policy)
+        status, body = await self.pacer.call(lambda: self.request("GET", file_path(key), ok=(200, 404)))
         return body if status == 200 else None
 
     async def list_keys(self, prefix: str | None, recursive: bool = False) -> list[str]:
@@ -186,7 +155,7 @@ class GypsumClient:
         assert self.session is not None
         what = f"gypsum GET /file/{key}"
         headers = {"Range": f"bytes={offset}-"} if offset else {}
-        try:
+        with boundary(what):
             async with self.session.get(self.base + file_path(key), headers=headers,
                                         timeout=request_timeout(None, base=300.0)) as resp:
                 if resp.status == 416:
@@ -206,10 +175,6 @@ class GypsumClient:
                         if not block:
                             continue
                     yield block
-        except TransferError:
-            raise
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise connection_error(exc, what) from None
 
     # -- uploads -------------------------------------------------------------------------------------
     async def start(self, project: str, asset: str, version: str, files: list[dict[str, Any]],

@@ -13,12 +13,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
-
-from asyncdepo.adapters.gypsum.api import GypsumClient, connection_error, map_status, s3_error_text
+from asyncdepo.adapters.gypsum.api import GypsumClient, map_status
 from asyncdepo.contract import ByteSource, ChunkWriter, Item
-from asyncdepo.errors import DepoError, IntegrityError, SourceChangedError, TransientError
+from asyncdepo.errors import IntegrityError, SourceChangedError, TransientError
+from asyncdepo.transport.failures import boundary
 from asyncdepo.transport.httpbody import SourcePayload, request_timeout
+from asyncdepo.transport.s3errors import parse_s3_xml
 
 PRESIGN_REUSE = 3000.0  # seconds a presigned URL is reused (the real server signs them for 3600 s)
 
@@ -98,7 +98,7 @@ class GypsumWriter(ChunkWriter):
         session = self.client.session
         assert session is not None
         headers = {"Content-MD5": md5b64, "Content-Length": str(size), "Content-Type": "application/octet-stream"}
-        try:
+        with boundary(what):
             async with session.put(url, data=_OncePayload(source), headers=headers,
                                    timeout=request_timeout(size)) as resp:
                 body = await resp.read()
@@ -106,11 +106,7 @@ class GypsumWriter(ChunkWriter):
                     self.etag = resp.headers.get("ETag", "").strip('"').lower() or None
                     self.confirmed = size
                     return
-        except DepoError:
-            raise
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise connection_error(exc, what) from None
-        code, message = s3_error_text(body)
+        code, message = parse_s3_xml(body)
         if resp.status in (400, 403) and ("expired" in message.lower() or code == "SignatureDoesNotMatch"):
             self._put = None  # the next attempt presigns again
             raise TransientError(f"{what}: the presigned URL was refused ({code or resp.status}: {message}); "

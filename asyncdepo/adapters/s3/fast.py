@@ -37,7 +37,7 @@ from yarl import URL
 
 from asyncdepo import errors
 from asyncdepo.transport.httpbody import ViewPayload
-from asyncdepo.transport.s3errors import map_error_response, map_s3_error
+from asyncdepo.transport.s3errors import map_error_response, map_s3_error, parse_s3_xml
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ _REDIRECT_CODES = frozenset(
     }
 )
 _SCOPE = re.compile(r"Credential=[^/,\s]+/\d{8}/([^/,\s]+)/s3/aws4_request")
-_XML_FIELD = {name: re.compile(rf"<{name}>(.*?)</{name}>", re.DOTALL) for name in ("Code", "Message")}
 
 
 def _uri_encode(value: str) -> str:
@@ -245,25 +244,19 @@ class FastPath:
                     if resp.status < 300:
                         await resp.read()
                         return resp.headers.get("ETag", "")
-                    text = (await resp.read()).decode("utf-8", "replace")
+                    raw = await resp.read()
                     lower = {k.lower(): v for k, v in resp.headers.items()}
         except errors.DepoError:
             raise
         except Exception as exc:  # noqa: BLE001 - the error boundary: everything is mapped
             raise map_s3_error(exc, what) from None
-        fields = {name: _xml_field(text, rx) for name, rx in _XML_FIELD.items()}
-        if resp.status in (301, 307) or fields["Code"] in _REDIRECT_CODES:
+        code, message = parse_s3_xml(raw)
+        if resp.status in (301, 307) or code in _REDIRECT_CODES:
             log.info(
                 "s3 fast path: %s answered %s; sending through botocore from now on",
                 what,
-                fields["Code"] or resp.status,
+                code or resp.status,
             )
             self.enabled = False
             return None
-        raise map_error_response(resp.status, fields["Code"], fields["Message"], lower, what=what)
-
-
-def _xml_field(text: str, rx: re.Pattern[str]) -> str:
-    """One field of S3's error XML (``<Code>``, ``<Message>``), or ``""``."""
-    match = rx.search(text)
-    return match.group(1).strip() if match else ""
+        raise map_error_response(resp.status, code, message, lower, what=what)

@@ -63,15 +63,14 @@ from asyncdepo.transport.ascp.options import (
     AscpSecrets,
 )
 from asyncdepo.transport.ascp.session import SessionOutcome, run_session
-from asyncdepo.transport.pacer import RetryPolicy
+from asyncdepo.transport.pacer import OnRetry, Pacer, RetryPolicy
 
 __all__ = (
     "SECRET_ENV", "AscpOptions", "AscpProgress", "AscpResult", "AscpSecrets", "ProgressCallback",
-    "RetryCallback", "build_argv", "check_ascp", "resolve_ascp", "run_once", "transfer",
+    "build_argv", "check_ascp", "resolve_ascp", "run_once", "transfer",
 )
 
 ProgressCallback = Callable[[AscpProgress], None]
-RetryCallback = Callable[[int, BaseException, float], None]
 
 
 # -- argv, environment, binary -------------------------------------------------------------------------
@@ -305,39 +304,38 @@ async def transfer(
     *,
     secrets: AscpSecrets = NO_SECRETS,
     on_progress: ProgressCallback | None = None,
-    on_retry: RetryCallback | None = None,
+    on_retry: OnRetry | None = None,
     attempts: int = 5,
     pair_list: Path | None = None,
-    backoff: RetryPolicy | None = None,
+    pacer: Pacer | None = None,
     file_list: Path | None = None,
 ) -> AscpResult:
-    """:func:`run_once`, rerun after transient failures (ascp resumes: ``-k`` stays set) up to
+    """:func:`run_once`, rerun by the pacer after transient failures (ascp resumes: ``-k`` stays set) up to
     ``attempts`` sessions in all.
 
-    Before retry ``n`` (1-based) it calls ``on_retry(n, exc, delay)`` and waits ``delay`` =
-    ``backoff.delay(n - 1, exc)`` with ``backoff.sleep`` (default: full jitter, base 1 s, cap 30 s);
-    ``attempts`` decides how many sessions run, whatever ``backoff.attempts`` says. Progress deltas
-    continue across attempts (a resumed file is not counted twice).
+    The waits are the pacer's (default: full jitter, base 1 s, cap 30 s); ``on_retry`` hears each retry
+    as a :class:`~asyncdepo.transport.pacer.RetryEvent`. Progress deltas continue across attempts (a resumed
+    file is not counted twice).
 
     :raises: as :func:`run_once`; a transient error only once the attempts are used up.
     """
     if attempts < 1:
         raise errors.UsageError("attempts must be at least 1")
-    policy = backoff or RetryPolicy(attempts=attempts, base=1.0, cap=30.0)
+    pacer = (pacer or Pacer(RetryPolicy(base=1.0, cap=30.0))).derive(attempts=attempts)
     tracker = _Tracker(on_progress)
     started = time.monotonic()
-    moved = files = 0
-    for n in range(1, attempts + 1):
+    moved = files = sessions = 0
+
+    async def session() -> SessionOutcome:
+        nonlocal moved, files, sessions
+        sessions += 1
         out = await _attempt(opts, sources, dest, secrets, tracker, pair_list, file_list)
         moved += out.bytes
         files += out.files
-        if out.error is None:
-            return AscpResult(bytes=moved, files=files, seconds=time.monotonic() - started,
-                              partial=out.partial, attempts=n)
-        if not errors.is_transient(out.error) or n >= attempts:
+        if out.error is not None:
             raise out.error
-        wait = policy.delay(n - 1, out.error)
-        if on_retry is not None:
-            on_retry(n, out.error, wait)
-        await policy.sleep(wait)
-    raise AssertionError("unreachable")  # the loop returns or raises
+        return out
+
+    out = await pacer.call(session, on_retry=on_retry)
+    return AscpResult(bytes=moved, files=files, seconds=time.monotonic() - started, partial=out.partial,
+                      attempts=sessions)
