@@ -175,9 +175,13 @@ class Journal:
 
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # created 0600 before SQLite sees it: no window in which another user could open it
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        fresh = not self.path.exists()
+        # SQLite creates the file; we never open it ourselves: closing any descriptor of a file drops every
+        # POSIX lock this process holds on it, those of our other connections (other tasks) included, and
+        # lets another process write over their transactions (seen as lost rows in the open-race test)
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT)
+        if fresh:
+            os.chmod(self.path, 0o600)
         try:
             db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
             db.execute("PRAGMA journal_mode=WAL")

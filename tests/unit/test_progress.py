@@ -13,7 +13,8 @@ from asyncdepo.adapters.local import LocalAdapter
 from asyncdepo.cli.render import RichSink
 from asyncdepo.config import EngineConfig
 from asyncdepo.engine.scheduler import push
-from asyncdepo.events import Reporter, Stats
+from asyncdepo.accounting import Stats
+from asyncdepo.events import Reporter
 
 
 def _console() -> tuple[Console, io.StringIO]:
@@ -27,10 +28,13 @@ def _percents(text: str) -> list[float]:
 
 def test_bar_counts_the_bytes_of_files_in_flight() -> None:
     stats = Stats()
-    stats.files_total, stats.bytes_total, stats.walk_done = 201, 500_000_000, True
-    stats.files_done, stats.bytes_done = 200, 200_000_000  # the small files are done ...
+    for _ in range(200):
+        stats.found(1_000_000)
+        stats.done(1_000_000)  # the small files are done ...
+    stats.found(300_000_000)
+    stats.walk_finished()
     stats.item_in("big.raw", 300_000_000)
-    stats.add_sent("big.raw", 268_500_000)  # ... and the large one is at 89.5 %
+    stats.moved("big.raw", 268_500_000)  # ... and the large one is at 89.5 %
     snap = stats.snapshot()
     assert snap["bytes_moving"] == 268_500_000
     console, out = _console()
@@ -43,10 +47,10 @@ def test_bar_counts_the_bytes_of_files_in_flight() -> None:
 
 def test_bytes_resent_never_push_the_bar_past_the_file() -> None:
     stats = Stats()
-    stats.bytes_total = 100
+    stats.found(100)
     stats.item_in("a", 100)
-    stats.add_sent("a", 80)
-    stats.add_sent("a", 80)  # a retried chunk counted twice on the wire
+    stats.moved("a", 80)
+    stats.moved("a", 80)  # a retried chunk counted twice on the wire
     assert stats.snapshot()["bytes_moving"] == 100
 
 
