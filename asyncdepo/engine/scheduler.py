@@ -271,7 +271,8 @@ async def _packed(run: Run, root: Path, report: RunReport) -> None:
 
     async def items() -> AsyncIterator[Item]:
         async for b in walk(root, cfg.include, cfg.exclude, cfg.follow_symlinks,
-                            lambda r, w: run.reporter.warning(f"skipped {printable(r)}: {w}"), on_error=unreadable):
+                            lambda r, w: run.reporter.warning(f"skipped {printable(r)}: {w}"),
+                            on_error=unreadable):
             for it in b:
                 stats.found(it.size)
                 yield it
