@@ -7,6 +7,8 @@ Both sides import this module and nothing of each other (the model is rclone's `
   :class:`RemoteItem` (a file listed for a pull) and :class:`PlainGet` (a pull item fetched by plain GET);
 * :class:`Features` — what an archive can do, the only thing the engine reads to decide how to send;
 * :class:`ChunkWriter` and :class:`Adapter` — the interface an archive implements;
+* :class:`SessionWriter` / :class:`SessionReader` with :class:`SessionPlan` / :class:`FetchPlan` and
+  :class:`SessionProgress` — for transports where one session moves many files (see "Sessions" below);
 * :func:`register` and :data:`REGISTRY` — URL schemes to adapter factories (``asyncdepo.adapters`` loads the
   built-in ones).
 
@@ -30,6 +32,40 @@ Push, per item, the engine picks one of three modes from the features:
 After the last byte, ``writer.complete(digests, size)`` finalises the item and compares the digest the
 server reports with ``digests`` (computed while reading), raising IntegrityError on a mismatch.
 
+Sessions (``features.sessions`` for pushes, ``features.pull_sessions`` for pulls): some transports move a
+batch of files in one session — an ascp run over a ``--file-pair-list``, a Globus transfer task — and their
+cost is per session, not per file. For those the engine, still knowing no archive, groups the items of the walk
+(or of the listing) into sessions bounded by ``features.session_items`` files and ``features.session_bytes``
+bytes, never mixing two values of :meth:`Adapter.session_group`, and runs up to ``min(transfers,
+max_concurrency)`` sessions at once, each through the pacer:
+
+* push: ``prepare([])`` once before the first session (the job-level start: create an entry, upload a
+  thumbnail; what it raises ends the job, and ``job_state()`` is journaled right after), then per session
+  ``open_session(plan)`` and ``writer.send(progress)``; ``finish(ok)`` at the end (grant rights, submit).
+* pull: ``open_fetch_session(plan)`` and ``reader.fetch(progress)``; the adapter writes each file's bytes to
+  its ``Fetch.part`` (continuing what the part already holds, as the transport can); the engine checks size and
+  published digests after ``done`` and renames the part into place (the adapter never touches the final name).
+
+The session reports per item as it goes, through :class:`SessionProgress` (synchronous, quick; callable from a
+transport's progress callback): ``moved(rel, n)`` counts bytes (``rel`` ``""`` when the transport only knows a
+session total), ``done(rel, state)`` and ``failed(rel, error)`` settle one item (the engine journals each at
+once, counts it in the statistics and emits its event), ``await note(state)`` journals resume state for every
+item of the session not yet done (e.g. a Globus task id) and returns once it is committed. Outcomes:
+
+* ``send``/``fetch`` returns: every item of the plan not reported ``failed`` is complete on the far side (an
+  item the transport found already there counts as complete);
+* it raises: items reported ``done`` stay done, the others take that error. An AuthError ends the job (no
+  session can succeed with refused credentials); another permanent error fails those items; a transient one
+  makes the engine open a new session, through the pacer, for the items still open (``config.request_attempts``
+  sessions in all; ``plan.last_try`` tells the adapter that no further session follows in this run, so it may
+  take a fallback route). A transient ``failed(rel, error)`` is retried the same way; an item whose published
+  digest differed twice is not fetched again.
+* ``plan.rate`` is the session's share of ``--bwlimit`` (bytes/s; None: no limit): the transport enforces it
+  (ascp ``-l``), or the adapter documents that it cannot.
+
+Memory stays flat in the number of files: at most ``transfers + 2`` batches of ``session_items`` items exist
+at once.
+
 Retries: an adapter makes one attempt per call and raises from the ``asyncdepo.errors`` tree; the engine
 retries transient errors (per request with backoff, per item by reopening with the journaled state, per
 run). ``write``/``write_part`` must be idempotent for the same chunk: the engine may resend a chunk
@@ -47,7 +83,11 @@ import dataclasses
 import ssl
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, ClassVar, Protocol, Self, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, runtime_checkable
+
+if TYPE_CHECKING:
+    from asyncdepo.errors import DepoError
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -121,6 +161,84 @@ class PlainGet:
 
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionPlan:
+    """What one push session moves (:meth:`Adapter.open_session`).
+
+    :param items: the files, in walk order (at most ``features.session_items``, one session group).
+    :param saved: ``rel`` -> the resume state journaled for it by an earlier session (``done``/``note``).
+    :param rate: bytes per second this session may use (its share of ``--bwlimit``); None: no limit.
+    :param last_try: no further session for these items follows in this run.
+    """
+
+    items: tuple[Item, ...]
+    saved: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    rate: float | None = None
+    last_try: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Fetch:
+    """One file of a pull session: its bytes go to ``part`` (under the plan's ``root``), which may already
+    hold a prefix of them (``offset`` bytes) to continue from."""
+
+    item: RemoteItem
+    part: Path
+    offset: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FetchPlan:
+    """What one pull session fetches (:meth:`Adapter.open_fetch_session`); fields as :class:`SessionPlan`."""
+
+    root: Path
+    fetches: tuple[Fetch, ...]
+    rate: float | None = None
+    last_try: bool = False
+
+
+class SessionProgress(Protocol):
+    """How a session reports (see "Sessions" in the module docstring). The synchronous methods must be quick;
+    they may be called from a transport's progress callback."""
+
+    def moved(self, rel: str, n: int) -> None:
+        """``n`` more bytes of ``rel`` moved (``rel`` may be ``""``: a session total)."""
+
+    def done(self, rel: str, state: Mapping[str, Any] | None = None) -> None:
+        """``rel`` is complete on the far side; ``state`` (secret-free) is journaled with it."""
+
+    def failed(self, rel: str, error: DepoError) -> None:
+        """``rel`` failed in this session (retried when ``error`` is transient)."""
+
+    async def note(self, state: Mapping[str, Any]) -> None:
+        """Journal ``state`` as the resume state of every item of the session not yet done; returns once it
+        is committed, so it survives a kill that follows."""
+
+
+class SessionWriter(ABC):
+    """Sends one :class:`SessionPlan`; created by :meth:`Adapter.open_session`, used once."""
+
+    @abstractmethod
+    async def send(self, progress: SessionProgress) -> None:
+        """Move every item of the plan, reporting through ``progress``; see "Sessions" for what returning
+        and raising mean. Cancellation stops the transport (a child process is reaped) before it returns.
+
+        :raises DepoError: the session failed (AuthError: the job cannot go on).
+        """
+
+
+class SessionReader(ABC):
+    """Fetches one :class:`FetchPlan`; created by :meth:`Adapter.open_fetch_session`, used once."""
+
+    @abstractmethod
+    async def fetch(self, progress: SessionProgress) -> None:
+        """Write every fetch's bytes to its ``part``, reporting through ``progress`` (``done`` once a part
+        holds the whole file); see "Sessions".
+
+        :raises DepoError: the session failed (AuthError: the job cannot go on).
+        """
+
+
 @dataclasses.dataclass(frozen=True)
 class Features:
     """What an archive can do; the engine reads these and never the adapter's name.
@@ -141,6 +259,10 @@ class Features:
     :param pull: the adapter can list and read remote items.
     :param any_name: the target can store a file whose name is not valid UTF-8 (any bytes Linux allows);
         without it such a file fails on its own (an S3 key, a JSON API's path must be UTF-8).
+    :param sessions: pushes go in sessions of many items (:meth:`Adapter.open_session`); see "Sessions".
+    :param pull_sessions: pulls go in sessions of many items (:meth:`Adapter.open_fetch_session`).
+    :param session_items: most items in one session.
+    :param session_bytes: most bytes in one session (None: no limit; a larger single item goes alone).
     """
 
     multipart: bool = False
@@ -157,6 +279,10 @@ class Features:
     server_digest: str | None = None
     pull: bool = False
     any_name: bool = False
+    sessions: bool = False
+    pull_sessions: bool = False
+    session_items: int = 1000
+    session_bytes: int | None = None
 
 
 class ChunkWriter(ABC):
@@ -228,13 +354,15 @@ class ChunkWriter(ABC):
 class Adapter(ABC):
     """One archive. Use as ``async with adapter:``; the engine calls, in order:
 
-    ``prepare(items)`` (only when ``needs_digests_before_start``: every item with its digests),
-    ``open_item`` per item, and ``finish(ok)`` at the end (``ok`` False on failure or cancel:
+    ``prepare(items)`` (only when ``needs_digests_before_start``: every item with its digests; or, with
+    ``sessions``, once with an empty list), ``open_item`` per item (or ``open_session`` per batch), and
+    ``finish(ok)`` at the end (``ok`` False on failure or cancel:
     the adapter aborts job-level state, e.g. releases a lock, unless ``keep_for_resume``).
     """
 
     name: ClassVar[str] = ""
-    features: ClassVar[Features] = Features()
+    #: declared by the class; an instance may narrow it by its options (e.g. a route that moves files in sessions)
+    features: Features = Features()
 
     async def __aenter__(self) -> Self:
         return self
@@ -254,7 +382,10 @@ class Adapter(ABC):
         """Take back what ``job_state`` returned in an earlier run of the same job."""
 
     async def prepare(self, items: list[tuple[Item, dict[str, str]]]) -> set[str]:
-        """Start the job with every item and its digests; return the ``rel`` paths that need no upload."""
+        """Start the job with every item and its digests; return the ``rel`` paths that need no upload.
+
+        With ``features.sessions`` it is called once with an empty list before the first session: the
+        job-level start (what it raises ends the job before any byte moves)."""
         return set()
 
     @abstractmethod
@@ -273,6 +404,19 @@ class Adapter(ABC):
 
         :raises TransferError: the target refused (the engine reports it and goes on).
         """
+
+    # -- sessions (features.sessions / features.pull_sessions) ------------------------------------------
+    def session_group(self, item: Item) -> str:
+        """Items with different groups never share a session (e.g. one ascp session per image set)."""
+        return ""
+
+    async def open_session(self, plan: SessionPlan) -> SessionWriter:
+        """Open a push session over ``plan`` (one attempt; the engine retries through the pacer)."""
+        raise NotImplementedError
+
+    async def open_fetch_session(self, plan: FetchPlan) -> SessionReader:
+        """Open a pull session over ``plan`` (one attempt; the engine retries through the pacer)."""
+        raise NotImplementedError
 
     # -- pull ---------------------------------------------------------------------------------------
     def list_remote(self) -> AsyncIterator[RemoteItem]:

@@ -106,3 +106,10 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     """A client session for talking to a simulator directly (30 s per request at most)."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         yield session
+
+
+@pytest.fixture(autouse=True)
+def _private_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every push and pull is a journaled job: a test that names no journal (and the subprocesses it starts)
+    writes it under a temporary XDG_STATE_HOME, never into the home directory."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))

@@ -8,9 +8,10 @@ can fetch them, checked by size). ``rel`` is the ImmPort path without its leadin
 (``SDY1/ResultFiles/x.fcs``), so OUTDIR mirrors the archive's layout.
 
 HTTPS route (the generic engine drives it): ``read(item, offset)`` asks DRS for a signed URL
-(``/data/query/drs/download/{s3|stream}/{uuid}``) and streams a ranged GET of it. ascp route: the adapter
-lists and hands out Aspera tokens (:meth:`ImmportAdapter.aspera_token`, valid for exactly the paths asked
-for); :func:`asyncdepo.cli.immport.pull_via_ascp` drives the ascp sessions.
+(``/data/query/drs/download/{s3|stream}/{uuid}``) and streams a ranged GET of it. ascp route (``ascp=``
+options given): the adapter declares ``Features(pull_sessions=True)`` and the engine fetches the files in
+sessions of ``session_files`` files, each an ascp receive over a ``--file-pair-list`` with an Aspera token
+valid for exactly those paths (:meth:`ImmportAdapter.aspera_token`; :mod:`asyncdepo.adapters.immport_ascp`).
 
 Authentication: ``POST <auth>/auth/token`` with the username and password; the bearer token lives about a
 minute. Any 401 on an API call renews it once (single-flight: concurrent workers that meet the same stale
@@ -29,7 +30,16 @@ from typing import TYPE_CHECKING, Any, Self
 import anyio
 import orjson
 
-from asyncdepo.contract import Adapter, ChunkWriter, Features, Item, PlainGet, RemoteItem
+from asyncdepo.contract import (
+    Adapter,
+    ChunkWriter,
+    Features,
+    FetchPlan,
+    Item,
+    PlainGet,
+    RemoteItem,
+    SessionReader,
+)
 from asyncdepo.errors import (
     AuthError,
     PermanentError,
@@ -45,7 +55,10 @@ from asyncdepo.transport.pacer import Pacer
 if TYPE_CHECKING:
     import aiohttp
 
+    from asyncdepo.transport.ascp.options import AscpOptions
+
 ASPERA_HOST = "aspera-immport.niaid.nih.gov"  # ImmPort's Aspera server (user databrowser, port 33001)
+ASCP_SESSIONS = 4  # ascp sessions at once on the ascp route (at most; --transfers may lower it)
 STUDY = re.compile(r"^SDY\d+$")
 MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
 READ_BLOCK = 128 << 10  # measured: larger blocks cost more in joins (fresh pages) than they save in hops
@@ -128,6 +141,8 @@ class ImmportAdapter(Adapter):
         endpoints: Endpoints = Endpoints(),
         drs: str = "s3",
         pacer: Pacer | None = None,
+        ascp: AscpOptions | None = None,
+        session_files: int = 1000,
     ) -> None:
         if study is not None and not STUDY.match(study):
             raise UsageError(f"--study {study!r}: expected an accession like SDY1")
@@ -151,6 +166,13 @@ class ImmportAdapter(Adapter):
         self._lock = anyio.Lock()
         self._manifests: dict[str, list[dict[str, Any]]] = {}
         self.logins = 0  # how many times we authenticated (1 + renewals); for reports and tests
+        self.ascp = ascp
+        if ascp is not None:
+            if session_files < 1:
+                raise UsageError("--batch-files must be at least 1")
+            # a few sessions at once: each fills the path it is given (ascp's own rate control)
+            self.features = dataclasses.replace(self.features, pull_sessions=True, session_items=session_files,
+                                                max_concurrency=ASCP_SESSIONS)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -177,8 +199,20 @@ class ImmportAdapter(Adapter):
         return f"immport:{self.endpoints.query} " + " ".join(what)
 
     async def finish(self, ok: bool) -> dict[str, Any]:
-        """Nothing to commit on a pull; says how often we had to log in (1 + token renewals)."""
-        return {"logins": self.logins}
+        """Nothing to commit on a pull; says how often we had to log in (1 + token renewals) and the route."""
+        return {"logins": self.logins, "route": "ascp" if self.ascp is not None else "https"}
+
+    async def open_fetch_session(self, plan: FetchPlan) -> SessionReader:
+        """An ascp session over ``plan`` with a token for exactly its paths (the ascp route).
+
+        :raises AuthError: ImmPort refused the token.
+        """
+        from asyncdepo.adapters.immport_ascp import AscpFetch
+
+        if self.ascp is None:
+            raise UsageError("this ImmPort adapter has no ascp options (use the https route)")
+        path_of = {f.item.rel: immport_path(f.item.rel) for f in plan.fetches}
+        return AscpFetch(self.ascp, plan, await self.aspera_token(list(path_of.values())), path_of)
 
     async def open_item(self, item: Item, saved: Mapping[str, Any] | None) -> ChunkWriter:
         raise UsageError("ImmPort shared data is read-only here: use 'asyncdepo pull immport'")

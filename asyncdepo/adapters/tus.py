@@ -382,7 +382,7 @@ class TusAdapter(Adapter):
         checksum = "checksum" in self.extensions and "sha1" in algos
         self.max_size = _int_header(headers, "Tus-Max-Size")
         # features depend on what this server offers, so they are set per instance
-        self.features = Features(  # type: ignore[misc]
+        self.features = Features(
             chunked=True, resumable=True, chunk_digests=("sha1",) if checksum else (), any_name=True
         )
         if "creation" not in self.extensions:

@@ -16,9 +16,15 @@ Secrets (never on a child's command line, never in the journal or the output):
   environment (prompted for on a terminal when unset).
 * ``GLOBUS_TRANSFER_TOKEN`` — a Globus Transfer API access token, needed with ``-g``.
 
-Resume: the journal (``--journal``) keeps the entry id and directory and the image sets sent; running the same
-command again, or ``asyncdepo resume JOB`` (which calls :func:`resume_job`), re-deposits that entry and sends only
-what is missing. ``-r ENTRY_ID ENTRY_DIR`` names the entry explicitly, as in the reference tool.
+The deposition runs as an engine job of kind ``empiar`` (:class:`~asyncdepo.adapters.empiar.adapter.EmpiarAdapter`):
+every file is journaled as it is sent, ``asyncdepo jobs`` lists the job and ``asyncdepo status JOB`` shows it;
+progress, ``--json``, ``--bwlimit``, the report and the exit statuses are those of every push
+(:mod:`asyncdepo.cli.common`).
+
+Resume: the journal (``--journal``) keeps the entry id and directory and which files were sent; running the
+same command again, or ``asyncdepo resume JOB`` (which calls :func:`resume_job`), re-deposits that entry and
+sends only what is missing (a partial file continues with ascp ``-k 3``). ``-r ENTRY_ID ENTRY_DIR`` names the
+entry explicitly, as in the reference tool; ``--new`` starts another entry.
 """
 
 from __future__ import annotations
@@ -36,12 +42,17 @@ import anyio
 import orjson
 
 from asyncdepo import errors
+from asyncdepo.adapters.empiar import adapter as EA
 from asyncdepo.adapters.empiar import depositor as E
 from asyncdepo.adapters.empiar import schema
 from asyncdepo.adapters.globus import DEFAULT_BASE as GLOBUS_BASE
 from asyncdepo.adapters.globus import GlobusClient
 from asyncdepo.cli import common
+from asyncdepo.config import EngineConfig
+from asyncdepo.engine.journal import default_path as default_journal
+from asyncdepo.engine.report import RunReport
 from asyncdepo.errors import Cancelled
+from asyncdepo.events import Reporter
 from asyncdepo.transport.ascp import runner as A
 
 VERSION = "asyncdepo empiar (compatible with empiar-depositor 1.6b30)"
@@ -83,11 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("-o", "--output-id-dir", action="store_true", help=argparse.SUPPRESS)
     own = p.add_argument_group("asyncdepo options")
     own.add_argument("--server", default=None, help=f"EMPIAR server (default {E.DEFAULT_SERVER})")
-    own.add_argument("--transfers", type=int, default=4, help="ascp sessions at once, one per image set (4)")
+    own.add_argument("--transfers", type=int, default=4, help="sessions at once (4); a session sends the files "
+                     "of one image set (up to 1000)")
     own.add_argument("--ascp-host", default=E.ASCP_HOST, help=f"ascp user@host (default {E.ASCP_HOST})")
     own.add_argument("--ascp-port", type=int, default=33001, help="ascp TCP port, -P (33001)")
     own.add_argument("--rate", default="200M", help="ascp target rate, -l (200M)")
-    own.add_argument("--attempts", type=int, default=5, help="ascp sessions per image set before giving up (5)")
+    own.add_argument("--attempts", type=int, default=5, help="sessions for a batch of files before they fail "
+                     "(5; with -g the last goes by Globus)")
+    own.add_argument("--bwlimit", metavar="RATE", help="cap the whole run's rate, e.g. 100M (bytes/s): each "
+                     "of the sessions at once gets its share as ascp's -l (when below --rate); Globus has no "
+                     "such limit")
+    own.add_argument("--retries", default="0", metavar="K", help="after the run, send again the files that "
+                     "failed transiently, up to K more rounds (0)")
     own.add_argument("--stall-timeout", type=float, default=120.0, help="stop ascp after this many seconds "
                      "without progress (then retry with resume)")
     own.add_argument("--upload-prefix", default=None, help="folder of the upload areas on the ascp host (upload)")
@@ -181,7 +199,8 @@ def resume_argv(args: argparse.Namespace, journal: Path) -> list[str]:
         out.append("-p")
     for flag, value in (("-a", args.ascp), ("-g", args.globus), ("-gu", args.grant_rights_usernames),
                         ("-ge", args.grant_rights_emails), ("-go", args.grant_rights_orcids),
-                        ("--server", args.server), ("--upload-prefix", args.upload_prefix)):
+                        ("--server", args.server), ("--upload-prefix", args.upload_prefix),
+                        ("--bwlimit", args.bwlimit)):
         if value is not None:
             out += [flag, str(value)]
     if args.entry_thumbnail is not None:
@@ -190,7 +209,7 @@ def resume_argv(args: argparse.Namespace, journal: Path) -> list[str]:
     out += ["--transfers", str(args.transfers), "--ascp-host", args.ascp_host, "--ascp-port", str(args.ascp_port),
             "--rate", args.rate, "--attempts", str(args.attempts), "--stall-timeout", str(args.stall_timeout),
             "--globus-server", args.globus_server, "--globus-endpoint", args.globus_endpoint,
-            "--globus-poll", str(args.globus_poll), "--journal", str(journal)]
+            "--globus-poll", str(args.globus_poll), "--retries", str(args.retries), "--journal", str(journal)]
     token = args.token if args.password is not None else "-"
     return [*out, "--", token, str(args.json_input.absolute()), str(args.data.absolute())]
 
@@ -204,9 +223,41 @@ def _server(args: argparse.Namespace) -> tuple[str, str]:
 
 
 # -- the run ------------------------------------------------------------------------------------------------
-async def _deposit(args: argparse.Namespace, reporter: Any) -> tuple[E.DepositState, str]:
-    from asyncdepo.engine.journal import Journal, default_path
-    from asyncdepo.events import JobFinished, JobStarted
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine's options for a deposition: ``--transfers`` sessions at once, ``--attempts`` sessions per
+    batch of files, ``--retries`` rounds (0 unless given), ``--bwlimit``; compression and filters do not
+    apply (EMPIAR takes DATA as it is)."""
+    config = common.engine_config(args)
+    journal = Path(args.journal).absolute() if args.journal else default_journal()
+    return config.replace(transfers=args.transfers, request_attempts=args.attempts, compress=None, include=(),
+                          exclude=(), journal_path=journal)
+
+
+async def _forget_if_new(journal_path: Path, jid: str, args: argparse.Namespace,
+                         entry: tuple[int, str] | None) -> None:
+    """``--new``, or ``-r`` naming another entry than the journal's: the job starts over (every file goes to
+    the new entry). Refuses a deposition the journal says was submitted.
+
+    :raises ConflictError: already submitted (and neither ``--new`` nor another entry was asked for).
+    """
+    from asyncdepo.engine.journal import Journal
+
+    journal = await Journal.open(journal_path)
+    try:
+        state = E.DepositState.from_json(await journal.job_state(jid))
+        if args.new or (entry is not None and (state.entry_id, state.directory) != entry):
+            await journal.forget(jid)
+        elif state.phase == "submitted":
+            raise errors.ConflictError(f"this deposition was already submitted as {state.empiar_id} "
+                                       f"(entry {state.entry_id}, job {jid})", hint="add --new to create another entry")
+    finally:
+        await journal.close()
+
+
+async def _deposit(args: argparse.Namespace, reporter: Reporter) -> tuple[RunReport, str]:
+    """Check everything, then run the deposition as an engine job (kind ``empiar``)."""
+    from asyncdepo.engine.journal import job_id
+    from asyncdepo.engine.scheduler import push, target_identity
     from asyncdepo.transport.httpbody import client_session
 
     server, prefix = _server(args)
@@ -225,10 +276,11 @@ async def _deposit(args: argparse.Namespace, reporter: Any) -> tuple[E.DepositSt
             raise errors.UsageError(f"-r: expected ENTRY_ID (a number) and ENTRY_DIR, not {' '.join(args.resume)}")
         entry_arg = (int(args.resume[0]), args.resume[1].strip())
     creds = credentials(args)
+    config = engine_config(args)
 
     opts: A.AscpOptions | None = A.AscpOptions(
         ascp=args.ascp or "ascp", tcp_port=args.ascp_port, rate=args.rate, fair=True, no_encryption=True,
-        create_dir=True, resume=3, stall_timeout=args.stall_timeout)
+        create_dir=True, resume=3, stall_timeout=args.stall_timeout, management_port=True)
     try:
         assert opts is not None
         opts = dataclasses.replace(opts, ascp=await anyio.to_thread.run_sync(A.check_ascp, opts))
@@ -237,10 +289,10 @@ async def _deposit(args: argparse.Namespace, reporter: Any) -> tuple[E.DepositSt
             raise
         reporter.warning(f"{exc}; will use Globus instead")
         opts = None
-    secrets = A.AscpSecrets()
+    route = None
     if opts is not None:
-        secrets = A.AscpSecrets(password=_secret("EMPIAR_TRANSFER_PASS", "EMPIAR transfer (Aspera) password: ",
-                                                 "Aspera transfer password"))
+        route = EA.AscpRoute(opts, A.AscpSecrets(password=_secret(
+            "EMPIAR_TRANSFER_PASS", "EMPIAR transfer (Aspera) password: ", "Aspera transfer password")), args.ascp_host)
     globus_token = None
     if args.globus:
         globus_token = os.environ.get("GLOBUS_TRANSFER_TOKEN")
@@ -248,74 +300,30 @@ async def _deposit(args: argparse.Namespace, reporter: Any) -> tuple[E.DepositSt
             raise errors.UsageError("-g needs a Globus Transfer access token in GLOBUS_TRANSFER_TOKEN")
     if args.globus_force_login:
         reporter.message("-f has no effect: the Globus token comes from GLOBUS_TRANSFER_TOKEN")
-    units = await E.plan_units(layout)
+    assert config.journal_path is not None
 
-    journal_path = Path(args.journal).absolute() if args.journal else default_path()
-    journal = await Journal.open(journal_path)
-    try:
-        jid, existed = await journal.open_job("empiar", str(args.data.absolute()),
-                                              f"{server}{E.API_PATH} {args.json_input.absolute()}",
-                                              resume_argv(args, journal_path))
-        state = E.DepositState.from_json(await journal.job_state(jid)) if existed and not args.new \
-            else E.DepositState()
-        if entry_arg is not None and (state.entry_id, state.directory) != entry_arg:
-            state = E.DepositState(entry_id=entry_arg[0], directory=entry_arg[1], phase="created")
-        if state.phase == "submitted":
-            raise errors.ConflictError(f"this deposition was already submitted as {state.empiar_id} "
-                                       f"(entry {state.entry_id}, job {jid})",
-                                       hint="add --new to create another entry")
-        reporter.emit(JobStarted(jid, str(args.data), f"EMPIAR {server}", state.entry_id is not None))
-
-        async def save(st: E.DepositState) -> None:
-            await journal.set_job_state(jid, st.to_json())
-
-        ssl: Any = False if args.ignore_certificate else None
-        async with client_session(ssl=ssl) as session:
-            globus = None
-            if args.globus and globus_token:
-                client = GlobusClient(session, globus_token, base_url=args.globus_server,
-                                        poll_interval=args.globus_poll)
-                globus = E.GlobusRoute(client, args.globus, args.globus_endpoint)
-            job = E.DepositJob(doc, tuple(units), args.entry_thumbnail, rights, not args.stop_submit, opts, secrets,
-                               args.ascp_host, args.attempts, prefix, globus, args.transfers)
-            depositor = E.Depositor(E.EmpiarApi(session, server, creds), job, state, reporter, save)
-            try:
-                async with anyio.create_task_group() as tg:
-                    async def ticker() -> None:
-                        while True:
-                            await anyio.sleep(0.5)
-                            reporter.tick()
-
-                    tg.start_soon(ticker)
-                    try:
-                        await depositor.run()
-                    finally:
-                        tg.cancel_scope.cancel()
-            except BaseException as exc:
-                interrupted = isinstance(exc, anyio.get_cancelled_exc_class())
-                with anyio.CancelScope(shield=True):
-                    await journal.set_job(jid, "interrupted" if interrupted else "failed")
-                raise
-        await journal.set_job(jid, "done" if state.phase in ("submitted", "uploaded", "granted") else "failed")
-        reporter.tick()
-        reporter.emit(JobFinished(jid, {"entry_id": state.entry_id, "directory": state.directory,
-                                        "phase": state.phase, "empiar_id": state.empiar_id, "via": state.via}))
-        return state, jid
-    finally:
-        await journal.close()
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
+    ssl: Any = False if args.ignore_certificate else None
+    async with client_session(ssl=ssl) as session:
+        globus = None
+        if args.globus and globus_token:
+            client = GlobusClient(session, globus_token, base_url=args.globus_server, poll_interval=args.globus_poll)
+            globus = EA.GlobusRoute(client, args.globus, args.globus_endpoint)
+        dep = EA.Deposition(doc, args.json_input.absolute(), layout, args.entry_thumbnail, rights,
+                            not args.stop_submit, prefix, entry_arg)
+        adapter = EA.EmpiarAdapter(E.EmpiarApi(session, server, creds), dep, ascp=route, globus=globus,
+                                   say=lambda level, text: reporter.message(text, level))
+        jid = job_id("empiar", str(args.data.absolute()), target_identity(adapter, config))
+        await _forget_if_new(config.journal_path, jid, args, entry_arg)
+        report = await push(args.data, adapter, config, reporter=reporter, journal_path=config.journal_path,
+                            argv=resume_argv(args, config.journal_path), kind="empiar")
+    return report, jid
 
 
 def push_main(argv: Sequence[str]) -> int:
     """``asyncdepo push empiar ...``; returns the exit status (see ``asyncdepo.cli.common``)."""
     args = build_parser().parse_args(list(argv))
     reporter = common.make_reporter(args, title="EMPIAR")
-    outcome: list[Any] = []
+    outcome: list[tuple[RunReport, str] | errors.DepoError] = []
 
     async def main() -> None:
         try:
@@ -331,21 +339,20 @@ def push_main(argv: Sequence[str]) -> int:
         return common.EXIT_INTERRUPTED
     except errors.DepoError as exc:  # common.run unwraps task-group errors
         return common.error_exit(exc)
-    except BaseExceptionGroup as group:
-        inner = _unwrap(group)
-        if isinstance(inner, errors.DepoError):
-            return common.error_exit(inner)
-        raise
     result = outcome[0]
     if isinstance(result, errors.DepoError):
         return common.error_exit(result)
-    state, jid = result
-    if not args.json:
-        done = f"submitted as {state.empiar_id}" if state.phase == "submitted" else "uploaded, not submitted"
-        print(f"EMPIAR entry {state.entry_id} (directory {state.directory}): {done}; job {jid}", file=sys.stderr)
+    report, jid = result
+    code = common.print_report(report, json_out=args.json, resume_hint=f"asyncdepo resume {jid}")
+    summary = report.summary or {}
+    if report.ok and not args.json:
+        done = (f"submitted as {summary.get('empiar_id')}" if summary.get("phase") == "submitted"
+                else "uploaded, not submitted")
+        print(f"EMPIAR entry {summary.get('entry_id')} (directory {summary.get('directory')}): {done}; job {jid}",
+              file=sys.stderr)
         if args.output_id_dir:
-            print(f"{state.entry_id} {state.directory}")
-    return common.EXIT_OK
+            print(f"{summary.get('entry_id')} {summary.get('directory')}")
+    return code
 
 
 def resume_job(job_row: Mapping[str, Any]) -> int:

@@ -125,7 +125,8 @@ def _push(args: argparse.Namespace, argv: list[str]) -> int:
     return common.print_report(report, json_out=args.json, resume_hint=f"asyncdepo resume {jid}")
 
 
-def _pull(args: argparse.Namespace) -> int:
+def _pull(args: argparse.Namespace, argv: list[str]) -> int:
+    from asyncdepo.engine.journal import job_id
     from asyncdepo.engine.pull import pull
 
     config = common.engine_config(args)
@@ -133,12 +134,19 @@ def _pull(args: argparse.Namespace) -> int:
     if not adapter.features.pull:
         raise UsageError(f"{args.source}: this target cannot be pulled from")
     reporter = common.make_reporter(args)
+    out = args.outdir.absolute()
+    jid = job_id("pull", adapter.describe(), str(out))
+    # the command that resumes this job, with OUTDIR made absolute (resume may run elsewhere)
+    stored = ["pull", *argv]
+    if str(args.outdir) in stored:
+        stored[len(stored) - 1 - stored[::-1].index(str(args.outdir))] = str(out)
     try:
-        report = common.run(lambda: pull(adapter, args.outdir, config, reporter=reporter), reporter)
+        report = common.run(lambda: pull(adapter, out, config, reporter=reporter, argv=stored), reporter)
     except Cancelled:
-        print("\ninterrupted; run the same command again to continue (partial files resume)", file=sys.stderr)
+        print(f"\ninterrupted; the journal holds the progress. Resume with:\n  asyncdepo resume {jid}",
+              file=sys.stderr)
         return common.EXIT_INTERRUPTED
-    return common.print_report(report, json_out=args.json)
+    return common.print_report(report, json_out=args.json, resume_hint=f"asyncdepo resume {jid}")
 
 
 async def _journal(path: str | None) -> Any:
@@ -205,7 +213,7 @@ def _resume(args: argparse.Namespace) -> int:
     row = anyio.run(main)
     if row is None:
         raise UsageError(f"no job {args.job!r} (or the prefix is ambiguous); see `asyncdepo jobs`")
-    if row["kind"] != "push":
+    if row["kind"] not in ("push", "pull"):
         import importlib
 
         from asyncdepo.cli import ARCHIVES
@@ -217,7 +225,7 @@ def _resume(args: argparse.Namespace) -> int:
         return int(fn(row))
     argv = list(row["argv"])
     if not argv:
-        raise UsageError(f"job {row['id']} has no recorded command; run the original push again")
+        raise UsageError(f"job {row['id']} has no recorded command; run the original {row['kind']} again")
     if args.journal and "--journal" not in argv:
         argv += ["--journal", args.journal]
     print("resuming: asyncdepo " + " ".join(argv), file=sys.stderr)
@@ -255,7 +263,7 @@ def main(argv: list[str]) -> int:
         if args.command == "push":
             return _push(args, argv[1:])
         if args.command == "pull":
-            return _pull(args)
+            return _pull(args, argv[1:])
         if args.command == "jobs":
             return _jobs(args)
         if args.command == "status":

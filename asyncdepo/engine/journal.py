@@ -307,6 +307,17 @@ class Journal:
 
         return await self._run(do)
 
+    async def forget(self, jid: str) -> None:
+        """Drop what the job knows (its items and its job state), keeping the job: the next run starts over
+        (e.g. a deposition into a new archive entry)."""
+        self._pending = {k: v for k, v in self._pending.items() if k[0] != jid}
+
+        def do() -> None:
+            self.db.execute("DELETE FROM items WHERE job=?", (jid,))
+            self.db.execute("DELETE FROM job_state WHERE job=?", (jid,))
+
+        await self._run(do)
+
     async def job_state(self, jid: str) -> dict[str, Any]:
         def do() -> dict[str, Any]:
             row = self.db.execute("SELECT data FROM job_state WHERE job=?", (jid,)).fetchone()

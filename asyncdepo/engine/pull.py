@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,11 @@ import anyio
 
 from asyncdepo.accounting import Stats
 from asyncdepo.config import EngineConfig
-from asyncdepo.contract import Adapter, PlainGet, RemoteItem
+from asyncdepo.contract import Adapter, Fetch, PlainGet, RemoteItem
 from asyncdepo.digests import FACTORIES, MultiHash, hash_path_sync
+from asyncdepo.engine.journal import Journal
 from asyncdepo.engine.report import RunReport, _fill, _ticker, describe, disk_full_message
+from asyncdepo.engine.sessions import PullSide, fetch_sessions
 from asyncdepo.engine.source import selected
 from asyncdepo.errors import DiskFullError, IntegrityError, TransientError, UsageError, is_transient
 from asyncdepo.events import (
@@ -34,6 +37,7 @@ from asyncdepo.events import (
     ItemSkipped,
     ItemStarted,
     JobFinished,
+    JobStarted,
     Reporter,
 )
 from asyncdepo.transport import httpget
@@ -145,9 +149,10 @@ class _Job:
     spec: PlainGet | None
 
 
-async def _prepare(adapter: Adapter, item: RemoteItem, dest: Path, io: anyio.CapacityLimiter) -> _Job | int:
-    """Look at the disk and ask the archive for the URL before a worker is free (an int: already present,
-    with that size).
+async def _prepare(adapter: Adapter, item: RemoteItem, dest: Path, io: anyio.CapacityLimiter,
+                   lookup: bool = True) -> _Job | int:
+    """Look at the disk and ask the archive for the URL (unless not ``lookup``: sessions need none) before a
+    worker is free (an int: already present, with that size).
 
     Run ahead of the workers so that a worker goes straight from one transfer to the next: the lookups
     (a round trip each) and the file checks overlap with other files' bytes.
@@ -158,7 +163,7 @@ async def _prepare(adapter: Adapter, item: RemoteItem, dest: Path, io: anyio.Cap
     if state == "skip":
         return offset
     spec = None
-    if item.size is None or offset < item.size:
+    if lookup and (item.size is None or offset < item.size):
         try:
             spec = await adapter.plain_get(item)
         except Exception:  # noqa: BLE001 - the worker asks again, under its retry policy, and reports it
@@ -168,10 +173,10 @@ async def _prepare(adapter: Adapter, item: RemoteItem, dest: Path, io: anyio.Cap
 
 async def _fetch(adapter: Adapter, job: _Job, reporter: Reporter, io: anyio.CapacityLimiter,
                  getters: anyio.CapacityLimiter, pacer: Pacer,
-                 bucket: TokenBucket | None = None, extra: tuple[str, ...] = ()) -> None:
+                 bucket: TokenBucket | None = None, extra: tuple[str, ...] = ()) -> tuple[int, dict[str, str]]:
     """Download one prepared item through ``pacer``. A plain GET is received, hashed, checked and renamed in
     one thread hop; a retry resumes from what the part file holds and asks for the URL again (a signed URL
-    may have expired)."""
+    may have expired). Returns the file's size and digests."""
     item, dest = job.item, job.dest
     algos = _known(item)
     part = dest.with_name(dest.name + PART)
@@ -189,7 +194,7 @@ async def _fetch(adapter: Adapter, job: _Job, reporter: Reporter, io: anyio.Capa
                 return Verdict(False, reason="integrity")
         return should_retry(exc)
 
-    async def attempt() -> None:
+    async def attempt() -> tuple[int, dict[str, str]]:
         nonlocal offset, spec, retry
         if retry:
             offset = await anyio.to_thread.run_sync(_resume_at, part, item, limiter=io)
@@ -210,13 +215,21 @@ async def _fetch(adapter: Adapter, job: _Job, reporter: Reporter, io: anyio.Capa
             size, got = await anyio.to_thread.run_sync(_finish, part, dest, item, algos, hasher, limiter=io)
         stats.done(size)
         reporter.emit(ItemDone(rel=item.rel, size=size, sent=size - offset, digests=got))
+        return size, got
 
     def announce(event: RetryEvent) -> None:
         stats.retried(event.reason)
         reporter.emit(ItemRetrying(rel=item.rel, attempt=event.attempt, error=str(event.error),
                                    delay=round(event.delay, 3), reason=event.reason))
 
-    await pacer.derive(classify=verdict).call(attempt, on_retry=announce)
+    return await pacer.derive(classify=verdict).call(attempt, on_retry=announce)
+
+
+def _check(part: Path, item: RemoteItem, extra: tuple[str, ...]) -> tuple[int, dict[str, str]]:
+    """Blocking: a part a session delivered, hashed, checked and renamed into place (as :func:`_finish`)."""
+    algos = _known(item)
+    dest = part.with_name(part.name.removesuffix(PART))
+    return _finish(part, dest, item, algos, hash_path_sync(part, tuple(dict.fromkeys(algos + extra))))
 
 
 async def _disk_full(err: DiskFullError, out: Path, rels: set[str], stats: Stats, report: RunReport) -> None:
@@ -242,11 +255,20 @@ def _part_of(out: Path, rel: str) -> Path:
 
 async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None = None, *,
                reporter: Reporter | None = None, tick: float = 0.5, bucket: TokenBucket | None = None,
-               clock: Clock = SYSTEM_CLOCK) -> RunReport:
+               clock: Clock = SYSTEM_CLOCK, journal_path: Path | None = None,
+               argv: list[str] | None = None) -> RunReport:
     """Fetch every item ``adapter.list_remote()`` yields into ``outdir``; failures are in the report.
 
     Three stages: the lister, ``transfers`` preparers (disk check, URL lookup) and ``transfers`` workers,
-    joined by bounded streams, so memory does not grow with the number of items.
+    joined by bounded streams, so memory does not grow with the number of items. An adapter with
+    ``features.pull_sessions`` gets the prepared items in sessions (:func:`~asyncdepo.engine.sessions.fetch_sessions`)
+    instead of workers.
+
+    The pull is a job of kind ``pull`` in the journal (``journal_path``, else ``config.journal_path``, else the
+    default): its id comes from the adapter's ``describe()`` and OUTDIR, each item is journaled as it is done,
+    skipped (``done``) or failed, and ``argv`` — the secret-free command — is what ``asyncdepo resume JOB``
+    reruns. What is already on disk is found again by the disk check, so a resumed pull moves only what is
+    missing.
     """
     config = config or EngineConfig()
     if config.compress is not None:
@@ -254,7 +276,7 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
     reporter = reporter or Reporter()
     out = Path(outdir).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    report = RunReport(ok=False, job_id="pull", bwlimit=config.bwlimit)
+    report = RunReport(ok=False, job_id="", bwlimit=config.bwlimit)
     started = time.monotonic()
     io = anyio.CapacityLimiter(max(4, 2 * (os.cpu_count() or 2)))
     getters = anyio.CapacityLimiter(config.transfers)  # one thread per transfer doing a plain GET
@@ -264,18 +286,45 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
     pacer = Pacer(RetryPolicy(attempts=config.request_attempts * max(1, config.item_attempts)), clock=clock)
     if bucket is None and config.bwlimit:
         bucket = TokenBucket(config.bwlimit)  # --bwlimit caps the whole pull, as it caps a push
+    extra = tuple(a for a in config.hash if a in FACTORIES)
+    sessions = adapter.features.pull_sessions
+    journal = await Journal.open(journal_path or config.journal_path)
+    jid = ""
 
     full: list[DiskFullError] = []  # the first full-disk error stops the pull
     stopped_in_flight: set[str] = set()
 
-    def failed(item: RemoteItem, exc: Exception) -> None:
+    async def failed(item: RemoteItem, exc: BaseException) -> None:
         msg = describe(exc)
+        transient = is_transient(first_leaf(exc))
         stats.failed()
         report.failures.append((item.rel, msg.splitlines()[0]))
-        reporter.emit(ItemFailed(rel=item.rel, error=msg, transient=is_transient(exc)))
+        reporter.emit(ItemFailed(rel=item.rel, error=msg, transient=transient))
+        await journal.record(jid, item.rel, size=item.size or 0, mtime_ns=0, state="failed",
+                             error=msg.splitlines()[0], transient=int(transient))
 
+    async def fetched(item: RemoteItem, size: int, digests: dict[str, str] | None) -> None:
+        await journal.record(jid, item.rel, size=size, mtime_ns=0, state="done", offset=size, digests=digests,
+                             error=None, transient=0)
+
+    async def session_done(f: Fetch, size: int, digests: dict[str, str]) -> None:
+        sent = stats.active.get(f.item.rel, [0, 0])[1]
+        stats.done(size)
+        reporter.emit(ItemDone(rel=f.item.rel, size=size, sent=sent, digests=digests))
+        await fetched(f.item, size, digests)
+
+    async def session_note(fetches: list[Fetch], state: Any) -> None:
+        for f in fetches:
+            await journal.record(jid, f.item.rel, size=f.item.size or 0, mtime_ns=0, remote=dict(state))
+        await journal.flush()
+
+    side = PullSide(out, lambda f: _check(f.part, f.item, extra), session_done,
+                    lambda f, exc: failed(f.item, exc), session_note, io)
     try:
         async with adapter:
+            jid, existed = await journal.open_job("pull", adapter.describe(), str(out), argv or [])
+            report.job_id = jid
+            reporter.emit(JobStarted(job=jid, source=adapter.describe(), target=str(out), resumed=existed))
             send, recv = anyio.create_memory_object_stream[RemoteItem](config.transfers)
             ready_send, ready_recv = anyio.create_memory_object_stream[_Job](config.transfers)
 
@@ -292,13 +341,14 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
                 async with items, ready:
                     async for item in items:
                         try:
-                            job = await _prepare(adapter, item, _target(out, item.rel), io)
+                            job = await _prepare(adapter, item, _target(out, item.rel), io, lookup=not sessions)
                         except Exception as exc:  # noqa: BLE001 - this item fails, the pull goes on
-                            failed(item, exc)
+                            await failed(item, exc)
                             continue
                         if isinstance(job, int):
                             stats.skipped(job)
                             reporter.emit(ItemSkipped(rel=item.rel, size=job, reason="already present"))
+                            await fetched(item, job, None)
                         else:
                             await ready.send(job)
 
@@ -306,19 +356,27 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
                 async with jobs:
                     async for job in jobs:
                         stats.item_in(job.item.rel, job.item.size or -1)
+                        await journal.record(jid, job.item.rel, size=job.item.size or 0, mtime_ns=0,
+                                             state="partial", offset=job.offset)
                         try:
-                            await _fetch(adapter, job, reporter, io, getters, pacer, bucket,
-                                         tuple(a for a in config.hash if a in FACTORIES))
+                            size, got = await _fetch(adapter, job, reporter, io, getters, pacer, bucket, extra)
                         except Exception as exc:  # noqa: BLE001 - this item fails, the pull goes on
                             err = first_leaf(exc)
                             if not isinstance(err, DiskFullError):
-                                failed(job.item, exc)
+                                await failed(job.item, exc)
                             elif not full:  # no more room: stop, one message for the whole pull
                                 full.append(err)
                                 stopped_in_flight.update(stats.active)
                                 inner.cancel_scope.cancel()
+                        else:
+                            await fetched(job.item, size, got)
                         finally:
                             stats.item_out(job.item.rel)
+
+            async def prepared(jobs: Any) -> AsyncIterator[Fetch]:
+                async with jobs:
+                    async for job in jobs:
+                        yield Fetch(job.item, job.dest.with_name(job.dest.name + PART), job.offset)
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_ticker, reporter, tick)
@@ -327,12 +385,25 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
                     async with recv, ready_send, ready_recv:
                         for _ in range(config.transfers):
                             inner.start_soon(preparer, recv.clone(), ready_send.clone())
-                            inner.start_soon(worker, ready_recv.clone())
+                            if not sessions:
+                                inner.start_soon(worker, ready_recv.clone())
+                        if sessions:
+                            inner.start_soon(fetch_sessions, adapter, reporter, prepared(ready_recv.clone()), side,
+                                             config, clock)
                 tg.cancel_scope.cancel()
             if full:
                 await _disk_full(full[0], out, stopped_in_flight, stats, report)
             report.summary = await adapter.finish(not report.failures) or {}
+    except BaseException as exc:
+        if isinstance(first_leaf(exc), anyio.get_cancelled_exc_class()) or isinstance(exc, KeyboardInterrupt):
+            report.interrupted = True
+        raise
     finally:
+        with anyio.CancelScope(shield=True):
+            if jid:
+                ok = not report.failures and not report.interrupted
+                await journal.set_job(jid, "done" if ok else ("interrupted" if report.interrupted else "failed"))
+            await journal.close()
         _fill(report, reporter, started)
         report.ok = not report.failures
         reporter.emit(JobFinished(job=report.job_id, report=report.to_json()))

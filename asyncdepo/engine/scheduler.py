@@ -49,9 +49,17 @@ from asyncdepo.engine.compress import TarSource
 from asyncdepo.engine.journal import VANISHED, Journal
 from asyncdepo.engine.pipeline import BufferPool
 from asyncdepo.engine.report import RunReport, _fill, _ticker, describe
+from asyncdepo.engine.sessions import send_sessions
 from asyncdepo.engine.source import walk
 from asyncdepo.engine.transfer import Run, send_item
-from asyncdepo.errors import DiskFullError, SourceError, SourceVanishedError, TransientError, is_transient
+from asyncdepo.errors import (
+    DiskFullError,
+    SourceError,
+    SourceVanishedError,
+    TransientError,
+    UsageError,
+    is_transient,
+)
 from asyncdepo.events import ItemDone, ItemFailed, ItemSkipped, JobFinished, JobStarted, Reporter, printable
 from asyncdepo.transport.bandwidth import TokenBucket
 from asyncdepo.transport.pacer import SYSTEM_CLOCK, Clock, Pacer, RetryPolicy, first_leaf
@@ -196,10 +204,31 @@ async def _items(run: Run, batches: Batches, count: bool, skip: set[str],
         stats.walk_finished()
 
 
+async def _checked(run: Run, entries: AsyncIterator[Entry], report: RunReport
+                   ) -> AsyncIterator[tuple[Item, dict[str, Any] | None]]:
+    """The entries that still go to a session, after the checks a worker makes before sending one item: a name
+    the target cannot store fails alone, and with ``--checksum`` a file whose content is unchanged is skipped."""
+    async for item, saved, check in entries:
+        try:
+            if not run.features.any_name:
+                check_name(item.rel, run.adapter.describe())
+            if check is not None and await same_content(run, item, check):
+                continue
+        except Exception as exc:  # noqa: BLE001 - recorded; the run goes on with the other items
+            await _fail(run, item, exc, report)
+            continue
+        yield item, saved
+
+
 async def _pass(run: Run, batches: Batches, report: RunReport, skip: set[str],
                 digests: dict[str, dict[str, str]], *, count: bool = True) -> None:
     """One pass over the items of ``batches`` with ``transfers`` workers fed through a bounded stream;
-    stopped early when the target's disk is full (``report.stopped``)."""
+    stopped early when the target's disk is full (``report.stopped``). An adapter that moves many items per
+    session gets them through :func:`~asyncdepo.engine.sessions.send_sessions` instead."""
+    if run.features.sessions:
+        await send_sessions(run, _checked(run, _items(run, batches, count, skip, digests), report),
+                            lambda item, exc: _fail(run, item, exc, report))
+        return
     workers = run.config.transfers
     send, recv = anyio.create_memory_object_stream[Entry](2 * workers)
 
@@ -339,9 +368,11 @@ class _Counted:
 
 async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None = None, *,
                reporter: Reporter | None = None, journal_path: Path | None = None,
-               argv: list[str] | None = None, tick: float = 0.5, clock: Clock = SYSTEM_CLOCK) -> RunReport:
+               argv: list[str] | None = None, tick: float = 0.5, clock: Clock = SYSTEM_CLOCK,
+               kind: str = "push") -> RunReport:
     """Push ``source`` (a directory or one file) through ``adapter``; see the module docstring. ``clock``
-    paces every retry of the run (tests pass one that steps time).
+    paces every retry of the run (tests pass one that steps time). ``kind`` names the job in the journal
+    (``asyncdepo resume`` reruns ``argv`` for ``push``; an archive's own kind resumes through its command).
 
     :raises UsageError: the source is missing or unreadable (before anything is sent).
     Item failures do not raise: they are in the report (``ok`` False) and the journal.
@@ -358,7 +389,7 @@ async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None
     ok = False
     try:
         # the job's lock is taken before anything touches the target: a second run of it stops here
-        job, existed = await journal.open_job("push", str(root), target_identity(adapter, config), argv or [])
+        job, existed = await journal.open_job(kind, str(root), target_identity(adapter, config), argv or [])
         async with adapter:
             report.job_id = job
             if existed:
@@ -416,6 +447,12 @@ async def _run_all(run: Run, root: Path, report: RunReport) -> None:
         skip = await run.request("(start)", lambda: run.adapter.prepare(listed), attempts=3)
         await run.journal.set_job_state(run.job, run.adapter.job_state())
         del listed
+    elif run.features.sessions:
+        if run.config.compress is not None:
+            raise UsageError("--compress does not apply to this target: its transport reads the files itself")
+        # the job-level start (e.g. an archive entry); its state must survive a kill before any byte moves
+        await run.adapter.prepare([])
+        await run.journal.set_job_state(run.job, run.adapter.job_state())
     first = True
 
     async def one_round() -> None:

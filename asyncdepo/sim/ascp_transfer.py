@@ -29,7 +29,12 @@ Environment:
   connection, code 12). A ``:once`` suffix fires it on the first session only (marker under
   ``ROOT/.ascp-faults/``, created atomically when the fault fires: of concurrent sessions, one gets it).
 * ``ASYNCDEPO_SIM_ASCP_COUNTERS`` — a file that gets one JSON line per session (also after a failure or
-  SIGTERM): ``{"bytes", "files", "resumed_from": {name: offset}, "status", "mode"}``.
+  SIGTERM): ``{"bytes", "files", "resumed_from": {name: offset}, "status", "mode", "met"}``.
+* ``ASYNCDEPO_SIM_ASCP_NOTIFY`` — a path (a FIFO a test reads) that gets ``stalled <pid> <bytes>`` when a stall
+  fault fires, so a test can act at that moment (kill the client) without waiting on a clock.
+* ``ASYNCDEPO_SIM_ASCP_MEET`` — ``N``: before moving anything, a session waits (at most 30 s) until N sessions
+  have started (markers under ``ROOT/.ascp-meet/``); ``met`` in its counters says whether they did, which
+  proves that N sessions ran at once.
 """
 
 from __future__ import annotations
@@ -109,6 +114,7 @@ class Session:
         self.files = 0
         self.failed = 0
         self.resumed: dict[str, int] = {}
+        self.met: bool | None = None
         self.started = time.monotonic()
         self.send_mode = True
         self._last_print = 0.0
@@ -235,6 +241,7 @@ class Session:
     # copying ---------------------------------------------------------------------------------------------
     def run(self) -> None:
         self.mgr.send("INIT", Direction="Send" if self.send_mode else "Receive", Operation="Transfer")
+        self.meet()
         if self.fires("noserver"):
             raise SessionError("Failed to open TCP connection for SSH", 12, stop_line=False)
         jobs = self.plan()
@@ -304,10 +311,32 @@ class Session:
         local = job.src if self.send_mode else job.dst
         return str(Path(os.path.abspath(local))) if local is not None else job.name
 
+    def meet(self) -> None:
+        want = self.env.get("ASYNCDEPO_SIM_ASCP_MEET")
+        if not want or not want.isdigit():
+            return
+        folder = (self.root or Path(".")) / ".ascp-meet"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / str(os.getpid())).touch()
+        deadline = time.monotonic() + 30
+        while len(os.listdir(folder)) < int(want):
+            if time.monotonic() > deadline:
+                self.met = False
+                return
+            time.sleep(0.02)
+        self.met = True
+
     def injected(self) -> None:
         if self.fault == "drop":
             raise Dropped("Connection lost", 16)
         self.fault = None  # stall: hang here until a signal ends us (the runner's stall timeout)
+        notify = self.env.get("ASYNCDEPO_SIM_ASCP_NOTIFY")
+        if notify:
+            fd = os.open(notify, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, f"stalled {os.getpid()} {self.bytes}\n".encode())
+            finally:
+                os.close(fd)
         while True:
             time.sleep(3600)
 
@@ -357,7 +386,7 @@ class Session:
         if not path:
             return
         line = json.dumps({"bytes": self.bytes, "files": self.files, "resumed_from": self.resumed,
-                           "status": status, "mode": "send" if self.send_mode else "recv"}) + "\n"
+                           "status": status, "mode": "send" if self.send_mode else "recv", "met": self.met}) + "\n"
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line.encode())  # one write with O_APPEND: concurrent sessions do not interleave

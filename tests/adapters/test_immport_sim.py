@@ -14,7 +14,6 @@ import aiohttp
 import pytest
 
 from asyncdepo.adapters.immport import Endpoints, ImmportAdapter
-from asyncdepo.cli.immport import pull_via_ascp
 from asyncdepo.config import EngineConfig
 from asyncdepo.engine.pull import pull
 from asyncdepo.errors import AuthError, PermanentError, RemoteValidationError
@@ -343,15 +342,14 @@ async def test_study_of_300_files_by_both_routes(big_sim, tmp_path: Path) -> Non
         again = await pull(a, tmp_path / "https", FAST)
     assert again.ok and again.files_skipped == 300 and sum(state.bytes_out.values()) == 0
 
-    adapter = _adapter(server.url, study="SDY1")
-    report = await pull_via_ascp(adapter, tmp_path / "ascp", _ascp_opts(), config=FAST)
+    report = await pull(_adapter(server.url, study="SDY1", ascp=_ascp_opts()), tmp_path / "ascp", FAST)
     assert report.ok, report.failures
     assert report.files_done == 300 and report.bytes == total
     _same_tree(root, tmp_path / "ascp")
     sessions = [json.loads(x) for x in (tmp_path / "ascp-counters.jsonl").read_text().splitlines()]
     assert len(sessions) == 1 and sessions[0]["files"] == 300 and sessions[0]["bytes"] == total
 
-    report = await pull_via_ascp(_adapter(server.url, study="SDY1"), tmp_path / "ascp", _ascp_opts(), config=FAST)
+    report = await pull(_adapter(server.url, study="SDY1", ascp=_ascp_opts()), tmp_path / "ascp", FAST)
     assert report.ok and report.files_skipped == 300
     assert len((tmp_path / "ascp-counters.jsonl").read_text().splitlines()) == 1  # no new session
 
@@ -375,12 +373,9 @@ async def test_corrupted_file_is_reported(big_sim, tmp_path: Path, route: str) -
     server, _, root = big_sim
     bad = root / "SDY1/ResultFiles/d01/file00150.bin"
     bad.with_name(bad.name + ".sim-md5").write_text("0123456789abcdef0123456789abcdef")
-    adapter = _adapter(server.url, paths=["/SDY1/ResultFiles/d01"])
-    if route == "https":
-        async with adapter:
-            report = await pull(adapter, tmp_path / "out", FAST)
-    else:
-        report = await pull_via_ascp(adapter, tmp_path / "out", _ascp_opts(), config=FAST)
+    adapter = _adapter(server.url, paths=["/SDY1/ResultFiles/d01"], ascp=_ascp_opts() if route == "ascp" else None)
+    async with adapter:
+        report = await pull(adapter, tmp_path / "out", FAST)
     assert not report.ok and report.files_done == 99
     assert [rel for rel, _ in report.failures] == ["SDY1/ResultFiles/d01/file00150.bin"]
     assert "md5 mismatch" in report.failures[0][1]
@@ -411,12 +406,9 @@ async def test_an_untrusted_tls_certificate_fails_at_once_and_says_so(tmp_path: 
 async def test_include_and_exclude_choose_the_files_on_both_routes(big_sim, tmp_path: Path, route: str) -> None:
     server, _, root = big_sim
     config = FAST.replace(include=("SDY1/ResultFiles/d02/*",), exclude=("file002[0-4]*.bin",))
-    adapter = _adapter(server.url, study="SDY1")
-    if route == "https":
-        async with adapter:
-            report = await pull(adapter, tmp_path / "out", config)
-    else:
-        report = await pull_via_ascp(adapter, tmp_path / "out", _ascp_opts(), config=config)
+    adapter = _adapter(server.url, study="SDY1", ascp=_ascp_opts() if route == "ascp" else None)
+    async with adapter:
+        report = await pull(adapter, tmp_path / "out", config)
     assert report.ok, report.failures
     want = sorted(p.name for p in (root / "SDY1/ResultFiles/d02").glob("*.bin")
                   if not fnmatch.fnmatchcase(p.name, "file002[0-4]*.bin"))

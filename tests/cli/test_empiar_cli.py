@@ -112,7 +112,9 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
         yield w
 
 
-def test_full_deposition_two_imagesets_in_parallel(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+def test_full_deposition_two_imagesets_in_parallel(world: World, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASYNCDEPO_SIM_ASCP_MEET", "2")  # each session waits until two have started
     argv = world.argv("-e", str(world.thumb), "-gu", "alice:3", "-ge", "bob@example.org:2")
     argv[argv.index("-q")] = "--json"
     assert cli.push_main(argv) == 0
@@ -122,13 +124,14 @@ def test_full_deposition_two_imagesets_in_parallel(world: World, capsys: pytest.
     assert tree_md5(world.uploaded(entry)) == tree_md5(world.data)
     # one ascp session per image set (+ one for the file outside them), each with the password it needs
     assert sorted(s["files"] for s in world.sessions()) == [1, 2, 3] and all(s["status"] == 0 for s in world.sessions())
+    assert all(s["met"] for s in world.sessions())  # two sessions ran at once (--transfers 2)
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    kinds = [(e["event"], e.get("rel")) for e in events if e["event"] in ("item_started", "item_done")]
-    first_done = next(i for i, (k, _) in enumerate(kinds) if k == "item_done")
-    started_before = {rel for k, rel in kinds[:first_done] if k == "item_started"}
-    assert len(started_before) == 2  # two sessions ran at once (--transfers 2)
+    done = sorted(e["rel"] for e in events if e["event"] == "item_done")  # one event per file, as every push
+    assert done == sorted(tree_md5(world.data))
     finished = next(e for e in events if e["event"] == "job_finished")["report"]
-    assert finished["empiar_id"] == entry.empiar_id and set(finished["via"].values()) == {"ascp"}
+    assert finished["ok"] and finished["files_done"] == 6 and finished["files_failed"] == 0
+    summary = finished["summary"]
+    assert summary["empiar_id"] == entry.empiar_id and set(summary["via"].values()) == {"ascp"}
     assert TRANSFER_PASS not in json.dumps(events) and "sim-token" not in json.dumps(events)
 
 
@@ -139,11 +142,13 @@ def test_ascp_auth_failure_falls_back_to_globus(world: World, monkeypatch: pytes
     assert entry.submitted
     assert tree_md5(world.uploaded(entry)) == tree_md5(world.data)
     sessions = world.sessions()
-    # ascp did run, once per transfer unit, and every session was refused (an empty list would pass all())
-    assert len(sessions) == 3 and all(s["status"] != 0 for s in sessions), sessions
+    # ascp did run and every session was refused (an empty list would pass all()); at most once per session:
+    # after a refused password the later sessions go to Globus without trying ascp again
+    assert 1 <= len(sessions) <= 3 and all(s["status"] != 0 for s in sessions), sessions
     assert world.globus.server is not None
     tasks = globus_sim.state_of(world.globus.server.app).tasks
-    assert [t.status for t in tasks.values()] == ["SUCCEEDED"] and next(iter(tasks.values())).sync_level == 3
+    # one Globus task per session whose ascp was refused, each with checksum sync
+    assert tasks and all(t.status == "SUCCEEDED" and t.sync_level == 3 for t in tasks.values())
 
 
 def test_ascp_auth_failure_without_globus_is_permanent(world: World, monkeypatch: pytest.MonkeyPatch,
@@ -152,16 +157,18 @@ def test_ascp_auth_failure_without_globus_is_permanent(world: World, monkeypatch
     assert cli.push_main(world.argv("-s")) == 3
     err = capsys.readouterr().err
     assert "failed to authenticate" in err and TRANSFER_PASS not in err
-    assert err.count("failed to authenticate") == 1, err  # said once, naming every transfer it stopped
-    assert "this failed for " in err and "particles" in err and "micrographs" in err
-    assert len(world.sessions()) == 3  # permanent: no retry although --attempts 2
+    assert err.count("failed to authenticate") == 1, err  # said once
+    # permanent: no retry although --attempts 2, and the job stops at the refusal (no session after it;
+    # of the two sessions started at once, the second may be stopped before it ran ascp)
+    assert 1 <= len(world.sessions()) <= 2 and all(s["status"] != 0 for s in world.sessions())
     assert not world.only_entry().submitted
 
 
 def test_resumed_deposition_continues_where_it_stopped(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    # first run: every session loses its connection after 400 kB, retries run out -> transient failure
+    # first run: every session loses its connection after 400 kB, retries run out -> the files not sent
+    # failed (exit 1, as any push with failed files)
     monkeypatch.setenv("ASYNCDEPO_SIM_ASCP_FAIL", "drop:400000")
-    assert cli.push_main(world.argv()) == 5
+    assert cli.push_main(world.argv()) == 1
     entry = world.only_entry()
     assert not entry.submitted and entry.redeposits == 0
     first = world.sessions()

@@ -120,12 +120,14 @@ async def test_config_bwlimit_builds_the_bucket(server: str, tmp_path: Path, mon
     assert [b.rate for b in made] == [250_000.0] and made[0].granted >= TOTAL
 
 
-def test_bwlimit_becomes_ascps_rate_unless_rate_is_given() -> None:
-    from asyncdepo.cli.immport import ascp_rate
+def test_bwlimit_caps_ascps_rate() -> None:
+    from asyncdepo.transport.ascp.pairs import capped_rate, rate_bits
 
-    assert ascp_rate(None, 12_500_000.0) == "100000K"  # 12.5 MB/s = 100 Mbit/s
-    assert ascp_rate("300M", 12_500_000.0) == "300M"
-    assert ascp_rate(None, None) is None
+    assert capped_rate(None, 12_500_000.0) == "100000K"  # 12.5 MB/s = 100 Mbit/s
+    assert capped_rate("300M", 12_500_000.0) == "100000K"  # --bwlimit is a cap: the lower rate holds
+    assert capped_rate("50M", 12_500_000.0) == "50M"
+    assert capped_rate("300M", None) == "300M" and capped_rate(None, None) is None
+    assert rate_bits("2G") == 2e9 and rate_bits("500") == 500_000  # ascp's unit is kbit/s
 
 
 async def test_include_and_exclude_filter_what_is_pulled(server: str, tmp_path: Path) -> None:
