@@ -319,7 +319,7 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
         await journal.flush()
 
     side = PullSide(out, lambda f: _check(f.part, f.item, extra), session_done,
-                    lambda f, exc: failed(f.item, exc), session_note, io)
+                    lambda f, exc: failed(f.item, exc), session_note, journal.flush, io)
     try:
         async with adapter:
             jid, existed = await journal.open_job("pull", adapter.describe(), str(out), argv or [])

@@ -35,6 +35,7 @@ from asyncdepo.events import ItemDone, ItemRetrying, ItemStarted, Reporter
 from asyncdepo.transport.pacer import Clock, OnRetry, Pacer, RetryEvent, RetryPolicy, first_leaf
 
 X = TypeVar("X")
+FLUSH = 0.5  # seconds between journal commits while a session runs (the journal's own batching interval)
 Send = Callable[["_Tracker"], Awaitable[None]]
 
 
@@ -109,6 +110,7 @@ class _Hooks(Generic[X]):
     moved: Callable[[str, int], None]
     note: Callable[[list[X], Mapping[str, Any]], Awaitable[None]]
     out: Callable[[str], None]
+    flush: Callable[[], Awaitable[None]]
     salvage: Callable[[X], Awaitable[bool]] | None = None
 
 
@@ -165,20 +167,31 @@ async def _drive(pending: dict[str, X], hooks: _Hooks[X], pacer: Pacer, on_retry
 
         tracker = _Tracker(hooks.moved, note)
         error: BaseException | None = None
-        async with anyio.create_task_group() as tg:
-            async def handle(kind: str, rel: str, value: Any) -> None:
-                if kind == "done":
-                    tg.start_soon(settle, rel, value)  # a pull's check hashes in a thread: several at once
-                else:
-                    await failed(rel, value)
 
-            tg.start_soon(tracker.drain, handle)
-            try:
-                await send(tracker)
-            except Exception as exc:  # noqa: BLE001 - classified below
-                error = first_leaf(exc)
-            finally:
-                tracker.close()
+        async def flusher() -> None:
+            # a session may go quiet for long (one large file): what it settled is committed meanwhile, so a
+            # kill loses at most the last FLUSH seconds, as elsewhere in the engine
+            while True:
+                await anyio.sleep(FLUSH)
+                await hooks.flush()
+
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(flusher)
+            async with anyio.create_task_group() as tg:
+                async def handle(kind: str, rel: str, value: Any) -> None:
+                    if kind == "done":
+                        tg.start_soon(settle, rel, value)  # a pull's check hashes in a thread: several at once
+                    else:
+                        await failed(rel, value)
+
+                tg.start_soon(tracker.drain, handle)
+                try:
+                    await send(tracker)
+                except Exception as exc:  # noqa: BLE001 - classified below
+                    error = first_leaf(exc)
+                finally:
+                    tracker.close()
+            outer.cancel_scope.cancel()
         async with anyio.create_task_group() as tg:
             for rel in [r for r in pending if r not in retry]:
                 if error is None:
@@ -308,7 +321,7 @@ async def send_sessions(run: Run, entries: AsyncIterator[tuple[Item, dict[str, A
             stats.done(item.size)
             reporter.emit(ItemDone(rel=item.rel, size=item.size, sent=sent, digests={}))
 
-        hooks = _Hooks(open_, done, fail, moved, note, stats.item_out)
+        hooks = _Hooks(open_, done, fail, moved, note, stats.item_out, run.journal.flush)
         await _drive(pending, hooks, _pacer(run.config, run.clock), _retrying(reporter, _label(list(pending))))
 
     await _grouped(entries, lambda e: run.adapter.session_group(e[0]), lambda e: e[0].size, features, workers,
@@ -328,6 +341,7 @@ class PullSide:
     :param done: record a checked item (journal, statistics, event).
     :param fail: record an item's final failure.
     :param note: journal resume state for items.
+    :param flush: commit what was journaled.
     :param limiter: threads for checks (hashing).
     """
 
@@ -336,6 +350,7 @@ class PullSide:
     done: Callable[[Fetch, int, dict[str, str]], Awaitable[None]]
     fail: Callable[[Fetch, BaseException], Awaitable[None]]
     note: Callable[[list[Fetch], Mapping[str, Any]], Awaitable[None]]
+    flush: Callable[[], Awaitable[None]]
     limiter: anyio.CapacityLimiter
 
 
@@ -381,7 +396,7 @@ async def fetch_sessions(adapter: Any, reporter: Reporter, fetches: AsyncIterato
                     return False
             return await anyio.to_thread.run_sync(full, limiter=side.limiter)
 
-        hooks = _Hooks(open_, done, side.fail, moved, side.note, stats.item_out, salvage)
+        hooks = _Hooks(open_, done, side.fail, moved, side.note, stats.item_out, side.flush, salvage)
         await _drive(pending, hooks, _pacer(config, clock, attempts), _retrying(reporter, _label(list(pending))))
 
     await _grouped(fetches, lambda f: adapter.session_group(_as_item(f.item)), lambda f: f.item.size or 0,

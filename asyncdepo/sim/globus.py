@@ -23,6 +23,7 @@ at-most-once guarantee). Errors are ``{"code": ..., "message": ..., "request_id"
 Faults besides the HTTP ones of the fault injector: ``fail_tasks`` makes the next N tasks end ``FAILED`` with a
 ``fatal_error``; ``transient_faults`` makes the next N file copies fail once (counted in the task's
 ``faults``, then retried, as Globus does); ``hold`` keeps new tasks ``ACTIVE`` until released (cancel tests).
+``GlobusState.polled`` (a threading.Event) is set by the first status poll: a client holds its task id then.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import datetime as dt
 import hashlib
 import os
 import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,9 @@ class GlobusState:
         self.hold = asyncio.Event()
         self.hold.set()
         self.running: set[asyncio.Task[None]] = set()
+        # set when a client asks for a task's status: it holds the task id then (a test kills it at that
+        # point); a threading.Event, so a test in another thread (ThreadedSim) can wait on it
+        self.polled = threading.Event()
 
     def resolve(self, endpoint: str, path: str) -> Path:
         """The local path of ``path`` on ``endpoint``.
@@ -305,7 +310,9 @@ def _routes(app: web.Application, state: GlobusState, faults: FaultInjector) -> 
         return task
 
     async def task_status(request: web.Request) -> web.Response:
-        return _answer(_task(request).document())
+        task = _task(request)
+        state.polled.set()
+        return _answer(task.document())
 
     async def cancel(request: web.Request) -> web.Response:
         task = _task(request)
