@@ -356,8 +356,6 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
                 async with jobs:
                     async for job in jobs:
                         stats.item_in(job.item.rel, job.item.size or -1)
-                        await journal.record(jid, job.item.rel, size=job.item.size or 0, mtime_ns=0,
-                                             state="partial", offset=job.offset)
                         try:
                             size, got = await _fetch(adapter, job, reporter, io, getters, pacer, bucket, extra)
                         except Exception as exc:  # noqa: BLE001 - this item fails, the pull goes on
