@@ -130,7 +130,7 @@ def pull_main(argv: list[str]) -> int:
     p.add_argument("target", help="PROJECT/ASSET[/VERSION]")
     p.add_argument("outdir", type=Path, help="directory to write into")
     _server_option(p)
-    common.add_engine_options(p, journal=False)
+    common.add_engine_options(p)
     try:
         args = p.parse_args(argv)
         project, asset, version = parse_target(args.target, need_version=False)
@@ -143,14 +143,17 @@ def pull_main(argv: list[str]) -> int:
         return common.error_exit(UsageError(str(exc)))
     from asyncdepo.engine.pull import pull
 
+    # the command `asyncdepo resume JOB` reruns: OUTDIR made absolute (the token stays in the environment)
+    stored = ["pull", "gypsum", *(str(args.outdir.absolute()) if a == str(args.outdir) else a for a in argv)]
     try:
-        report = _engine_run(lambda: pull(adapter, args.outdir, config, reporter=reporter), reporter)
+        report = _engine_run(lambda: pull(adapter, args.outdir, config, reporter=reporter, argv=stored), reporter)
     except Cancelled:
-        print("\ninterrupted; run the same command again to continue (partial files resume)", file=sys.stderr)
+        print("\ninterrupted; run the same command again, or `asyncdepo resume JOB` (see `asyncdepo jobs`), to "
+              "continue (partial files resume)", file=sys.stderr)
         return common.EXIT_INTERRUPTED
     except DepoError as exc:
         return common.error_exit(exc)
-    return common.print_report(report, json_out=args.json)
+    return common.print_report(report, json_out=args.json, resume_hint=f"asyncdepo resume {report.job_id}")
 
 
 # -- asyncdepo gypsum COMMAND ------------------------------------------------------------------------------
