@@ -169,6 +169,30 @@ def test_killed_globus_deposition_waits_for_its_task(world: World, tmp_path: Pat
     assert st["job"]["state"] == "done"
 
 
+def test_ascp_failing_on_its_last_attempt_falls_back_to_globus(world: World,  # noqa: F811
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from asyncdepo.cli import empiar
+
+    monkeypatch.setenv("ASYNCDEPO_SIM_ASCP_FAIL", "drop:100000")  # every session loses its connection
+    assert empiar.push_main(world.argv(*world.globus_argv(), "--json")) == 0
+    sessions = world.sessions()
+    # README (a small file) went by ascp; each image set's two ascp sessions failed, then Globus took the rest
+    assert sorted(s["status"] != 0 for s in sessions) == [False, True, True, True, True]
+    assert world.globus.server is not None
+    tasks = globus_sim.state_of(world.globus.server.app).tasks.values()
+    assert len(tasks) == 2 and all(t.status == "SUCCEEDED" for t in tasks)
+    entry = world.only_entry()
+    assert entry.submitted
+    landed = tree_md5(world.uploaded(entry))
+    # ascp's partial files of the sessions that fell back stay behind (ascp cannot delete; documented)
+    assert {k: v for k, v in landed.items() if not k.endswith(".aspx")} == tree_md5(world.data)
+    assert all(k.removesuffix(".aspx") in landed for k in landed)
+    events = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    via = next(e for e in events if e["event"] == "job_finished")["report"]["summary"]["via"]
+    assert sorted(via.values()) == ["ascp", "globus", "globus"]
+
+
 def test_bwlimit_is_shared_by_the_sessions_as_ascps_rate(world: World) -> None:  # noqa: F811
     from asyncdepo.cli import empiar
 
