@@ -239,17 +239,23 @@ async def _forget_if_new(journal_path: Path, jid: str, args: argparse.Namespace,
     the new entry). Refuses a deposition the journal says was submitted.
 
     :raises ConflictError: already submitted (and neither ``--new`` nor another entry was asked for).
+    :raises JobLockedError: another process runs this deposition now (nothing is forgotten under it).
     """
+    from asyncdepo.engine.joblock import JobLock, lock_path
     from asyncdepo.engine.journal import Journal
 
     journal = await Journal.open(journal_path)
     try:
-        state = E.DepositState.from_json(await journal.job_state(jid))
-        if args.new or (entry is not None and (state.entry_id, state.directory) != entry):
-            await journal.forget(jid)
-        elif state.phase == "submitted":
-            raise errors.ConflictError(f"this deposition was already submitted as {state.empiar_id} "
-                                       f"(entry {state.entry_id}, job {jid})", hint="add --new to create another entry")
+        lock = await anyio.to_thread.run_sync(JobLock.acquire, lock_path(journal.path, jid), jid)
+        try:
+            state = E.DepositState.from_json(await journal.job_state(jid))
+            if args.new or (entry is not None and (state.entry_id, state.directory) != entry):
+                await journal.forget(jid)
+            elif state.phase == "submitted":
+                raise errors.ConflictError(f"this deposition was already submitted as {state.empiar_id} (entry "
+                                           f"{state.entry_id}, job {jid})", hint="add --new to create another entry")
+        finally:
+            lock.release()  # the run takes it again at once (push)
     finally:
         await journal.close()
 

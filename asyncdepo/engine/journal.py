@@ -311,10 +311,11 @@ class Journal:
         """Drop what the job knows (its items and its job state), keeping the job: the next run starts over
         (e.g. a deposition into a new archive entry)."""
         self._pending = {k: v for k, v in self._pending.items() if k[0] != jid}
+        self._chunks = {k: v for k, v in self._chunks.items() if k[0] != jid}
 
         def do() -> None:
-            self.db.execute("DELETE FROM items WHERE job=?", (jid,))
-            self.db.execute("DELETE FROM job_state WHERE job=?", (jid,))
+            for table in ("items", "chunks", "job_state"):
+                self.db.execute(f"DELETE FROM {table} WHERE job=?", (jid,))
 
         await self._run(do)
 
