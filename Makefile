@@ -50,6 +50,11 @@ tools:
 	  (apt-get update -qq && apt-get install -y -qq curl zstd openssl \
 	    $$(command -v nginx >/dev/null || echo nginx-extras) >/dev/null)
 
+# one push over 1, 2 and 4 workers of a local Dask cluster (each with a --bwlimit share standing in for a
+# node's NIC), and the overhead of --local-cluster 1 against a plain push; results in benchmarks/results/
+bench-scale: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_scale
+
 # mypy is not part of `make test`: its verdict moves with the versions of the dependencies CI installs
 lint: $(STAMP)
 	$(BIN)/pip install -q -e '.[dev]'

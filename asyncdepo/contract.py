@@ -418,6 +418,18 @@ class Adapter(ABC):
         """Open a pull session over ``plan`` (one attempt; the engine retries through the pacer)."""
         raise NotImplementedError
 
+    # -- copies in other processes (the workers of a cluster) ------------------------------------------
+    async def handoff(self) -> dict[str, Any]:
+        """What a copy of this adapter in another process needs, after ``prepare``, to open items there:
+        credentials resolved here (that process may have none), a job-level session. May hold secrets: the
+        engine passes it only through its secret channel, never in a task, a log, an event or the journal.
+        Called on the entered adapter; the default is nothing to hand over."""
+        return {}
+
+    def take_handoff(self, data: Mapping[str, Any]) -> None:
+        """Take what :meth:`handoff` returned in the coordinating process; called on a fresh adapter before
+        ``async with``. Such a copy only opens items: its ``prepare`` and ``finish`` are never called."""
+
     # -- pull ---------------------------------------------------------------------------------------
     def list_remote(self) -> AsyncIterator[RemoteItem]:
         """Every remote item to fetch, lazily."""

@@ -362,6 +362,14 @@ class TusAdapter(Adapter):
     def describe(self) -> str:
         return self._describe
 
+    async def handoff(self) -> dict[str, Any]:
+        """The token, for a copy of the adapter on a cluster's worker (see ``Adapter.handoff``)."""
+        return {"token": self._http._token} if self._http._token else {}
+
+    def take_handoff(self, data: Mapping[str, Any]) -> None:
+        if data.get("token"):
+            self._http._token = str(data["token"])
+
     async def __aenter__(self) -> Self:
         self._http.session = client_session()
         try:

@@ -11,6 +11,7 @@ held; the message names the holder); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import signal
@@ -62,6 +63,64 @@ def anywhere(parser: argparse.ArgumentParser, sub: Any,
     add(parser, {})
     for child in dict.fromkeys(sub.choices.values()):
         add(child, {"default": argparse.SUPPRESS})
+
+
+#: the cluster flags and whether each takes a value (``resume`` replaces a job's recorded ones with its own)
+CLUSTER_FLAGS = {"--scheduler": True, "--local-cluster": True, "--max-requests": True, "--batch-files": True,
+                 "--batch-size": True}
+
+
+def add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    """``--scheduler`` / ``--local-cluster`` and how a job is cut into batches (see docs/scale-out.md)."""
+    g = parser.add_argument_group(
+        "cluster (one job over many data movers on Dask distributed: pip install 'asyncdepo[dask]')",
+        "This process keeps the walk and the journal; the workers send. The source must be readable at the "
+        "same path on every worker. --transfers and the memory bound apply per worker, --bwlimit to the "
+        "whole job.")
+    g.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run the job on the Dask cluster whose scheduler is at ADDRESS (tcp://HOST:8786)")
+    g.add_argument("--local-cluster", metavar="N",
+                   help="start a Dask LocalCluster of N worker processes on this machine and run the job on it")
+    g.add_argument("--max-requests", metavar="N",
+                   help="requests in flight to the target over all workers together (default: no job-wide cap "
+                        "beyond --transfers per worker)")
+    g.add_argument("--batch-files", metavar="N", help="most files handed to a worker at once (default 256)")
+    g.add_argument("--batch-size", metavar="SIZE", help="most bytes handed to a worker at once (default 1G)")
+
+
+def cluster_options(args: argparse.Namespace) -> Any:
+    """The ``ClusterOptions`` the flags ask for, or None to run on this node; raises UsageError."""
+    from asyncdepo.config import parse_size
+
+    scheduler, local = getattr(args, "scheduler", None), getattr(args, "local_cluster", None)
+    extra = [f for f in ("max_requests", "batch_files", "batch_size") if getattr(args, f, None) is not None]
+    if scheduler is None and local is None:
+        if extra:
+            raise UsageError(f"--{extra[0].replace('_', '-')} applies to a cluster only",
+                             hint="add --scheduler ADDRESS or --local-cluster N")
+        return None
+    if scheduler is not None and local is not None:
+        raise UsageError("give --scheduler or --local-cluster, not both")
+
+    def whole(name: str, value: Any) -> int:
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"--{name} must be a whole number, not {value!r}") from None
+        if n < 1:
+            raise UsageError(f"--{name} must be at least 1")
+        return n
+
+    from asyncdepo.engine.cluster import ClusterOptions
+
+    opts = ClusterOptions(scheduler=scheduler, local_workers=whole("local-cluster", local) if local else 0)
+    if args.max_requests is not None:
+        opts = dataclasses.replace(opts, max_requests=whole("max-requests", args.max_requests))
+    if args.batch_files is not None:
+        opts = dataclasses.replace(opts, batch_files=whole("batch-files", args.batch_files))
+    if args.batch_size is not None:
+        opts = dataclasses.replace(opts, batch_bytes=whole("batch-size", parse_size(args.batch_size)))
+    return opts
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -189,6 +248,10 @@ def print_report(report: Any, *, json_out: bool = False, resume_hint: str | None
         lines.append(f"  ... and {len(report.failures) - 20} more (asyncdepo status {report.job_id})")
     for key, value in (report.summary or {}).items():
         lines.append(f"  {key}: {value}")
+    for name, w in sorted(getattr(report, "workers", {}).items()):
+        lines.append(f"  worker {name}: {w['files']} files, {w['bytes'] / 1e6:,.1f} MB "
+                     f"({w['bytes_sent'] / 1e6:,.1f} MB on the wire) in {w['batches']} batches"
+                     + (f", {w['failed']} failed" if w["failed"] else ""))
     if not report.ok and resume_hint:
         lines.append(f"to retry the failed items: {resume_hint}")
     print("\n".join(lines), file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("target", help="target URL (file://, tus+http://, s3://)")
     _s3_options(push)
     common.add_engine_options(push)
+    common.add_cluster_options(push)
 
     pull = sub.add_parser("pull", help="fetch from a target URL (or an archive) into a directory")
     pull.add_argument("source", help="URL to fetch from (file://, s3://)")
@@ -59,9 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     _s3_options(pull)
     common.add_engine_options(pull)
 
-    res = sub.add_parser("resume", help="continue an interrupted or failed job")
+    res = sub.add_parser("resume", help="continue an interrupted or failed job",
+                         description="Run a job's recorded command again. Cluster flags given here replace "
+                                     "the recorded ones (a job started on one node may resume on a cluster, "
+                                     "and back).")
     res.add_argument("job", help="job id (a unique prefix is enough; see `asyncdepo jobs`)")
     res.add_argument("--journal", metavar="PATH")
+    common.add_cluster_options(res)
 
     st = sub.add_parser("status", help="per-state counts and failures of a job")
     st.add_argument("job")
@@ -83,8 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_adapter(url: str, args: argparse.Namespace, config: Any = None) -> Any:
-    """The adapter for a target URL; raises UsageError naming the known schemes."""
+def make_adapter(url: str, args: argparse.Namespace, config: Any = None, *, secrets_from_env: bool = True) -> Any:
+    """The adapter for a target URL; raises UsageError naming the known schemes. ``secrets_from_env``
+    False: no token from the environment (a cluster's worker gets the coordinator's in the handoff)."""
     from asyncdepo import adapters as base
 
     scheme = url.split("://", 1)[0] if "://" in url else ""
@@ -95,12 +102,27 @@ def make_adapter(url: str, args: argparse.Namespace, config: Any = None) -> Any:
                          hint="archives have their own commands: asyncdepo push pdis|gypsum|empiar --help")
     secrets = {}
     env = SECRET_ENV.get(scheme)
-    if env and os.environ.get(env):
+    if env and secrets_from_env and os.environ.get(env):
         secrets["token"] = os.environ[env]
     kw: dict[str, Any] = {}
     if scheme == "s3":
         kw = {"endpoint_url": args.endpoint_url, "region": args.region, "profile": args.profile}
     return factory(url, config, secrets, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetRecipe:
+    """How a worker of a cluster builds its copy of a URL target's adapter: the URL and the public S3
+    options (pickled into the tasks, so nothing secret); credentials come in the adapter's handoff."""
+
+    url: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+
+    def __call__(self, config: Any) -> Any:
+        args = argparse.Namespace(endpoint_url=self.endpoint_url, region=self.region, profile=self.profile)
+        return make_adapter(self.url, args, config, secrets_from_env=False)
 
 
 def _push(args: argparse.Namespace, argv: list[str]) -> int:
@@ -115,9 +137,18 @@ def _push(args: argparse.Namespace, argv: list[str]) -> int:
     stored = ["push", *argv]
     if str(args.source) in stored:
         stored[stored.index(str(args.source))] = str(args.source.absolute())
+    cluster = common.cluster_options(args)
     try:
-        report = common.run(lambda: push(args.source, adapter, config, reporter=reporter,
-                                         argv=stored), reporter)
+        if cluster is not None:
+            from asyncdepo.engine.cluster import push_on_cluster
+
+            recipe = TargetRecipe(args.target, getattr(args, "endpoint_url", None), getattr(args, "region", None),
+                                  getattr(args, "profile", None))
+            report = common.run(lambda: push_on_cluster(args.source, adapter, config, recipe, cluster,
+                                                        reporter=reporter, argv=stored), reporter)
+        else:
+            report = common.run(lambda: push(args.source, adapter, config, reporter=reporter,
+                                             argv=stored), reporter)
     except Cancelled:
         print(f"\ninterrupted; the journal holds the progress. Resume with:\n  asyncdepo resume {jid}",
               file=sys.stderr)
@@ -222,16 +253,47 @@ def _resume(args: argparse.Namespace) -> int:
         fn = getattr(module, "resume_job", None)
         if fn is None:
             raise UsageError(f"job {row['id']} ({row['kind']}) cannot be resumed by this version")
+        if _cluster_argv(args):
+            raise UsageError(f"job {row['id']} ({row['kind']}) runs on one node: resume it without "
+                             "--scheduler / --local-cluster")
         return int(fn(row))
     argv = list(row["argv"])
     if not argv:
         raise UsageError(f"job {row['id']} has no recorded command; run the original {row['kind']} again")
     if args.journal and "--journal" not in argv:
         argv += ["--journal", args.journal]
+    given = _cluster_argv(args)
+    if given:
+        argv = _without_cluster_flags(argv) + given
     print("resuming: asyncdepo " + " ".join(argv), file=sys.stderr)
     from asyncdepo.cli import main as cli_main
 
     return cli_main(argv)
+
+
+def _cluster_argv(args: argparse.Namespace) -> list[str]:
+    """The cluster flags given to ``resume``, as argv."""
+    out: list[str] = []
+    for flag in common.CLUSTER_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def _without_cluster_flags(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in common.CLUSTER_FLAGS:
+            skip = "=" not in arg and common.CLUSTER_FLAGS[name]
+            continue
+        out.append(arg)
+    return out
 
 
 def _sim(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ uploads kept for resume live next to the journal (``<journal dir>/gypsum-session
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -72,6 +73,21 @@ def _group_options(p: argparse.ArgumentParser, extra: dict[str, Any]) -> None:
 
 
 # -- push / pull ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class GypsumRecipe:
+    """How a worker of a cluster builds its copy of the adapter (pickled into the tasks: nothing secret);
+    the upload session and its token come in the handoff, so the worker PUTs files and never starts,
+    completes or aborts the upload."""
+
+    server: str
+    project: str
+    asset: str
+    version: str
+
+    def __call__(self, config: Any) -> GypsumAdapter:
+        return GypsumAdapter(self.server, self.project, self.asset, self.version)
+
+
 def push_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="asyncdepo push gypsum",
@@ -87,9 +103,11 @@ def push_main(argv: list[str]) -> int:
     p.add_argument("--keep-for-resume", action="store_true",
                    help="on failure or Ctrl-C keep the partial upload (and the project lock) to resume it")
     common.add_engine_options(p)
+    common.add_cluster_options(p)
     try:
         args = p.parse_args(argv)
         project, asset, version = parse_target(args.target, need_version=True)
+        cluster = common.cluster_options(args)
         config = common.engine_config(args)
         if config.compress is not None:
             raise UsageError("gypsum stores files as they are: --compress cannot be used")
@@ -109,7 +127,15 @@ def push_main(argv: list[str]) -> int:
 
     stored = ["push", "gypsum", *[str(args.source.absolute()) if a == str(args.source) else a for a in argv]]
     try:
-        report = _engine_run(lambda: push(args.source, adapter, config, reporter=reporter, argv=stored), reporter)
+        if cluster is not None:
+            from asyncdepo.engine.cluster import push_on_cluster
+
+            recipe = GypsumRecipe(server_of(args), project, asset, str(version))
+            report = _engine_run(lambda: push_on_cluster(args.source, adapter, config, recipe, cluster,
+                                                         reporter=reporter, argv=stored), reporter)
+        else:
+            report = _engine_run(lambda: push(args.source, adapter, config, reporter=reporter, argv=stored),
+                                 reporter)
     except Cancelled:
         kept = args.keep_for_resume
         print("\ninterrupted; " + ("the upload is kept: run the same command again to resume it"

@@ -251,6 +251,7 @@ def _push_parser() -> argparse.ArgumentParser:
                    help="first polling interval, x1.5 per poll up to 60 s (default 5)")
     p.add_argument("--wait-timeout", type=float, default=None, metavar="S", help="give up waiting after S s")
     common.add_engine_options(p)
+    common.add_cluster_options(p)  # accepted, to say clearly why they do not apply
     return p
 
 
@@ -285,6 +286,10 @@ def push_main(argv: list[str]) -> int:
     """``asyncdepo push pdis DIR... [--each PARENT] --pdb CODE [...] [--wait]``."""
     args = _push_parser().parse_args(argv)
     try:
+        if common.cluster_options(args) is not None:
+            raise UsageError("PDIS takes each dataset as one packed upload (a tar.zst stream), which runs on "
+                             "one node: it cannot be split over a cluster",
+                             hint="run the push without --scheduler / --local-cluster")
         dirs = _datasets(args)
         meta = _metadata(args)
         server = _server(args)

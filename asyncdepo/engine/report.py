@@ -38,6 +38,10 @@ class RunReport:
     bwlimit: float | None = None
     #: the error that stopped it (not part of the JSON report: its message is in ``failures``)
     stop_error: BaseException | None = dataclasses.field(default=None, repr=False, compare=False)
+    #: per worker of a cluster (name -> files, bytes, bytes_sent, failed, batches); empty on one node
+    workers: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    #: on a cluster: workers seen, batches handed out, most items the coordinator held at once
+    cluster: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def mb_per_s(self) -> float:

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -110,14 +110,30 @@ async def _fail(run: Run, item: Item, exc: BaseException, report: RunReport) -> 
         # what the target holds of it is removed; the journal and the report say the same thing
         await discard(run, item.rel, report)
         error = VANISHED
+    await failed(run, item, msg, transient, report, error=error)
+
+
+async def failed(run: Run, item: Item, msg: str, transient: bool, report: RunReport, *,
+                 error: str | None = None) -> None:
+    """Record ``item`` as failed with ``msg`` (``error``: the journal's shorter text): journal, counters, an
+    ItemFailed event and the report."""
     await run.journal.record(run.job, item.rel, size=item.size, mtime_ns=item.mtime_ns, state="failed",
-                             error=error, transient=int(transient), walked=run.journal.runs.get(run.job, 0))
+                             error=error or msg.splitlines()[0], transient=int(transient),
+                             walked=run.journal.runs.get(run.job, 0))
     run.reporter.stats.failed()
     run.reporter.emit(ItemFailed(rel=item.rel, error=msg, transient=transient))
     report.failures.append((item.rel, msg.splitlines()[0]))
 
 
 Batches = AsyncIterator[list[Item]]
+
+
+class PassFn(Protocol):
+    """A pass over batches of items: :func:`_pass` sends them here; a cluster coordinator
+    (:mod:`asyncdepo.engine.cluster`) hands them to workers."""
+
+    def __call__(self, run: Run, batches: Batches, report: RunReport, skip: set[str],
+                 digests: dict[str, dict[str, str]], *, count: bool = True) -> Awaitable[None]: ...
 
 
 async def walked(run: Run, root: Path, report: RunReport) -> Batches:
@@ -218,6 +234,13 @@ async def _checked(run: Run, entries: AsyncIterator[Entry], report: RunReport
             await _fail(run, item, exc, report)
             continue
         yield item, saved
+
+
+def items_to_send(run: Run, batches: Batches, report: RunReport, count: bool, skip: set[str],
+                  digests: dict[str, dict[str, str]]) -> AsyncIterator[tuple[Item, dict[str, Any] | None]]:
+    """The items of a pass that still need sending, with their journaled state, after the checks made before
+    an item is sent (for feeders of other workers: sessions, a cluster)."""
+    return _checked(run, _items(run, batches, count, skip, digests), report)
 
 
 async def _pass(run: Run, batches: Batches, report: RunReport, skip: set[str],
@@ -369,10 +392,12 @@ class _Counted:
 async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None = None, *,
                reporter: Reporter | None = None, journal_path: Path | None = None,
                argv: list[str] | None = None, tick: float = 0.5, clock: Clock = SYSTEM_CLOCK,
-               kind: str = "push") -> RunReport:
+               kind: str = "push", passes: PassFn | None = None) -> RunReport:
     """Push ``source`` (a directory or one file) through ``adapter``; see the module docstring. ``clock``
     paces every retry of the run (tests pass one that steps time). ``kind`` names the job in the journal
     (``asyncdepo resume`` reruns ``argv`` for ``push``; an archive's own kind resumes through its command).
+    ``passes`` replaces the local pass (:func:`_pass`), e.g. by one that hands the items to the workers of
+    a cluster.
 
     :raises UsageError: the source is missing or unreadable (before anything is sent).
     Item failures do not raise: they are in the report (``ok`` False) and the journal.
@@ -399,7 +424,7 @@ async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_ticker, reporter, tick)
-                    await _run_all(run, root, report)
+                    await _run_all(run, root, report, passes or _pass)
                     tg.cancel_scope.cancel()
                 ok = not report.failures
             finally:
@@ -435,7 +460,7 @@ class _Unfinished(TransientError):
     """Items of the run failed transiently: the run level tries them again."""
 
 
-async def _run_all(run: Run, root: Path, report: RunReport) -> None:
+async def _run_all(run: Run, root: Path, report: RunReport, passes: PassFn) -> None:
     if run.features.packed:
         await _packed(run, root, report)
         return
@@ -461,7 +486,7 @@ async def _run_all(run: Run, root: Path, report: RunReport) -> None:
         nonlocal first
         if first:
             first = False
-            await _pass(run, walked(run, root, report), report, skip, digests)
+            await passes(run, walked(run, root, report), report, skip, digests)
             if report.stopped:
                 return  # the disk is full: nothing more can be written in this run
             await sweep_vanished(run, root, report)
@@ -472,7 +497,7 @@ async def _run_all(run: Run, root: Path, report: RunReport) -> None:
             before = len(report.failures)
             report.failures = [(r, e) for r, e in report.failures if r not in retried]
             run.reporter.stats.requeued(before - len(report.failures))
-            await _pass(run, named(run, root, again, report), report, skip, digests, count=False)
+            await passes(run, named(run, root, again, report), report, skip, digests, count=False)
             if report.stopped:
                 return
         left = await run.journal.failed_transient(run.job, limit=1)

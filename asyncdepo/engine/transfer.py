@@ -20,6 +20,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
 import anyio
@@ -65,7 +66,8 @@ REQUEST_DEADLINE = 900.0
 @dataclasses.dataclass
 class Run:
     """Everything one run shares: config, adapter, bounds, journal, reporting and the pacers of the request
-    and item levels (both built on one clock, so tests can step time)."""
+    and item levels (both built on one clock, so tests can step time). ``journal`` is the SQLite journal,
+    or on a cluster's worker a :class:`~asyncdepo.engine.ledger.MemoryLedger` (rows in memory)."""
 
     config: EngineConfig
     adapter: Adapter
@@ -74,7 +76,7 @@ class Run:
     job: str
     pool: BufferPool
     io: anyio.CapacityLimiter
-    slots: anyio.CapacityLimiter
+    slots: AbstractAsyncContextManager[Any]  # request slots: a CapacityLimiter, or a cluster's job-wide ones
     bucket: TokenBucket | None
     hashes: tuple[str, ...]
     clock: Clock = SYSTEM_CLOCK

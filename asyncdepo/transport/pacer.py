@@ -13,7 +13,8 @@ What a caller may rely on:
   that wait is used instead, capped at ``max_retry_after``.
 * **Bounds**: at most ``attempts`` calls in all, and no retry starts once ``deadline`` seconds (waits
   included) would be exceeded; then the last error is raised. A permanent error is raised at once.
-* **Tokens**: with ``tokens`` (a CapacityLimiter, e.g. ``--transfers`` request slots) each attempt runs
+* **Tokens**: with ``tokens`` (a CapacityLimiter, e.g. ``--transfers`` request slots, or any async context
+  manager that holds a slot while entered) each attempt runs
   holding a token and the waits between attempts hold none, so a backing-off request never blocks others.
 * **Time** comes from an injectable :class:`Clock` (``monotonic`` and ``sleep``) and randomness from
   ``rng``: tests step a fake clock instead of sleeping (s3transfer's pattern).
@@ -30,7 +31,8 @@ import dataclasses
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, TypeVar
 
 import anyio
 
@@ -157,7 +159,7 @@ class Pacer:
     """
 
     def __init__(self, policy: RetryPolicy | None = None, *, classify: Classify = should_retry,
-                 tokens: anyio.CapacityLimiter | None = None, on_retry: OnRetry | None = None,
+                 tokens: AbstractAsyncContextManager[Any] | None = None, on_retry: OnRetry | None = None,
                  clock: Clock = SYSTEM_CLOCK, rng: Callable[[], float] = random.random) -> None:
         self.policy = policy or RetryPolicy()
         self.classify = classify

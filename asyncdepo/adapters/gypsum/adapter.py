@@ -29,6 +29,7 @@ file to PUT; nothing grows with file sizes.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import uuid
@@ -119,6 +120,7 @@ class GypsumAdapter(Adapter):
         self._skip: set[str] | None = None
         self._md5: dict[str, str] = {}
         self._counts = {"files": 0, "to_put": 0, "already_put": 0}
+        self._handed = False  # a copy on a cluster's worker: the session came from the coordinator
 
     # -- identity and state --------------------------------------------------------------------------
     def describe(self) -> str:
@@ -136,10 +138,25 @@ class GypsumAdapter(Adapter):
     def restore_job_state(self, state: Mapping[str, Any]) -> None:
         """Nothing to take back: the session file (checked against the lock) is the truth."""
 
+    async def handoff(self) -> dict[str, Any]:
+        """The upload session (its token included) and the md5 of every file, for copies of the adapter on a
+        cluster's workers: they PUT files of this upload; the coordinator alone completes or aborts it."""
+        rec = self.session
+        if rec is None:
+            return {}
+        return {"session": dataclasses.asdict(rec), "md5": dict(self._md5)}
+
+    def take_handoff(self, data: Mapping[str, Any]) -> None:
+        if data.get("session"):
+            self.session = SessionRecord(**data["session"])
+            self._label = self.session.label
+            self._md5 = dict(data.get("md5") or {})
+            self._handed = True
+
     async def __aenter__(self) -> Self:
         await self.client.__aenter__()
         try:
-            if self.version is not None:
+            if self.version is not None and not self._handed:
                 await self.find_session()
         except BaseException:
             await self.client.__aexit__(None, None, None)

@@ -160,6 +160,38 @@ class S3Adapter(Adapter):
             return env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env.get("AWS_SESSION_TOKEN")
         return None
 
+    async def handoff(self) -> dict[str, Any]:
+        """Credentials resolved here (keys, profile, instance role: frozen, a session token included) and
+        the region, for copies of the adapter on a cluster's workers, which may have no AWS configuration.
+
+        :raises AuthError: no credentials could be found.
+        """
+        creds = self._static_credentials()
+        region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if creds is None:
+            from aiobotocore.session import AioSession
+
+            session = AioSession(profile=self.profile) if self.profile else AioSession()
+            found = await session.get_credentials()
+            if found is None:
+                raise errors.AuthError(f"no AWS credentials for {self.describe()}",
+                                       hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or --profile")
+            frozen = await found.get_frozen_credentials()
+            creds = (frozen.access_key, frozen.secret_key, frozen.token)
+            region = region or session.get_config_variable("region")
+        out = {"aws_access_key_id": creds[0], "aws_secret_access_key": creds[1], "region": region}
+        if creds[2]:
+            out["aws_session_token"] = creds[2]
+        return out
+
+    def take_handoff(self, data: Mapping[str, Any]) -> None:
+        keys = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+        if data.get("aws_access_key_id"):
+            self._secrets = {k: str(data[k]) for k in keys if data.get(k)}
+            self.profile = None  # the keys resolved by the coordinator; this host may not know the profile
+        if data.get("region") and not self.region:
+            self.region = str(data["region"])
+
     def _start_fast_path_alone(self) -> bool:
         """Start without botocore when nothing needs it yet: an explicit endpoint (path-style, so the URL
         of a key is known) and keys at hand. Importing aiobotocore and building a client cost ~0.25 s,

@@ -1,0 +1,454 @@
+"""One push across the workers of a Dask distributed cluster: the coordinator.
+
+Dask's scheduler keeps no state across a restart, so the process that runs the command owns the job: it
+walks the source, holds the journal (and the job lock), runs the adapter's job-level steps (``prepare``,
+``finish``) and hands out *batches* of items to the workers; the workers only send bytes. The run is the
+ordinary one of :func:`asyncdepo.engine.scheduler.push` (journal, job, skip rules, digests before the start,
+run-level retry rounds, report) with its pass replaced by :meth:`_Coordinator.send_pass`:
+
+* the pass's items that still need sending (:func:`~asyncdepo.engine.scheduler.items_to_send`) are cut into
+  batches of at most ``batch_files`` items and ``batch_bytes`` bytes (a larger file is a batch of its own)
+  and submitted with ``Client.submit`` (:func:`~asyncdepo.engine.cluster_worker.run_batch`); at most
+  ``batches_per_thread`` batches per worker thread are out at once, so the coordinator holds a bounded
+  number of items whatever the number of files (batches stream from the walk; nothing lists every item);
+* results are gathered with ``as_completed``; each item is journaled as its result arrives (or earlier, as
+  the worker's progress reports it confirmed) and recorded exactly once: a batch run again after its
+  worker died returns the items the dead worker had finished as such, and they are not counted again;
+* a batch whose worker died is run again by Dask on another worker, from the checkpoint the dead one left
+  (see :mod:`asyncdepo.engine.cluster_worker`); when Dask gives up on it (``KilledWorker``) its items fail
+  transiently and the run's retry rounds send them again.
+
+Limits hold for the whole job: ``--bwlimit`` is divided among the live workers (a change reaches a worker
+with its next batch); ``--max-requests`` caps requests in flight over every worker together with a Dask
+``Semaphore`` (leases of a dead worker expire); ``--transfers`` and the memory formula apply per worker.
+Credentials reach the workers through the adapter's ``handoff`` in a worker plugin (never in a task, so
+never in task keys, reprs, the scheduler's task state, logs or the dashboard); the plugin is unregistered
+when the job ends.
+
+One view of the job: workers report bytes moved, items in flight, retries and item events as Dask events
+(``Worker.log_event``) on the job's topic; the coordinator adds them to its one :class:`~asyncdepo.accounting.Stats`
+(through its methods), so the progress display, ``--json`` and the report are those of a one-node run, plus
+per-worker counts in ``RunReport.workers``.
+
+Archives that take the whole dataset as one packed upload (``Features.packed``: PDIS) cannot be split:
+:func:`push_on_cluster` refuses them. The source must be readable at the same path on every worker (a
+shared file system).
+
+Imports dask's ``distributed`` on first use only.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from asyncdepo.config import EngineConfig
+from asyncdepo.contract import Adapter, Item
+from asyncdepo.engine.report import RunReport, describe
+from asyncdepo.engine.scheduler import Batches, failed, items_to_send, push
+from asyncdepo.engine.transfer import Run
+from asyncdepo.errors import DepoError, UsageError, is_transient
+from asyncdepo.events import ItemDone, Reporter
+
+#: a recipe builds a fresh, secret-free adapter on a worker (it is pickled into the tasks)
+Recipe = Callable[[EngineConfig], Adapter]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterOptions:
+    """Where the job runs and how it is cut.
+
+    :param scheduler: address of an existing Dask scheduler (``tcp://HOST:8786``).
+    :param local_workers: start a ``distributed.LocalCluster`` of this many worker processes instead.
+    :param threads_per_worker: task threads of each local worker: two, so a worker starts its next batch
+        while the last items of one are still moving.
+    :param batch_files: most items in one batch; :param batch_bytes: most bytes in one batch.
+    :param max_requests: requests in flight to the target over all workers together (None: no job-wide cap
+        beyond each worker's ``--transfers``; an archive's ``max_concurrency`` always holds job-wide).
+    :param batches_per_thread: batches handed out per worker thread before one comes back.
+    """
+
+    scheduler: str | None = None
+    local_workers: int = 0
+    threads_per_worker: int = 2
+    batch_files: int = 256
+    batch_bytes: int = 1 << 30
+    max_requests: int | None = None
+    batches_per_thread: int = 2
+
+
+@dataclasses.dataclass
+class _Held:
+    """A batch out on the cluster: its items (for the results) and which are recorded already."""
+
+    key: str
+    items: dict[str, Item]
+    finished: set[str] = dataclasses.field(default_factory=set)
+
+
+class _Coordinator:
+    """One job's side of the cluster; see the module docstring."""
+
+    def __init__(self, client: Any, recipe: Recipe, options: ClusterOptions) -> None:
+        self.client, self.recipe, self.options = client, recipe, options
+        self.run: Run | None = None
+        self.spec: Any = None
+        self.held: dict[str, _Held] = {}
+        self.owner: dict[str, _Held] = {}  # rel -> its batch, for the items out on the cluster
+        self.inbox: collections.deque[dict[str, Any]] = collections.deque()
+        self.wake = anyio.Event()
+        self.lock = anyio.Lock()
+        self.workers: dict[str, dict[str, int]] = {}
+        #: job-wide figures for the report: workers seen, batches handed out, most items held at once
+        self.figures: dict[str, int] = {"workers": 0, "batches": 0, "max_items_held": 0}
+        self.channel: str | None = None
+        self._live: tuple[float, int] = (0.0, 1)
+
+    # -- the job's start and end ---------------------------------------------------------------------
+    async def start(self, run: Run) -> None:
+        """Hand the adapter's credentials to the workers and listen to their progress (once per job)."""
+        from asyncdepo.engine.cluster_worker import JobSpec, SecretChannel
+
+        self.run = run
+        cap = min(filter(None, (self.options.max_requests, run.features.max_concurrency)), default=None)
+        topic = f"asyncdepo-{run.job}-{uuid.uuid4().hex[:8]}"
+        self.channel = topic + "-secrets"
+        self.spec = JobSpec(job=run.job, recipe=self.recipe, config=run.config, topic=topic,
+                            channel=self.channel, requests=cap)
+        handoff = await run.adapter.handoff()
+        await self.client.register_plugin(SecretChannel(run.job, handoff), name=self.channel)
+        self.client.subscribe_topic(topic, self._heard)
+
+    async def close(self) -> None:
+        """Stop listening and take the credentials back from every worker (shielded by the caller)."""
+        if self.spec is not None:
+            self.client.unsubscribe_topic(self.spec.topic)
+        if self.channel is not None:
+            with contextlib.suppress(Exception):  # a scheduler already gone holds nothing any more
+                await self.client.unregister_worker_plugin(self.channel)
+            self.channel = None
+
+    # -- progress from the workers -------------------------------------------------------------------
+    def _heard(self, event: tuple[float, dict[str, Any]]) -> None:
+        self.inbox.append(event[1])
+        self.wake.set()
+
+    async def listen(self) -> None:
+        """Apply the workers' progress as it arrives (a task for the whole job)."""
+        while True:
+            await self.wake.wait()
+            self.wake = anyio.Event()
+            await self.drain()
+
+    async def drain(self) -> None:
+        """Apply every progress event received so far, in order."""
+        async with self.lock:
+            while self.inbox:
+                await self._apply(self.inbox.popleft())
+
+    def _worker(self, name: str) -> dict[str, int]:
+        if name not in self.workers:
+            self.workers[name] = {"files": 0, "bytes": 0, "bytes_sent": 0, "failed": 0, "batches": 0}
+            self.figures["workers"] = len(self.workers)
+        return self.workers[name]
+
+    async def _apply(self, msg: dict[str, Any]) -> None:
+        from asyncdepo.engine.cluster_worker import FORWARDED
+
+        run = self.run
+        assert run is not None
+        stats, reporter = run.reporter.stats, run.reporter
+        counts = self._worker(str(msg.get("from")))
+        for rel, size in (msg.get("in") or {}).items():
+            held = self.owner.get(rel)
+            if held is not None and rel not in held.finished and rel not in stats.active:
+                stats.item_in(rel, size)
+        for rel, n in (msg.get("moved") or {}).items():
+            stats.moved(rel, n)
+            counts["bytes_sent"] += n
+        for reason, n in (msg.get("retries") or {}).items():
+            for _ in range(n):
+                stats.retried(reason)
+        for data in msg.get("events") or ():
+            cls = FORWARDED.get(str(data.pop("event", "")))
+            if cls is not None:
+                data.pop("t", None)
+                reporter.emit(cls(**data))
+        for key, rows in (msg.get("rows") or {}).items():
+            held = self.held.get(key)
+            if held is None:
+                continue  # the batch's result came first: it is recorded already
+            for rel, row in rows.items():
+                if rel in held.finished or rel not in held.items:
+                    continue
+                if row.get("state") == "done":
+                    await self._done(held, rel, row, str(msg.get("from")))
+                elif row:
+                    await self._journal(rel, row)
+        # items the worker is done with stay in flight here until their result is recorded
+
+    async def _done(self, held: _Held, rel: str, row: dict[str, Any], worker: str, sent: int | None = None) -> None:
+        """Record ``rel`` confirmed; ``sent``: its bytes on the wire (default: what progress reported)."""
+        run = self.run
+        assert run is not None
+        item = held.items[rel]
+        stats = run.reporter.stats
+        held.finished.add(rel)
+        await self._journal(rel, row)
+        stats.done(item.size)
+        moved = stats.active.get(rel, [0, 0])[1] if sent is None else sent
+        run.reporter.emit(ItemDone(rel=rel, size=item.size, sent=moved, digests=dict(row.get("digests") or {})))
+        stats.item_out(rel)
+        counts = self._worker(worker)
+        counts["files"] += 1
+        counts["bytes"] += max(0, item.size)
+
+    async def _failed(self, held: _Held, rel: str, error: str, transient: bool, report: RunReport,
+                      worker: str | None) -> None:
+        run = self.run
+        assert run is not None
+        held.finished.add(rel)
+        await failed(run, held.items[rel], error, transient, report)
+        run.reporter.stats.item_out(rel)
+        if worker is not None:
+            self._worker(worker)["failed"] += 1
+
+    # -- a pass ----------------------------------------------------------------------------------------
+    async def _rate(self) -> float | None:
+        """This moment's share of ``--bwlimit`` for one worker (the live workers asked at most every 2 s)."""
+        run = self.run
+        assert run is not None
+        if not run.config.bwlimit:
+            return None
+        stamp, live = self._live
+        if time.monotonic() - stamp > 2.0:
+            live = max(1, len(await self.client.nthreads()))
+            self._live = (time.monotonic(), live)
+        return run.config.bwlimit / live
+
+    async def send_pass(self, run: Run, batches: Batches, report: RunReport, skip: set[str],
+                        digests: dict[str, dict[str, str]], *, count: bool = True) -> None:
+        """The scheduler's pass, on the cluster (see the module docstring)."""
+        from distributed import Variable, as_completed
+
+        from asyncdepo.engine.cluster_worker import Batch, checkpoint_name, run_batch
+
+        if self.run is None:
+            await self.start(run)
+        # the same objects fill in as the job goes on, so the report the run emits at its end has them
+        report.workers = self.workers
+        report.cluster = self.figures
+        opts = self.options
+        threads = sum((await self.client.nthreads()).values()) or 1
+        window = anyio.Semaphore(max(2, opts.batches_per_thread * threads))
+        futures: dict[str, Any] = {}
+        pending = as_completed(loop=self.client.loop)
+        walked = anyio.Event()
+        more = anyio.Event()
+
+        async def submit(group: list[tuple[Item, Any]]) -> None:
+            nonlocal more
+            await window.acquire()
+            self.figures["batches"] += 1
+            key = f"b{self.figures['batches']}"
+            held = _Held(key, {i.rel: i for i, _ in group})
+            chunks: dict[str, list[list[Any]]] = {}
+            for i, s in group:
+                if s is not None:
+                    found = [[o, n, d] async for part in run.journal.chunks(run.job, i.rel) for o, n, d in part]
+                    if found:
+                        chunks[i.rel] = found
+            batch = Batch(key=key, items=tuple((i.path, i.rel, i.size, i.mtime_ns) for i, _ in group),
+                          saved={i.rel: s for i, s in group if s is not None}, chunks=chunks,
+                          known={i.rel: digests[i.rel] for i, _ in group if i.rel in digests},
+                          rate=await self._rate())
+            self.held[key] = held
+            self.owner.update((rel, held) for rel in held.items)
+            # the batch's checkpoint exists before it runs: a worker reads it without waiting for it
+            await Variable(checkpoint_name(self.spec, key), client=self.client).set({})
+            self.figures["max_items_held"] = max(self.figures["max_items_held"],
+                                                 sum(len(h.items) for h in self.held.values()))
+            future = self.client.submit(run_batch, self.spec, batch, key=f"{self.spec.topic}-{key}", pure=False)
+            futures[future.key] = (future, key)
+            pending.add(future)
+            more.set()
+
+        async def feed() -> None:
+            group: list[tuple[Item, Any]] = []
+            size = 0
+            try:
+                async for item, saved in items_to_send(run, batches, report, count, skip, digests):
+                    group.append((item, saved))
+                    size += max(0, item.size)
+                    if len(group) >= opts.batch_files or size >= opts.batch_bytes:
+                        await submit(group)
+                        group, size = [], 0
+                if group:
+                    await submit(group)
+            finally:
+                walked.set()
+                more.set()
+
+        async def gather() -> None:
+            nonlocal more
+            while True:
+                async for future in pending:
+                    _, key = futures.pop(future.key)
+                    try:
+                        await self._result(future, self.held[key], report)
+                    finally:
+                        self._forget(key)
+                        window.release()
+                if walked.is_set() and not futures:
+                    return
+                await more.wait()
+                more = anyio.Event()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(feed)
+                tg.start_soon(gather)
+        finally:
+            if futures:
+                with anyio.CancelScope(shield=True):
+                    await self.client.cancel([f for f, _ in futures.values()])
+                    for _, key in futures.values():
+                        self._forget(key)
+
+    async def _journal(self, rel: str, row: dict[str, Any]) -> None:
+        """Journal a worker's row of ``rel``: its fields, and its chunk digests when it has them."""
+        from asyncdepo.engine.ledger import CHUNKS
+
+        run = self.run
+        assert run is not None
+        fields = dict(row)
+        chunks = fields.pop(CHUNKS, None)
+        if fields:
+            await run.journal.record(run.job, rel, **fields)
+        if chunks is not None:
+            run.journal.forget_chunks(run.job, rel)
+            for offset, length, digest in chunks:
+                await run.journal.record_chunk(run.job, rel, offset, length, digest)
+
+    def _forget(self, key: str) -> None:
+        held = self.held.pop(key, None)
+        if held is not None:
+            for rel in held.items:
+                if self.owner.get(rel) is held:
+                    del self.owner[rel]
+
+    async def _result(self, future: Any, held: _Held, report: RunReport) -> None:
+        """Record what a batch's result says of each item not recorded yet."""
+        from distributed import Variable
+
+        from asyncdepo.engine.cluster_worker import checkpoint_name
+
+        run = self.run
+        assert run is not None
+        await self.drain()  # the worker's last progress first: bytes, rows, events in their order
+        try:
+            if future.status == "cancelled":  # by someone else (a restarted scheduler): not our cancellation
+                raise RuntimeError("the scheduler cancelled the batch")
+            result = await future
+        except Exception as exc:  # noqa: BLE001 - the batch is lost; its items are retried by the run
+            if isinstance(exc, DepoError):
+                why, transient = describe(exc), is_transient(exc)
+            else:  # KilledWorker: the workers that ran it died (Dask gives up after a few)
+                why, transient = f"the cluster lost this batch ({type(exc).__name__}: {exc})", True
+            for rel in list(held.items):
+                if rel not in held.finished:
+                    await self._failed(held, rel, why, transient, report, None)
+        else:
+            counts = self._worker(result.worker)
+            counts["batches"] += 1
+            for r in result.items:
+                if r.rel in held.finished or r.rel not in held.items:
+                    continue
+                if r.error is None:
+                    await self._done(held, r.rel, r.row, result.worker, None if r.earlier else r.sent)
+                else:
+                    if r.row:
+                        await self._journal(r.rel, r.row)
+                    await self._failed(held, r.rel, r.error, r.transient, report, result.worker)
+            for rel in list(held.items):
+                if rel not in held.finished:
+                    await self._failed(held, rel, "no result came back for this item", True, report,
+                                       result.worker)
+        with contextlib.suppress(Exception):
+            await Variable(checkpoint_name(self.spec, held.key), client=self.client).delete()
+
+
+@contextlib.asynccontextmanager
+async def connect(options: ClusterOptions) -> AsyncIterator[Any]:
+    """A Dask client: on the scheduler at ``options.scheduler``, or on a LocalCluster started (and stopped)
+    here.
+
+    :raises UsageError: dask is not installed, or the scheduler cannot be reached.
+    """
+    try:
+        import distributed
+    except ImportError:
+        raise UsageError("running on a cluster needs dask distributed",
+                         hint="pip install 'asyncdepo[dask]'") from None
+    import logging
+
+    # dask logs at INFO on its own logger; follow the command's level (-v shows them)
+    logging.getLogger("distributed").setLevel(max(logging.getLogger().getEffectiveLevel(), logging.INFO))
+    async with contextlib.AsyncExitStack() as stack:
+        if options.local_workers:
+            cluster = await stack.enter_async_context(distributed.LocalCluster(
+                n_workers=options.local_workers, threads_per_worker=options.threads_per_worker,
+                processes=True, dashboard_address=None, worker_dashboard_address=None, asynchronous=True,
+                silence_logs=logging.ERROR))
+            address: Any = cluster
+        else:
+            address = options.scheduler
+        try:
+            client = await stack.enter_async_context(
+                distributed.Client(address, asynchronous=True, timeout="30s", set_as_default=False))
+        except OSError as exc:
+            raise UsageError(f"cannot reach the Dask scheduler at {options.scheduler}: {exc}",
+                             hint="start one with `dask scheduler` and workers with `dask worker ADDRESS`, "
+                                  "or use --local-cluster N") from None
+        yield client
+
+
+async def push_on_cluster(source: Path | str, adapter: Adapter, config: EngineConfig, recipe: Recipe,
+                          options: ClusterOptions, *, reporter: Reporter | None = None,
+                          journal_path: Path | None = None, argv: list[str] | None = None,
+                          tick: float = 0.5) -> RunReport:
+    """Push ``source`` through ``adapter`` with the workers of a Dask cluster doing the sending; see the
+    module docstring. ``recipe`` builds the workers' copies of the adapter.
+
+    :raises UsageError: the archive needs one packed upload; dask is missing; no scheduler.
+    Item failures do not raise: they are in the report and the journal, as with
+    :func:`~asyncdepo.engine.scheduler.push`.
+    """
+    if adapter.features.packed:
+        raise UsageError(f"{adapter.describe()} takes the whole dataset as one packed upload, which runs on "
+                         "one node: it cannot be split over a cluster",
+                         hint="run the push without --scheduler / --local-cluster")
+    reporter = reporter or Reporter()
+    async with connect(options) as client:
+        from asyncdepo.engine.cluster_worker import warm
+
+        await client.run(warm, recipe, config)
+        coordinator = _Coordinator(client, recipe, options)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(coordinator.listen)
+                report = await push(source, adapter, config, reporter=reporter, journal_path=journal_path,
+                                    argv=argv, tick=tick, passes=coordinator.send_pass)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await coordinator.close()
+    return report
