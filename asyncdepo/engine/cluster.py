@@ -436,6 +436,9 @@ async def push_on_cluster(source: Path | str, adapter: Adapter, config: EngineCo
         raise UsageError(f"{adapter.describe()} takes the whole dataset as one packed upload, which runs on "
                          "one node: it cannot be split over a cluster",
                          hint="run the push without --scheduler / --local-cluster")
+    if adapter.features.sessions:
+        raise UsageError(f"{adapter.describe()} moves its files in transport sessions (ascp, Globus), which run "
+                         "on one node in this version", hint="run the push without --scheduler / --local-cluster")
     reporter = reporter or Reporter()
     async with connect(options) as client:
         from asyncdepo.engine.cluster_worker import warm
