@@ -2,8 +2,8 @@
 
 One dataset directory is one job: the engine streams it as tar -> zstd (``Features(packed=True)``) through
 ``open_item`` + ``writer.write_stream(source)``; the writer sends it as the ``dataset_file`` field of a
-``multipart/form-data`` ``POST upload/`` (:class:`MultipartSourcePayload`: our own aiohttp Payload, no temp
-file, chunked transfer encoding because the compressed size is not known in advance). ``writer.complete``
+``multipart/form-data`` ``POST upload/`` (the transport's ``form_file_payload``: no temp file, chunked
+transfer encoding because the compressed size is not known in advance). ``writer.complete``
 compares the server's ``md5hash``/``size`` (of the stored, decompressed archive) with the inner tar's md5 and
 size that the engine computed while streaming; ``finish(ok)`` submits the metadata (``POST submit/``).
 Waiting for a terminal status (``wait_for``) is separate from ``finish`` because the engine runs ``finish``
@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Self
 from urllib.parse import urlsplit
@@ -42,7 +41,6 @@ from urllib.parse import urlsplit
 import aiohttp
 import anyio
 import orjson
-from aiohttp import payload
 
 from asyncdepo.contract import Adapter, ByteSource, ChunkWriter, Features, Item
 from asyncdepo.errors import (
@@ -58,7 +56,7 @@ from asyncdepo.errors import (
     ValidationError,
 )
 from asyncdepo.transport.failures import boundary, status_error
-from asyncdepo.transport.httpbody import client_session
+from asyncdepo.transport.httpbody import client_session, form_file_payload
 from asyncdepo.transport.pacer import Pacer
 
 DEFAULT_SERVER = "https://proteindiffraction.org/api/v1/"
@@ -167,62 +165,6 @@ class Metadata:
             if value not in (None, ""):
                 out[key] = value
         return out
-
-
-class MultipartSourcePayload(payload.Payload):
-    """A ``multipart/form-data`` body: small text fields, then one file field streamed from a ByteSource.
-
-    Written as preamble + the source's blocks + epilogue; the size is unknown (compressed stream), so
-    aiohttp sends it chunked. Each write must make progress within ``stall`` seconds (TransientError
-    otherwise): with no total timeout on an upload of unknown size, this is what catches a stalled peer.
-    """
-
-    def __init__(self, source: ByteSource, *, field: str, filename: str, fields: Mapping[str, str],
-                 stall: float = STALL_SECONDS) -> None:
-        self.boundary = secrets.token_hex(16)
-        super().__init__(source, content_type=f"multipart/form-data; boundary={self.boundary}")
-        safe = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename)
-        head = b"".join(
-            f'--{self.boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-            for k, v in fields.items()
-        )
-        head += (f'--{self.boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{safe}"\r\n'
-                 "Content-Type: application/octet-stream\r\n\r\n").encode()
-        self._head, self._tail = head, f"\r\n--{self.boundary}--\r\n".encode()
-        self._source = source
-        self._stall = stall
-        self._written = False
-
-    @property
-    def size(self) -> int | None:
-        return None
-
-    async def _put(self, writer: Any, data: bytes | memoryview) -> None:
-        with anyio.fail_after(self._stall):
-            await writer.write(data)
-
-    async def write(self, writer: Any) -> None:
-        if self._written:
-            raise RuntimeError("a streamed body can be sent only once; make a new source to retry")
-        self._written = True
-        await self._put(writer, self._head)
-        it = self._source.__aiter__()
-        try:
-            async for block in it:
-                await self._put(writer, block)
-        except TimeoutError:
-            raise TransientError("pdis POST upload/: the server stopped reading the upload") from None
-        finally:
-            close = getattr(it, "aclose", None)
-            if close is not None:
-                await close()
-        await self._put(writer, self._tail)
-
-    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
-        await self.write(writer)
-
-    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        raise TypeError("a streamed body cannot be decoded")
 
 
 class PdisClient:
@@ -379,8 +321,11 @@ class PdisWriter(ChunkWriter):
         """
         self._answer, self._conflict = None, False
         client = self._adapter.client
-        body = MultipartSourcePayload(source, field="dataset_file", filename=self.item.rel,
-                                      fields={"dataset_type": self._adapter.metadata.dataset_type})
+        # each write must make progress within STALL_SECONDS: with no total timeout on an upload of unknown
+        # size, that is what catches a stalled peer
+        body = form_file_payload(source, field="dataset_file", filename=self.item.rel,
+                                 fields={"dataset_type": self._adapter.metadata.dataset_type},
+                                 stall=STALL_SECONDS, what="pdis POST upload/")
         # no total timeout (the size is unknown); the body's stall guard and sock_read cover hangs
         timeout = aiohttp.ClientTimeout(total=None, connect=30, sock_connect=30, sock_read=900)
         try:

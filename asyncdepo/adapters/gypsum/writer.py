@@ -4,7 +4,9 @@
 (the engine retries transient failures with a fresh source): it presigns when it has no URL or the URL is
 older than ``PRESIGN_REUSE`` seconds, and forgets the URL when the store refuses it as expired or with a
 bad signature, so the next attempt presigns again. ``complete`` compares the store's ETag (an md5 for a
-single PUT) with the md5 computed while reading.
+single PUT) with the md5 computed while reading. The body is the transport's
+:class:`~asyncdepo.transport.httpbody.SourcePayload` (buffer lifetime, the source finished before its final
+byte goes out, never replayed by aiohttp).
 """
 
 from __future__ import annotations
@@ -15,59 +17,12 @@ from typing import Any
 
 from asyncdepo.adapters.gypsum.api import GypsumClient, map_status
 from asyncdepo.contract import ByteSource, ChunkWriter, Item
-from asyncdepo.errors import IntegrityError, SourceChangedError, TransientError
+from asyncdepo.errors import IntegrityError, TransientError
 from asyncdepo.transport.failures import boundary
 from asyncdepo.transport.httpbody import SourcePayload, request_timeout
 from asyncdepo.transport.s3errors import parse_s3_xml
 
 PRESIGN_REUSE = 3000.0  # seconds a presigned URL is reused (the real server signs them for 3600 s)
-
-
-async def _next_block(it: Any) -> Any:
-    try:
-        return await it.__anext__()
-    except StopAsyncIteration:
-        return None
-
-
-class _OncePayload(SourcePayload):
-    """The PUT body, a SourcePayload with three guarantees the plain one lacks:
-
-    * the source is finished (digests filled, the file-changed check run) *before* its last bytes are
-      written: once the server has every byte it answers, and aiohttp then cancels a body writer still
-      running — the digests would be lost and the connection closed instead of reused. So the final byte
-      is held back (copied) while the source is driven to its end;
-    * the source is iterated through one ``__aiter__`` call (a ByteSource may refuse a second one);
-    * it is marked consumed, so aiohttp does not replay it after a dropped connection (the engine retries
-      with a fresh source instead).
-    """
-
-    async def write(self, writer: Any) -> None:
-        self._consumed = True
-        source = self._source
-        it = source.__aiter__()
-        remaining = source.size
-        try:
-            block = await _next_block(it)
-            while block is not None:
-                if remaining is not None and len(block) >= remaining:
-                    # all but the final byte go now (the transport sends or copies them before write returns,
-                    # so the block's buffer may be reused); the final byte is held back until the source ended
-                    if len(block) > 1:
-                        await writer.write(block[:-1])
-                    tail = bytes(block[-1:])
-                    if await _next_block(it) is not None:
-                        raise SourceChangedError("the file grew while it was read; it will be re-sent")
-                    await writer.write(tail)
-                    return
-                await writer.write(block)
-                if remaining is not None:
-                    remaining -= len(block)
-                block = await _next_block(it)
-        finally:
-            close = getattr(it, "aclose", None)
-            if close is not None:
-                await close()
 
 
 class GypsumWriter(ChunkWriter):
@@ -99,7 +54,7 @@ class GypsumWriter(ChunkWriter):
         assert session is not None
         headers = {"Content-MD5": md5b64, "Content-Length": str(size), "Content-Type": "application/octet-stream"}
         with boundary(what):
-            async with session.put(url, data=_OncePayload(source), headers=headers,
+            async with session.put(url, data=SourcePayload(source, what=what), headers=headers,
                                    timeout=request_timeout(size)) as resp:
                 body = await resp.read()
                 if resp.status == 200:
