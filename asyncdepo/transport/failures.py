@@ -9,8 +9,9 @@ Everything that talks to a server turns what went wrong into the errors tree her
   quirks with ``refine`` (gypsum answers a full quota with 400 "quota"; tus's 409 means "another offset")
   and its advice with ``hints``; it never writes a status table of its own.
 * :func:`message_of` — the archive's own words from an error body: JSON ``message``/``error``/``detail``/
-  ``reason``, an S3-style XML ``Code: Message``, else the start of the text. Adapters whose archive words
-  it differently pass a small parser of their own to :func:`status_error`'s callers instead.
+  ``reason``, an S3-style XML ``Code: Message``, an HTML error page's title (or its text without tags), else
+  the start of the text. Adapters whose archive words it differently pass a small parser of their own to
+  :func:`status_error`'s callers instead.
 * :func:`connection_error` and :func:`boundary` — network failures (aiohttp errors, timeouts, socket and TLS
   errors) -> TransientError, an untrusted certificate -> PermanentError with a hint. A DepoError raised by
   our own code underneath (a request body that found its file changed) comes out as itself.
@@ -58,6 +59,9 @@ Refine = Callable[[int, str], type[TransferError] | None]
 
 _QUERY = re.compile(r"(https?://[^\s?'\"]*)\?[^\s'\"]*")
 _XML = {tag: re.compile(rf"<{tag}>(.*?)</{tag}>", re.DOTALL) for tag in ("Code", "Message")}
+_HTML = re.compile(r"\s*<(!doctype|html)", re.IGNORECASE)
+_TITLE = re.compile(r"<title>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<[^>]*>")
 CERT_HINT = "check the server URL; a private CA goes in SSL_CERT_FILE (or the target's own CA setting)"
 
 
@@ -97,6 +101,9 @@ def message_of(raw: bytes, limit: int = 300) -> str:
         xml = [m.group(1).strip() for rx in _XML.values() if (m := rx.search(text))]
         if xml:
             return ": ".join(xml)[:limit]
+        if _HTML.match(text):  # a proxy's or web server's error page: its title, else its text without tags
+            title = _TITLE.search(text)
+            text = title.group(1) if title else _TAG.sub(" ", text)
         return scrub(" ".join(text.split()))[:limit]
     if isinstance(body, dict):
         for key in ("message", "error", "detail", "reason"):
@@ -142,8 +149,8 @@ def status_error(status: int, message: str = "", *, what: str, retry_after: str 
 
 def untrusted(what: str, exc: ssl.SSLCertVerificationError) -> PermanentError:
     """A TLS certificate the client does not trust, as a permanent error that says what to check."""
-    return PermanentError(f"{what}: the server's TLS certificate is not trusted ({exc.verify_message})",
-                          hint=CERT_HINT)
+    why = getattr(exc, "verify_message", None) or exc.strerror or "verification failed"
+    return PermanentError(f"{what}: the server's TLS certificate is not trusted ({why})", hint=CERT_HINT)
 
 
 def is_transport_failure(exc: BaseException) -> bool:
@@ -176,11 +183,13 @@ def connection_error(exc: BaseException, what: str) -> DepoError:
 
 
 def _certificate_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return exc
-    inner = getattr(exc, "certificate_error", None)  # aiohttp's ClientConnectorCertificateError
+    # aiohttp's ClientConnectorCertificateError is itself an SSLCertVerificationError (a subclass) without
+    # the ``verify_message`` of the one it wraps: look inside it first
+    inner = getattr(exc, "certificate_error", None)
     if isinstance(inner, ssl.SSLCertVerificationError):
         return inner
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return exc
     return None
 
 

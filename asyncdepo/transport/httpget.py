@@ -8,7 +8,13 @@ kept the loop thread saturated at about 0.65x the throughput of ``curl`` run eig
 ``http.client`` response read into one page-aligned 512 KiB buffer per transfer, in a thread that also hashes
 and writes it, spreads the same work over both cores (about 1.2x curl in the same run). The standard
 library's ``http.client`` does the protocol (it is what ``urllib`` uses); this module only adds the loop
-around it: redirects, Range resume, error mapping, progress and cancellation.
+around it: redirects, Range resume, error mapping (through :mod:`asyncdepo.transport.failures`), progress
+and cancellation.
+
+Redirects: at most :data:`MAX_REDIRECTS`; a redirect to another origin (scheme, host or port) drops every
+header that carries a credential (:func:`redirected_headers`), as curl and requests drop Authorization and
+cookies. (aiohttp does the same for Authorization, Cookie and Proxy-Authorization on the adapters' own
+sessions.)
 
 Adapters offer it by returning a :class:`PlainGet` from ``Adapter.plain_get``; the pull engine then calls
 :func:`fetch` instead of iterating ``Adapter.read``. Anything the adapter cannot express as a plain GET (a
@@ -55,6 +61,8 @@ BLOCK = 1 << 19
 MAX_REDIRECTS = 5
 POOL = ConnectionPool(max_idle=32)  # shared by every transfer thread of the process
 PROGRESS_EVERY = 0.2  # seconds between progress reports from a transfer thread
+# headers that carry a credential: never sent to another origin after a redirect
+CREDENTIAL = re.compile(r"authorization|cookie|token|secret|passw|api-?key|session|signature|credential", re.IGNORECASE)
 
 
 @functools.cache
@@ -108,6 +116,22 @@ class _Stop:
                     pass
 
 
+def origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of ``url``, the port made explicit."""
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def redirected_headers(headers: dict[str, str], old: str, new: str) -> dict[str, str]:
+    """The headers to send to ``new`` after ``old`` redirected there: all of them within one origin; to another
+    origin (scheme, host or port) none that carries a credential (:data:`CREDENTIAL`: Authorization,
+    Proxy-Authorization, Cookie, and any whose name speaks of a token, key, secret, password, session or
+    signature), as curl and requests drop Authorization and cookies on a redirect to another host."""
+    if origin(old) == origin(new):
+        return headers
+    return {k: v for k, v in headers.items() if not CREDENTIAL.search(k)}
+
+
 def _where(url: str, spec: PlainGet) -> tuple[tuple[str, str, int | None], str]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -142,9 +166,10 @@ def _open(spec: PlainGet, offset: int, stop: _Stop) -> tuple[http.client.HTTPCon
     """Send the GET (following redirects); return the connection, the response, how many leading bytes to
     drop and where it went (for the connection pool)."""
     url = spec.url
+    sent = dict(spec.headers)
     for _ in range(MAX_REDIRECTS + 1):
         where, target = _where(url, spec)
-        headers = dict(spec.headers)
+        headers = dict(sent)
         if offset:
             headers["Range"] = f"bytes={offset}-"
         conn, resp = _send(spec, where, target, headers, stop)
@@ -152,7 +177,8 @@ def _open(spec: PlainGet, offset: int, stop: _Stop) -> tuple[http.client.HTTPCon
         if resp.status in (301, 302, 303, 307, 308) and location:
             resp.read()
             conn.close()
-            url = urljoin(url, location)
+            url, old = urljoin(url, location), url
+            sent = redirected_headers(sent, old, url)
             continue
         if resp.status >= 400:
             detail = message_of(resp.read(1 << 16))

@@ -30,6 +30,9 @@ class Server:
 
     def __init__(self) -> None:
         self.ranges: list[str | None] = []
+        self.headers: list[dict[str, str]] = []  # the request headers /f was asked with
+        self.away_to = ""  # where /away redirects (another server: another origin)
+        self.endless_peer: tuple[str, int] | None = None
         self.peers: set[tuple[str, int]] = set()
         self.transports: list[asyncio.Transport] = []
         self.wrote_first = asyncio.Event()
@@ -37,7 +40,7 @@ class Server:
         app = web.Application()
         app.router.add_get("/f", self.file)
         for name in ("norange", "moved", "loop", "missing", "busy", "denied", "short", "badrange", "endless",
-                     "chunked", "stall", "aborted"):
+                     "chunked", "stall", "aborted", "away"):
             app.router.add_get(f"/{name}", getattr(self, name))  # each route is the handler of its name
         self.release = asyncio.Event()
         self.server = TestServer(app, host="127.0.0.1")
@@ -49,6 +52,7 @@ class Server:
     async def file(self, request: web.Request) -> web.StreamResponse:
         rng = request.headers.get("Range")
         self.ranges.append(rng)
+        self.headers.append(dict(request.headers))
         assert request.transport is not None
         self.peers.add(request.transport.get_extra_info("peername"))
         self.transports.append(request.transport)  # type: ignore[arg-type]
@@ -60,6 +64,9 @@ class Server:
 
     async def moved(self, request: web.Request) -> web.Response:
         raise web.HTTPFound("/f?sig=abc")
+
+    async def away(self, request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(self.away_to)
 
     async def loop(self, request: web.Request) -> web.Response:
         raise web.HTTPFound("/loop")
@@ -120,6 +127,8 @@ class Server:
     async def endless(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse()
         resp.content_length = 1 << 40
+        assert request.transport is not None
+        self.endless_peer = request.transport.get_extra_info("peername")
         await resp.prepare(request)
         try:
             await resp.write(b"x" * 65536)  # the client now waits for the rest of its first block
@@ -250,12 +259,72 @@ async def test_a_range_answer_from_elsewhere_is_refused(server: Server, tmp_path
 
 
 async def test_cancelling_closes_the_connection(server: Server, tmp_path: Path) -> None:
+    """Cancelled mid-body, the transfer shuts its socket down (the server sees the client leave, though it
+    never sends more nor closes), the part file holds only bytes that arrived, and the connection is never
+    given back to the pool: the next GET to the same server comes on a new one."""
+    part = tmp_path / "f.part"
     async with anyio.create_task_group() as tg:
-        tg.start_soon(get, server, "/endless", tmp_path / "f.part")
+        tg.start_soon(get, server, "/endless", part)
         await server.wrote_first.wait()
         tg.cancel_scope.cancel()
     with anyio.fail_after(60):  # a bound, not a timing assertion: the server must see the client leave
         await server.client_gone.wait()
+    kept = part.read_bytes()
+    assert len(kept) <= 65536 and kept == b"x" * len(kept)
+    await get(server, "/f", tmp_path / "next")
+    assert (tmp_path / "next").read_bytes() == BODY
+    assert server.endless_peer is not None and len(server.peers) == 1
+    assert server.endless_peer not in server.peers
+
+
+SECRET = "s3cret-value"
+CREDENTIALS = {"Authorization": f"Bearer {SECRET}", "Cookie": f"session={SECRET}", "X-Auth-Token": SECRET,
+               "Proxy-Authorization": f"Basic {SECRET}"}
+
+
+@pytest.fixture
+async def elsewhere(tmp_path: Path):
+    """A second server (another port: another origin) serving BODY at /f and recording request headers."""
+    srv = Server()
+    await start_over(srv.server, "http", tmp_path)
+    yield srv
+    await srv.server.close()
+
+
+@pytest.mark.parametrize("server", ["http"], indirect=True)
+async def test_credentials_never_follow_a_redirect_to_another_origin(server: Server, elsewhere: Server,
+                                                                     tmp_path: Path) -> None:
+    server.away_to = elsewhere.url("/f")
+    part = tmp_path / "a"
+    await get(server, "/away", part, headers={**CREDENTIALS, "Accept": "application/octet-stream"})
+    assert part.read_bytes() == BODY
+    [seen] = elsewhere.headers
+    assert not [k for k, v in seen.items() if SECRET in v], seen
+    assert seen["Accept"] == "application/octet-stream"  # what is not a credential still goes
+
+
+@pytest.mark.parametrize("server", ["http"], indirect=True)
+async def test_credentials_follow_a_redirect_within_the_origin(server: Server, tmp_path: Path) -> None:
+    await get(server, "/moved", tmp_path / "a", headers=CREDENTIALS)
+    [seen] = server.headers
+    assert {k: seen.get(k) for k in CREDENTIALS} == CREDENTIALS
+
+
+@pytest.mark.parametrize("server", ["http"], indirect=True)
+async def test_the_aiohttp_sessions_drop_credentials_on_a_redirect_to_another_origin(
+        server: Server, elsewhere: Server) -> None:
+    """What the adapters' aiohttp sessions (transport.httpbody.client_session) rely on: Authorization, cookies
+    and Proxy-Authorization do not follow a redirect to another origin. Adapters send credentials only in
+    those headers where redirects are followed; the rest (S3's x-amz-security-token, tus, PDIS) send their
+    requests with allow_redirects=False."""
+    from asyncdepo.transport.httpbody import client_session
+
+    server.away_to = elsewhere.url("/f")
+    headers = {k: v for k, v in CREDENTIALS.items() if k != "X-Auth-Token"}
+    async with client_session() as session, session.get(server.url("/away"), headers=headers) as r:
+        assert r.status == 200 and await r.read() == BODY
+    [seen] = elsewhere.headers
+    assert not [k for k, v in seen.items() if SECRET in v], seen
 
 
 def test_proxied_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
