@@ -182,7 +182,7 @@ class ImmportAdapter(Adapter):
 
     async def __aexit__(self, *exc: object) -> None:
         if self._api is not None:
-            self._api.close()
+            await self._api.aclose()
             self._api = None
         if self._http is not None:
             await self._http.close()

@@ -183,13 +183,17 @@ def connection_error(exc: BaseException, what: str) -> DepoError:
 
 
 def _certificate_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
-    # aiohttp's ClientConnectorCertificateError is itself an SSLCertVerificationError (a subclass) without
-    # the ``verify_message`` of the one it wraps: look inside it first
-    inner = getattr(exc, "certificate_error", None)
-    if isinstance(inner, ssl.SSLCertVerificationError):
-        return inner
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return exc
+    """The certificate failure behind ``exc``: itself, the one aiohttp's ClientConnectorCertificateError wraps
+    (looked at first: that class is itself an SSLCertVerificationError, without ``verify_message``), or one
+    a library raised ``exc`` from (urllib3's SSLError)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        inner = getattr(cause, "certificate_error", None)
+        if isinstance(inner, ssl.SSLCertVerificationError):
+            return inner
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
     return None
 
 

@@ -1,15 +1,27 @@
 """A plain HTTP(S) GET of one file into a part file, run in a worker thread: receive, hash and write in one pass.
 
-Why not aiohttp here: a download spends its time in three things that all release the GIL -- ``recv_into``,
-the digests and ``write`` -- and aiohttp's response stream does them on the event loop thread, one 16-64 KiB
-piece at a time with a bytes object, a callback and a wake-up each, and then a thread hop per block to hash
-and write. Measured on 2 cores (300 x 4 MiB, md5 checked, against the ImmPort simulator): the aiohttp route
-kept the loop thread saturated at about 0.65x the throughput of ``curl`` run eight at a time; a blocking
-``http.client`` response read into one page-aligned 512 KiB buffer per transfer, in a thread that also hashes
-and writes it, spreads the same work over both cores (about 1.2x curl in the same run). The standard
-library's ``http.client`` does the protocol (it is what ``urllib`` uses); this module only adds the loop
-around it: redirects, Range resume, error mapping (through :mod:`asyncdepo.transport.failures`), progress
-and cancellation.
+Why our own loop and not a library's: a download spends its time in three things that all release the GIL
+-- ``recv_into``, the digests and ``write`` -- and this module does them in one worker thread per transfer,
+one page-aligned 512 KiB block at a time (``recv(MSG_WAITALL)`` over plain TCP, TLS through memory BIOs:
+:mod:`asyncdepo.transport.tlsbio`), over keep-alive connections (:mod:`asyncdepo.transport.httppool`). The
+standard library's ``http.client`` does the protocol; this module adds redirects, Range resume, error mapping
+(through :mod:`asyncdepo.transport.failures`), progress and cancellation. Measured 2026-12-04 with
+``benchmarks/bench_immport.py``'s set-up (300 x 4 MiB, md5 checked, ``--transfers 8``, nginx TLS front and
+``--tls off``; each candidate the same ``asyncdepo pull immport --via https`` with only this module's
+receive path swapped, all alternated with ``xargs -P 8 curl`` in one run, 5 rounds, two runs; 2 shared cores
+under heavy load, so client CPU seconds are the steadier figure):
+
+=================================================  ==============  ==============  ==================
+receive path                                       CPU, HTTPS      CPU, plain      MB/s vs this one
+=================================================  ==============  ==============  ==================
+this module                                        5.5 / 5.8 s     4.9 / 4.2 s     1
+urllib3 ``PoolManager`` + ``readinto``, threads    +40 % / +20 %   +44 % / +16 %   0.70-0.91
+aiohttp on the loop, a thread hop per 512 KiB      +14 % / +16 %   +25 % / +29 %   0.67-0.68
+urllib3's pool with our TLS and receive loop       +5 % / +4 %     +3 % / +8 %     0.85-1.01
+=================================================  ==============  ==============  ==================
+
+(curl: 7.9 / 8.4 CPU s over HTTPS, 5.8 / 5.4 plain; this module 1.33-1.51x curl's MB/s.) Every library
+route was more than 5 % slower, so this one stays.
 
 Redirects: at most :data:`MAX_REDIRECTS`; a redirect to another origin (scheme, host or port) drops every
 header that carries a credential (:func:`redirected_headers`), as curl and requests drop Authorization and

@@ -1,4 +1,10 @@
-"""Keep-alive ``http.client`` connections shared by worker threads (:mod:`httpget`, :mod:`httpapi`).
+"""Keep-alive ``http.client`` connections shared by :mod:`asyncdepo.transport.httpget`'s worker threads.
+
+Why not urllib3's pool: it cannot hand out a connection whose TLS runs through memory BIOs
+(:mod:`asyncdepo.transport.tlsbio`) without overriding its private connection set-up, and even so configured
+(its ``HTTPSConnectionPool`` with our TLS and httpget's receive loop) it cost 3-8 % more client CPU and
+0-15 % of the throughput on ``benchmarks/bench_immport.py``'s pull (2026-12-04; figures in httpget's
+docstring). This pool is a dict of lists under a lock.
 
 A connection is taken for one request and given back once its response has been read to the end (and the
 server did not ask to close). A request that fails on a reused connection before any response arrived

@@ -1,11 +1,13 @@
-"""TLS for the threaded HTTP clients (:mod:`httpget`, :mod:`httpapi`) through memory BIOs, not ``SSLSocket``.
+"""TLS for the threaded GET (:mod:`asyncdepo.transport.httpget`) through memory BIOs, not ``SSLSocket``.
 
 Why: an ``SSLSocket`` read returns at most one TLS record (16 KiB) and OpenSSL reads each record from the
 kernel in two ``read`` calls (header, then body), each with the GIL released and taken back. Measured on
 2 cores with a bare loop of eight threads pulling 300 x 4 MiB over TLS from nginx with md5: 2.9 s user +
 3.1 s system through ``SSLSocket``; 2.6 s user + 1.0-1.3 s system through memory BIOs, where one ``recv`` brings up to 512 KiB
 of ciphertext and OpenSSL decrypts it from memory (``ssl.SSLObject``, the standard library's own
-non-socket TLS, which asyncio uses too). The certificate checks are the context's, unchanged.
+non-socket TLS, which asyncio uses too). The certificate checks are the context's, unchanged. Again on
+2026-12-04, the whole ``bench_immport`` pull over nginx's TLS: urllib3 (``SSLSocket``) 20-40 % more client
+CPU than this route (httpget's docstring).
 
 :class:`TLSStream` offers the few socket methods ``http.client`` calls (``sendall``, ``makefile``,
 ``close``...), so :class:`BioHTTPSConnection` is an ``HTTPSConnection`` in every other way, plus
