@@ -351,21 +351,21 @@ def test_body_damaged_in_transit_is_sent_again_with_a_fresh_read(
     """One bit flipped in the first upload's body (as a bad NIC or proxy would): the server answers 400
     "corrupt zstd stream", which is an integrity failure of that request, not a refusal of the dataset; the
     upload is built and sent again and the dataset is stored whole, once."""
-    from asyncdepo.adapters.pdis import MultipartSourcePayload
+    from asyncdepo.transport.httpbody import Outlet  # every request body is written through it
 
     ds = make_dataset(tmp_path, "5mno_flip", frames=6)
-    real = MultipartSourcePayload._put
+    real = Outlet.send
     flipped = [0]
 
-    async def flip_once(self: MultipartSourcePayload, writer: Any, data: Any) -> None:
+    async def flip_once(self: Outlet, data: Any) -> None:
         if not flipped[0] and len(data) > 4096:  # inside the zstd stream of the first body only
             flipped[0] += 1
             damaged = bytearray(data)
             damaged[len(damaged) // 2] ^= 0x10
             data = bytes(damaged)
-        await real(self, writer, data)
+        await real(self, data)
 
-    monkeypatch.setattr(MultipartSourcePayload, "_put", flip_once)
+    monkeypatch.setattr(Outlet, "send", flip_once)
     code, out, err = run_cli(capsys, "push", "pdis", str(ds), "--pdb", "5MNO", "--json")
     assert code == 0, err
     assert assert_stored_matches(sim, ds, results(out)["5mno_flip"]["md5"])
