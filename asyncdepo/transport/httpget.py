@@ -5,23 +5,23 @@ Why our own loop and not a library's: a download spends its time in three things
 one page-aligned 512 KiB block at a time (``recv(MSG_WAITALL)`` over plain TCP, TLS through memory BIOs:
 :mod:`asyncdepo.transport.tlsbio`), over keep-alive connections (:mod:`asyncdepo.transport.httppool`). The
 standard library's ``http.client`` does the protocol; this module adds redirects, Range resume, error mapping
-(through :mod:`asyncdepo.transport.failures`), progress and cancellation. Measured 2026-12-04 with
-``benchmarks/bench_immport.py``'s set-up (300 x 4 MiB, md5 checked, ``--transfers 8``, nginx TLS front and
-``--tls off``; each candidate the same ``asyncdepo pull immport --via https`` with only this module's
-receive path swapped, all alternated with ``xargs -P 8 curl`` in one run, 5 rounds, two runs; 2 shared cores
-under heavy load, so client CPU seconds are the steadier figure):
+(through :mod:`asyncdepo.transport.failures`), progress and cancellation.
 
-=================================================  ==============  ==============  ==================
-receive path                                       CPU, HTTPS      CPU, plain      MB/s vs this one
-=================================================  ==============  ==============  ==================
-this module                                        5.5 / 5.8 s     4.9 / 4.2 s     1
-urllib3 ``PoolManager`` + ``readinto``, threads    +40 % / +20 %   +44 % / +16 %   0.70-0.91
-aiohttp on the loop, a thread hop per 512 KiB      +14 % / +16 %   +25 % / +29 %   0.67-0.68
-urllib3's pool with our TLS and receive loop       +5 % / +4 %     +3 % / +8 %     0.85-1.01
-=================================================  ==============  ==============  ==================
+Measured 2026-12-04 on ``benchmarks/bench_immport.py``'s set-up (300 x 4 MiB, md5 checked, ``--transfers 8``,
+nginx's TLS in front of the simulator, and plain HTTP): the same ``asyncdepo pull immport --via https`` with
+only this module's receive path swapped, each candidate alternated with this module in 5 pairs, whole-process
+medians of the per-pair ratios (candidate / this module: above 1 is slower; 2 shared cores under heavy load):
 
-(curl: 7.9 / 8.4 CPU s over HTTPS, 5.8 / 5.4 plain; this module 1.33-1.51x curl's MB/s.) Every library
-route was more than 5 % slower, so this one stays.
+=================================================  ================  ================
+receive path                                       HTTPS: CPU, wall  plain: CPU, wall
+=================================================  ================  ================
+urllib3 ``PoolManager`` + ``readinto``, threads    1.37, 1.33        1.43, 1.81
+aiohttp on the loop, a thread hop per 512 KiB      1.23, 1.32        1.28, 1.23
+``xargs -P 8 curl`` (no lookups, no md5)           1.53, 1.72        1.40, 1.24
+=================================================  ================  ================
+
+Both library routes were more than 5 % slower, so this one stays. (Two earlier round-robin runs of all
+of them with curl agreed: urllib3 +16-44 % CPU, aiohttp +14-29 %.)
 
 Redirects: at most :data:`MAX_REDIRECTS`; a redirect to another origin (scheme, host or port) drops every
 header that carries a credential (:func:`redirected_headers`), as curl and requests drop Authorization and

@@ -1,10 +1,13 @@
 """Keep-alive ``http.client`` connections shared by :mod:`asyncdepo.transport.httpget`'s worker threads.
 
-Why not urllib3's pool: it cannot hand out a connection whose TLS runs through memory BIOs
-(:mod:`asyncdepo.transport.tlsbio`) without overriding its private connection set-up, and even so configured
-(its ``HTTPSConnectionPool`` with our TLS and httpget's receive loop) it cost 3-8 % more client CPU and
-0-15 % of the throughput on ``benchmarks/bench_immport.py``'s pull (2026-12-04; figures in httpget's
-docstring). This pool is a dict of lists under a lock.
+Why not urllib3's pool: speed is not the reason. Fitted with our TLS (:mod:`asyncdepo.transport.tlsbio`)
+and httpget's receive loop, it measured at par on ``benchmarks/bench_immport.py``'s pull (2026-12-04,
+whole-process medians of alternated pairs, urllib3 / this pool: HTTPS CPU 0.94, wall 0.99; plain CPU
+1.04-1.06, wall 0.95-1.30). But the fitting goes through urllib3's internals -- its private connection
+set-up (``_new_conn``, ``is_verified``), the response's ``_fp`` -- which change between its releases, and
+the socket wrapper must grow ``settimeout``/``fileno`` for its liveness checks; urllib3 used as it is
+documented (its own TLS and ``readinto``) cost 1.37-1.43x the CPU (httpget's docstring). This pool is a dict
+of lists under a lock.
 
 A connection is taken for one request and given back once its response has been read to the end (and the
 server did not ask to close). A request that fails on a reused connection before any response arrived

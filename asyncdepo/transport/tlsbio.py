@@ -6,8 +6,8 @@ kernel in two ``read`` calls (header, then body), each with the GIL released and
 3.1 s system through ``SSLSocket``; 2.6 s user + 1.0-1.3 s system through memory BIOs, where one ``recv`` brings up to 512 KiB
 of ciphertext and OpenSSL decrypts it from memory (``ssl.SSLObject``, the standard library's own
 non-socket TLS, which asyncio uses too). The certificate checks are the context's, unchanged. Again on
-2026-12-04, the whole ``bench_immport`` pull over nginx's TLS: urllib3 (``SSLSocket``) 20-40 % more client
-CPU than this route (httpget's docstring).
+2026-12-04, the whole ``bench_immport`` pull over nginx's TLS: urllib3 (``SSLSocket``) 1.37x the client CPU
+of this route (httpget's docstring).
 
 :class:`TLSStream` offers the few socket methods ``http.client`` calls (``sendall``, ``makefile``,
 ``close``...), so :class:`BioHTTPSConnection` is an ``HTTPSConnection`` in every other way, plus
