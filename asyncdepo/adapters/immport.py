@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
-from http.client import HTTPException
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
@@ -226,10 +225,7 @@ class ImmportAdapter(Adapter):
         """
         url = f"{self.endpoints.auth}/auth/token"
         form = {"username": self.user, "password": self._password.get()}
-        try:
-            r = await self.http.request("POST", url, form=form)
-        except (OSError, HTTPException) as exc:
-            raise connection_error(exc, "POST /auth/token") from None
+        r = await self.http.request("POST", url, form=form)  # network failures arrive mapped (ApiClient)
         if r.status in (400, 401, 403):
             detail = message_of(r.body)
             raise AuthError(f"ImmPort login refused for user {self.user!r}: {detail or r.status}",
@@ -280,10 +276,7 @@ class ImmportAdapter(Adapter):
             for attempt in range(2):
                 token = await self._current_token()
                 headers = {"Authorization": f"bearer {token}"}
-                try:
-                    r = await self.http.request(method, url, json=json, headers=headers)
-                except (OSError, HTTPException) as exc:
-                    raise connection_error(exc, what) from None
+                r = await self.http.request(method, url, json=json, headers=headers)
                 if r.status == 401 and attempt == 0:
                     await self._renew(token)  # expired (or revoked): log in again, then repeat
                     continue
