@@ -124,7 +124,7 @@ async def failed(run: Run, item: Item, msg: str, transient: bool, report: RunRep
                              error=error or msg.splitlines()[0], transient=int(transient),
                              walked=run.journal.runs.get(run.job, 0))
     run.reporter.stats.failed()
-    run.reporter.emit(ItemFailed(rel=item.rel, error=msg, transient=transient))
+    run.reporter.emit(ItemFailed(rel=item.rel, error=msg, transient=transient, size=item.size))
     report.failures.append((item.rel, msg.splitlines()[0]))
 
 
@@ -464,6 +464,7 @@ async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None
             await journal.close()
             _fill(report, reporter, started)
             report.ok = ok and not report.failures
+            reporter.tick()  # a last snapshot, with the final counts, for progress, --json and metrics
             reporter.emit(JobFinished(job=report.job_id, report=report.to_json()))
     return report
 
@@ -484,6 +485,7 @@ async def _run_all(run: Run, root: Path, report: RunReport, passes: PassFn,
     if watch is not None:
         # files as they become complete, until the watch is stopped; a transient failure is offered again
         # by the watch's next rescan (its backoff), not by rounds at the end
+        run.durable = True
         await watch.run(root, config=run.config, journal=run.journal, job=run.job, reporter=run.reporter,
                         consume=lambda batches, stop: _pass(run, batches, report, set(), {}, stop=stop),
                         requeue=lambda rels: _requeue(run, report, rels))

@@ -235,6 +235,10 @@ class Watch:
             if self.options.events:
                 tg.start_soon(self._listen)
             await self._scan(send, first=True)
+            opts = self.options
+            how = f"once a marker {opts.ready!r} releases them" if opts.ready else f"once unchanged for {opts.settle:g} s"
+            self._reporter.message(f"watching {self._root}: new and changed files are sent {how}; a rescan "
+                                   f"every {opts.rescan:g} s")
             next_scan = self.clock.monotonic() + self.options.rescan
             while not self._stopped:
                 await self._wait(next_scan)
