@@ -307,12 +307,11 @@ def run(main: Callable[[], Awaitable[T]], reporter: Reporter | None = None,
 
             async def watch() -> None:
                 nonlocal interrupted
-                graceful = on_signal
+                graceful: list[Callable[[], None]] = [on_signal] if on_signal is not None else []
                 with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for _ in signals:
-                        if graceful is not None:
-                            graceful, stop = None, graceful
-                            stop()
+                        if graceful:
+                            graceful.pop()()  # the first signal: a graceful stop
                             continue
                         interrupted = True
                         tg.cancel_scope.cancel()

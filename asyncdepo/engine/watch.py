@@ -540,8 +540,8 @@ def _look(root: Path, paths: list[str], include: tuple[str, ...], exclude: tuple
     for d in dirs:  # every file beside a marker that changed is looked at again
         drel = os.path.relpath(d, base).replace(os.sep, "/")
         try:
-            with os.scandir(d) as it:
-                for entry in it:
+            with os.scandir(d) as entries:
+                for entry in entries:
                     rel = entry.name if drel == "." else f"{drel}/{entry.name}"
                     if rel in files or fnmatch.fnmatchcase(entry.name, ready) or not selected(rel, include, exclude):
                         continue
