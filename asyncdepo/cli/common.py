@@ -122,11 +122,12 @@ def watch_of(args: argparse.Namespace) -> Any:
 
 
 def publish_watch(reporter: Reporter, watch: Any) -> None:
-    """Add the watch's files waiting to settle to the metrics (when --metrics-port is on)."""
+    """Add the watch's files waiting to settle, wake-ups and scans to the metrics (with --metrics-port)."""
     for sink in reporter.sinks:
-        gauge = getattr(sink, "gauge", None)
-        if gauge is not None:
-            gauge("watch_pending_files", lambda: len(watch.pending))
+        if hasattr(sink, "gauge"):
+            sink.gauge("watch_pending_files", lambda: len(watch.pending))
+            sink.counter("watch_wakeups", lambda: watch.wakeups)
+            sink.counter("watch_scans", lambda: watch.scans)
 
 
 def refuse_watch(args: argparse.Namespace, why: str, hint: str) -> None:

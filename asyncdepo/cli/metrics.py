@@ -23,6 +23,8 @@ Metrics (all prefixed ``asyncdepo_``):
 ``requests_in_flight``                     gauge    requests in flight now
 ``queue_depth``                            gauge    files found and waiting for a worker
 ``watch_pending_files``                    gauge    (``--watch``) files seen and not yet settled
+``watch_wakeups_total``                    counter  (``--watch``) times the watch woke up (no polling loop)
+``watch_scans_total``                      counter  (``--watch``) walks of the whole source
 ``last_success_timestamp_seconds``         gauge    Unix time of the last file confirmed (0: none yet)
 =========================================  =======  ===========================================================
 
@@ -56,6 +58,13 @@ _GAUGES = (
 )
 
 
+_EXTRA_HELP = {
+    "watch_pending_files": "Files seen by the watch and not yet settled.",
+    "watch_wakeups_total": "Times the watch woke up (events, files due, rescans).",
+    "watch_scans_total": "Walks of the whole source by the watch.",
+}
+
+
 class MetricsSink(Sink):
     """What one reporter contributes: its latest snapshot and the figures its events tell."""
 
@@ -71,6 +80,10 @@ class MetricsSink(Sink):
     def gauge(self, name: str, fn: Callable[[], float]) -> None:
         """Also publish ``asyncdepo_<name>`` as ``fn()`` (called on each tick, in the event loop)."""
         self._extra.append((name, fn))
+
+    def counter(self, name: str, fn: Callable[[], float]) -> None:
+        """Also publish the counter ``asyncdepo_<name>_total`` as ``fn()`` (called on each tick)."""
+        self._extra.append((name + "_total", fn))
 
     def emit(self, event: Event) -> None:
         if isinstance(event, ItemDone):
@@ -122,8 +135,12 @@ class _Collector(Collector):
         yield GaugeMetricFamily("asyncdepo_queue_depth", "Files found and waiting for a worker.", value=waiting)
         names = sorted({n for r in rows for n in r[4]})
         for name in names:
-            yield GaugeMetricFamily(f"asyncdepo_{name}", name.replace("_", " "),
-                                    value=sum(r[4].get(name, 0.0) for r in rows))
+            value = sum(r[4].get(name, 0.0) for r in rows)
+            text = _EXTRA_HELP.get(name, name.replace("_", " "))
+            if name.endswith("_total"):
+                yield CounterMetricFamily(f"asyncdepo_{name[:-len('_total')]}", text, value=value)
+            else:
+                yield GaugeMetricFamily(f"asyncdepo_{name}", text, value=value)
         yield GaugeMetricFamily("asyncdepo_last_success_timestamp_seconds",
                                 "Unix time of the last file confirmed (0: none yet).",
                                 value=max([r[3] for r in rows] or [0.0]))

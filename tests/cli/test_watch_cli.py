@@ -204,3 +204,9 @@ def test_watch_is_refused_by_archives_with_one_closing_step(tmp_path: Path, caps
     rc = cli_main(["push", "pdis", str(tmp_path / "d"), "--pdb", "1ABC", "--watch"])
     err = capsys.readouterr().err
     assert rc == 2 and "watch mode does not apply" in err and "PDIS" in err
+    rc = cli_main(["push", "gypsum", str(tmp_path / "d"), "p/a/v", "--watch"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "watch mode does not apply" in err and "push each finished run as a version" in err
+    rc = cli_main(["push", "empiar", "tok", str(tmp_path / "dep.json"), str(tmp_path / "d"), "--watch"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "watch mode does not apply" in err and "EMPIAR deposition is submitted once" in err
