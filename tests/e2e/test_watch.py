@@ -25,6 +25,8 @@ from tests.fakeclock import ManualClock
 
 SETTLE = 5.0
 
+pytest_plugins = ["tests.adapters.s3_servers"]  # moto_server
+
 
 class Seen:
     """What the watch observed and what the run finished, as conditions a test can wait for."""
@@ -250,3 +252,42 @@ async def test_watch_refuses_targets_that_take_the_whole_source_at_once(tmp_path
         WatchOptions(settle=-1)
     with pytest.raises(UsageError, match="every file a marker"):
         WatchOptions(ready="*")
+
+
+async def test_watch_into_s3_multipart_and_small(moto_server, tmp_path: Path, journal: Path) -> None:
+    from asyncdepo.adapters.s3.adapter import S3Adapter
+    from tests.adapters.s3_helpers import PART
+
+    src = tmp_path / "beam"
+    src.mkdir()
+    clock = ManualClock()
+    watch = Watch(WatchOptions(settle=SETTLE, rescan=10_000), clock=clock)
+    reporter = Reporter()
+    seen = Seen(watch, reporter)
+    bucket = moto_server.new_bucket()
+    config = EngineConfig(transfers=4, chunk_size=PART)
+    files = {"small.bin": os.urandom(1000), "big.bin": os.urandom(2 * PART + 17)}
+
+    async def body() -> None:
+        for rel, data in files.items():
+            (src / rel).write_bytes(data)
+        await seen.until(lambda: set(files) <= set(seen.observed), "observed")
+        clock.advance(SETTLE + 2)
+        await seen.until(lambda: set(files) <= set(seen.done), "sent")
+
+    adapter = S3Adapter(f"s3://{bucket}/bl", config, moto_server.secrets, endpoint_url=moto_server.endpoint_url)
+    result: list[Any] = []
+    async with anyio.create_task_group() as tg:
+
+        async def run() -> None:
+            result.append(await push(src, adapter, config, reporter=reporter, journal_path=journal, watch=watch))
+
+        tg.start_soon(run)
+        try:
+            await body()
+        finally:
+            watch.stop()
+    assert result[0].ok, result[0].failures
+    client = moto_server.client()
+    for rel, data in files.items():
+        assert client.get_object(Bucket=bucket, Key=f"bl/{rel}")["Body"].read() == data
