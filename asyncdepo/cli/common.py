@@ -123,8 +123,9 @@ def watch_of(args: argparse.Namespace) -> Any:
 
 def publish_watch(reporter: Reporter, watch: Any) -> None:
     """Add the watch's files waiting to settle, wake-ups and scans to the metrics (with --metrics-port)."""
+    metrics = sys.modules.get("asyncdepo.cli.metrics")  # loaded only when --metrics-port was given
     for sink in reporter.sinks:
-        if hasattr(sink, "gauge"):
+        if metrics is not None and isinstance(sink, metrics.MetricsSink):
             sink.gauge("watch_pending_files", lambda: len(watch.pending))
             sink.counter("watch_wakeups", lambda: watch.wakeups)
             sink.counter("watch_scans", lambda: watch.scans)

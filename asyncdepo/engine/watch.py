@@ -42,8 +42,6 @@ import dataclasses
 import fnmatch
 import heapq
 import math
-import os
-import stat
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -54,7 +52,8 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from asyncdepo.config import EngineConfig
 from asyncdepo.contract import Features, Item
 from asyncdepo.engine.journal import Journal
-from asyncdepo.engine.source import check_source, iter_items, selected, walk
+from asyncdepo.engine.source import check_source, walk
+from asyncdepo.engine.watchfs import look, name_of, released, sent, stat_file
 from asyncdepo.errors import UsageError
 from asyncdepo.events import Event, ItemDone, ItemFailed, ItemSkipped, Reporter
 from asyncdepo.transport.pacer import SYSTEM_CLOCK, Clock
@@ -310,7 +309,7 @@ class Watch:
         if not due:
             return
         follow = self._config.follow_symlinks
-        stats = await anyio.to_thread.run_sync(lambda: [_stat_file(s.path, follow) for _, s in due])
+        stats = await anyio.to_thread.run_sync(lambda: [stat_file(s.path, follow) for _, s in due])
         out: list[Item] = []
         for (rel, seen), st in zip(due, stats, strict=True):
             if st is None:
@@ -363,15 +362,15 @@ class Watch:
             if self._stopped:
                 return
             if ready is not None:
-                batch = [it for it in batch if not fnmatch.fnmatchcase(_name(it.rel), ready)]
+                batch = [it for it in batch if not fnmatch.fnmatchcase(name_of(it.rel), ready)]
             fresh = [it for it in batch if it.rel not in self.pending and it.rel not in self.handed]
             if not fresh:
                 continue
             rows = await self._journal.lookup(self._job, [it.rel for it in fresh])
-            todo = [it for it in fresh if not _sent(rows.get(it.rel), it, first)]
+            todo = [it for it in fresh if not sent(rows.get(it.rel), it, first)]
             if ready is not None:
-                released = await anyio.to_thread.run_sync(_released, todo, ready)
-                await self._hand(released, send, first=first)
+                freed = await anyio.to_thread.run_sync(released, todo, ready)
+                await self._hand(freed, send, first=first)
             else:
                 for it in todo:
                     self._observe(it.rel, it.path, it.size, it.mtime_ns)
@@ -446,7 +445,7 @@ class Watch:
     async def _look(self, paths: list[str]) -> tuple[list[Item], list[str]]:
         cfg = self._config
         return await anyio.to_thread.run_sync(
-            lambda: _look(self._root, paths, cfg.include, cfg.exclude, cfg.follow_symlinks, self.options.ready))
+            lambda: look(self._root, paths, cfg.include, cfg.exclude, cfg.follow_symlinks, self.options.ready))
 
     async def _found(self, found: list[Item], send: ObjectSendStream[list[Item]]) -> None:
         """Files that events (or a walk of a new directory) named: they start to settle (marker mode: those
@@ -460,7 +459,7 @@ class Watch:
             part = found[i:i + self.options.batch]
             rows = await self._journal.lookup(self._job, [it.rel for it in part])
             for it in part:
-                if not _sent(rows.get(it.rel), it, False):
+                if not sent(rows.get(it.rel), it, False):
                     self._observe(it.rel, it.path, it.size, it.mtime_ns)
 
 
@@ -473,122 +472,3 @@ async def _drain(recv: ObjectReceiveStream[list[Item]]) -> Batches:
         yield batch
 
 
-def _name(rel: str) -> str:
-    return rel.rsplit("/", 1)[-1]
-
-
-def _sent(row: dict[str, object] | None, it: Item, first: bool) -> bool:
-    """Whether the journal says ``it`` needs nothing more (done, or failed for good, as it is now)."""
-    if row is None or (row.get("size"), row.get("mtime_ns")) != (it.size, it.mtime_ns):
-        return False
-    return row.get("state") == "done" or (row.get("state") == "failed" and not row.get("transient") and not first)
-
-
-def _stat_file(path: str, follow: bool) -> os.stat_result | None:
-    """Blocking: the stat of a regular file at ``path`` (None: gone, a directory, a link not followed...)."""
-    try:
-        st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
-            if not follow:
-                return None
-            st = os.stat(path)
-    except OSError:
-        return None
-    return st if stat.S_ISREG(st.st_mode) else None
-
-
-def _look(root: Path, paths: list[str], include: tuple[str, ...], exclude: tuple[str, ...], follow: bool,
-          ready: str | None) -> tuple[list[Item], list[str]]:
-    """Blocking: the files that event ``paths`` name now (a directory stands for the files in it), and the
-    directories walked; in marker mode, only the files a marker releases (a marker stands for what it
-    releases)."""
-    base = str(root)
-    files: dict[str, Item] = {}
-    dirs: set[str] = set()
-    walked: list[str] = []
-    for path in paths:
-        rel = os.path.relpath(path, base).replace(os.sep, "/")
-        if rel == "." or rel.startswith("../"):
-            continue
-        try:
-            lst = os.lstat(path)
-        except OSError:
-            continue  # gone already
-        if stat.S_ISLNK(lst.st_mode) and not follow:
-            continue
-        if stat.S_ISDIR(lst.st_mode) or (follow and os.path.isdir(path)):
-            try:
-                inside = list(iter_items(Path(path), follow_symlinks=follow))
-            except (UsageError, OSError):
-                continue  # gone again
-            walked.append(path)
-            for it in inside:
-                sub = f"{rel}/{it.rel}"
-                if ready is not None and fnmatch.fnmatchcase(_name(sub), ready):
-                    dirs.add(os.path.dirname(it.path))
-                elif selected(sub, include, exclude):
-                    files[sub] = Item(it.path, sub, it.size, it.mtime_ns)
-            continue
-        if ready is not None and fnmatch.fnmatchcase(_name(rel), ready):
-            dirs.add(os.path.dirname(path))  # a marker: what it releases is decided below
-            continue
-        st = _stat_file(path, follow)
-        if st is not None and selected(rel, include, exclude):
-            files[rel] = Item(path, rel, st.st_size, st.st_mtime_ns)
-    if ready is None:
-        return list(files.values()), walked
-    for d in dirs:  # every file beside a marker that changed is looked at again
-        drel = os.path.relpath(d, base).replace(os.sep, "/")
-        try:
-            with os.scandir(d) as entries:
-                for entry in entries:
-                    rel = entry.name if drel == "." else f"{drel}/{entry.name}"
-                    if rel in files or fnmatch.fnmatchcase(entry.name, ready) or not selected(rel, include, exclude):
-                        continue
-                    st = _stat_file(entry.path, follow)
-                    if st is not None:
-                        files[rel] = Item(entry.path, rel, st.st_size, st.st_mtime_ns)
-        except OSError:
-            continue
-    return _released(list(files.values()), ready), walked
-
-
-def _markers(directory: str, glob: str) -> list[tuple[int, str | None]]:
-    """Blocking: (mtime_ns, the file it is named after or None for the whole directory) of each marker."""
-    out: list[tuple[int, str | None]] = []
-    try:
-        with os.scandir(directory) as it:
-            for entry in it:
-                if not fnmatch.fnmatchcase(entry.name, glob):
-                    continue
-                try:
-                    mtime = entry.stat().st_mtime_ns
-                except OSError:
-                    continue
-                name = entry.name
-                covers = None
-                for i in range(len(name) - 1, 0, -1):  # the longest "<file>." prefix that names a file
-                    if name[i] == "." and not fnmatch.fnmatchcase(name[:i], glob) and \
-                            os.path.isfile(os.path.join(directory, name[:i])):
-                        covers = name[:i]
-                        break
-                out.append((mtime, covers))
-    except OSError:
-        pass
-    return out
-
-
-def _released(items: list[Item], glob: str) -> list[Item]:
-    """Blocking: the ``items`` a marker beside them releases (see the module docstring)."""
-    cache: dict[str, list[tuple[int, str | None]]] = {}
-    out = []
-    for it in items:
-        directory, name = os.path.split(it.path)
-        marks = cache.get(directory)
-        if marks is None:
-            if len(cache) > 64:
-                cache.clear()
-            marks = cache[directory] = _markers(directory, glob)
-        if any(mtime >= it.mtime_ns and covers in (None, name) for mtime, covers in marks):
-            out.append(it)
-    return out
