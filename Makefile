@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-peers sweep lint clean
+.PHONY: demo test test-slow soak bench bench-peers sweep lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# beamline mode over 100,000 files arriving in waves: memory flat, CPU per file flat, no polling when idle
+# (ASYNCDEPO_SOAK_FILES=N for another count); prints the figures per wave
+soak: $(STAMP)
+	$(BIN)/python -m pytest -q -s -m slow tests/e2e/test_watch_soak.py
 
 bench: $(STAMP) tools
 	$(BIN)/python -m benchmarks.bench_engine

@@ -136,6 +136,9 @@ class Stats:
             "bytes_moving": sum(min(sent, size) for size, sent in self.active.values() if size > 0),
             "rate": self.bytes_sent / elapsed,
             "retries": self.retries,
+            "retries_by_reason": dict(self.retries_by_reason),
+            "in_flight": self.in_flight,
+            "requests_in_flight": self.requests_in_flight,
             "walk_done": self.walk_done,
             "active": {k: v[:] for k, v in list(self.active.items())[:8]},
         }

@@ -107,6 +107,7 @@ class ItemFailed(Event):
     rel: str
     error: str
     transient: bool
+    size: int = -1  # the item's size when known (metrics count the bytes of failed files)
     kind = "item_failed"
 
 

@@ -32,7 +32,7 @@ from asyncdepo.errors import (
     TransientError,
     UsageError,
 )
-from asyncdepo.events import JsonSink, LogSink, Reporter, printable
+from asyncdepo.events import JsonSink, LogSink, Reporter, Sink, printable
 
 T = TypeVar("T")
 
@@ -51,6 +51,115 @@ def add_engine_options(parser: argparse.ArgumentParser, *, journal: bool = True)
     if journal:
         out.add_argument("--journal", metavar="PATH",
                          help="resume journal (default $XDG_STATE_HOME/asyncdepo/journal.sqlite)")
+    add_metrics_options(out)
+
+
+def add_metrics_options(group: Any) -> None:
+    """``--metrics-port`` / ``--metrics-addr`` on a parser or argument group."""
+    group.add_argument("--metrics-port", type=_port, metavar="PORT",
+                       help="serve Prometheus metrics (files and bytes sent and failed, retries by reason, in "
+                            "flight, queue depth, last success) on http://ADDR:PORT/metrics while the command "
+                            "runs")
+    group.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
+                       help="address the metrics endpoint listens on (default 127.0.0.1; 0.0.0.0 for every "
+                            "interface)")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r} (0-65535)")
+    return port
+
+
+def add_watch_options(parser: argparse.ArgumentParser) -> None:
+    """``--watch`` and how it decides that a file is complete (see docs/beamline.md)."""
+    w = parser.add_argument_group("beamline mode (watch the source and send files as they are complete)")
+    w.add_argument("--watch", action="store_true",
+                   help="send what exists, then keep running and send new or changed files once complete; "
+                        "SIGTERM or Ctrl-C stops it (files in flight finish first)")
+    w.add_argument("--settle", type=_seconds("settle"), default=5.0, metavar="SECONDS",
+                   help="a file is complete once its size and mtime held this long (default 5)")
+    w.add_argument("--ready", metavar="GLOB",
+                   help="a file is complete once a marker matching GLOB is beside it and at least as new: "
+                        "'*.done' (scan_01.h5.done releases scan_01.h5) or DONE (releases its directory); "
+                        "markers are never sent, and --settle does not apply")
+    w.add_argument("--rescan", type=_seconds("rescan"), default=300.0, metavar="SECONDS",
+                   help="walk the whole source this often, for events the file system did not deliver "
+                        "(network file systems: make it short) (default 300)")
+    w.add_argument("--stop-timeout", type=_seconds("stop-timeout"), default=60.0, metavar="SECONDS",
+                   help="on SIGTERM/Ctrl-C, how long files in flight may take to finish before they are cut "
+                        "short and left to the journal (default 60)")
+
+
+def _seconds(name: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name}: not a number of seconds: {text!r}") from None
+        if not value >= 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"--{name}: not a number of seconds: {text!r}")
+        return value
+
+    return parse
+
+
+def watch_of(args: argparse.Namespace) -> Any:
+    """The :class:`~asyncdepo.engine.watch.Watch` that ``--watch`` asks for, or None.
+
+    :raises UsageError: a value the watch cannot use.
+    """
+    if not getattr(args, "watch", False):
+        return None
+    from asyncdepo.engine.watch import Watch, WatchOptions
+
+    return Watch(WatchOptions(settle=args.settle, ready=args.ready, rescan=args.rescan,
+                              stop_timeout=args.stop_timeout))
+
+
+def publish_watch(reporter: Reporter, watch: Any) -> None:
+    """Add the watch's files waiting to settle, wake-ups and scans to the metrics (with --metrics-port)."""
+    metrics = sys.modules.get("asyncdepo.cli.metrics")  # loaded only when --metrics-port was given
+    for sink in reporter.sinks:
+        if metrics is not None and isinstance(sink, metrics.MetricsSink):
+            sink.gauge("watch_pending_files", lambda: len(watch.pending))
+            sink.counter("watch_wakeups", lambda: watch.wakeups)
+            sink.counter("watch_scans", lambda: watch.scans)
+
+
+def refuse_watch(args: argparse.Namespace, why: str, hint: str) -> None:
+    """For archives that take a dataset in one closing step: ``--watch`` is a usage error saying so.
+
+    :raises UsageError: when ``--watch`` was given.
+    """
+    if getattr(args, "watch", False):
+        raise UsageError(f"watch mode does not apply: {why}", hint=hint)
+
+
+def metrics_exporter(args: argparse.Namespace) -> Any:
+    """The process's metrics endpoint when ``--metrics-port`` was given (started on first use), else None.
+
+    :raises UsageError: the port cannot be bound.
+    """
+    port = getattr(args, "metrics_port", None)
+    if port is None:
+        return None
+    from asyncdepo.cli import metrics
+
+    return metrics.exporter(port, getattr(args, "metrics_addr", "127.0.0.1") or "127.0.0.1")
+
+
+def metrics_sink(args: argparse.Namespace) -> Any:
+    """A metrics sink for one reporter when ``--metrics-port`` was given, else None.
+
+    :raises UsageError: the port cannot be bound.
+    """
+    exporter = metrics_exporter(args)
+    return exporter.sink() if exporter is not None else None
 
 
 def anywhere(parser: argparse.ArgumentParser, sub: Any,
@@ -141,15 +250,25 @@ def setup_logging(args: argparse.Namespace) -> None:
 
 
 def make_reporter(args: argparse.Namespace, title: str = "asyncdepo") -> Reporter:
-    """JSON lines with --json; rich progress on a terminal; log lines otherwise (see :func:`setup_logging`)."""
+    """JSON lines with --json; rich progress on a terminal; log lines otherwise (see :func:`setup_logging`);
+    and metrics with --metrics-port (first, so a snapshot is in the metrics before any other output shows it).
+
+    :raises UsageError: the metrics port cannot be bound.
+    """
     setup_logging(args)
+    sinks: list[Sink] = []
+    metrics = metrics_sink(args)
+    if metrics is not None:
+        sinks.append(metrics)
     if getattr(args, "json", False):
-        return Reporter([JsonSink(sys.stdout)])
-    if not getattr(args, "quiet", False) and sys.stderr.isatty():
+        sinks.append(JsonSink(sys.stdout))
+    elif not getattr(args, "quiet", False) and sys.stderr.isatty():
         from asyncdepo.cli.render import RichSink
 
-        return Reporter([RichSink(title=title)])
-    return Reporter([LogSink()])
+        sinks.append(RichSink(title=title))
+    else:
+        sinks.append(LogSink())
+    return Reporter(sinks)
 
 
 def error_exit(exc: BaseException) -> int:
@@ -173,9 +292,11 @@ def error_exit(exc: BaseException) -> int:
     raise exc
 
 
-def run(main: Callable[[], Awaitable[T]], reporter: Reporter | None = None) -> T:
+def run(main: Callable[[], Awaitable[T]], reporter: Reporter | None = None,
+        on_signal: Callable[[], None] | None = None) -> T:
     """Run ``main`` on uvloop when available; SIGINT/SIGTERM cancel it cleanly and raise
-    :class:`~asyncdepo.errors.Cancelled`.
+    :class:`~asyncdepo.errors.Cancelled`. With ``on_signal`` the first signal calls it instead (a
+    graceful stop: ``main`` is expected to return soon) and only a second one cancels.
 
     The coroutine's own ``finally`` blocks (shielded cleanups) run before this returns.
     """
@@ -188,8 +309,12 @@ def run(main: Callable[[], Awaitable[T]], reporter: Reporter | None = None) -> T
 
             async def watch() -> None:
                 nonlocal interrupted
+                graceful: list[Callable[[], None]] = [on_signal] if on_signal is not None else []
                 with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for _ in signals:
+                        if graceful:
+                            graceful.pop()()  # the first signal: a graceful stop
+                            continue
                         interrupted = True
                         tg.cancel_scope.cancel()
                         return
@@ -226,6 +351,9 @@ def run(main: Callable[[], Awaitable[T]], reporter: Reporter | None = None) -> T
     finally:
         if reporter is not None:
             reporter.close()
+        metrics = sys.modules.get("asyncdepo.cli.metrics")  # loaded only when --metrics-port was given
+        if metrics is not None:
+            metrics.shutdown()
 
 
 def print_report(report: Any, *, json_out: bool = False, resume_hint: str | None = None) -> int:

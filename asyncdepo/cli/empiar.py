@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("-o", "--output-id-dir", action="store_true", help=argparse.SUPPRESS)
     own = p.add_argument_group("asyncdepo options")
     own.add_argument("--server", default=None, help=f"EMPIAR server (default {E.DEFAULT_SERVER})")
+    common.add_metrics_options(own)
     own.add_argument("--transfers", type=int, default=4, help="sessions at once (4); a session sends the files "
                      "of one image set (up to 1000)")
     own.add_argument("--ascp-host", default=E.ASCP_HOST, help=f"ascp user@host (default {E.ASCP_HOST})")
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--json", action="store_true", help="JSON lines on stdout instead of a progress display")
     own.add_argument("-q", "--quiet", action="store_true", help="only the final report")
     own.add_argument("--verbose", action="store_true", help="log details to stderr")
+    common.add_watch_options(p)
     return p
 
 
@@ -328,7 +330,12 @@ async def _deposit(args: argparse.Namespace, reporter: Reporter) -> tuple[RunRep
 def push_main(argv: Sequence[str]) -> int:
     """``asyncdepo push empiar ...``; returns the exit status (see ``asyncdepo.cli.common``)."""
     args = build_parser().parse_args(list(argv))
-    reporter = common.make_reporter(args, title="EMPIAR")
+    try:
+        common.refuse_watch(args, "an EMPIAR deposition is submitted once, after all its image sets are uploaded",
+                            hint="push the deposition when the experiment's data are complete, without --watch")
+        reporter = common.make_reporter(args, title="EMPIAR")
+    except errors.DepoError as exc:
+        return common.error_exit(exc)
     outcome: list[tuple[RunReport, str] | errors.DepoError] = []
 
     async def main() -> None:

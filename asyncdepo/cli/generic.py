@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     _s3_options(push)
     common.add_engine_options(push)
     common.add_cluster_options(push)
+    common.add_watch_options(push)
 
     pull = sub.add_parser("pull", help="fetch from a target URL (or an archive) into a directory")
     pull.add_argument("source", help="URL to fetch from (file://, s3://)")
@@ -131,7 +132,13 @@ def _push(args: argparse.Namespace, argv: list[str]) -> int:
 
     config = common.engine_config(args)
     adapter = make_adapter(args.target, args, config)
+    watch = common.watch_of(args)
+    if watch is not None and common.cluster_options(args) is not None:
+        raise UsageError("--watch runs on this machine, where the files appear: it cannot be spread over a "
+                         "cluster", hint="drop --scheduler / --local-cluster")
     reporter = common.make_reporter(args)
+    if watch is not None:
+        common.publish_watch(reporter, watch)
     jid = job_id("push", str(args.source.absolute()), target_identity(adapter, config))
     # the command that resumes this job, with the source made absolute (resume may run elsewhere)
     stored = ["push", *argv]
@@ -147,11 +154,18 @@ def _push(args: argparse.Namespace, argv: list[str]) -> int:
             report = common.run(lambda: push_on_cluster(args.source, adapter, config, recipe, cluster,
                                                         reporter=reporter, argv=stored), reporter)
         else:
-            report = common.run(lambda: push(args.source, adapter, config, reporter=reporter,
-                                             argv=stored), reporter)
+            # a watch runs for days: progress and metrics are refreshed every 5 s rather than twice a second
+            report = common.run(lambda: push(args.source, adapter, config, reporter=reporter, argv=stored,
+                                             watch=watch, tick=5.0 if watch else 0.5),
+                                reporter, on_signal=watch.stop if watch else None)
     except Cancelled:
         print(f"\ninterrupted; the journal holds the progress. Resume with:\n  asyncdepo resume {jid}",
               file=sys.stderr)
+        return common.EXIT_INTERRUPTED
+    if report.interrupted:  # a watch stopped before the files in flight could finish
+        common.print_report(report, json_out=args.json)
+        print("stopped with files in flight; the journal keeps what they sent: run the same command again "
+              f"(or asyncdepo resume {jid}) to go on", file=sys.stderr)
         return common.EXIT_INTERRUPTED
     return common.print_report(report, json_out=args.json, resume_hint=f"asyncdepo resume {jid}")
 

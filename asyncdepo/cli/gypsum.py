@@ -104,8 +104,13 @@ def push_main(argv: list[str]) -> int:
                    help="on failure or Ctrl-C keep the partial upload (and the project lock) to resume it")
     common.add_engine_options(p)
     common.add_cluster_options(p)
+    common.add_watch_options(p)
     try:
         args = p.parse_args(argv)
+        common.refuse_watch(args, "a gypsum version needs every file's digest before its upload starts, and is "
+                            "immutable once completed",
+                            hint="push each finished run as a version of its own: asyncdepo push gypsum RUN_DIR "
+                                 "PROJECT/ASSET/RUN_NAME")
         project, asset, version = parse_target(args.target, need_version=True)
         cluster = common.cluster_options(args)
         config = common.engine_config(args)

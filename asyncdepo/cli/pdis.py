@@ -252,6 +252,7 @@ def _push_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-timeout", type=float, default=None, metavar="S", help="give up waiting after S s")
     common.add_engine_options(p)
     common.add_cluster_options(p)  # accepted, to say clearly why they do not apply
+    common.add_watch_options(p)
     return p
 
 
@@ -286,6 +287,9 @@ def push_main(argv: list[str]) -> int:
     """``asyncdepo push pdis DIR... [--each PARENT] --pdb CODE [...] [--wait]``."""
     args = _push_parser().parse_args(argv)
     try:
+        common.refuse_watch(args, "PDIS takes each dataset as one archive, packed and submitted once",
+                            hint="push the dataset when it is complete, e.g. from the beamline's end-of-run "
+                                 "hook: asyncdepo push pdis DIR --pdb CODE")
         if common.cluster_options(args) is not None:
             raise UsageError("PDIS takes each dataset as one packed upload (a tar.zst stream), which runs on "
                              "one node: it cannot be split over a cluster",
@@ -299,6 +303,7 @@ def push_main(argv: list[str]) -> int:
         if not 1 <= level <= 22:
             raise UsageError("--level must be 1-22")
         config = config.replace(compress=("zstd", level))
+        metrics = common.metrics_exporter(args)  # started before anything is sent
     except DepoError as exc:
         return common.error_exit(exc)
     # each dataset gets a reporter of its own below (common.make_reporter would start a second live display)
@@ -312,6 +317,8 @@ def push_main(argv: list[str]) -> int:
 
         name = root.name
         sinks: list[Sink] = [_DatasetJson(name)] if args.json else [_DatasetSink(board, name)]
+        if metrics is not None:
+            sinks.insert(0, metrics.sink())  # one endpoint: the datasets' figures add up
         reporter = Reporter(sinks)
         adapter = PdisAdapter(client, meta, on_message=reporter.message)
         res: dict[str, Any] = {"dataset": name, "exit": 0}

@@ -299,7 +299,7 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
         transient = is_transient(first_leaf(exc))
         stats.failed()
         report.failures.append((item.rel, msg.splitlines()[0]))
-        reporter.emit(ItemFailed(rel=item.rel, error=msg, transient=transient))
+        reporter.emit(ItemFailed(rel=item.rel, error=msg, transient=transient, size=item.size or -1))
         await journal.record(jid, item.rel, size=item.size or 0, mtime_ns=0, state="failed",
                              error=msg.splitlines()[0], transient=int(transient))
 
@@ -404,5 +404,6 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
             await journal.close()
         _fill(report, reporter, started)
         report.ok = not report.failures
+        reporter.tick()  # a last snapshot, with the final counts, for progress, --json and metrics
         reporter.emit(JobFinished(job=report.job_id, report=report.to_json()))
     return report

@@ -10,7 +10,8 @@ does not grow with the number of files. Requests in flight are capped by a Capac
 Retries at the run level (``--retries K``): after the pass, items that failed transiently are sent again
 in up to K more rounds, paced by the same retry loop as requests and items
 (:class:`~asyncdepo.transport.pacer.Pacer`). A pass consumes batches of items from any source — the walk,
-or the names of the items a retry round takes again — so other feeders (a watcher, a coordinator) reuse it.
+the names of the items a retry round takes again, or a watch (:mod:`asyncdepo.engine.watch`: files as
+they become complete) — so other feeders (a coordinator) reuse it.
 
 What the pass checks besides sending (vanished sources, unreadable directories, ``--checksum``, names a
 target cannot store, a full disk that stops the run) lives in :mod:`asyncdepo.engine.checks`.
@@ -52,6 +53,8 @@ from asyncdepo.engine.report import RunReport, _fill, _ticker, describe
 from asyncdepo.engine.sessions import send_sessions
 from asyncdepo.engine.source import walk
 from asyncdepo.engine.transfer import Run, send_item
+from asyncdepo.engine.watch import Watch
+from asyncdepo.engine.watch import refuse as refuse_watch
 from asyncdepo.errors import (
     DiskFullError,
     SourceError,
@@ -121,7 +124,7 @@ async def failed(run: Run, item: Item, msg: str, transient: bool, report: RunRep
                              error=error or msg.splitlines()[0], transient=int(transient),
                              walked=run.journal.runs.get(run.job, 0))
     run.reporter.stats.failed()
-    run.reporter.emit(ItemFailed(rel=item.rel, error=msg, transient=transient))
+    run.reporter.emit(ItemFailed(rel=item.rel, error=msg, transient=transient, size=item.size))
     report.failures.append((item.rel, msg.splitlines()[0]))
 
 
@@ -244,9 +247,11 @@ def items_to_send(run: Run, batches: Batches, report: RunReport, count: bool, sk
 
 
 async def _pass(run: Run, batches: Batches, report: RunReport, skip: set[str],
-                digests: dict[str, dict[str, str]], *, count: bool = True) -> None:
+                digests: dict[str, dict[str, str]], *, count: bool = True,
+                stop: anyio.Event | None = None) -> None:
     """One pass over the items of ``batches`` with ``transfers`` workers fed through a bounded stream;
-    stopped early when the target's disk is full (``report.stopped``). An adapter that moves many items per
+    stopped early when the target's disk is full (``report.stopped``); once ``stop`` is set, items not yet
+    started are left alone (the next run finds them). An adapter that moves many items per
     session gets them through :func:`~asyncdepo.engine.sessions.send_sessions` instead."""
     if run.features.sessions:
         await send_sessions(run, _checked(run, _items(run, batches, count, skip, digests), report),
@@ -263,6 +268,8 @@ async def _pass(run: Run, batches: Batches, report: RunReport, skip: set[str],
     async def worker(stream: Any) -> None:
         async with stream:
             async for item, saved, check in stream:
+                if stop is not None and stop.is_set():
+                    continue
                 try:
                     if not run.features.any_name:
                         check_name(item.rel, run.adapter.describe())
@@ -392,14 +399,17 @@ class _Counted:
 async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None = None, *,
                reporter: Reporter | None = None, journal_path: Path | None = None,
                argv: list[str] | None = None, tick: float = 0.5, clock: Clock = SYSTEM_CLOCK,
-               kind: str = "push", passes: PassFn | None = None) -> RunReport:
+               kind: str = "push", passes: PassFn | None = None,
+               watch: Watch | None = None) -> RunReport:
     """Push ``source`` (a directory or one file) through ``adapter``; see the module docstring. ``clock``
     paces every retry of the run (tests pass one that steps time). ``kind`` names the job in the journal
     (``asyncdepo resume`` reruns ``argv`` for ``push``; an archive's own kind resumes through its command).
     ``passes`` replaces the local pass (:func:`_pass`), e.g. by one that hands the items to the workers of
-    a cluster.
+    a cluster. With ``watch`` the run goes on, sending files as they become complete, until ``watch.stop()``
+    (see :mod:`asyncdepo.engine.watch`; its pass is the local one).
 
-    :raises UsageError: the source is missing or unreadable (before anything is sent).
+    :raises UsageError: the source is missing or unreadable, or ``watch`` was given for a target that takes
+        the whole source at once (before anything is sent).
     Item failures do not raise: they are in the report (``ok`` False) and the journal.
     """
     config = config or EngineConfig()
@@ -408,6 +418,8 @@ async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None
     from asyncdepo.engine.source import check_source
 
     await anyio.to_thread.run_sync(check_source, root)
+    if watch is not None:
+        refuse_watch(adapter.features)
     journal = await Journal.open(journal_path or config.journal_path)
     started = time.monotonic()
     report = RunReport(ok=False, job_id="", bwlimit=config.bwlimit)
@@ -424,9 +436,9 @@ async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_ticker, reporter, tick)
-                    await _run_all(run, root, report, passes or _pass)
+                    await _run_all(run, root, report, passes or _pass, watch)
                     tg.cancel_scope.cancel()
-                ok = not report.failures
+                ok = not report.failures and not report.interrupted
             finally:
                 with anyio.CancelScope(shield=True):
                     await journal.flush()
@@ -452,6 +464,7 @@ async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None
             await journal.close()
             _fill(report, reporter, started)
             report.ok = ok and not report.failures
+            reporter.tick()  # a last snapshot, with the final counts, for progress, --json and metrics
             reporter.emit(JobFinished(job=report.job_id, report=report.to_json()))
     return report
 
@@ -460,7 +473,24 @@ class _Unfinished(TransientError):
     """Items of the run failed transiently: the run level tries them again."""
 
 
-async def _run_all(run: Run, root: Path, report: RunReport, passes: PassFn) -> None:
+def _requeue(run: Run, report: RunReport, rels: set[str]) -> None:
+    """Failed items ``rels`` are being sent again: out of the report's failures and the failed count."""
+    before = len(report.failures)
+    report.failures = [(r, e) for r, e in report.failures if r not in rels]
+    run.reporter.stats.requeued(before - len(report.failures))
+
+
+async def _run_all(run: Run, root: Path, report: RunReport, passes: PassFn,
+                   watch: Watch | None = None) -> None:
+    if watch is not None:
+        # files as they become complete, until the watch is stopped; a transient failure is offered again
+        # by the watch's next rescan (its backoff), not by rounds at the end
+        run.durable = True
+        await watch.run(root, config=run.config, journal=run.journal, job=run.job, reporter=run.reporter,
+                        consume=lambda batches, stop: _pass(run, batches, report, set(), {}, stop=stop),
+                        requeue=lambda rels: _requeue(run, report, rels))
+        report.interrupted = report.interrupted or watch.cut_short
+        return
     if run.features.packed:
         await _packed(run, root, report)
         return
@@ -493,10 +523,7 @@ async def _run_all(run: Run, root: Path, report: RunReport, passes: PassFn) -> N
         else:
             again = await run.journal.failed_transient(run.job)
             run.reporter.message(f"retrying {len(again)} item(s) that failed transiently")
-            retried = set(again)
-            before = len(report.failures)
-            report.failures = [(r, e) for r, e in report.failures if r not in retried]
-            run.reporter.stats.requeued(before - len(report.failures))
+            _requeue(run, report, set(again))
             await passes(run, named(run, root, again, report), report, skip, digests, count=False)
             if report.stopped:
                 return

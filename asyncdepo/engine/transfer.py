@@ -80,6 +80,9 @@ class Run:
     bucket: TokenBucket | None
     hashes: tuple[str, ...]
     clock: Clock = SYSTEM_CLOCK
+    #: commit the journal when an item is done, before it is announced (a watch: a kill at any moment
+    #: must not make the next run send a file again; one run's batching would lose up to half a second)
+    durable: bool = False
     requests: Pacer = dataclasses.field(init=False)
     items: Pacer = dataclasses.field(init=False)
 
@@ -361,6 +364,8 @@ async def _attempt(run: Run, item: Item, saved: dict[str, Any] | None, known: di
                              remote=result or writer.state(), error=None, transient=0)
     if mode == "chunked" and (item.size < 0 or item.size > run.config.chunk_size):
         run.journal.forget_chunks(run.job, item.rel)  # only unfinished items are resumed
+    if run.durable:
+        await run.journal.flush()
     stats = run.reporter.stats
     stats.done(item.size)
     run.reporter.emit(ItemDone(rel=item.rel, size=item.size, sent=stats.active.get(item.rel, [0, 0])[1],
