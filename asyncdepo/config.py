@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from asyncdepo.digests import check_algorithms
+from asyncdepo.digests import IDENTITY, check_algorithms
 from asyncdepo.errors import UsageError
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -109,8 +109,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("transfers", 8, _positive("transfers"), "concurrent transfers (requests in flight)", "N"),
     Option("chunk_size", 16 << 20, parse_size, "chunk / part size; larger files are split", "SIZE"),
     Option("read_ahead", 1, _nonneg("read-ahead"), "chunks read ahead per transfer while one is sent", "N"),
-    Option("hash", ("md5",), parse_hashes, "digests computed while reading (md5,sha256,sha1,xxh3,blake3,...)",
-           "LIST"),
+    Option("hash", ("xxh3",), parse_hashes,
+           "whole-file digests computed while reading, kept in the journal and the report; without it xxh3, "
+           "or md5 where the archive requires md5 (md5,sha1,sha256,sha512,blake2b,blake3,xxh3,crc64nvme,"
+           "crc32c,crc32)", "LIST"),
     Option("compress", None, parse_compress, "compress each file with zstd on the fly (zstd[:LEVEL])", "ALG"),
     Option("compress_threads", 0, _nonneg("compress-threads"), "zstd worker threads per file (0: one; files in flight use the other cores)", "N"),
     Option("bwlimit", None, parse_rate, "cap the whole run's rate, e.g. 100M (bytes/s)", "RATE"),
@@ -142,7 +144,7 @@ class EngineConfig:
     transfers: int = 8
     chunk_size: int = 16 << 20
     read_ahead: int = 1
-    hash: tuple[str, ...] = ("md5",)
+    hash: tuple[str, ...] | None = None  # --hash; None: the identity digest (see ``digests``)
     compress: tuple[str, int] | None = None
     compress_threads: int = 0
     bwlimit: float | None = None
@@ -160,6 +162,13 @@ class EngineConfig:
     def memory_bound(self) -> int:
         """Upper bound of chunk-buffer bytes reserved at once."""
         return self.transfers * self.chunk_size * (1 + self.read_ahead)
+
+    def digests(self, required: Sequence[str] = ()) -> tuple[str, ...]:
+        """The whole-file digests to compute: ``required`` (what the target needs or reports) plus
+        ``--hash``. Without ``--hash`` the identity digest is xxh3 (~20 GB/s), unless md5 is required, which
+        then serves as the identity: each byte is hashed once with md5, never md5 and xxh3."""
+        chosen = self.hash if self.hash is not None else (() if "md5" in required else (IDENTITY,))
+        return tuple(dict.fromkeys([*required, *chosen]))
 
     def replace(self, **kw: Any) -> EngineConfig:
         return dataclasses.replace(self, **kw)

@@ -3,7 +3,8 @@
 Both sides import this module and nothing of each other (the model is rclone's ``fs/``). It holds:
 
 * the value types that cross the line — :class:`Item` (a file found by the walk), :class:`Chunk` (one request
-  body read into a reserved buffer), :class:`ByteSource` (one streamed body), :class:`PartInfo`,
+  body read into a reserved buffer), :class:`ByteSource` (one streamed body), :class:`Part` (a part handed
+  over as a stream, with its digests), :class:`PartInfo`,
   :class:`RemoteItem` (a file listed for a pull) and :class:`PlainGet` (a pull item fetched by plain GET);
 * :class:`Features` — what an archive can do, the only thing the engine reads to decide how to send;
 * :class:`ChunkWriter` and :class:`Adapter` — the interface an archive implements;
@@ -25,6 +26,15 @@ Push, per item, the engine picks one of three modes from the features:
 * **multipart** (``features.multipart`` and the item is larger than one chunk): the engine reads the
   file in order into reserved buffers, hashes them, and hands each to ``writer.write_part`` — several
   parts of one file may be in flight at once, in any order. Parts already in ``writer.parts`` are skipped.
+  With ``features.part_streams`` (and no ``--compress``) no part is held in memory: the engine reads the
+  file in order once to hash it (whole-file digests, and each part's ``chunk_digests``), a few parts ahead
+  of the sends, and hands each part to ``writer.write_part_stream(part, source)`` as a :class:`Part` (its
+  number, range and digests, known before its request starts, e.g. for a checksum header) and a
+  ByteSource that reads the range again when the request sends it (from the page cache: the hashing pass
+  is at most ``transfers + 1`` parts ahead). Each attempt gets a fresh source. Whole-file digests that are
+  CRCs the adapter also asked per part (``digests.COMBINABLE``) are composed from the parts' values, not
+  hashed again. A resumed part in ``writer.parts`` is sent again when its journaled ``digests`` differ from
+  the ones just computed (the file changed there, or the target holds other bytes).
 * **chunked** (``features.chunked``, or multipart with a file that fits in one chunk): chunks are sent
   in order with ``writer.write``, starting at ``writer.confirmed`` (the offset the server confirmed).
 * **stream** (neither): one ``writer.write_stream(source)`` with the whole file as a ByteSource.
@@ -128,13 +138,28 @@ class ByteSource(Protocol):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Part:
+    """One part of a multipart item handed over as a stream (``Features.part_streams``): bytes
+    ``[offset, offset + size)`` of the item, part ``number`` (1-based), and the hex ``digests`` of those bytes
+    for the algorithms in ``Features.chunk_digests``, computed by the engine before the part is sent."""
+
+    number: int
+    offset: int
+    size: int
+    digests: dict[str, str]
+    last: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class PartInfo:
-    """What the server confirmed for one part of a multipart upload (journaled)."""
+    """What the server confirmed for one part of a multipart upload (journaled). ``digests`` are the part's
+    hex digests that were sent with it (e.g. ``{"crc64nvme": ...}``), so a resume can check them."""
 
     number: int
     size: int
     etag: str
     md5: str = ""
+    digests: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -252,8 +277,11 @@ class Features:
     :param min_part_size: smallest non-final part (S3: 5 MiB).
     :param max_parts: most parts one multipart upload may have.
     :param max_concurrency: cap on concurrent requests to this target (None: the engine's --transfers).
-    :param chunk_digests: digests the adapter needs for every chunk before it is sent (e.g. ``("md5",)``
-        for Content-MD5, ``("sha1",)`` for tus Upload-Checksum).
+    :param part_streams: with ``multipart``, parts go to ``write_part_stream`` as streams instead of
+        buffers (see the module docstring); not used with ``--compress`` (a compressed stream cannot be
+        re-read by range).
+    :param chunk_digests: digests the adapter needs for every chunk or part before it is sent (e.g.
+        ``("crc64nvme",)`` for an S3 checksum header, ``("crc32",)`` for tus Upload-Checksum).
     :param item_digests: digests of the whole file that the adapter needs (``prepare``/``complete``).
     :param server_digest: which digest the server reports back, so the engine computes it while reading.
     :param pull: the adapter can list and read remote items.
@@ -266,6 +294,7 @@ class Features:
     """
 
     multipart: bool = False
+    part_streams: bool = False
     chunked: bool = False
     resumable: bool = False
     needs_digests_before_start: bool = False
@@ -318,6 +347,17 @@ class ChunkWriter(ABC):
 
     async def write_part(self, chunk: Chunk) -> PartInfo:
         """Send part ``chunk.part_number``; may run concurrently with other parts of the same item."""
+        raise NotImplementedError
+
+    async def write_part_stream(self, part: Part, source: ByteSource) -> PartInfo:
+        """Send ``part`` with ``source`` as its body (``Features.part_streams``); may run concurrently with
+        other parts of the same item. ``source`` yields exactly ``part.size`` bytes, read from the item when
+        the body is written; it is the part ``part.digests`` were computed over unless the file changed
+        since, which the target's check of those digests (or the engine's size/mtime check) reveals.
+
+        :raises IntegrityError: the target reports a digest of the part other than ``part.digests``.
+        :raises TransientError | PermanentError: from the target.
+        """
         raise NotImplementedError
 
     async def write_stream(self, source: ByteSource) -> None:

@@ -36,6 +36,13 @@ def _s3_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--endpoint-url", help="S3 endpoint (e.g. http://127.0.0.1:9000)")
     group.add_argument("--region", help="S3 region (default: AWS_REGION, the profile's, or us-east-1)")
     group.add_argument("--profile", help="AWS profile name")
+    group.add_argument("--s3-checksum", default="crc64nvme", choices=("crc64nvme", "crc32c", "crc32", "none"),
+                       help="checksum sent with every body and part, verified by S3, and the whole object's, "
+                            "composed from the parts' (default crc64nvme; crc32c/crc32 for S3-compatible "
+                            "servers without CRC-64/NVME)")
+    group.add_argument("--s3-md5", action="store_true",
+                       help="also send Content-MD5 with every body (endpoints that demand it); costs an md5 "
+                            "of every byte (~0.6 GB/s a core)")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -107,7 +114,8 @@ def make_adapter(url: str, args: argparse.Namespace, config: Any = None, *, secr
         secrets["token"] = os.environ[env]
     kw: dict[str, Any] = {}
     if scheme == "s3":
-        kw = {"endpoint_url": args.endpoint_url, "region": args.region, "profile": args.profile}
+        kw = {"endpoint_url": args.endpoint_url, "region": args.region, "profile": args.profile,
+              "checksum": getattr(args, "s3_checksum", "crc64nvme"), "md5": getattr(args, "s3_md5", False)}
     return factory(url, config, secrets, **kw)
 
 

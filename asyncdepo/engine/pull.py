@@ -286,7 +286,7 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
     pacer = Pacer(RetryPolicy(attempts=config.request_attempts * max(1, config.item_attempts)), clock=clock)
     if bucket is None and config.bwlimit:
         bucket = TokenBucket(config.bwlimit)  # --bwlimit caps the whole pull, as it caps a push
-    extra = tuple(a for a in config.hash if a in FACTORIES)
+    extra = tuple(a for a in config.digests() if a in FACTORIES)
     sessions = adapter.features.pull_sessions
     journal = await Journal.open(journal_path or config.journal_path)
     jid = ""

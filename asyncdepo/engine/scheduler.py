@@ -70,8 +70,7 @@ from asyncdepo.transport.pacer import SYSTEM_CLOCK, Clock, Pacer, RetryPolicy, f
 
 def _hashes(config: EngineConfig, adapter: Adapter) -> tuple[str, ...]:
     f = adapter.features
-    want = list(config.hash) + list(f.item_digests) + ([f.server_digest] if f.server_digest else [])
-    return tuple(dict.fromkeys(want))
+    return config.digests([*f.item_digests, *([f.server_digest] if f.server_digest else [])])
 
 
 def target_identity(adapter: Adapter, config: EngineConfig) -> str:

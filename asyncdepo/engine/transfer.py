@@ -26,9 +26,10 @@ from typing import Any, TypeVar
 import anyio
 
 from asyncdepo.config import EngineConfig
-from asyncdepo.contract import Adapter, Chunk, ChunkWriter, Features, Item
+from asyncdepo.contract import Adapter, Chunk, ChunkWriter, Features, Item, Part, PartInfo
 from asyncdepo.digests import MultiHash, digest_bytes, hash_path_sync
 from asyncdepo.engine.journal import Journal
+from asyncdepo.engine.partstream import hash_parts
 from asyncdepo.engine.pipeline import BufferPool, ChunkStream, FileSource, RawReader, ZstdReader, read_small
 from asyncdepo.errors import (
     OffsetMismatchError,
@@ -300,6 +301,55 @@ async def _multipart(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHas
     return length
 
 
+def _still_held(held: PartInfo | None, part: Part) -> bool:
+    """A resumed part may be kept when its journaled digests match the ones just computed (when none can
+    be compared, the writer's own check against the target decided)."""
+    if held is None or held.size != part.size:
+        return False
+    same = [held.digests[a] == v for a, v in part.digests.items() if a in held.digests]
+    if "md5" in part.digests and held.md5:
+        same.append(held.md5 == part.digests["md5"])
+    return all(same)
+
+
+async def _part_streams(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash) -> int:
+    """Multipart without part buffers (``Features.part_streams``): hash the file in order a few parts
+    ahead of the sends (:func:`hash_parts`), send each part as a stream re-read from the file."""
+    cfg, stats = run.config, run.reporter.stats
+    await run.journal.flush()
+    # hashed parts whose send has not finished: bounds how far the hashing read runs ahead of the sends'
+    # re-reads (so those come from the page cache), not memory (a hashed part holds no buffer)
+    ahead = anyio.Semaphore(cfg.transfers + cfg.read_ahead)
+
+    def source(part: Part) -> FileSource:
+        return FileSource(item, offset=part.offset, length=part.size, digests=(), block=cfg.stream_block,
+                          limiter=run.io, pool=run.pool, on_bytes=lambda n: stats.moved(item.rel, n),
+                          throttle=run.throttle)
+
+    async def send(part: Part) -> None:
+        try:
+            info = await run.request(item.rel, lambda: writer.write_part_stream(part, source(part)))
+            writer.parts[part.number] = info
+            await run.journal.record(run.job, item.rel, state="partial", remote=writer.state())
+        finally:
+            ahead.release()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            async def on_part(part: Part) -> None:
+                if _still_held(writer.parts.get(part.number), part):
+                    return
+                writer.parts.pop(part.number, None)
+                await ahead.acquire()
+                tg.start_soon(send, part)
+
+            await hash_parts(item, _part_size(run, item.size), hasher, run.features.chunk_digests,
+                             pool=run.pool, limiter=run.io, block=cfg.stream_block, on_part=on_part)
+    except BaseExceptionGroup as eg:
+        raise first_leaf(eg) from None
+    return item.size
+
+
 async def _stream(run: Run, item: Item, writer: ChunkWriter, hasher_algos: tuple[str, ...]) -> dict[str, str]:
     stats = run.reporter.stats
 
@@ -331,9 +381,13 @@ async def _attempt(run: Run, item: Item, saved: dict[str, Any] | None, known: di
         await writer.verify(run.journal.chunks(run.job, item.rel), CHUNK_DIGEST)
         run.journal.forget_chunks(run.job, item.rel, writer.confirmed)
     run.reporter.emit(ItemStarted(rel=item.rel, size=item.size, offset=writer.confirmed))
-    hasher = MultiHash(run.hashes)
+    streamed = mode == "multipart" and run.features.part_streams and run.config.compress is None
+    # streamed parts: whole-file CRCs the target also wants per part are composed from the parts' values
+    hasher = MultiHash(run.hashes, composed=run.features.chunk_digests if streamed else ())
     try:
-        if mode == "multipart":
+        if streamed:
+            length = await _part_streams(run, item, writer, hasher)
+        elif mode == "multipart":
             length = await _multipart(run, item, writer, hasher)
         elif mode == "chunked":
             length = await _chunked(run, item, writer, hasher)

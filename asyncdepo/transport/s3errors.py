@@ -7,9 +7,13 @@ header, a signature, a presigned URL or a credential. S3's error XML for ``Signa
 
 Classification (the engine retries what :func:`asyncdepo.errors.is_transient` accepts):
 
+* integrity (:class:`IntegrityError`, retried like a transient error, with a fresh read): BadDigest,
+  XAmzContentSHA256Mismatch, XAmzContentChecksumMismatch — S3 computed a digest of what it received that
+  differs from the one we declared (Content-MD5, ``x-amz-checksum-*``): the body was damaged on the way,
+  or the file is not what was hashed;
 * transient: SlowDown/throttling, 5xx, RequestTimeout, connection and read failures, timeouts,
-  BadDigest/InvalidDigest/XAmzContentSHA256Mismatch/IncompleteBody (the body was damaged on the way:
-  re-send it), NoSuchUpload (the upload vanished: the item is reopened and starts over);
+  InvalidDigest/IncompleteBody (re-send it), NoSuchUpload (the upload vanished: the item is reopened and
+  starts over);
 * permanent: NoSuchBucket, AccessDenied/InvalidAccessKeyId/SignatureDoesNotMatch/ExpiredToken (AuthError
   with a hint), missing credentials, EntityTooSmall/EntityTooLarge/InvalidPart/InvalidPartOrder/
   MalformedXML/InvalidArgument (RemoteValidationError), QuotaExceeded (QuotaError), and every other 4xx.
@@ -48,12 +52,11 @@ _TRANSIENT_CODES = _THROTTLE_CODES | {
     "RequestTimeout",
     "RequestTimeTooSkewed",
     "OperationAborted",
-    "BadDigest",
     "InvalidDigest",
-    "XAmzContentSHA256Mismatch",
     "IncompleteBody",
     "NoSuchUpload",
 }
+_INTEGRITY_CODES = frozenset({"BadDigest", "XAmzContentSHA256Mismatch", "XAmzContentChecksumMismatch"})
 _AUTH_HINTS = {
     "AccessDenied": "check that the credentials may write to this bucket and prefix (IAM or bucket policy)",
     "AllAccessDisabled": "access to this bucket is disabled; contact its owner",
@@ -141,6 +144,8 @@ def _classify(
         )
     if code in ("QuotaExceeded", "ServiceQuotaExceeded"):
         return errors.QuotaError(text, status=status)
+    if code in _INTEGRITY_CODES:
+        return errors.IntegrityError(text)
     if code in _TRANSIENT_CODES:
         retry_after = parse_retry_after(headers.get("retry-after"))
         if code in _THROTTLE_CODES:

@@ -11,12 +11,18 @@ import anyio
 
 from asyncdepo.adapters.s3.writer import S3Writer
 from asyncdepo.contract import Chunk, Item
+from asyncdepo.digests import digest_bytes
 
 if TYPE_CHECKING:
     from tests.adapters.s3_servers import S3TestServer
 
 MiB = 1 << 20
 PART = 5 * MiB
+
+
+def crc(data: bytes) -> str:
+    """The hex CRC-64/NVME of ``data`` (the adapter's default checksum)."""
+    return digest_bytes(data, ("crc64nvme",))["crc64nvme"]
 
 
 class Cfg:
@@ -32,13 +38,16 @@ def payload(size: int, seed: int = 1) -> bytes:
     return (block * (size // len(block) + 1))[:size]
 
 
-def chunk(data: bytes, offset: int, size: int, number: int, total: int, md5: str | None = None) -> Chunk:
-    """One part as the engine hands it over: read into a buffer and hashed."""
+def chunk(data: bytes, offset: int, size: int, number: int, total: int, md5: str | None = None,
+          crc: str | None = None) -> Chunk:
+    """One part as the engine hands it over: read into a buffer and hashed (md5 and crc64nvme, as the
+    adapter may ask for either; ``md5``/``crc`` replace them, e.g. with a wrong value)."""
     body = data[offset : offset + size]
     return Chunk(
         offset=offset,
         data=memoryview(body),
-        digests={"md5": md5 or hashlib.md5(body).hexdigest()},
+        digests={"md5": md5 or hashlib.md5(body).hexdigest(),
+                 "crc64nvme": crc or digest_bytes(body, ("crc64nvme",))["crc64nvme"]},
         last=offset + size >= total,
         part_number=number,
         total=total,

@@ -9,6 +9,13 @@ Both servers start once per session on free ports; tests isolate themselves with
 Differences the tests rely on (checked in test_s3_adapter.py):
 
 * moto does not check Content-MD5 (``checks_content_md5`` False); rclone's gofakes3 does (BadDigest).
+* Neither checks the additional checksums (``x-amz-checksum-*``) a client declares: moto 5.2.5 stores the
+  declared value (``S3Response._get_checksum``), rclone 1.75 too. S3 computes the checksum of what it
+  received and refuses a mismatch with ``400 BadDigest``; the moto fixture adds that one check to moto,
+  computed with moto's own ``compute_checksum`` (awscrt for CRC64NVME, the crc32c package for CRC32C)
+  before the object or part is stored (``checks_checksums`` True). moto itself computes the full-object
+  checksum of a completed multipart upload from the bytes it holds and reports it on HeadObject with
+  ``ChecksumMode=ENABLED``; rclone reports none for multipart objects.
 * rclone keeps objects as files under ``server.root/<bucket>/``; moto keeps them in memory.
 """
 
@@ -46,6 +53,7 @@ class S3TestServer:
     access_key: str
     secret_key: str
     checks_content_md5: bool
+    checks_checksums: bool = False
     root: Path | None = None  # where rclone keeps the objects
 
     @property
@@ -124,18 +132,52 @@ def rclone_binary() -> str:
     raise AssertionError  # unreachable
 
 
+def _moto_checks_checksums() -> None:
+    """Make moto refuse a PutObject/UploadPart whose ``x-amz-checksum-*`` differs from its body, as S3 does
+    (``400 BadDigest``), before anything is stored (see the module docstring). Idempotent."""
+    from moto.s3 import responses
+    from moto.s3.exceptions import S3ClientError
+    from moto.s3.utils import compute_checksum
+
+    cls = responses.S3Response
+    if getattr(cls, "_asyncdepo_checks", False):
+        return
+
+    class BadDigest(S3ClientError):
+        code = "BadDigest"
+
+        def __init__(self, algorithm: str) -> None:
+            super().__init__("BadDigest", f"The {algorithm} you specified did not match the calculated checksum.")
+
+    def checked(original: Any) -> Any:
+        def method(self: Any) -> Any:
+            for algorithm in ("CRC64NVME", "CRC32C", "CRC32", "SHA1", "SHA256"):
+                declared = self.headers.get(f"x-amz-checksum-{algorithm.lower()}")
+                if declared and compute_checksum(self.body, algorithm).decode() != declared:
+                    raise BadDigest(algorithm)
+            return original(self)
+
+        return method
+
+    cls.put_object = checked(cls.put_object)
+    cls.upload_part = checked(cls.upload_part)
+    cls._asyncdepo_checks = True
+
+
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[S3TestServer]:
-    """moto's S3 in a thread of this process, on a free port."""
+    """moto's S3 in a thread of this process, on a free port, refusing wrong checksums as S3 does."""
     pytest.importorskip("moto")
     from moto.server import ThreadedMotoServer
 
+    _moto_checks_checksums()
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()  # start() returns once the server listens
     try:
-        yield S3TestServer("moto", f"http://{host}:{port}", MOTO_KEY, MOTO_SECRET, checks_content_md5=False)
+        yield S3TestServer("moto", f"http://{host}:{port}", MOTO_KEY, MOTO_SECRET, checks_content_md5=False,
+                           checks_checksums=True)
     finally:
         server.stop()
 

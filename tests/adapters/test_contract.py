@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from asyncdepo.digests import digest_bytes
 from asyncdepo.adapters.local import LocalAdapter
 from asyncdepo.adapters.s3.adapter import S3Adapter
 from asyncdepo.adapters.tus import TusAdapter
@@ -101,7 +102,7 @@ async def test_push_lands_byte_for_byte_and_rerun_sends_nothing(target: Target, 
 def _first_chunk(data: bytes, digests: tuple[str, ...], multipart: bool) -> Chunk:
     body = data[:PART]
     return Chunk(offset=0, data=memoryview(body), last=False, part_number=1 if multipart else 0,
-                 digests={a: hashlib.new(a, body).hexdigest() for a in digests})
+                 digests=digest_bytes(body, digests))
 
 
 async def test_reopen_from_journaled_state_knows_what_the_server_holds(target: Target, tree: Path) -> None:

@@ -23,8 +23,10 @@ from asyncdepo.adapters.s3 import S3Adapter, multipart_etag, parse_s3_url
 from asyncdepo.adapters.s3.writer import S3Writer
 from asyncdepo.contract import Chunk, Item
 from asyncdepo.transport.s3errors import map_s3_error, s3_code
+from asyncdepo.digests import to_base64
 from tests.adapters.s3_helpers import (
     PART,
+    crc,
     CallCounter,
     Cfg,
     MiB,
@@ -53,6 +55,16 @@ async def adapter(s3_server: S3TestServer) -> AsyncIterator[S3Adapter]:
         yield ad
 
 
+@pytest.fixture
+async def md5_adapter(s3_server: S3TestServer) -> AsyncIterator[S3Adapter]:
+    """The adapter with ``--s3-md5``: Content-MD5 on every body, besides the CRC."""
+    bucket = s3_server.new_bucket()
+    async with S3Adapter(
+        f"s3://{bucket}/run/1", Cfg(), s3_server.secrets, endpoint_url=s3_server.endpoint_url, md5=True
+    ) as ad:
+        yield ad
+
+
 # -- basics --------------------------------------------------------------------------------------------
 def test_registered_and_url() -> None:
     assert lookup("s3") is S3Adapter
@@ -77,8 +89,8 @@ async def test_single_put(adapter: S3Adapter, s3_server: S3TestServer) -> None:
     writer = await adapter.open_item(item, None)
     await writer.write(chunk(data, 0, len(data), 0, len(data)))
     md5 = hashlib.md5(data).hexdigest()
-    result = await writer.complete({"md5": md5}, len(data))
-    assert result["etag"] == md5
+    result = await writer.complete({"crc64nvme": crc(data)}, len(data))
+    assert result["etag"] == md5 and result["crc64nvme"] == crc(data)
     body, etag = read_back(s3_server, adapter.bucket, "run/1/dir/small.bin")
     assert body == data and etag == md5
     if s3_server.root is not None:  # rclone keeps it as a file
@@ -99,14 +111,19 @@ async def test_multipart_parts_concurrent(adapter: S3Adapter, s3_server: S3TestS
     await send_parts(writer, chunks)
     state = writer.state()
     assert state["upload_id"] and sorted(state["parts"]) == ["1", "2", "3"]
+    assert all(state["parts"][n][3] == {"crc64nvme": crc(c.data.tobytes())} for n, c in zip("123", chunks))
     expected = multipart_etag([c.digests["md5"] for c in chunks])
-    result = await writer.complete({"md5": hashlib.md5(data).hexdigest()}, len(data))
-    assert result["etag"] == expected
+    result = await writer.complete({"crc64nvme": crc(data)}, len(data))
+    assert result["etag"] == expected and result["crc64nvme"] == crc(data)
     assert read_back(s3_server, adapter.bucket, "run/1/big.bin") == (
         data,
         stored_etag(s3_server, data, expected),
     )
     assert not s3_server.client().list_multipart_uploads(Bucket=adapter.bucket).get("Uploads")
+    if s3_server.name == "moto":  # moto composes the full-object value from the bytes it holds
+        head = s3_server.client().head_object(Bucket=adapter.bucket, Key="run/1/big.bin", ChecksumMode="ENABLED")
+        assert head["ChecksumType"] == "FULL_OBJECT"
+        assert head["ChecksumCRC64NVME"] == to_base64(crc(data))
 
 
 # -- resume --------------------------------------------------------------------------------------------
@@ -162,8 +179,11 @@ async def test_failed_part_resumes_from_listparts(s3_server: S3TestServer, lost:
         assert sorted(writer.parts) == [1, 3, 4]
         missing = [c for c in chunks if c.part_number not in writer.parts]
         await send_parts(writer, missing)  # type: ignore[arg-type]
-        result = await writer.complete({"md5": hashlib.md5(data).hexdigest()}, len(data))
+        result = await writer.complete({"crc64nvme": crc(data)}, len(data))
     assert [kw["PartNumber"] for kw in counter.calls["upload_part"]] == [2]
+    # the resent part carried its checksum, and the journal's checksums of the kept parts were reused
+    assert counter.calls["upload_part"][0]["ChecksumCRC64NVME"] == to_base64(crc(chunks[1].data.tobytes()))
+    assert result["crc64nvme"] == crc(data)
     assert len(counter.calls["list_parts"]) == -(-held_parts // page)
     assert "create_multipart_upload" not in counter.calls
     expected = multipart_etag([c.digests["md5"] for c in chunks])
@@ -187,13 +207,14 @@ async def test_resume_of_vanished_upload_starts_over(adapter: S3Adapter, s3_serv
 
 
 # -- integrity -----------------------------------------------------------------------------------------
-async def test_wrong_content_md5_is_refused_then_resent(adapter: S3Adapter, s3_server: S3TestServer) -> None:
+async def test_wrong_content_md5_is_refused_then_resent(md5_adapter: S3Adapter, s3_server: S3TestServer) -> None:
     """A part whose bytes do not match its Content-MD5 (corrupted between hashing and sending) is refused.
 
     rclone's server checks Content-MD5 and answers BadDigest; moto does not check it, and the adapter
     catches the mismatch itself from the part's ETag. Either way the error is transient and a re-send of
     the good part completes with the right ETag.
     """
+    adapter = md5_adapter
     data = payload(PART + 99, seed=5)
     writer = await adapter.open_item(item_for("bad.bin", data), None)
     good = parts_of(data)
@@ -211,7 +232,8 @@ async def test_wrong_content_md5_is_refused_then_resent(adapter: S3Adapter, s3_s
     assert read_back(s3_server, adapter.bucket, "run/1/bad.bin")[0] == data
 
 
-async def test_wrong_content_md5_single_put(adapter: S3Adapter, s3_server: S3TestServer) -> None:
+async def test_wrong_content_md5_single_put(md5_adapter: S3Adapter, s3_server: S3TestServer) -> None:
+    adapter = md5_adapter
     data = payload(MiB, seed=6)
     writer = await adapter.open_item(item_for("bad-small.bin", data), None)
     with pytest.raises(errors.DepoError) as info:
@@ -220,6 +242,49 @@ async def test_wrong_content_md5_single_put(adapter: S3Adapter, s3_server: S3Tes
     await writer.write(chunk(data, 0, len(data), 0, len(data)))
     await writer.complete({"md5": hashlib.md5(data).hexdigest()}, len(data))
     assert read_back(s3_server, adapter.bucket, "run/1/bad-small.bin")[0] == data
+
+
+async def test_wrong_crc_is_refused_by_the_server(moto_server: S3TestServer) -> None:
+    """A body whose x-amz-checksum-crc64nvme does not match its bytes (damaged between hashing and sending)
+    is refused by the server (BadDigest, before anything is stored) and reported as an IntegrityError,
+    which the engine retries; the right one is accepted, and what S3 reports back is checked."""
+    bucket = moto_server.new_bucket()
+    async with S3Adapter(f"s3://{bucket}/p", Cfg(), moto_server.secrets,
+                         endpoint_url=moto_server.endpoint_url) as adapter:
+        data = payload(PART + 4321, seed=11)
+        writer = await adapter.open_item(item_for("crc.bin", data), None)
+        good = parts_of(data)
+        with pytest.raises(errors.IntegrityError, match="BadDigest") as info:
+            await writer.write_part(chunk(data, 0, PART, 1, len(data), crc="0" * 16))
+        assert errors.is_transient(info.value) and s3_code(info.value) == "BadDigest"
+        assert writer.parts == {}
+        held = moto_server.client().list_parts(Bucket=bucket, Key="p/crc.bin", UploadId=writer.state()["upload_id"])
+        assert not held.get("Parts")  # refused before it was stored
+        await send_parts(writer, good)
+        assert (await writer.complete({"crc64nvme": crc(data)}, len(data)))["crc64nvme"] == crc(data)
+
+        small = payload(MiB, seed=12)
+        writer = await adapter.open_item(item_for("crc-small.bin", small), None)
+        with pytest.raises(errors.IntegrityError, match="CRC64NVME"):
+            await writer.write(chunk(small, 0, len(small), 0, len(small), crc=crc(b"other bytes")))
+        await writer.write(chunk(small, 0, len(small), 0, len(small)))
+        await writer.complete({"crc64nvme": crc(small)}, len(small))
+    client = moto_server.client()
+    assert read_back(moto_server, bucket, "p/crc.bin")[0] == data
+    assert read_back(moto_server, bucket, "p/crc-small.bin")[0] == small
+    head = client.head_object(Bucket=bucket, Key="p/crc-small.bin", ChecksumMode="ENABLED")
+    assert head["ChecksumCRC64NVME"] == to_base64(crc(small))
+
+
+async def test_parts_of_another_file_are_not_completed(adapter: S3Adapter) -> None:
+    """The parts' composed checksum must be the file's: parts journaled for another version of the file
+    are never completed into an object (IntegrityError)."""
+    data = payload(PART + 77, seed=13)
+    writer = await adapter.open_item(item_for("other.bin", data), None)
+    await send_parts(writer, parts_of(data))
+    with pytest.raises(errors.IntegrityError, match="crc64nvme"):
+        await writer.complete({"crc64nvme": crc(data + b"x")}, len(data))
+    await writer.abort()
 
 
 async def test_complete_checks_sizes_and_parts(adapter: S3Adapter) -> None:
@@ -320,7 +385,7 @@ def _client_error(code: str, status: int, message: str = "msg", **extra: str) ->
 @pytest.mark.parametrize(
     ("code", "status", "kind"),
     [
-        ("BadDigest", 400, errors.TransientError),
+        ("BadDigest", 400, errors.IntegrityError),
         ("InvalidDigest", 400, errors.TransientError),
         ("SlowDown", 503, errors.RateLimitedError),
         ("InternalError", 500, errors.TransientError),

@@ -1,10 +1,13 @@
 """S3 (and S3-compatible servers) as a target and a source: ``s3://BUCKET/PREFIX`` on aiobotocore.
 
 Push: a file that fits in one chunk goes as one PutObject; a larger file as a multipart upload whose parts
-the engine's workers send concurrently (see :mod:`asyncdepo.adapters.s3.writer`). Every body carries
-Content-MD5 from the digest the engine computed while reading, and every ETag S3 returns is compared with
-it; the final multipart ETag is compared with ``md5(concat(part md5s))-N``. The UploadId and the finished
-parts are journaled through ``ChunkWriter.state()``; a re-run asks ListParts and sends only missing parts.
+the engine's workers send concurrently as streams (``Features.part_streams``: no part is held in memory;
+see :mod:`asyncdepo.adapters.s3.writer`). Every body carries ``x-amz-checksum-crc64nvme`` (or the
+``--s3-checksum`` algorithm) computed by the engine while reading, which S3 checks against what it
+received; the checksum S3 reports back is compared with ours, and so is the full-object value of a
+multipart upload, composed from the parts' values (CRC combine, no second pass). Content-MD5 (and the ETag
+comparison it allows) only with ``--s3-md5``. The UploadId and the finished parts with their checksums
+are journaled through ``ChunkWriter.state()``; a re-run asks ListParts and sends only missing parts.
 
 Pull: ``list_remote`` pages through ListObjectsV2 under the prefix (an md5 is published only for objects
 whose ETag is a plain md5, i.e. not multipart); each object is fetched through a presigned GetObject URL
@@ -20,9 +23,9 @@ Client settings, and why:
 * botocore's own retries are off (``total_max_attempts=1``): the engine retries, with the journal.
 * ``max_pool_connections`` = the engine's transfers + 4 (control calls: create/complete/list), 64
   when no config is given.
-* The payload is not SHA-256-signed (``payload_signing_enabled=False``): Content-MD5 already protects it
-  and signing would hash every byte a second time. The flexible CRC checksums botocore adds by default are
-  off for the same reason (``request_checksum_calculation="when_required"``).
+* The payload is not SHA-256-signed (``payload_signing_enabled=False``): the CRC checksum already protects
+  it and signing would hash every byte a second time with a costlier digest. botocore computes no checksum
+  of its own (``request_checksum_calculation="when_required"``): we pass the one the engine computed.
 * ``parameter_validation=False`` so a chunk's memoryview goes to aiohttp as the body without a copy
   (botocore's validator accepts only bytes/bytearray/file objects); we build every parameter ourselves.
 """
@@ -30,19 +33,30 @@ Client settings, and why:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Self
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import anyio
 
 from asyncdepo import errors
+from asyncdepo.adapters.s3 import checksums
 from asyncdepo.adapters.s3.etags import etag_md5
 from asyncdepo.adapters.s3.writer import S3Writer
-from asyncdepo.contract import Adapter, ChunkWriter, Features, Item, PlainGet, RemoteItem, register
+from asyncdepo.contract import (
+    Adapter,
+    ByteSource,
+    ChunkWriter,
+    Features,
+    Item,
+    PlainGet,
+    RemoteItem,
+    register,
+)
 from asyncdepo.transport.s3errors import map_s3_error
 
 MiB = 1 << 20
@@ -97,6 +111,9 @@ class S3Adapter(Adapter):
     :param profile: a profile of the shared AWS config files.
     :param fast_path: send PutObject/UploadPart as signed aiohttp PUTs once botocore has resolved the
         endpoint (see :mod:`asyncdepo.adapters.s3.fast`); False sends everything through aiobotocore.
+    :param checksum: the additional checksum sent with every body (``crc64nvme``, ``crc32c``, ``crc32``) or
+        ``none`` (``--s3-checksum``), see :mod:`asyncdepo.adapters.s3.checksums`.
+    :param md5: also send Content-MD5 with every body (``--s3-md5``), for endpoints that demand it.
     :raises UsageError: a malformed URL.
     """
 
@@ -105,9 +122,10 @@ class S3Adapter(Adapter):
     list_page_size = 1000
     features = Features(
         multipart=True,
+        part_streams=True,
         resumable=True,
-        chunk_digests=("md5",),
-        server_digest="md5",
+        chunk_digests=("crc64nvme",),
+        server_digest="crc64nvme",
         min_part_size=5 * MiB,
         max_part_size=5 * GiB,
         max_parts=10_000,
@@ -124,8 +142,21 @@ class S3Adapter(Adapter):
         region: str | None = None,
         profile: str | None = None,
         fast_path: bool = True,
+        checksum: str = "crc64nvme",
+        md5: bool = False,
     ) -> None:
         self.bucket, self.prefix = parse_s3_url(url)
+        if checksum not in (*checksums.ALGORITHMS, "none"):
+            raise errors.UsageError(f"--s3-checksum {checksum!r}: choose from {', '.join(checksums.ALGORITHMS)}, none")
+        #: the additional checksum sent with every body (None: none), and whether Content-MD5 is sent too
+        self.checksum: str | None = None if checksum == "none" else checksum
+        self.md5 = md5
+        # what the engine computes per part and per file depends on these options
+        self.features = dataclasses.replace(  # type: ignore[misc]
+            type(self).features,
+            chunk_digests=tuple(a for a in (self.checksum, "md5" if md5 else None) if a),
+            server_digest=self.checksum or ("md5" if md5 else None),
+        )
         self.fast_path = fast_path
         self._fast: Any = None
         self.config = config
@@ -310,12 +341,21 @@ class S3Adapter(Adapter):
             raise map_s3_error(exc, what) from None
 
     async def put_data(
-        self, key: str, body: memoryview, content_md5: str, what: str, upload: tuple[str, int] | None = None
-    ) -> str:
-        """PutObject (or UploadPart with ``upload=(UploadId, PartNumber)``) of ``body``; returns the ETag.
+        self,
+        key: str,
+        body: memoryview | ByteSource,
+        size: int,
+        digests: Mapping[str, str],
+        what: str,
+        upload: tuple[str, int] | None = None,
+    ) -> tuple[str, dict[str, str]]:
+        """PutObject (or UploadPart with ``upload=(UploadId, PartNumber)``) of ``body`` — a flat view, or a
+        ByteSource of ``size`` bytes — with the integrity headers of ``digests`` (see
+        :mod:`asyncdepo.adapters.s3.checksums`); returns the ETag and the checksums S3 reported (hex).
 
         Goes through the fast path when it is ready, else through aiobotocore (which teaches the fast
-        path the endpoint on the way).
+        path the endpoint on the way); aiobotocore gets a stream's bytes read into memory (one part, only
+        until the fast path is ready: the first data request of a run, or a run whose endpoint redirects).
 
         :raises DepoError: the mapped failure.
         """
@@ -325,25 +365,26 @@ class S3Adapter(Adapter):
             fast = self._fast
         if fast is not None and fast.ready:
             query = f"partNumber={upload[1]}&uploadId={quote(upload[0], safe='')}" if upload else ""
-            etag = await fast.put(key, body, content_md5, request_deadline(len(body)), what, query)
-            if etag is not None:
-                return str(etag)
-        params: dict[str, Any] = {
-            "Key": key,
-            "Body": body,
-            "ContentMD5": content_md5,
-            "ContentLength": len(body),
-        }
+            got = await fast.put(key, body, size, checksums.request_headers(digests), request_deadline(size),
+                                 what, query)
+            if got is not None:
+                etag, headers = got
+                return etag, _reported(lambda a: checksums.from_headers(headers, a))
+            if not isinstance(body, memoryview):  # the stream was spent on the redirected request
+                raise errors.TransientError(f"{what}: the endpoint redirected; sending again through botocore")
+        data = body if isinstance(body, memoryview) else await _read_all(body, size)
+        params: dict[str, Any] = {"Key": key, "Body": data, "ContentLength": size,
+                                  **checksums.request_params(digests)}
         if upload:
             params.update(UploadId=upload[0], PartNumber=upload[1])
         if fast is not None:
             fast.expecting.add(key)
         try:
-            response = await self.call("upload_part" if upload else "put_object", what, len(body), **params)
+            response = await self.call("upload_part" if upload else "put_object", what, size, **params)
         finally:
             if fast is not None:
                 fast.expecting.discard(key)
-        return str(response.get("ETag", ""))
+        return str(response.get("ETag", "")), _reported(lambda a: checksums.from_response(response, a))
 
     # -- push ---------------------------------------------------------------------------------------
     async def open_item(self, item: Item, saved: Mapping[str, Any] | None) -> ChunkWriter:
@@ -433,6 +474,21 @@ class S3Adapter(Adapter):
                 yield data
         finally:
             body.close()
+
+
+def _reported(lookup: Callable[[str], str | None]) -> dict[str, str]:
+    """``{algo: hex}`` of the additional checksums a response carried."""
+    return {a: v for a in checksums.ALGORITHMS if (v := lookup(a))}
+
+
+async def _read_all(source: ByteSource, size: int) -> bytes:
+    """A stream's bytes in one buffer (for aiobotocore, which takes bodies it can rewind)."""
+    out = bytearray()
+    async for view in source:
+        out += view
+    if len(out) != size:
+        raise errors.SourceChangedError(f"read {len(out)} bytes of a {size}-byte part; the file changed")
+    return bytes(out)
 
 
 _LOADER: Any = None

@@ -36,7 +36,8 @@ import anyio
 from yarl import URL
 
 from asyncdepo import errors
-from asyncdepo.transport.httpbody import ViewPayload
+from asyncdepo.contract import ByteSource
+from asyncdepo.transport.httpbody import SourcePayload, ViewPayload
 from asyncdepo.transport.s3errors import map_error_response, map_s3_error, parse_s3_xml
 
 log = logging.getLogger(__name__)
@@ -204,10 +205,19 @@ class FastPath:
             self._session = None
 
     async def put(
-        self, key: str, body: memoryview, content_md5: str, deadline: float, what: str, query: str = ""
-    ) -> str | None:
-        """PUT ``body`` to ``key`` (``query`` e.g. ``partNumber=2&uploadId=...``); returns the ETag, or None
-        when S3 redirected us (the fast path is then off and the caller repeats it through botocore).
+        self,
+        key: str,
+        body: memoryview | ByteSource,
+        size: int,
+        extra: dict[str, str],
+        deadline: float,
+        what: str,
+        query: str = "",
+    ) -> tuple[str, dict[str, str]] | None:
+        """PUT ``body`` (a flat view, or a ByteSource of ``size`` bytes streamed as it is read) to ``key``
+        with the signed headers ``extra`` (integrity headers); ``query`` e.g. ``partNumber=2&uploadId=...``.
+        Returns the ETag and the response headers (lower-cased), or None when S3 redirected us (the fast
+        path is then off and the caller repeats it through botocore).
 
         :raises DepoError: the mapped S3 error or transport failure.
         """
@@ -226,26 +236,18 @@ class FastPath:
                 return None
             creds = await source.get_frozen_credentials()
             access_key, secret_key, token = creds.access_key, creds.secret_key, creds.token
-        headers = self.signer.sign(
-            "PUT",
-            url,
-            {"host": host, "content-md5": content_md5},
-            access_key,
-            secret_key,
-            token,
-        )
-        headers["Content-Length"] = str(len(body))
+        headers = self.signer.sign("PUT", url, {"host": host, **extra}, access_key, secret_key, token)
+        headers["Content-Length"] = str(size)
+        data: aiohttp.payload.Payload = (ViewPayload(body) if isinstance(body, memoryview)
+                                         else SourcePayload(body))
         session = self._session_for()
         try:
             with anyio.fail_after(deadline):
-                async with session.put(
-                    parsed, data=ViewPayload(body), headers=headers, allow_redirects=False
-                ) as resp:
-                    if resp.status < 300:
-                        await resp.read()
-                        return resp.headers.get("ETag", "")
+                async with session.put(parsed, data=data, headers=headers, allow_redirects=False) as resp:
                     raw = await resp.read()
                     lower = {k.lower(): v for k, v in resp.headers.items()}
+                    if resp.status < 300:
+                        return lower.get("etag", ""), lower
         except errors.DepoError:
             raise
         except Exception as exc:  # noqa: BLE001 - the error boundary: everything is mapped
