@@ -114,3 +114,96 @@ class CallCounter:
             return result
 
         setattr(self.client, op, wrapper)
+
+
+class DamagingProxy:
+    """A loopback TCP proxy in front of an HTTP server that flips one bit of request bodies on the way:
+    byte ``at`` of every body longer than ``at``, for the first ``times`` such bodies (None: all of them).
+    It models damage in transit, which only the server's check of the declared digest can catch. Runs its
+    own event loop in a thread, so a synchronous test can drive the CLI through it.
+    """
+
+    def __init__(self, target: str, at: int = 100_000, times: int | None = None) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(target)
+        self.host, self.port = parts.hostname or "127.0.0.1", int(parts.port or 80)
+        self.at, self.times = at, times
+        self.damaged = 0
+        self.url = ""
+        self._loop: Any = None
+        self._thread: Any = None
+
+    def __enter__(self) -> DamagingProxy:
+        import asyncio
+        import threading
+
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self._loop = loop
+            server = loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+            self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            ready.set()
+            loop.run_forever()
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*asyncio.all_tasks(loop), return_exceptions=True))
+            server.close()
+            loop.run_until_complete(server.wait_closed())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="damaging-proxy", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    async def _handle(self, reader: Any, writer: Any) -> None:
+        import asyncio
+
+        try:
+            up_r, up_w = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            writer.close()
+            return
+
+        async def down() -> None:
+            while data := await up_r.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        task = asyncio.ensure_future(down())
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value.strip())
+                up_w.write(head)
+                flip = length > self.at and (self.times is None or self.damaged < self.times)
+                if flip:
+                    self.damaged += 1
+                sent = 0
+                while sent < length:
+                    data = bytearray(await reader.read(min(1 << 16, length - sent)))
+                    if not data:
+                        raise ConnectionError("client went away")
+                    if flip and sent <= self.at < sent + len(data):
+                        data[self.at - sent] ^= 0x01
+                    up_w.write(data)
+                    await up_w.drain()
+                    sent += len(data)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            up_w.close()
+            await asyncio.gather(task, return_exceptions=True)
