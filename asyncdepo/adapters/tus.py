@@ -14,7 +14,9 @@ length that no longer matches the item, starts a new upload from zero.
 
 ``write`` sends one PATCH per chunk (``Content-Type: application/offset+octet-stream``, ``Upload-Offset``,
 an explicit Content-Length, the chunk's memoryview as body) and, when the server offers the checksum
-extension with sha1, ``Upload-Checksum: sha1 <base64>`` from ``chunk.digests["sha1"]``. Writes are
+extension, ``Upload-Checksum: <algo> <base64>`` from ``chunk.digests[algo]`` with the cheapest algorithm it
+lists in ``Tus-Checksum-Algorithm`` (:data:`CHECKSUM_PREFERENCE`, fastest first: crc32 at ~3.4 GB/s a core
+before sha1 at ~1.5 and md5 at ~0.6). Writes are
 idempotent: a chunk the server already holds in full is a no-op, one it holds in part sends only the tail
 (hashed here, in a thread). ``resync`` is HEAD; ``complete`` checks with HEAD that the server holds exactly
 the bytes sent (tus reports no digest, so the size is what can be verified; no HEAD when the last
@@ -32,9 +34,10 @@ Names: ``relpath`` and ``filename`` metadata are base64 of the name's bytes, so 
 sent as it is (``Features.any_name``). ``discard(rel, saved)`` terminates the saved upload (DELETE) of an
 item whose source vanished.
 
-Features are decided in ``__aenter__`` from OPTIONS: ``chunk_digests`` is ``("sha1",)`` only when the
-server lists ``checksum`` and ``sha1`` (the class default assumes it, so an engine that reads features
-before entering computes sha1 rather than missing it). ``Tus-Max-Size`` is the largest *upload*, not a
+Features are decided in ``__aenter__`` from OPTIONS: ``chunk_digests`` is the chosen algorithm, or nothing
+when the server does not offer the checksum extension or none of the algorithms we know (the class default
+assumes sha1, the spec's mandatory one, so an engine that reads features before entering computes a
+digest rather than missing it). ``Tus-Max-Size`` is the largest *upload*, not a
 part size, so it does not set ``max_part_size``; an item above it is refused before any byte moves
 (QuotaError).
 
@@ -52,7 +55,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 from collections.abc import Mapping
 from typing import Any, Self
 from urllib.parse import urljoin, urlsplit
@@ -62,6 +64,7 @@ import anyio
 from multidict import CIMultiDictProxy
 
 from asyncdepo.contract import Adapter, ByteSource, Chunk, ChunkWriter, Features, Item, register
+from asyncdepo.digests import digest_bytes
 from asyncdepo.errors import (
     IntegrityError,
     OffsetMismatchError,
@@ -75,6 +78,11 @@ from asyncdepo.transport.httpbody import SourcePayload, ViewPayload, client_sess
 
 TUS_VERSION = "1.0.0"
 OFFSET_TYPE = "application/offset+octet-stream"
+
+
+#: tus checksum algorithms we can compute, cheapest first (measured a core here: crc32c ~9.7 GB/s, crc64nvme
+#: ~9.8, crc32 ~3.4, sha1 ~1.5, sha256 ~1.4, sha512, md5 ~0.6); the first one a server lists is used
+CHECKSUM_PREFERENCE = ("crc32c", "crc64nvme", "crc32", "sha1", "sha256", "sha512", "md5")
 
 
 class ChecksumMismatchError(TransientError):
@@ -175,8 +183,8 @@ def _upload_statuses(status: int, message: str) -> type[TransferError] | None:
 class TusWriter(ChunkWriter):
     """One upload resource; see the module docstring."""
 
-    def __init__(self, http: _Http, item: Item, location: str | None, checksum: bool, length: int | None,
-                 creator: TusAdapter | None = None) -> None:
+    def __init__(self, http: _Http, item: Item, location: str | None, checksum: str | None,
+                 length: int | None, creator: TusAdapter | None = None) -> None:
         super().__init__()
         self._http = http
         self.item = item
@@ -243,13 +251,12 @@ class TusWriter(ChunkWriter):
         }
         if final_length is not None:
             headers["Upload-Length"] = str(final_length)
-        if self._checksum:
-            digest = chunk.digests.get("sha1") if skip == 0 else None
-            if digest is None:  # a tail, or an engine that did not hash: sha1 off the loop
-                digest = await anyio.to_thread.run_sync(
-                    lambda: hashlib.sha1(body, usedforsecurity=False).hexdigest()
-                )
-            headers["Upload-Checksum"] = f"sha1 {_hex_to_b64(digest)}"
+        algo = self._checksum
+        if algo:
+            digest = chunk.digests.get(algo) if skip == 0 else None
+            if digest is None:  # a tail, or an engine that did not hash: hashed off the loop
+                digest = (await anyio.to_thread.run_sync(digest_bytes, body, (algo,)))[algo]
+            headers["Upload-Checksum"] = f"{algo} {_hex_to_b64(digest)}"
         if self.location is None and self._creator is not None and self._creator.with_upload and skip == 0:
             # creation-with-upload: one request creates the upload and carries the first chunk
             del headers["Upload-Offset"]
@@ -386,12 +393,12 @@ class TusAdapter(Adapter):
             )
         ext = headers.get("Tus-Extension", "")
         self.extensions = frozenset(e.strip() for e in ext.split(",") if e.strip())
-        algos = {a.strip() for a in headers.get("Tus-Checksum-Algorithm", "").split(",")}
-        checksum = "checksum" in self.extensions and "sha1" in algos
+        algos = {a.strip().lower() for a in headers.get("Tus-Checksum-Algorithm", "").split(",")}
+        offered = [a for a in CHECKSUM_PREFERENCE if a in algos] if "checksum" in self.extensions else []
         self.max_size = _int_header(headers, "Tus-Max-Size")
         # features depend on what this server offers, so they are set per instance
         self.features = Features(
-            chunked=True, resumable=True, chunk_digests=("sha1",) if checksum else (), any_name=True
+            chunked=True, resumable=True, chunk_digests=tuple(offered[:1]), any_name=True
         )
         if "creation" not in self.extensions:
             await self.__aexit__()
@@ -409,7 +416,7 @@ class TusAdapter(Adapter):
         :raises QuotaError: the item is larger than Tus-Max-Size.
         :raises UsageError: an item of unknown size and no creation-defer-length extension.
         """
-        checksum = bool(self.features.chunk_digests)
+        checksum = self.features.chunk_digests[0] if self.features.chunk_digests else None
         if self.max_size is not None and item.size > self.max_size:
             raise QuotaError(
                 f"{item.rel}: {item.size} bytes exceed the server's Tus-Max-Size {self.max_size}"

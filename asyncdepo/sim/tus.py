@@ -1,7 +1,8 @@
 """A tus 1.0.0 server (https://tus.io/protocols/resumable-upload) for tests, benchmarks and the demo.
 
 Core protocol plus the extensions ``creation``, ``creation-with-upload``, ``creation-defer-length``,
-``termination`` and ``checksum`` (``sha1``, ``md5``, ``sha256``), under ``/files/``::
+``termination`` and ``checksum`` (``sha1``, ``md5``, ``sha256``, ``crc32`` as tusd offers it: the base64 of
+the big-endian CRC-32), under ``/files/``::
 
     OPTIONS /files/ (or /files/{id})  204  Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm
     POST    /files/                   201  Location (absolute URL); creation-with-upload appends the body
@@ -60,6 +61,7 @@ import binascii
 import hashlib
 import os
 import uuid
+import zlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from pathlib import Path, PurePosixPath
@@ -74,7 +76,24 @@ from asyncdepo.sim.tus_store import TusState, Upload
 
 TUS_VERSION = "1.0.0"
 ALL_EXTENSIONS = ("creation", "creation-with-upload", "termination", "checksum", "creation-defer-length")
-CHECKSUM_ALGORITHMS = ("sha1", "md5", "sha256")
+CHECKSUM_ALGORITHMS = ("sha1", "md5", "sha256", "crc32")
+
+
+class _Crc32:
+    """CRC-32 (zlib's) with hashlib's update/digest, for ``Upload-Checksum: crc32``."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: bytes) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def digest(self) -> bytes:
+        return self.value.to_bytes(4, "big")
+
+
+def _checksummer(algo: str) -> _Crc32 | hashlib._Hash:
+    return _Crc32() if algo == "crc32" else hashlib.new(algo)
 OFFSET_TYPE = "application/offset+octet-stream"
 
 STATE_KEY: web.AppKey[TusState] = web.AppKey("tus_state", TusState)
@@ -162,7 +181,7 @@ async def _append(
     the HTTP status to answer (400/413 overrun, 460 checksum mismatch) after the file was truncated back.
     """
     start = pos = up.offset
-    hasher = hashlib.new(checksum[0]) if checksum else None
+    hasher = _checksummer(checksum[0]) if checksum else None
     fd = os.open(state.data_path(up.id), os.O_WRONLY)
     status: int | None = None
     try:

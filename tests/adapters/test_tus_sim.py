@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import zlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -67,7 +68,7 @@ async def test_options_advertises_extensions(sim: SimServer, http: aiohttp.Clien
         assert r.headers["Tus-Version"] == "1.0.0"
         assert set(r.headers["Tus-Extension"].split(",")) == set(tus_sim.ALL_EXTENSIONS)
         assert r.headers["Tus-Max-Size"] == str(1 << 20)
-        assert r.headers["Tus-Checksum-Algorithm"] == "sha1,md5,sha256"
+        assert r.headers["Tus-Checksum-Algorithm"] == "sha1,md5,sha256,crc32"
 
 
 async def test_full_upload_materialises(sim: SimServer, http: aiohttp.ClientSession, tmp_path: Path) -> None:
@@ -122,9 +123,17 @@ async def test_checksum_mismatch_460_discards(
     hdrs["Upload-Checksum"] = f"sha256 {good}"
     async with http.patch(loc, data=chunk, headers=hdrs) as r:
         assert r.status == 204 and r.headers["Upload-Offset"] == "10"
-    hdrs = {**OCTET, "Upload-Offset": "10", "Upload-Checksum": f"crc32 {good}"}
+    hdrs = {**OCTET, "Upload-Offset": "10", "Upload-Checksum": f"sha384 {good}"}
     async with http.patch(loc, data=chunk, headers=hdrs) as r:
         assert r.status == 400  # unsupported algorithm
+    # crc32: the base64 of the big-endian CRC-32 (as tusd); a wrong one is refused, the right one taken
+    hdrs["Upload-Checksum"] = "crc32 " + base64.b64encode((zlib.crc32(chunk) ^ 1).to_bytes(4, "big")).decode()
+    async with http.patch(loc, data=chunk, headers=hdrs) as r:
+        assert r.status == 460
+    hdrs["Upload-Checksum"] = "crc32 " + base64.b64encode(zlib.crc32(chunk).to_bytes(4, "big")).decode()
+    async with http.patch(loc, data=chunk, headers=hdrs) as r:
+        assert r.status == 204 and r.headers["Upload-Offset"] == "20"
+    assert data_file(tmp_path, loc).read_bytes() == chunk + chunk
 
 
 async def test_drop_keeps_received_bytes(sim: SimServer, http: aiohttp.ClientSession, tmp_path: Path) -> None:
