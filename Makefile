@@ -41,7 +41,7 @@ bench: $(STAMP) tools
 # asyncdepo vs rclone, s5cmd and boto3 on a fast nginx discard sink and on rclone serve s3 (needs root:
 # installs nginx-extras when missing); results and plots in benchmarks/results/
 bench-peers: $(STAMP) tools
-	$(BIN)/python -m benchmarks.peers --runs 3 --tools asyncdepo,rclone,s5cmd,boto3,asyncdepo-direct
+	$(BIN)/python -m benchmarks.peers --runs 3 --tools asyncdepo,asyncdepo-md5,rclone,s5cmd,boto3,asyncdepo-direct
 
 # a tuning sweep of --transfers x --chunk-size against a target: make sweep ARGS='TARGET --transfers 1,4,8'
 sweep: $(STAMP)

@@ -4,7 +4,8 @@ to the same local S3 servers, alternating tools run by run.
 Servers:
 
 * ``sink`` — nginx (Debian nginx-extras) + a few lines of Lua (``benchmarks/sink/``): reads every body,
-  counts objects and bytes, keeps no data. It costs little CPU, so the ratios measure the clients.
+  computes its CRC-32, counts objects, bytes and the integrity headers each request declared, keeps no
+  data. It costs little CPU, so the ratios measure the clients.
 * ``rclone`` — ``rclone serve s3`` over a directory on the real disk (a real server: on 2 cores it is
   itself the bottleneck, so this is a check that asyncdepo at least matches the best peer).
 
@@ -12,20 +13,26 @@ Datasets (generated once, deterministically, under ``--data-dir``): ``small`` = 
 ``large`` = 4 x 256 MiB, "detector-like": 16-bit pixels of low Poisson-like counts (compressible ~5x).
 
 Every tool runs at the same concurrency (``--transfers`` requests in flight) with its documented
-performance settings and its default integrity checks (asyncdepo: Content-MD5 on every request and ETag
-verification; rclone: MD5 + Content-MD5; boto3: botocore's default CRC32; s5cmd: none by default):
+performance settings and its default integrity checks; what each actually sent is counted at the sink and
+printed next to its figure (asyncdepo: ``x-amz-checksum-crc64nvme`` on every body; ``asyncdepo-md5``:
+the same with ``--s3-md5``, Content-MD5 too, the work rclone does; rclone: Content-MD5; s5cmd: Content-MD5
+and the payload SHA-256; boto3: botocore's default CRC):
 
-* asyncdepo  ``asyncdepo push DIR s3://B/P --endpoint-url URL --transfers N --chunk-size 16M``
+* asyncdepo  ``asyncdepo push DIR s3://B/P --endpoint-url URL --transfers N --chunk-size 16M`` (and
+  ``asyncdepo-md5``: the same with ``--s3-md5``)
 * rclone     ``rclone copy DIR :s3:B/P --transfers N --checkers N --s3-upload-concurrency N/4
   --s3-chunk-size 16M --s3-no-check-bucket --s3-no-head --no-traverse`` (N/4 parts per large file,
   since 4 large files run at once: N parts in flight)
 * s5cmd      ``s5cmd --numworkers N cp --concurrency N/4 --part-size 16 'DIR/*' s3://B/P/``
 * boto3      ``TransferManager(TransferConfig(max_concurrency=N, multipart_chunksize=16M))``, one process
 
-Each run gets a fresh prefix; afterwards every object is verified (sink: object and byte counters;
-rclone: a listing whose sizes and MD5 ETags must match the local files). Reported per server, dataset and
-tool: median wall time, MB/s (10^6 bytes), CPU seconds (the child's rusage, its children included),
-peak RSS (psutil polling of the process tree), and asyncdepo's speed over each peer.
+Each run gets a fresh prefix; afterwards every object is verified (sink: the listing's sizes, and the
+CRC-32 the sink computed of every body — composed across parts — against the source file's; rclone: a
+listing whose sizes and MD5 ETags must match the local files). Reported per server, dataset and tool:
+median wall time, MB/s (10^6 bytes), CPU seconds (the child's rusage, its children included), peak RSS
+(psutil polling of the process tree), the integrity headers sent (sink), and asyncdepo's speed over each
+peer (``asyncdepo x``; ``md5 x`` for ``asyncdepo-md5``). A run of an extra tool (``asyncdepo-direct``, no
+retries) that fails is reported as that tool's limitation and does not fail the benchmark.
 Results: ``benchmarks/results/peers-<time>.json``, ``peers-latest.json`` and PNG plots. The tools' command
 lines and workers are in ``peers_tools.py``; the measurement is ``measure.py``'s.
 
@@ -118,6 +125,35 @@ def manifest(data_dir: Path, name: str) -> dict[str, str]:
     return dict(json.loads((data_dir / f"{name}.manifest.json").read_text()))
 
 
+def source_crcs(data_dir: Path, name: str) -> dict[str, str]:
+    """rel -> hex CRC-32 of every file of a dataset (computed once, cached beside the manifest)."""
+    import zlib
+
+    cache = data_dir / f"{name}.crc32.json"
+    if cache.exists():
+        return dict(json.loads(cache.read_text()))
+    out: dict[str, str] = {}
+    for path in sorted((data_dir / name).iterdir()):
+        crc = 0
+        with open(path, "rb") as fh:
+            while block := fh.read(16 * MiB):
+                crc = zlib.crc32(block, crc)
+        out[path.name] = f"{crc:08x}"
+    cache.write_text(json.dumps(out, indent=0))
+    return out
+
+
+def composed_crc(pieces: str) -> str:
+    """The CRC-32 of an object from the sink's ``crc:size,crc:size,...`` of its parts."""
+    from awscrt.checksums import combine_crc32
+
+    crc = None
+    for piece in pieces.split(","):
+        value, size = piece.split(":")
+        crc = int(value, 16) if crc is None else combine_crc32(crc, int(value, 16), int(size))
+    return f"{crc or 0:08x}"
+
+
 # -- servers ------------------------------------------------------------------------------------------
 def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, attempts: int = 200) -> None:
     for _ in range(attempts):
@@ -138,8 +174,13 @@ class Server:
     url = ""
     pids: list[int]
 
-    def verify(self, prefix: str, expected: dict[str, int], md5s: dict[str, str]) -> str | None:
+    def verify(self, prefix: str, expected: dict[str, int], md5s: dict[str, str],
+               crcs: dict[str, str] | None = None) -> str | None:
         raise NotImplementedError
+
+    def integrity(self) -> dict[str, int]:
+        """Counters of the integrity headers clients sent (only the sink counts them)."""
+        return {}
 
     def cleanup(self, prefix: str) -> None:
         pass
@@ -182,10 +223,27 @@ class Sink(Server):
         with urllib.request.urlopen(f"{self.url}/_sink/stats", timeout=10) as r:
             return dict(json.loads(r.read()))
 
-    def verify(self, prefix: str, expected: dict[str, int], md5s: dict[str, str]) -> str | None:
-        # count the objects under the prefix with their sizes, through the S3 listing the sink serves
-        listed = list_objects(self.url, prefix)
-        return compare_listing(listed, expected, None)
+    def verify(self, prefix: str, expected: dict[str, int], md5s: dict[str, str],
+               crcs: dict[str, str] | None = None) -> str | None:
+        # the objects under the prefix with their sizes, through the S3 listing the sink serves, then the
+        # CRC-32 the sink computed of what it received against the source files'
+        problem = compare_listing(list_objects(self.url, prefix), expected, None)
+        if problem or crcs is None:
+            return problem
+        import urllib.request
+
+        base = f"{BUCKET}/{prefix}/"
+        with urllib.request.urlopen(f"{self.url}/_sink/crc?prefix={base}", timeout=30) as r:
+            held = {k[len(base):]: v for k, v in json.loads(r.read()).items()}
+        for rel, want in crcs.items():
+            got = composed_crc(held[rel]) if rel in held else "missing"
+            if got != want:
+                return f"{rel}: the sink received CRC-32 {got}, the file's is {want} (damaged upload)"
+        return None
+
+    def integrity(self) -> dict[str, int]:
+        """The sink's counters of integrity headers (``hdr:*``)."""
+        return {k[4:]: v for k, v in self.stats().items() if k.startswith("hdr:")}
 
     def stop(self) -> None:
         subprocess.run(["sh", str(SINK_SCRIPT), "stop", str(self.prefix)], check=False)
@@ -210,7 +268,8 @@ class RcloneServe(Server):
         self.url = f"http://127.0.0.1:{self.port}"
         self.pids = [self.proc.pid]
 
-    def verify(self, prefix: str, expected: dict[str, int], md5s: dict[str, str]) -> str | None:
+    def verify(self, prefix: str, expected: dict[str, int], md5s: dict[str, str],
+               crcs: dict[str, str] | None = None) -> str | None:
         return compare_listing(list_objects(self.url, prefix), expected, md5s)
 
     def cleanup(self, prefix: str) -> None:
@@ -264,26 +323,37 @@ def measure(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
 
 
 # -- the benchmark ------------------------------------------------------------------------------------
+def integrity_label(counts: dict[str, int]) -> str:
+    """What the data requests declared, e.g. ``md5+sha256`` (a name listed when most requests had it)."""
+    n = counts.get("requests", 0)
+    if not n:
+        return ""
+    names = [k for k in ("md5", "crc64nvme", "crc32c", "crc32", "sha1", "sha256", "trailer") if counts.get(k)]
+    return "+".join(k if counts[k] >= n else f"{k}({counts[k]}/{n})" for k in names) or "none"
+
+
 def run_one(server: Server, tool: str, ds_name: str, src: Path, run: int, md5s: dict[str, str],
-            expected: dict[str, int], args: argparse.Namespace) -> dict[str, Any]:
+            expected: dict[str, int], args: argparse.Namespace, crcs: dict[str, str] | None = None
+            ) -> dict[str, Any]:
     """One tool pushing one dataset once, verified; the result row."""
     prefix = f"{tool}-{ds_name}-{run}-{uuid.uuid4().hex[:6]}"
     total = sum(expected.values())
     with tempfile.TemporaryDirectory() as scratch:
         cmd = tool_command(tool, src, server.url, prefix, args.transfers, args.chunk_mib, Path(scratch))
-        cpu0 = server.cpu()
+        cpu0, seen0 = server.cpu(), server.integrity()
         m = measure(cmd, tool_env())
         m["server_cpu"] = server.cpu() - cpu0
-    problem = server.verify(prefix, expected, md5s) if m["rc"] == 0 else "exit status"
+        seen = {k: v - seen0.get(k, 0) for k, v in server.integrity().items() if v - seen0.get(k, 0)}
+    problem = server.verify(prefix, expected, md5s, crcs) if m["rc"] == 0 else "exit status"
     server.cleanup(prefix)
     row = {"server": server.name, "dataset": ds_name, "tool": tool, "run": run, "bytes": total,
-           "files": len(expected), "ok": problem is None, "problem": problem,
+           "files": len(expected), "ok": problem is None, "problem": problem, "integrity": seen,
            **{k: m[k] for k in ("wall", "cpu", "rss", "rc", "server_cpu")}}
     if problem:
         row["output"] = m["output"]
     print(f"{server.name:12} {ds_name:6} {tool:16} run {run}: {m['wall']:6.2f} s "
-          f"{total / m['wall'] / 1e6:7.1f} MB/s cpu {m['cpu']:5.2f} s rss {m['rss'] / 1e6:6.1f} MB"
-          + (f"  FAILED: {problem}" if problem else ""), flush=True)
+          f"{total / m['wall'] / 1e6:7.1f} MB/s cpu {m['cpu']:5.2f} s rss {m['rss'] / 1e6:6.1f} MB "
+          f"{integrity_label(seen)}" + (f"  FAILED: {problem}" if problem else ""), flush=True)
     return row
 
 
@@ -302,11 +372,12 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             for ds_name, src in datasets.items():
                 expected = {p.name: p.stat().st_size for p in src.iterdir() if p.is_file()}
                 md5s = manifest(data_dir, ds_name)
+                crcs = source_crcs(data_dir, ds_name) if server_name == "sink" else None
                 warm(src)  # every tool reads from the page cache, not only those after the first
                 for r in range(args.runs):
                     k = r % len(args.tools)
                     for tool in args.tools[k:] + args.tools[:k]:
-                        results.append(run_one(server, tool, ds_name, src, r, md5s, expected, args))
+                        results.append(run_one(server, tool, ds_name, src, r, md5s, expected, args, crcs))
         finally:
             server.stop()
             shutil.rmtree(disk, ignore_errors=True)
@@ -329,25 +400,35 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                          cpu_s=round(statistics.median(r["cpu"] for r in good), 2),
                          peak_rss_mb=round(max(r["rss"] for r in good) / 1e6, 1),
                          server_cpu_s=round(statistics.median(r["server_cpu"] for r in good), 2))
+            seen: dict[str, int] = {}
+            for r in good:
+                for k, v in (r.get("integrity") or {}).items():
+                    seen[k] = seen.get(k, 0) + v
+            entry["integrity"] = integrity_label(seen)
+        if len(good) < len(rows):
+            entry["problems"] = sorted({str(r["problem"]) for r in rows if not r["ok"]})
         out.append(entry)
-    ours = {(e["server"], e["dataset"]): e["mb_s"] for e in out if e["tool"] == "asyncdepo" and "mb_s" in e}
-    for entry in out:
-        if (entry["server"], entry["dataset"]) in ours and "mb_s" in entry:
-            entry["asyncdepo_speedup"] = round(ours[(entry["server"], entry["dataset"])] / entry["mb_s"], 2)
+    for ours_tool, key in (("asyncdepo", "asyncdepo_speedup"), ("asyncdepo-md5", "md5_speedup")):
+        ours = {(e["server"], e["dataset"]): e["mb_s"] for e in out if e["tool"] == ours_tool and "mb_s" in e}
+        for entry in out:
+            if (entry["server"], entry["dataset"]) in ours and "mb_s" in entry:
+                entry[key] = round(ours[(entry["server"], entry["dataset"])] / entry["mb_s"], 2)
     return out
 
 
 def print_table(summary: list[dict[str, Any]]) -> None:
     print(f"\n{'server':12} {'dataset':7} {'tool':16} {'MB/s':>8} {'wall s':>7} {'CPU s':>6} {'RSS MB':>7} "
-          f"{'asyncdepo x':>12}")
+          f"{'asyncdepo x':>12} {'md5 x':>6}  integrity sent (per data request, counted at the sink)")
     order = TOOLS + EXTRA_TOOLS
     for e in sorted(summary, key=lambda e: (e["server"], e["dataset"], order.index(e["tool"]))):
         head = f"{e['server']:12} {e['dataset']:7} {e['tool']:16}"
         if "mb_s" not in e:
-            print(f"{head} failed every run")
+            print(f"{head} failed every run: {'; '.join(e.get('problems', []))[:200]}")
             continue
+        note = f"  ({e['failed']} of {e['runs']} runs failed)" if e["failed"] else ""
         print(f"{head} {e['mb_s']:8.1f} {e['wall_s']:7.2f} {e['cpu_s']:6.2f} {e['peak_rss_mb']:7.1f} "
-              f"{e.get('asyncdepo_speedup', 0):12.2f}")
+              f"{e.get('asyncdepo_speedup', 0):12.2f} {e.get('md5_speedup', 0):6.2f}  {e.get('integrity', '')}"
+              f"{note}")
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
@@ -411,7 +492,12 @@ def main(argv: list[str] | None = None) -> int:
     plot(report["summary"], args.out / "peers-latest.png")
     shutil.copy(args.out / "peers-latest.png", args.out / f"peers-{stamp}.png")
     print(f"\nwrote {args.out / f'peers-{stamp}.json'} and peers-latest.png")
-    return 0 if all(r["ok"] for r in report["results"]) else 1
+    # an extra tool is a probe, not a product: its failures (asyncdepo-direct has no retries, so one of
+    # rclone serve s3's 500s fails its run) are reported above as its limitation, not the benchmark's
+    limits = sorted({(r["server"], r["tool"]) for r in report["results"] if not r["ok"] and r["tool"] in EXTRA_TOOLS})
+    for server, tool in limits:
+        print(f"note: {tool} failed some runs on {server}: a known limitation of that probe (no retries)")
+    return 0 if all(r["ok"] for r in report["results"] if r["tool"] not in EXTRA_TOOLS) else 1
 
 
 if __name__ == "__main__":

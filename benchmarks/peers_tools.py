@@ -6,7 +6,6 @@ at module level (boto3, anyio and asyncdepo inside the workers).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -18,8 +17,8 @@ MiB = 1 << 20
 KEY = "ASYNCDEPOBENCHKEY01"  # rclone serve s3 wants 15+ characters
 SECRET = "asyncdepo-bench-secret-012345678"  # and 32
 BUCKET = "bench"
-TOOLS = ("asyncdepo", "rclone", "s5cmd", "boto3")
-# not run by default: the S3 adapter driven by a minimal loop (read + md5 in a thread, then send), without
+TOOLS = ("asyncdepo", "asyncdepo-md5", "rclone", "s5cmd", "boto3")
+# not run by default: the S3 adapter driven by a minimal loop (read + CRC in a thread, then send), without
 # the engine — the adapter's ceiling, to see what the engine costs
 EXTRA_TOOLS = ("asyncdepo-direct",)
 
@@ -48,8 +47,10 @@ def tool_command(tool: str, src: Path, url: str, prefix: str, n: int, chunk_mib:
                  scratch: Path) -> list[str]:
     """The command line of one tool run (credentials come from the environment, never argv)."""
     per_file = max(1, n // 4)  # 4 large files at once x per_file parts = n requests in flight
-    if tool == "asyncdepo":
+    if tool in ("asyncdepo", "asyncdepo-md5"):
         flags = f"--endpoint-url {url} --transfers {n} --chunk-size {chunk_mib}M --quiet"
+        if tool == "asyncdepo-md5":
+            flags += " --s3-md5"
         return [venv_binary("asyncdepo"), "push", str(src), f"s3://{BUCKET}/{prefix}", *flags.split(),
                 "--journal", str(scratch / "journal.db")]
     if tool == "rclone":
@@ -88,8 +89,9 @@ def boto3_worker(argv: list[str]) -> int:
 
 
 def direct_worker(argv: list[str]) -> int:
-    """The S3 adapter without the engine: per file (or 16 MiB part) read + md5 in a thread, then
-    PutObject/UploadPart; ``n`` requests (and buffers) at once. Not a tool users run: a ceiling."""
+    """The S3 adapter without the engine: per file (or 16 MiB part) read + CRC-64/NVME (the adapter's
+    default checksum) in a thread, then PutObject/UploadPart; ``n`` requests (and buffers) at once. Not a
+    tool users run: a ceiling."""
     import types
 
     import anyio
@@ -99,13 +101,15 @@ def direct_worker(argv: list[str]) -> int:
 
     src, url, prefix, n, chunk = Path(argv[0]), argv[1], argv[2], int(argv[3]), int(argv[4]) * MiB
 
-    def read(path: Path, offset: int, size: int) -> tuple[bytes, str]:
+    from asyncdepo.digests import digest_bytes
+
+    def read(path: Path, offset: int, size: int) -> tuple[bytes, dict[str, str]]:
         fd = os.open(path, os.O_RDONLY)
         try:
             data = os.pread(fd, size, offset)
         finally:
             os.close(fd)
-        return data, hashlib.md5(data).hexdigest()
+        return data, digest_bytes(data, ("crc64nvme",))
 
     async def main() -> None:
         slots = anyio.Semaphore(n)
@@ -114,8 +118,8 @@ def direct_worker(argv: list[str]) -> int:
 
             async def part(writer: Any, path: Path, number: int, offset: int, size: int, total: int) -> None:
                 async with slots:
-                    data, md5 = await anyio.to_thread.run_sync(read, path, offset, size)
-                    c = Chunk(offset, memoryview(data), {"md5": md5}, offset + size >= total, number, total)
+                    data, digests = await anyio.to_thread.run_sync(read, path, offset, size)
+                    c = Chunk(offset, memoryview(data), digests, offset + size >= total, number, total)
                     await (writer.write_part(c) if number else writer.write(c))
 
             async def one(path: Path) -> None:

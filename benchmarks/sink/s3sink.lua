@@ -2,16 +2,53 @@
 -- cross the wire), counts objects and bytes, keeps only per-object metadata (size, ETag, x-amz-meta-*)
 -- in a shared dict, and answers with plausible S3 XML. Signatures are not checked.
 --
--- ETags: the sink does not hash bodies (that would make it cost as much CPU as the clients). A single PUT
--- or UploadPart gets the MD5 the client declared (Content-MD5, else rclone's x-amz-meta-md5chksum), or a
--- made-up one when the client declared none; CompleteMultipartUpload answers md5(concat part md5s)-N
--- from the part ETags the client lists, as S3 does.
+-- Verification: the CRC-32 of every body is computed here (zlib's crc32 through LuaJIT's FFI, ~3 GB/s a
+-- core; nginx's own ngx.crc32_long as a fallback) and kept per object, or per part for a multipart
+-- upload; GET /_sink/crc?prefix=BUCKET/PREFIX/ lists them, and the benchmark compares them with the CRC-32
+-- of the source files after each run, so no tool's figure counts a damaged upload. Every client pays the
+-- same sink CPU for it.
 --
--- Control: GET /_sink/stats -> JSON counters; POST /_sink/reset -> forget everything.
+-- Integrity headers: per data request (PUT with a body) the sink counts what the client declared:
+-- Content-MD5 ("md5"), x-amz-checksum-ALGO ("ALGO"), a payload SHA-256 in x-amz-content-sha256 ("sha256";
+-- "unsigned" for UNSIGNED-PAYLOAD, "streaming" for aws-chunked), x-amz-trailer ("trailer"). The counters are
+-- "hdr:NAME" in /_sink/stats, so the benchmark shows next to every figure what work each client did.
+--
+-- ETags: a single PUT or UploadPart gets the MD5 the client declared (Content-MD5, else rclone's
+-- x-amz-meta-md5chksum), or a made-up one when the client declared none; CompleteMultipartUpload answers
+-- md5(concat part md5s)-N from the part ETags the client lists, as S3 does.
+--
+-- Control: GET /_sink/stats -> JSON counters; GET /_sink/crc?prefix=P -> JSON {path: "crc:size,..."};
+-- POST /_sink/reset -> forget everything.
 
 local objs = ngx.shared.sink_objs     -- "bucket/key" -> "size\tetag\tmeta-json"
 local stats = ngx.shared.sink_stats   -- counters
-local parts = ngx.shared.sink_parts   -- "uploadId\tpart" -> "size\tetag" ; "uploadId" -> "bucket/key\tmeta"
+local parts = ngx.shared.sink_parts   -- "uploadId\tpart" -> "size\tetag\tcrc" ; "uploadId" -> "bucket/key\tmeta"
+local crcs = ngx.shared.sink_crc      -- "bucket/key" -> "crc:size" (single PUT) or "crc:size,crc:size,..." (parts)
+
+local crc32
+do
+    local ok, ffi = pcall(require, "ffi")
+    if ok then
+        ok = pcall(ffi.cdef, "unsigned long crc32(unsigned long crc, const char *buf, unsigned int len);")
+        if ok then
+            ok = pcall(function() return ffi.C.crc32 end)
+        end
+    end
+    if ok then
+        local C = ffi.C
+        crc32 = function(data)
+            local crc, pos, n = 0, 0, #data
+            while pos < n do  -- zlib takes at most 4 GiB a call
+                local len = math.min(n - pos, 1073741824)
+                crc = C.crc32(crc, ffi.cast("const char *", data) + pos, len)
+                pos = pos + len
+            end
+            return tonumber(crc)
+        end
+    else
+        crc32 = function(data) return ngx.crc32_long(data) end
+    end
+end
 
 local XMLNS = 'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"'
 
@@ -44,28 +81,57 @@ local function iso_now()
     return ngx.utctime():gsub(" ", "T") .. ".000Z"
 end
 
--- Read (and drop) the request body; returns the number of payload bytes.
+local function count_integrity(h)
+    if h["content-md5"] then stats:incr("hdr:md5", 1, 0) end
+    for k, _ in pairs(h) do
+        local algo = k:match("^x%-amz%-checksum%-(%w+)$")
+        if algo and algo ~= "mode" and algo ~= "type" and algo ~= "algorithm" then
+            stats:incr("hdr:" .. algo, 1, 0)
+        end
+    end
+    local sha = h["x-amz-content-sha256"] or ""
+    if sha:match("^%x+$") and #sha == 64 then stats:incr("hdr:sha256", 1, 0)
+    elseif sha == "UNSIGNED-PAYLOAD" then stats:incr("hdr:unsigned", 1, 0)
+    elseif sha:sub(1, 9) == "STREAMING" then stats:incr("hdr:streaming", 1, 0) end
+    if h["x-amz-trailer"] then stats:incr("hdr:trailer", 1, 0) end
+    stats:incr("hdr:requests", 1, 0)
+end
+
+-- the payload of an aws-chunked body ("hex[;ext]\r\n<data>\r\n ... 0\r\n<trailers>\r\n\r\n")
+local function dechunk(data)
+    local out, pos = {}, 1
+    while true do
+        local eol = data:find("\r\n", pos, true)
+        if not eol then break end
+        local n = tonumber(data:sub(pos, eol - 1):match("^(%x+)") or "", 16)
+        if not n or n == 0 then break end
+        out[#out + 1] = data:sub(eol + 2, eol + 1 + n)
+        pos = eol + 2 + n + 2
+    end
+    return table.concat(out)
+end
+
+-- Read the request body; returns the number of payload bytes, the headers and the payload's CRC-32 (hex).
 local function consume_body()
     ngx.req.read_body()
     local h = ngx.req.get_headers()
-    local wire = tonumber(h["content-length"] or "")
-    if wire == nil then  -- chunked transfer encoding: measure what nginx buffered
-        local data = ngx.req.get_body_data()
-        if data then
-            wire = #data
-        else
-            local f = ngx.req.get_body_file()
-            wire = 0
-            if f then
-                local fh = io.open(f, "rb")
-                if fh then wire = fh:seek("end"); fh:close() end
-            end
+    local data = ngx.req.get_body_data()
+    if not data then
+        local f = ngx.req.get_body_file()
+        data = ""
+        if f then
+            local fh = io.open(f, "rb")
+            if fh then data = fh:read("*a") or ""; fh:close() end
         end
     end
+    local wire = #data
+    count_integrity(h)
     -- aws-chunked bodies (botocore checksums in trailers) carry framing; the object is the decoded length.
-    local size = tonumber(h["x-amz-decoded-content-length"] or "") or wire
+    local decoded = tonumber(h["x-amz-decoded-content-length"] or "")
+    if decoded then data = dechunk(data) end
+    local size = decoded or wire
     stats:incr("wire_bytes", wire, 0)
-    return size, h
+    return size, h, string.format("%08x", crc32(data))
 end
 
 local function declared_md5(h)
@@ -94,9 +160,10 @@ local function store(path, size, etag, meta)
 end
 
 local function put_object(path)
-    local size, h = consume_body()
+    local size, h, crc = consume_body()
     local etag = declared_md5(h) or ngx.md5(path .. size)
     store(path, size, etag, meta_of(h))
+    crcs:set(path, crc .. ":" .. size)
     stats:incr("puts", 1, 0)
     ngx.header["ETag"] = '"' .. etag .. '"'
     ngx.header["Content-Length"] = 0
@@ -108,9 +175,9 @@ local function upload_part(upload_id, number)
         consume_body()
         return s3_error(404, "NoSuchUpload", "The specified upload does not exist.")
     end
-    local size, h = consume_body()
+    local size, h, crc = consume_body()
     local etag = declared_md5(h) or ngx.md5(upload_id .. number .. size)
-    parts:set(upload_id .. "\t" .. number, size .. "\t" .. etag)
+    parts:set(upload_id .. "\t" .. number, size .. "\t" .. etag .. "\t" .. crc)
     stats:incr("parts", 1, 0)
     stats:incr("part_bytes", size, 0)
     ngx.header["ETag"] = '"' .. etag .. '"'
@@ -131,7 +198,7 @@ local function complete_upload(bucket, key, upload_id)
     if not head then return s3_error(404, "NoSuchUpload", "The specified upload does not exist.") end
     ngx.req.read_body()
     local body = ngx.req.get_body_data() or ""
-    local md5s, n, size = {}, 0, 0
+    local md5s, n, size, pieces = {}, 0, 0, {}
     for part in body:gmatch("<Part>(.-)</Part>") do
         local num = part:match("<PartNumber>%s*(%d+)%s*</PartNumber>")
         local etag = part:match("<ETag>(.-)</ETag>") or ""
@@ -139,9 +206,10 @@ local function complete_upload(bucket, key, upload_id)
         etag = etag:gsub("&quot;", ""):gsub("&#34;", ""):gsub("&#x22;", ""):gsub('"', ""):gsub("%s", "")
         local rec = parts:get(upload_id .. "\t" .. (num or "?"))
         if not rec then return s3_error(400, "InvalidPart", "part " .. tostring(num) .. " was not uploaded") end
-        local psize, petag = rec:match("^(%d+)\t(%x+)$")
+        local psize, petag, pcrc = rec:match("^(%d+)\t(%x+)\t(%x+)$")
         if petag ~= etag:lower() then return s3_error(400, "InvalidPart", "ETag of part " .. num .. " differs") end
         n = n + 1
+        pieces[n] = pcrc .. ":" .. psize
         md5s[n] = unhex(petag)
         size = size + tonumber(psize)
         parts:delete(upload_id .. "\t" .. num)
@@ -151,6 +219,7 @@ local function complete_upload(bucket, key, upload_id)
     local meta = head:match("\t(.*)$") or ""
     parts:delete(upload_id)
     store(bucket .. "/" .. key, size, etag, meta)
+    crcs:set(bucket .. "/" .. key, table.concat(pieces, ","))
     stats:incr("completes", 1, 0)
     return send_xml(200, '<?xml version="1.0" encoding="UTF-8"?>\n<CompleteMultipartUploadResult ' .. XMLNS ..
         '><Location>/' .. xml_escape(bucket .. "/" .. key) .. '</Location><Bucket>' .. xml_escape(bucket) ..
@@ -164,7 +233,7 @@ local function list_parts(bucket, key, upload_id)
     for _, k in ipairs(parts:get_keys(0)) do
         local id, num = k:match("^(.-)\t(%d+)$")
         if id == upload_id then
-            local psize, petag = parts:get(k):match("^(%d+)\t(%x+)$")
+            local psize, petag = parts:get(k):match("^(%d+)\t(%x+)")
             out[#out + 1] = { tonumber(num), psize, petag }
         end
     end
@@ -251,9 +320,23 @@ local function head_object(path)
 end
 
 local function control(path)
-    if path == "/_sink/stats" then
+    if path == "/_sink/crc" then
+        local prefix = ngx.req.get_uri_args()["prefix"] or ""
+        local out = {}
+        for _, k in ipairs(crcs:get_keys(0)) do
+            if k:sub(1, #prefix) == prefix then
+                out[#out + 1] = '"' .. k:gsub('\\', '\\\\'):gsub('"', '\\"') .. '":"' .. crcs:get(k) .. '"'
+            end
+        end
+        ngx.header["Content-Type"] = "application/json"
+        ngx.print("{" .. table.concat(out, ",") .. "}")
+        return ngx.exit(200)
+    elseif path == "/_sink/stats" then
         local names = { "objects", "bytes", "wire_bytes", "puts", "parts", "part_bytes", "uploads", "completes",
             "requests" }
+        for _, k in ipairs(stats:get_keys(0)) do
+            if k:sub(1, 4) == "hdr:" then names[#names + 1] = k end
+        end
         local out = {}
         for _, n in ipairs(names) do out[#out + 1] = '"' .. n .. '":' .. (stats:get(n) or 0) end
         local body = "{" .. table.concat(out, ",") .. "}"
@@ -262,7 +345,7 @@ local function control(path)
         return ngx.exit(200)
     elseif path == "/_sink/reset" then
         objs:flush_all(); objs:flush_expired(); stats:flush_all(); stats:flush_expired()
-        parts:flush_all(); parts:flush_expired()
+        parts:flush_all(); parts:flush_expired(); crcs:flush_all(); crcs:flush_expired()
         return ngx.exit(204)
     end
     return s3_error(404, "NoSuchKey", "unknown control path")
@@ -299,7 +382,7 @@ if not key then
         for key in body:gmatch("<Key>(.-)</Key>") do
             key = key:gsub("&lt;", "<"):gsub("&gt;", ">"):gsub("&quot;", '"'):gsub("&amp;", "&")
             if objs:get(bucket .. "/" .. key) then
-                objs:delete(bucket .. "/" .. key)
+                objs:delete(bucket .. "/" .. key); crcs:delete(bucket .. "/" .. key)
                 stats:incr("objects", -1, 0)
             end
         end
@@ -320,7 +403,7 @@ elseif method == "HEAD" then
     return head_object(path)
 elseif method == "DELETE" then
     if upload_id then parts:delete(upload_id); return ngx.exit(204) end
-    if objs:get(path) then objs:delete(path); stats:incr("objects", -1, 0) end
+    if objs:get(path) then objs:delete(path); crcs:delete(path); stats:incr("objects", -1, 0) end
     return ngx.exit(204)
 elseif method == "GET" then
     if upload_id then return list_parts(bucket, key, upload_id) end
