@@ -92,7 +92,7 @@ def bench_row(name: str, data: Path, *, transfers: int, extra: list[str], compre
             if tool == "asyncdepo":
                 cmd = [str(VENV_BIN / "asyncdepo"), "push", str(data), f"tus+{sim.url}", "-q",
                        "--journal", str(tmp / f"j-{time.time_ns()}.sqlite"), "--transfers", str(transfers),
-                       "--hash", "md5,sha256", *extra]
+                       *extra]
                 m = measured(cmd)
             else:
                 m = measured(_curl_argv(files, sim.url, transfers, compress))

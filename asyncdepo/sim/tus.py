@@ -2,7 +2,9 @@
 
 Core protocol plus the extensions ``creation``, ``creation-with-upload``, ``creation-defer-length``,
 ``termination`` and ``checksum`` (``sha1``, ``md5``, ``sha256``, ``crc32`` as tusd offers it: the base64 of
-the big-endian CRC-32), under ``/files/``::
+the big-endian CRC-32, and ``crc32c`` the same way when the ``crc32c`` package is installed: a C library of
+its own, so the simulator never checks a digest with the code the client computed it with), under
+``/files/``::
 
     OPTIONS /files/ (or /files/{id})  204  Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm
     POST    /files/                   201  Location (absolute URL); creation-with-upload appends the body
@@ -76,24 +78,38 @@ from asyncdepo.sim.tus_store import TusState, Upload
 
 TUS_VERSION = "1.0.0"
 ALL_EXTENSIONS = ("creation", "creation-with-upload", "termination", "checksum", "creation-defer-length")
-CHECKSUM_ALGORITHMS = ("sha1", "md5", "sha256", "crc32")
+def _crc32c_available() -> bool:
+    try:
+        import crc32c  # noqa: F401  (optional: tests and benchmarks install it)
+    except ImportError:
+        return False
+    return True
 
 
-class _Crc32:
-    """CRC-32 (zlib's) with hashlib's update/digest, for ``Upload-Checksum: crc32``."""
+CHECKSUM_ALGORITHMS = ("sha1", "md5", "sha256", "crc32") + (("crc32c",) if _crc32c_available() else ())
 
-    def __init__(self) -> None:
+
+class _Crc:
+    """A CRC with hashlib's update/digest, for ``Upload-Checksum: crc32`` (zlib) and ``crc32c``."""
+
+    def __init__(self, algo: str) -> None:
+        if algo == "crc32c":
+            import crc32c
+
+            self._fn = crc32c.crc32c
+        else:
+            self._fn = zlib.crc32
         self.value = 0
 
     def update(self, data: bytes) -> None:
-        self.value = zlib.crc32(data, self.value)
+        self.value = self._fn(data, self.value)
 
     def digest(self) -> bytes:
         return self.value.to_bytes(4, "big")
 
 
-def _checksummer(algo: str) -> _Crc32 | hashlib._Hash:
-    return _Crc32() if algo == "crc32" else hashlib.new(algo)
+def _checksummer(algo: str) -> _Crc | hashlib._Hash:
+    return _Crc(algo) if algo in ("crc32", "crc32c") else hashlib.new(algo)
 OFFSET_TYPE = "application/offset+octet-stream"
 
 STATE_KEY: web.AppKey[TusState] = web.AppKey("tus_state", TusState)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import zlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from aiohttp import web
 
 from asyncdepo.adapters.tus import ChecksumMismatchError, TusAdapter
+from asyncdepo.digests import digest_bytes
 from asyncdepo.contract import Chunk, Item
 from asyncdepo.errors import (
     IntegrityError,
@@ -76,7 +76,7 @@ def chunks(data: bytes, size: int = CHUNK, total: int | None = None) -> list[Chu
     for off in range(0, len(data), size):
         piece = data[off : off + size]
         last = off + size >= len(data)
-        digest = {"sha1": hashlib.sha1(piece).hexdigest(), "crc32": f"{zlib.crc32(piece):08x}"}
+        digest = digest_bytes(piece, ("sha1", "crc32", "crc32c"))
         out.append(Chunk(off, memoryview(piece), digest, last=last, total=total if last else None))
     return out
 
@@ -91,8 +91,10 @@ async def test_full_upload(sim: Sim, tmp_path: Path) -> None:
     adapter = TusAdapter(sim.url, None, {"token": TOKEN})
     async with adapter:
         checksum = "checksum" in adapter.extensions
-        # the cheapest algorithm the server lists (the simulator: sha1, md5, sha256, crc32)
-        assert adapter.features.chunk_digests == (("crc32",) if checksum else ())
+        # the cheapest algorithm the server lists (the simulator: sha1, md5, sha256, crc32 and, with the
+        # crc32c package, crc32c)
+        cheapest = "crc32c" if "crc32c" in tus_sim.CHECKSUM_ALGORITHMS else "crc32"
+        assert adapter.features.chunk_digests == ((cheapest,) if checksum else ())
         assert adapter.features.chunked and adapter.features.resumable
         writer = await adapter.open_item(item, None)
         assert writer.confirmed == 0
@@ -167,7 +169,7 @@ async def test_checksum_mismatch_is_transient(sim: Sim, tmp_path: Path) -> None:
         if not adapter.features.chunk_digests:
             pytest.skip("server without the checksum extension")
         writer = await adapter.open_item(item, None)
-        bad = Chunk(0, parts[0].data, {"crc32": f"{zlib.crc32(b'not it'):08x}"}, last=False)
+        bad = Chunk(0, parts[0].data, digest_bytes(b"not it", ("sha1", "crc32", "crc32c")), last=False)
         with pytest.raises(ChecksumMismatchError) as info:
             await writer.write(bad)
         assert is_transient(info.value)

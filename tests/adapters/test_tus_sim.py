@@ -68,7 +68,7 @@ async def test_options_advertises_extensions(sim: SimServer, http: aiohttp.Clien
         assert r.headers["Tus-Version"] == "1.0.0"
         assert set(r.headers["Tus-Extension"].split(",")) == set(tus_sim.ALL_EXTENSIONS)
         assert r.headers["Tus-Max-Size"] == str(1 << 20)
-        assert r.headers["Tus-Checksum-Algorithm"] == "sha1,md5,sha256,crc32"
+        assert r.headers["Tus-Checksum-Algorithm"] in ("sha1,md5,sha256,crc32", "sha1,md5,sha256,crc32,crc32c")
 
 
 async def test_full_upload_materialises(sim: SimServer, http: aiohttp.ClientSession, tmp_path: Path) -> None:
@@ -134,6 +134,20 @@ async def test_checksum_mismatch_460_discards(
     async with http.patch(loc, data=chunk, headers=hdrs) as r:
         assert r.status == 204 and r.headers["Upload-Offset"] == "20"
     assert data_file(tmp_path, loc).read_bytes() == chunk + chunk
+
+
+async def test_crc32c_checksum_when_offered(sim: SimServer, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    crc32c = pytest.importorskip("crc32c")
+    loc = await create(http, sim, 10)
+    chunk = b"0123456789"
+    value = crc32c.crc32c(chunk)
+    hdrs = {**OCTET, "Upload-Offset": "0"}
+    hdrs["Upload-Checksum"] = "crc32c " + base64.b64encode((value ^ 4).to_bytes(4, "big")).decode()
+    async with http.patch(loc, data=chunk, headers=hdrs) as r:
+        assert r.status == 460
+    hdrs["Upload-Checksum"] = "crc32c " + base64.b64encode(value.to_bytes(4, "big")).decode()
+    async with http.patch(loc, data=chunk, headers=hdrs) as r:
+        assert r.status == 204 and r.headers["Upload-Offset"] == "10"
 
 
 async def test_drop_keeps_received_bytes(sim: SimServer, http: aiohttp.ClientSession, tmp_path: Path) -> None:

@@ -129,6 +129,46 @@ class SigV4:
         return headers
 
 
+class BotocoreSigV4:
+    """AWS Signature Version 4 for S3 with an unsigned payload, by botocore's ``S3SigV4Auth``."""
+
+    def __init__(self, region: str) -> None:
+        from types import SimpleNamespace
+
+        self.region = region
+        # what S3SigV4Auth reads of a client's config: the payload is not signed (UNSIGNED-PAYLOAD)
+        self._config = SimpleNamespace(s3={"payload_signing_enabled": False})
+        self._auth: Any = None
+        self._creds: tuple[str, str, str | None] | None = None
+
+    def sign(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        access_key: str,
+        secret_key: str,
+        token: str | None,
+        now: _dt.datetime | None = None,
+    ) -> dict[str, str]:
+        """The same contract as :meth:`SigV4.sign` (``now`` is botocore's clock, not taken)."""
+        from botocore.auth import S3SigV4Auth
+        from botocore.awsrequest import AWSRequest
+        from botocore.credentials import ReadOnlyCredentials
+
+        if self._auth is None or self._creds != (access_key, secret_key, token):
+            self._creds = (access_key, secret_key, token)
+            self._auth = S3SigV4Auth(ReadOnlyCredentials(access_key, secret_key, token), "s3", self.region)
+        request = AWSRequest(method=method, url=url, headers=headers)
+        request.context["client_config"] = self._config
+        self._auth.add_auth(request)
+        return dict(request.headers.items())
+
+
+def _signer(region: str) -> SigV4 | BotocoreSigV4:
+    return SigV4(region) if os.environ.get("ASYNCDEPO_OWN_SIGV4") else BotocoreSigV4(region)
+
+
 def _unquote(text: str) -> str:
     from urllib.parse import unquote
 
@@ -149,7 +189,7 @@ class FastPath:
         self.bucket = bucket
         self.pool_size = pool_size
         self.base: str | None = base  # everything before the encoded key, e.g. http://h:9000/bucket/
-        self.signer: SigV4 | None = SigV4(region) if region and base else None
+        self.signer: SigV4 | BotocoreSigV4 | None = _signer(region) if region and base else None
         self._static = credentials  # (key id, secret, token) when the adapter started without botocore
         self.enabled = True
         self._session: aiohttp.ClientSession | None = None
@@ -179,7 +219,7 @@ class FastPath:
                 encoded = quote(key, safe="/~")
                 if match and url.endswith("/" + encoded):
                     self.base = url[: len(url) - len(encoded)]
-                    self.signer = SigV4(match.group(1))
+                    self.signer = _signer(match.group(1))
                     return
         except Exception:  # learning is best effort: without it, requests keep going through botocore
             log.debug("s3 fast path: could not learn the endpoint", exc_info=True)
