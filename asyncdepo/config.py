@@ -132,9 +132,12 @@ OPTIONS: tuple[Option, ...] = (
 class EngineConfig:
     """How a run behaves. Memory is bounded by the options, not by the number of files:
 
-    * chunk buffers: at most ``transfers * chunk_size * (1 + read_ahead)`` bytes are reserved at once
-      (buffers are reserved before they are read; default 8 x 16 MiB x 2 = 256 MiB, far less when files
-      are smaller than a chunk because a buffer is only as large as what it holds);
+    * chunk buffers (chunked targets, files that fit in one chunk, compressed parts): at most
+      ``transfers * chunk_size * (1 + read_ahead)`` bytes are reserved at once (buffers are reserved before
+      they are read; default 8 x 16 MiB x 2 = 256 MiB, far less when files are smaller than a chunk because
+      a buffer is only as large as what it holds);
+    * parts of targets that take them as streams (``Features.part_streams``: S3): no part buffer, one
+      ``stream_block`` per request being sent and one per file being hashed: ``2 * transfers * 1 MiB``;
     * streamed bodies: ``transfers * (1 + read_ahead) * 1 MiB``;
     * the walk: a bounded stream of ``2 * transfers`` items plus the directories still to visit;
     * the journal: a batch of at most 512 pending rows;

@@ -93,12 +93,11 @@ class _Crc:
     """A CRC with hashlib's update/digest, for ``Upload-Checksum: crc32`` (zlib) and ``crc32c``."""
 
     def __init__(self, algo: str) -> None:
+        self._fn: Callable[[bytes, int], int] = zlib.crc32
         if algo == "crc32c":
             import crc32c
 
             self._fn = crc32c.crc32c
-        else:
-            self._fn = zlib.crc32
         self.value = 0
 
     def update(self, data: bytes) -> None:
