@@ -80,6 +80,7 @@ _VALIDATION_HINTS = {
     "InvalidArgument": "the request was refused as invalid",
     "InvalidRequest": "the request was refused as invalid",
     "NoSuchKey": "the object does not exist (any more)",
+    "MissingContentMD5": "this endpoint demands Content-MD5 on every body: run the same command with --s3-md5",
 }
 
 

@@ -386,7 +386,9 @@ def _client_error(code: str, status: int, message: str = "msg", **extra: str) ->
     ("code", "status", "kind"),
     [
         ("BadDigest", 400, errors.IntegrityError),
+        ("XAmzContentChecksumMismatch", 400, errors.IntegrityError),
         ("InvalidDigest", 400, errors.TransientError),
+        ("MissingContentMD5", 400, errors.RemoteValidationError),
         ("SlowDown", 503, errors.RateLimitedError),
         ("InternalError", 500, errors.TransientError),
         ("NoSuchUpload", 404, errors.TransientError),
