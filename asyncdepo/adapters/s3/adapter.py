@@ -152,7 +152,7 @@ class S3Adapter(Adapter):
         self.checksum: str | None = None if checksum == "none" else checksum
         self.md5 = md5
         # what the engine computes per part and per file depends on these options
-        self.features = dataclasses.replace(  # type: ignore[misc]
+        self.features = dataclasses.replace(
             type(self).features,
             chunk_digests=tuple(a for a in (self.checksum, "md5" if md5 else None) if a),
             server_digest=self.checksum or ("md5" if md5 else None),
