@@ -354,8 +354,8 @@ class S3Adapter(Adapter):
         :mod:`asyncdepo.adapters.s3.checksums`); returns the ETag and the checksums S3 reported (hex).
 
         Goes through the fast path when it is ready, else through aiobotocore (which teaches the fast
-        path the endpoint on the way); aiobotocore gets a stream's bytes read into memory (one part, only
-        until the fast path is ready: the first data request of a run, or a run whose endpoint redirects).
+        path the endpoint on the way); aiobotocore gets a copy of the bytes (one part, only until the fast path
+        is ready: the first data request of a run, or a run whose endpoint redirects).
 
         :raises DepoError: the mapped failure.
         """
@@ -372,7 +372,9 @@ class S3Adapter(Adapter):
                 return etag, _reported(lambda a: checksums.from_headers(headers, a))
             if not isinstance(body, memoryview):  # the stream was spent on the redirected request
                 raise errors.TransientError(f"{what}: the endpoint redirected; sending again through botocore")
-        data = body if isinstance(body, memoryview) else await _read_all(body, size)
+        # aiobotocore hands the body to aiohttp's default payload, which may still hold it after a timeout or a
+        # cancel: it gets a copy, so the engine's buffer is free to be reused (the rule of transport/httpbody)
+        data = bytes(body) if isinstance(body, memoryview) else await _read_all(body, size)
         params: dict[str, Any] = {"Key": key, "Body": data, "ContentLength": size,
                                   **checksums.request_params(digests)}
         if upload:
