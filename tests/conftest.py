@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -36,6 +38,12 @@ async def start_over(server: TestServer, scheme: str, folder: Path) -> ssl.SSLCo
 
 def sha256_of(path: Path) -> str:
     return hash_path_sync(path, ("sha256",)).hexdigests()["sha256"]
+
+
+def cli_process(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``asyncdepo ARGV...`` as a child process (its own interpreter, signals and exit status), output as text."""
+    return subprocess.run([sys.executable, "-m", "asyncdepo.cli", *argv], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def tree_digests(root: Path) -> dict[str, str]:

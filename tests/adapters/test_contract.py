@@ -9,7 +9,6 @@ their own APIs and have their own suites.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -18,12 +17,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from asyncdepo.digests import digest_bytes
 from asyncdepo.adapters.local import LocalAdapter
 from asyncdepo.adapters.s3.adapter import S3Adapter
 from asyncdepo.adapters.tus import TusAdapter
 from asyncdepo.config import EngineConfig
 from asyncdepo.contract import Adapter, Chunk, Item
+from asyncdepo.digests import digest_bytes
 from asyncdepo.engine.pull import pull
 from asyncdepo.engine.scheduler import push
 from asyncdepo.sim import tus

@@ -22,15 +22,15 @@ from asyncdepo.adapters import lookup
 from asyncdepo.adapters.s3 import S3Adapter, multipart_etag, parse_s3_url
 from asyncdepo.adapters.s3.writer import S3Writer
 from asyncdepo.contract import Chunk, Item
-from asyncdepo.transport.s3errors import map_s3_error, s3_code
 from asyncdepo.digests import to_base64
+from asyncdepo.transport.s3errors import map_s3_error, s3_code
 from tests.adapters.s3_helpers import (
     PART,
-    crc,
     CallCounter,
     Cfg,
     MiB,
     chunk,
+    crc,
     item_for,
     parts_of,
     payload,

@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 
 from asyncdepo.adapters.tus import ChecksumMismatchError, TusAdapter
-from asyncdepo.digests import digest_bytes
 from asyncdepo.contract import Chunk, Item
+from asyncdepo.digests import digest_bytes
 from asyncdepo.errors import (
     IntegrityError,
     OffsetMismatchError,

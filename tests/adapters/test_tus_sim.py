@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import zlib
 import os
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,20 +10,16 @@ from asyncdepo.cli import common
 from asyncdepo.cli import main as cli_main
 from asyncdepo.config import format_size, parse_size
 from asyncdepo.engine.report import RunReport
-
-
-def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "asyncdepo.cli", *argv], capture_output=True, text=True,
-                          timeout=120)
+from tests.conftest import cli_process
 
 
 def test_sim_help_answers_with_exit_0() -> None:
     for argv in (("sim", "--help"), ("sim", "-h")):
-        run = _cli(*argv)
+        run = cli_process(*argv)
         assert run.returncode == 0, run.stderr
         assert "usage: asyncdepo sim NAME" in run.stdout and "tus" in run.stdout
-    assert _cli("sim").returncode == 2  # no simulator named: usage, and an error status
-    own = _cli("sim", "tus", "--help")
+    assert cli_process("sim").returncode == 2  # no simulator named: usage, and an error status
+    own = cli_process("sim", "tus", "--help")
     assert own.returncode == 0 and "--root" in own.stdout
 
 
@@ -55,7 +49,7 @@ def test_quiet_run_prints_no_warnings(tmp_path: Path) -> None:
     (src / "a.bin").write_bytes(b"a" * 100)
     (src / "link").symlink_to(src / "a.bin")  # skipped with a warning (symbolic links are not followed)
     argv = ("push", str(src), f"file://{tmp_path / 'dest'}", "--journal", str(tmp_path / "j.sqlite"))
-    loud = _cli(*argv)
+    loud = cli_process(*argv)
     assert loud.returncode == 0 and "WARNING skipped link: symbolic link" in loud.stderr
-    quiet = _cli(*argv, "-q")
+    quiet = cli_process(*argv, "-q")
     assert quiet.returncode == 0 and "WARNING" not in quiet.stderr and "job " in quiet.stderr

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from asyncdepo.cli import main as cli_main
-from tests.conftest import tree_digests
+from tests.conftest import cli_process, tree_digests
 
 if TYPE_CHECKING:
     from tests.adapters.s3_servers import S3TestServer
@@ -27,10 +27,6 @@ pytest_plugins = ["tests.adapters.s3_servers"]
 
 MiB = 1 << 20
 
-
-def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "asyncdepo.cli", *argv], capture_output=True, text=True,
-                          timeout=300)
 
 
 @pytest.fixture
@@ -78,13 +74,13 @@ def test_push_to_a_full_disk_stops_with_one_message_and_resumes_after_freeing_sp
     disk, resize = small_disk
     src = _source(tmp_path / "src")
     argv = ("push", str(src), f"file://{disk}", "--journal", str(journal), "--chunk-size", "1M", "--transfers", "2")
-    full = _cli(*argv)
+    full = cli_process(*argv)
     assert full.returncode == 1, full.stderr
     _check_one_message(full.stderr, disk)
     parts = list(disk.glob("*.asyncdepo-part"))
     assert parts  # kept for the resume
     resize("32m")
-    again = _cli(*argv)
+    again = cli_process(*argv)
     assert again.returncode == 0, again.stderr
     assert tree_digests(disk) == tree_digests(src) and not list(disk.glob("*.asyncdepo-part"))
 
@@ -93,11 +89,11 @@ def test_pull_into_a_full_disk_stops_with_one_message_and_resumes_after_freeing_
         tmp_path: Path, small_disk: tuple[Path, Callable[[str], None]]) -> None:
     disk, resize = small_disk
     src = _source(tmp_path / "src")
-    full = _cli("pull", f"file://{src}", str(disk), "--transfers", "2")
+    full = cli_process("pull", f"file://{src}", str(disk), "--transfers", "2")
     assert full.returncode == 1, full.stderr
     _check_one_message(full.stderr, disk)
     resize("32m")
-    again = _cli("pull", f"file://{src}", str(disk), "--transfers", "2")
+    again = cli_process("pull", f"file://{src}", str(disk), "--transfers", "2")
     assert again.returncode == 0, again.stderr
     assert tree_digests(disk) == tree_digests(src) and not list(disk.glob("*.asyncdepo-part"))
 

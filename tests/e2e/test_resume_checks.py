@@ -19,7 +19,7 @@ from asyncdepo.adapters.local import PART_SUFFIX, LocalWriter
 from asyncdepo.cli import main as cli_main
 from asyncdepo.contract import Chunk
 from asyncdepo.errors import TransientError
-from tests.conftest import tree_digests
+from tests.conftest import cli_process, tree_digests
 
 if TYPE_CHECKING:
     from tests.adapters.s3_servers import S3TestServer
@@ -28,10 +28,6 @@ pytest_plugins = ["tests.adapters.s3_servers"]
 
 CHUNK = 1 << 20
 
-
-def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "asyncdepo.cli", *argv], capture_output=True, text=True,
-                          timeout=300)
 
 
 def _report(out: str) -> dict[str, Any]:
@@ -78,7 +74,7 @@ def test_local_part_corrupted_between_runs_is_resent_from_its_last_good_chunk(
     with open(part, "r+b") as fh:  # damage inside the second chunk, as a bad disk or another program would
         fh.seek(CHUNK + CHUNK // 2)
         fh.write(b"\0" * 64)
-    rerun = _cli("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M", "--json")
+    rerun = cli_process("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M", "--json")
     assert rerun.returncode == 0, rerun.stderr
     report = _report(rerun.stdout)
     # the first chunk matched its journaled digest; everything from the damaged one on was sent again,
@@ -96,21 +92,21 @@ def test_local_source_vanished_between_runs_fails_and_its_part_file_is_removed(
     _first_run(monkeypatch, src, url, journal, CHUNK)
     assert (dest / ("gone.bin" + PART_SUFFIX)).exists()
     (src / "gone.bin").unlink()
-    rerun = _cli("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M")
+    rerun = cli_process("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M")
     assert rerun.returncode == 1, rerun.stderr
     assert "failed: gone.bin: source vanished" in rerun.stderr
     assert not (dest / ("gone.bin" + PART_SUFFIX)).exists() and not (dest / "gone.bin").exists()
     assert tree_digests(dest) == tree_digests(src)
     jid = rerun.stderr.split("job ", 1)[1].split(":", 1)[0]
-    status = _cli("status", jid, "--journal", str(journal), "--json")
+    status = cli_process("status", jid, "--journal", str(journal), "--json")
     assert status.returncode == 1
     st = orjson.loads(status.stdout)
     assert st["failures"] == [{"rel": "gone.bin", "error": "source vanished", "transient": False}]
     assert st["counts"]["done"]["files"] == 2
     # reported once: the next run that does not find it either is done (the journal drops it)
-    third = _cli("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M")
+    third = cli_process("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M")
     assert third.returncode == 0, third.stderr
-    assert orjson.loads(_cli("status", jid, "--journal", str(journal), "--json").stdout)["failures"] == []
+    assert orjson.loads(cli_process("status", jid, "--journal", str(journal), "--json").stdout)["failures"] == []
 
 
 def test_tus_source_vanished_between_runs_terminates_its_upload(
@@ -128,7 +124,7 @@ def test_tus_source_vanished_between_runs_terminates_its_upload(
     started = [u for u in state.uploads.values() if u.metadata.get("relpath") == "gone.bin"]
     assert len(started) == 1 and 0 < started[0].offset < 3 * CHUNK + 5 and not started[0].terminated
     (src / "gone.bin").unlink()
-    rerun = _cli("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M")
+    rerun = cli_process("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M")
     assert rerun.returncode == 1 and "failed: gone.bin: source vanished" in rerun.stderr, rerun.stderr
     assert started[0].terminated  # DELETE: the server no longer keeps the half upload
     assert tree_digests(threaded_tus.store / "complete") == tree_digests(src)
@@ -138,15 +134,15 @@ def test_checksum_resends_a_file_rewritten_with_same_size_and_mtime(tmp_path: Pa
     src = _tree(tmp_path / "src", {"a.bin": 5000, "b.bin": 7000})
     dest = tmp_path / "dest"
     url = f"file://{dest}"
-    assert _cli("push", str(src), url, "--journal", str(journal)).returncode == 0
+    assert cli_process("push", str(src), url, "--journal", str(journal)).returncode == 0
     target = src / "a.bin"
     st = target.stat()
     target.write_bytes(os.urandom(5000))  # same size ...
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and the old mtime back
-    plain = _cli("push", str(src), url, "--journal", str(journal), "--json")
+    plain = cli_process("push", str(src), url, "--journal", str(journal), "--json")
     assert plain.returncode == 0 and _report(plain.stdout)["files_skipped"] == 2  # size+mtime cannot see it
     assert tree_digests(dest) != tree_digests(src)
-    checked = _cli("push", str(src), url, "--journal", str(journal), "--json", "--checksum")
+    checked = cli_process("push", str(src), url, "--journal", str(journal), "--json", "--checksum")
     assert checked.returncode == 0, checked.stderr
     report = _report(checked.stdout)
     assert report["files_done"] == 1 and report["files_skipped"] == 1 and report["bytes_sent"] == 5000
@@ -193,7 +189,7 @@ def test_tus_server_behind_the_journal_is_resumed_from_its_own_offset(
     src = _tree(tmp_path / "src", {"big.bin": size})
     url = f"tus+http://127.0.0.1:{threaded_tus.server.port}/files/"
     threaded_tus.call(lambda: threaded_tus.faults.add("PATCH * status=503 skip=3 first=0"))
-    first = _cli("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M", "--request-attempts",
+    first = cli_process("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M", "--request-attempts",
                  "1", "--retries", "0")
     assert first.returncode == 1, first.stderr
     state = threaded_tus.server.app[tus.STATE_KEY]
@@ -209,7 +205,7 @@ def test_tus_server_behind_the_journal_is_resumed_from_its_own_offset(
     threaded_tus.call(lose_tail)
     threaded_tus.call(threaded_tus.faults.clear)
     threaded_tus.faults.reset_counters()
-    rerun = _cli("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M", "--json")
+    rerun = cli_process("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M", "--json")
     assert rerun.returncode == 0, rerun.stderr
     assert _report(rerun.stdout)["bytes_sent"] == size - back
     assert threaded_tus.faults.total_bytes("PATCH") == size - back

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from rich.console import Console
 
+from asyncdepo.accounting import Stats
 from asyncdepo.adapters.local import LocalAdapter
 from asyncdepo.cli.render import RichSink
 from asyncdepo.config import EngineConfig
 from asyncdepo.engine.scheduler import push
-from asyncdepo.accounting import Stats
 from asyncdepo.events import Reporter
 
 
