@@ -468,7 +468,26 @@ class Adapter(ABC):
 
     def take_handoff(self, data: Mapping[str, Any]) -> None:
         """Take what :meth:`handoff` returned in the coordinating process; called on a fresh adapter before
-        ``async with``. Such a copy only opens items: its ``prepare`` and ``finish`` are never called."""
+        ``async with``. Such a copy only opens items (or sessions): its ``prepare`` and ``finish`` are never
+        called."""
+
+    def handback(self) -> dict[str, Any]:
+        """What a copy in another process learned of the job that the coordinating process's ``finish``
+        needs (e.g. which route each of EMPIAR's session groups went by): JSON-able, never a secret. Read
+        after each batch the copy ran; the same facts may come back many times. Default: nothing."""
+        return {}
+
+    def take_handback(self, data: Mapping[str, Any]) -> None:
+        """Merge what a copy's :meth:`handback` returned into this (the coordinating) adapter."""
+
+    def fallback(self) -> Adapter | None:
+        """On a cluster, the adapter with which the coordinating process sends, in sessions of its own, the
+        items a worker's copy failed for good — a route the workers do not take (EMPIAR's Globus task, which
+        needs the user's endpoint and is one job-wide wait), or None (the default): a worker's failure stands.
+        Called after ``prepare`` and ``handoff``; the adapter it returns moves items in sessions
+        (``features.sessions``), shares this adapter's job state (its ``job_state`` is this adapter's) and is
+        used inside this adapter's ``async with``."""
+        return None
 
     # -- pull ---------------------------------------------------------------------------------------
     def list_remote(self) -> AsyncIterator[RemoteItem]:

@@ -197,6 +197,32 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", metavar="SIZE", help="most bytes handed to a worker at once (default 1G)")
 
 
+def cluster_argv(args: argparse.Namespace) -> list[str]:
+    """The cluster flags given on a command line, as argv (for the command a job records, or ``resume``'s)."""
+    out: list[str] = []
+    for flag in CLUSTER_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def without_cluster_flags(argv: list[str]) -> list[str]:
+    """``argv`` without its cluster flags (and their values)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in CLUSTER_FLAGS:
+            skip = "=" not in arg and CLUSTER_FLAGS[name]
+            continue
+        out.append(arg)
+    return out
+
+
 def cluster_options(args: argparse.Namespace) -> Any:
     """The ``ClusterOptions`` the flags ask for, or None to run on this node; raises UsageError."""
     from asyncdepo.config import parse_size

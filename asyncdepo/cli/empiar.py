@@ -25,6 +25,11 @@ Resume: the journal (``--journal``) keeps the entry id and directory and which f
 same command again, or ``asyncdepo resume JOB`` (which calls :func:`resume_job`), re-deposits that entry and
 sends only what is missing (a partial file continues with ascp ``-k 3``). ``-r ENTRY_ID ENTRY_DIR`` names the
 entry explicitly, as in the reference tool; ``--new`` starts another entry.
+
+On a cluster (``--scheduler ADDRESS`` or ``--local-cluster N``, see docs/scale-out.md) this process creates
+the entry, uploads the thumbnail, grants rights and submits; the workers run the ascp sessions (the same
+ascp path and DATA at the same path on every worker; the transfer password reaches them outside the task
+graph) and this process sends by Globus (``-g``) what their ascp could not.
 """
 
 from __future__ import annotations
@@ -95,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     own = p.add_argument_group("asyncdepo options")
     own.add_argument("--server", default=None, help=f"EMPIAR server (default {E.DEFAULT_SERVER})")
     common.add_metrics_options(own)
-    own.add_argument("--transfers", type=int, default=4, help="sessions at once (4); a session sends the files "
-                     "of one image set (up to 1000)")
+    own.add_argument("--transfers", type=int, default=4, help="sessions at once (4; per worker on a cluster); a "
+                     "session sends the files of one image set (up to 1000)")
     own.add_argument("--ascp-host", default=E.ASCP_HOST, help=f"ascp user@host (default {E.ASCP_HOST})")
     own.add_argument("--ascp-port", type=int, default=33001, help="ascp TCP port, -P (33001)")
     own.add_argument("--rate", default="200M", help="ascp target rate, -l (200M)")
@@ -120,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("-q", "--quiet", action="store_true", help="only the final report")
     own.add_argument("--verbose", action="store_true", help="log details to stderr")
     common.add_watch_options(p)
+    common.add_cluster_options(p)
     return p
 
 
@@ -212,6 +218,7 @@ def resume_argv(args: argparse.Namespace, journal: Path) -> list[str]:
             "--rate", args.rate, "--attempts", str(args.attempts), "--stall-timeout", str(args.stall_timeout),
             "--globus-server", args.globus_server, "--globus-endpoint", args.globus_endpoint,
             "--globus-poll", str(args.globus_poll), "--retries", str(args.retries), "--journal", str(journal)]
+    out += common.cluster_argv(args)
     token = args.token if args.password is not None else "-"
     return [*out, "--", token, str(args.json_input.absolute()), str(args.data.absolute())]
 
@@ -283,6 +290,7 @@ async def _deposit(args: argparse.Namespace, reporter: Reporter) -> tuple[RunRep
         if not args.resume[0].isdigit() or not args.resume[1].strip():
             raise errors.UsageError(f"-r: expected ENTRY_ID (a number) and ENTRY_DIR, not {' '.join(args.resume)}")
         entry_arg = (int(args.resume[0]), args.resume[1].strip())
+    cluster = common.cluster_options(args)
     creds = credentials(args)
     config = engine_config(args)
 
@@ -295,6 +303,10 @@ async def _deposit(args: argparse.Namespace, reporter: Reporter) -> tuple[RunRep
     except errors.UsageError as exc:
         if not args.globus:
             raise
+        if cluster is not None:
+            raise errors.UsageError(f"{exc}: on a cluster the workers send with ascp", hint="install ascp (at "
+                                    "the same path on every worker), or run without --scheduler / --local-cluster "
+                                    "to send everything by Globus") from None
         reporter.warning(f"{exc}; will use Globus instead")
         opts = None
     route = None
@@ -322,9 +334,39 @@ async def _deposit(args: argparse.Namespace, reporter: Reporter) -> tuple[RunRep
                                    say=lambda level, text: reporter.message(text, level))
         jid = job_id("empiar", str(args.data.absolute()), target_identity(adapter, config))
         await _forget_if_new(config.journal_path, jid, args, entry_arg)
-        report = await push(args.data, adapter, config, reporter=reporter, journal_path=config.journal_path,
-                            argv=resume_argv(args, config.journal_path), kind="empiar")
+        stored = resume_argv(args, config.journal_path)
+        if cluster is not None:
+            from asyncdepo.engine.cluster import push_on_cluster
+
+            assert route is not None
+            recipe = EmpiarRecipe(adapter.server, dep.json_path, dataclasses.replace(layout, extras=()), prefix,
+                                  route.opts, route.host)
+            report = await push_on_cluster(args.data, adapter, config, recipe, cluster, reporter=reporter,
+                                           journal_path=config.journal_path, argv=stored, kind="empiar")
+        else:
+            report = await push(args.data, adapter, config, reporter=reporter, journal_path=config.journal_path,
+                                argv=stored, kind="empiar")
     return report, jid
+
+
+@dataclasses.dataclass(frozen=True)
+class EmpiarRecipe:
+    """How a worker of a cluster builds its copy of the adapter (pickled into the tasks: nothing secret — no
+    token, no deposition document, no grantees): the image sets' layout (the session groups), the upload
+    folder's prefix and the ascp options and host. The entry's directory and the transfer password come in
+    the handoff; the copy has no API and no Globus route (the coordinator keeps both)."""
+
+    server: str
+    json_path: Path
+    layout: schema.Layout
+    upload_prefix: str
+    ascp: A.AscpOptions
+    host: str
+
+    def __call__(self, config: Any) -> EA.EmpiarAdapter:
+        dep = EA.Deposition({}, self.json_path, self.layout, upload_prefix=self.upload_prefix)
+        return EA.EmpiarAdapter(None, dep, ascp=EA.AscpRoute(self.ascp, A.AscpSecrets(), self.host),
+                                server=self.server)
 
 
 def push_main(argv: Sequence[str]) -> int:
@@ -368,11 +410,25 @@ def push_main(argv: Sequence[str]) -> int:
     return code
 
 
-def resume_job(job_row: Mapping[str, Any]) -> int:
-    """Continue a journaled EMPIAR deposition (``asyncdepo resume JOB`` calls this for jobs of kind
-    ``empiar``): reruns the recorded, secret-free command; the entry comes from the journal."""
+def recorded_argv(job_row: Mapping[str, Any], cluster: Sequence[str] = ()) -> list[str]:
+    """The command a journaled deposition records, with ``cluster`` (flags given to ``resume``) in place of
+    the recorded cluster flags.
+
+    :raises UsageError: the job has no recorded command.
+    """
     argv = [str(a) for a in job_row.get("argv") or []]
     if not argv:
         raise errors.UsageError(f"job {job_row.get('id')} has no recorded command; run the original push again")
+    if cluster:
+        cut = argv.index("--") if "--" in argv else len(argv)
+        argv = [*common.without_cluster_flags(argv[:cut]), *cluster, *argv[cut:]]
+    return argv
+
+
+def resume_job(job_row: Mapping[str, Any], cluster: Sequence[str] = ()) -> int:
+    """Continue a journaled EMPIAR deposition (``asyncdepo resume JOB`` calls this for jobs of kind
+    ``empiar``): reruns the recorded, secret-free command (:func:`recorded_argv`); the entry comes from the
+    journal. ``cluster``: cluster flags given to ``resume``, which replace the recorded ones."""
+    argv = recorded_argv(job_row, cluster)
     print("resuming: asyncdepo push empiar " + " ".join(argv), file=sys.stderr)
     return push_main(argv)

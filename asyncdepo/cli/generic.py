@@ -275,47 +275,27 @@ def _resume(args: argparse.Namespace) -> int:
         fn = getattr(module, "resume_job", None)
         if fn is None:
             raise UsageError(f"job {row['id']} ({row['kind']}) cannot be resumed by this version")
-        if _cluster_argv(args):
+        given = common.cluster_argv(args)
+        if not given:
+            return int(fn(row))
+        import inspect
+
+        if "cluster" not in inspect.signature(fn).parameters:  # the archive's command takes no cluster flags
             raise UsageError(f"job {row['id']} ({row['kind']}) runs on one node: resume it without "
                              "--scheduler / --local-cluster")
-        return int(fn(row))
+        return int(fn(row, cluster=given))
     argv = list(row["argv"])
     if not argv:
         raise UsageError(f"job {row['id']} has no recorded command; run the original {row['kind']} again")
     if args.journal and "--journal" not in argv:
         argv += ["--journal", args.journal]
-    given = _cluster_argv(args)
+    given = common.cluster_argv(args)
     if given:
-        argv = _without_cluster_flags(argv) + given
+        argv = common.without_cluster_flags(argv) + given
     print("resuming: asyncdepo " + " ".join(argv), file=sys.stderr)
     from asyncdepo.cli import main as cli_main
 
     return cli_main(argv)
-
-
-def _cluster_argv(args: argparse.Namespace) -> list[str]:
-    """The cluster flags given to ``resume``, as argv."""
-    out: list[str] = []
-    for flag in common.CLUSTER_FLAGS:
-        value = getattr(args, flag[2:].replace("-", "_"), None)
-        if value is not None:
-            out += [flag, str(value)]
-    return out
-
-
-def _without_cluster_flags(argv: list[str]) -> list[str]:
-    out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in common.CLUSTER_FLAGS:
-            skip = "=" not in arg and common.CLUSTER_FLAGS[name]
-            continue
-        out.append(arg)
-    return out
 
 
 def _sim(args: argparse.Namespace) -> int:

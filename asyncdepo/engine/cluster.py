@@ -30,6 +30,26 @@ One view of the job: workers report bytes moved, items in flight, retries and it
 (through its methods), so the progress display, ``--json`` and the report are those of a one-node run, plus
 per-worker counts in ``RunReport.workers``.
 
+Failures keep their meaning: a worker returns each failed item's error (its class, message and attributes:
+:class:`~asyncdepo.engine.cluster_wire.WireError`) and the coordinator records it as one node does
+(:func:`~asyncdepo.engine.scheduler.fail_item`): a full disk stops the run — the coordinator stops handing
+out batches and stops the run's batches on every worker (:func:`~asyncdepo.engine.cluster_worker.stop_job`);
+what they had not finished stays as it is (part files kept for resume), and the pass ends with one message
+saying how much space is missing — and a vanished source's leftovers on the target are discarded through the
+coordinator's adapter.
+
+Adapters that move files in sessions (``Features.sessions``: EMPIAR over ascp) run their sessions on the
+workers, each batch grouped by session group as on one node; the job-level steps (``prepare``: the entry
+and its thumbnail; ``finish``: rights and submission, only when every file is done) stay here. What a
+worker's copy learned for ``finish`` comes back with each batch (``Adapter.handback``). When the adapter has
+a route the workers do not take (``Adapter.fallback``: EMPIAR's Globus), the items a worker failed for
+good (not a full disk or a vanished source; not a lost batch, which the retry rounds send again) go to the
+coordinator's own sessions over that route, as they stream in; a refused login on a worker (which ends a
+one-node job) sends the rest of the pass there too, or, without a fallback, ends the job.
+
+Each run sweeps what an earlier run of the same job left on the scheduler when its coordinator was killed
+(the secret channel, checkpoints, the request semaphore, progress events): see :func:`_sweep`.
+
 Archives that take the whole dataset as one packed upload (``Features.packed``: PDIS) cannot be split:
 :func:`push_on_cluster` refuses them. The source must be readable at the same path on every worker (a
 shared file system).
@@ -46,16 +66,27 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import anyio
+import anyio.abc
 
 from asyncdepo.config import EngineConfig
 from asyncdepo.contract import Adapter, Item
+from asyncdepo.engine.checks import disk_full_failure
+from asyncdepo.engine.cluster_wire import Batch, BatchResult, ItemResult, JobSpec, checkpoint_name
 from asyncdepo.engine.report import RunReport, describe
-from asyncdepo.engine.scheduler import Batches, failed, items_to_send, push
+from asyncdepo.engine.scheduler import Batches, fail_item, failed, items_to_send, push
+from asyncdepo.engine.sessions import send_sessions
 from asyncdepo.engine.transfer import Run
-from asyncdepo.errors import DepoError, UsageError, is_transient
+from asyncdepo.errors import (
+    AuthError,
+    DepoError,
+    DiskFullError,
+    SourceVanishedError,
+    UsageError,
+    is_transient,
+)
 from asyncdepo.events import ItemDone, Reporter
 
 #: a recipe builds a fresh, secret-free adapter on a worker (it is pickled into the tasks)
@@ -94,47 +125,63 @@ class _Held:
     finished: set[str] = dataclasses.field(default_factory=set)
 
 
+#: the stream into the coordinator's fallback sessions: items with their journaled state
+Lane: TypeAlias = anyio.abc.ObjectSendStream[tuple[Item, dict[str, Any] | None]]
+
+
 class _Coordinator:
     """One job's side of the cluster; see the module docstring."""
 
     def __init__(self, client: Any, recipe: Recipe, options: ClusterOptions) -> None:
         self.client, self.recipe, self.options = client, recipe, options
         self.run: Run | None = None
-        self.spec: Any = None
+        self.spec: JobSpec | None = None
         self.held: dict[str, _Held] = {}
         self.owner: dict[str, _Held] = {}  # rel -> its batch, for the items out on the cluster
         self.inbox: collections.deque[dict[str, Any]] = collections.deque()
         self.wake = anyio.Event()
         self.lock = anyio.Lock()
         self.workers: dict[str, dict[str, int]] = {}
-        #: job-wide figures for the report: workers seen, batches handed out, most items held at once
+        #: job-wide figures for the report: workers seen, batches handed out, most items held at once, items
+        #: the coordinator sent itself over the adapter's fallback route
         self.figures: dict[str, int] = {"workers": 0, "batches": 0, "max_items_held": 0}
         self.channel: str | None = None
+        self.fallback: Adapter | None = None
+        self.lane: Lane | None = None  # the pass's stream into the fallback sessions
+        self.refused: DepoError | None = None  # the workers' login was refused: the rest goes to the fallback
+        self.stopping = False
         self._live: tuple[float, int] = (0.0, 1)
 
     # -- the job's start and end ---------------------------------------------------------------------
     async def start(self, run: Run) -> None:
-        """Hand the adapter's credentials to the workers and listen to their progress (once per job)."""
-        from asyncdepo.engine.cluster_worker import JobSpec, SecretChannel
+        """Sweep what killed earlier runs of the job left on the scheduler, hand the adapter's credentials to
+        the workers and listen to their progress (once per run)."""
+        from asyncdepo.engine.cluster_worker import SecretChannel
 
         self.run = run
+        await _sweep(self.client, f"asyncdepo-{run.job}-", plugins=True)
         cap = min(filter(None, (self.options.max_requests, run.features.max_concurrency)), default=None)
         topic = f"asyncdepo-{run.job}-{uuid.uuid4().hex[:8]}"
         self.channel = topic + "-secrets"
         self.spec = JobSpec(job=run.job, recipe=self.recipe, config=run.config, topic=topic,
                             channel=self.channel, requests=cap)
         handoff = await run.adapter.handoff()
-        await self.client.register_plugin(SecretChannel(run.job, handoff), name=self.channel)
+        await self.client.register_plugin(SecretChannel(run.job, self.channel, handoff), name=self.channel)
         self.client.subscribe_topic(topic, self._heard)
+        self.fallback = run.adapter.fallback() if run.features.sessions else None
 
     async def close(self) -> None:
-        """Stop listening and take the credentials back from every worker (shielded by the caller)."""
+        """Stop listening, take the credentials back from every worker and forget the run's state on the
+        scheduler (shielded by the caller)."""
         if self.spec is not None:
             self.client.unsubscribe_topic(self.spec.topic)
         if self.channel is not None:
             with contextlib.suppress(Exception):  # a scheduler already gone holds nothing any more
                 await self.client.unregister_worker_plugin(self.channel)
             self.channel = None
+        if self.spec is not None:
+            with contextlib.suppress(Exception):
+                await _sweep(self.client, self.spec.topic + "-", plugins=False)
 
     # -- progress from the workers -------------------------------------------------------------------
     def _heard(self, event: tuple[float, dict[str, Any]]) -> None:
@@ -211,8 +258,10 @@ class _Coordinator:
         counts["files"] += 1
         counts["bytes"] += max(0, item.size)
 
-    async def _failed(self, held: _Held, rel: str, error: str, transient: bool, report: RunReport,
-                      worker: str | None) -> None:
+    async def _lost(self, held: _Held, rel: str, error: str, transient: bool, report: RunReport,
+                    worker: str | None) -> None:
+        """``rel`` came back without an outcome (its batch was lost: the run's retry rounds send it again when
+        ``transient``)."""
         run = self.run
         assert run is not None
         held.finished.add(rel)
@@ -220,6 +269,34 @@ class _Coordinator:
         run.reporter.stats.item_out(rel)
         if worker is not None:
             self._worker(worker)["failed"] += 1
+
+    async def _failed(self, held: _Held, rel: str, err: DepoError, report: RunReport, worker: str) -> None:
+        """A worker failed ``rel`` with ``err``: the coordinator's fallback route takes it, or it is recorded
+        as one node records it (a full disk stops the run, a vanished source is discarded)."""
+        run = self.run
+        assert run is not None
+        held.finished.add(rel)
+        run.reporter.stats.item_out(rel)
+        if self.lane is not None and not isinstance(err, (DiskFullError, SourceVanishedError)):
+            await self._fall_back(held.items[rel])
+            return
+        await fail_item(run, held.items[rel], err, report)
+        self._worker(worker)["failed"] += 1
+
+    async def _fall_back(self, item: Item) -> None:
+        """Hand ``item`` (with its journaled state) to the coordinator's own sessions over the fallback."""
+        run = self.run
+        assert run is not None and self.lane is not None
+        saved = (await run.journal.lookup(run.job, [item.rel])).get(item.rel, {}).get("remote")
+        self.figures["fallback"] = self.figures.get("fallback", 0) + 1
+        await self.lane.send((item, saved))
+
+    async def _left(self, held: _Held, rel: str) -> None:
+        """``rel`` was not finished because the run stopped: its row stays as the worker left it."""
+        run = self.run
+        assert run is not None
+        held.finished.add(rel)
+        run.reporter.stats.item_out(rel)
 
     # -- a pass ----------------------------------------------------------------------------------------
     async def _rate(self) -> float | None:
@@ -234,15 +311,25 @@ class _Coordinator:
             self._live = (time.monotonic(), live)
         return run.config.bwlimit / live
 
+    async def _stop(self, feeding: anyio.CancelScope) -> None:
+        """The run stopped (a full disk): no more batches; the workers stop the run's batches."""
+        from asyncdepo.engine.cluster_worker import stop_job
+
+        self.stopping = True
+        feeding.cancel()
+        await self.client.run(stop_job, self.channel, on_error="ignore")
+
     async def send_pass(self, run: Run, batches: Batches, report: RunReport, skip: set[str],
                         digests: dict[str, dict[str, str]], *, count: bool = True) -> None:
         """The scheduler's pass, on the cluster (see the module docstring)."""
         from distributed import Variable, as_completed
 
-        from asyncdepo.engine.cluster_worker import Batch, checkpoint_name, run_batch
+        from asyncdepo.engine.cluster_worker import run_batch
 
         if self.run is None:
             await self.start(run)
+        assert self.spec is not None
+        spec = self.spec
         # the same objects fill in as the job goes on, so the report the run emits at its end has them
         report.workers = self.workers
         report.cluster = self.figures
@@ -253,6 +340,11 @@ class _Coordinator:
         pending = as_completed(loop=self.client.loop)
         walked = anyio.Event()
         more = anyio.Event()
+        feeding = anyio.CancelScope()
+        lane_in: anyio.abc.ObjectReceiveStream[tuple[Item, dict[str, Any] | None]] | None = None
+        if self.fallback is not None:
+            self.lane, lane_in = anyio.create_memory_object_stream[tuple[Item, dict[str, Any] | None]](
+                self.fallback.features.session_items)
 
         async def submit(group: list[tuple[Item, Any]]) -> None:
             nonlocal more
@@ -270,29 +362,34 @@ class _Coordinator:
                           saved={i.rel: s for i, s in group if s is not None}, chunks=chunks,
                           known={i.rel: digests[i.rel] for i, _ in group if i.rel in digests},
                           rate=await self._rate())
-            self.held[key] = held
-            self.owner.update((rel, held) for rel in held.items)
-            # the batch's checkpoint exists before it runs: a worker reads it without waiting for it
-            await Variable(checkpoint_name(self.spec, key), client=self.client).set({})
-            self.figures["max_items_held"] = max(self.figures["max_items_held"],
-                                                 sum(len(h.items) for h in self.held.values()))
-            future = self.client.submit(run_batch, self.spec, batch, key=f"{self.spec.topic}-{key}", pure=False)
-            futures[future.key] = (future, key)
-            pending.add(future)
+            with anyio.CancelScope(shield=True):  # held, checkpoint and future: all three, or none
+                self.held[key] = held
+                self.owner.update((rel, held) for rel in held.items)
+                # the batch's checkpoint exists before it runs: a worker reads it without waiting for it
+                await Variable(checkpoint_name(spec, key), client=self.client).set({})
+                self.figures["max_items_held"] = max(self.figures["max_items_held"],
+                                                     sum(len(h.items) for h in self.held.values()))
+                future = self.client.submit(run_batch, spec, batch, key=f"{spec.topic}-{key}", pure=False)
+                futures[future.key] = (future, key)
+                pending.add(future)
             more.set()
 
         async def feed() -> None:
             group: list[tuple[Item, Any]] = []
             size = 0
             try:
-                async for item, saved in items_to_send(run, batches, report, count, skip, digests):
-                    group.append((item, saved))
-                    size += max(0, item.size)
-                    if len(group) >= opts.batch_files or size >= opts.batch_bytes:
+                with feeding:
+                    async for item, saved in items_to_send(run, batches, report, count, skip, digests):
+                        if self.refused is not None and self.lane is not None:
+                            await self._fall_back(item)  # the workers' login is refused: no batch can succeed
+                            continue
+                        group.append((item, saved))
+                        size += max(0, item.size)
+                        if len(group) >= opts.batch_files or size >= opts.batch_bytes:
+                            await submit(group)
+                            group, size = [], 0
+                    if group:
                         await submit(group)
-                        group, size = [], 0
-                if group:
-                    await submit(group)
             finally:
                 walked.set()
                 more.set()
@@ -307,21 +404,42 @@ class _Coordinator:
                     finally:
                         self._forget(key)
                         window.release()
+                    if report.stopped and not self.stopping:
+                        await self._stop(feeding)
                 if walked.is_set() and not futures:
+                    if self.lane is not None:
+                        await self.lane.aclose()
                     return
                 await more.wait()
                 more = anyio.Event()
+
+        async def lane(stream: anyio.abc.ObjectReceiveStream[tuple[Item, dict[str, Any] | None]]) -> None:
+            assert self.fallback is not None
+
+            async def entries() -> AsyncIterator[tuple[Item, dict[str, Any] | None]]:
+                async with stream:
+                    async for entry in stream:
+                        yield entry
+
+            await send_sessions(dataclasses.replace(run, adapter=self.fallback), entries(),
+                                lambda item, exc: fail_item(run, item, exc, report))
 
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(feed)
                 tg.start_soon(gather)
+                if lane_in is not None:
+                    tg.start_soon(lane, lane_in)
         finally:
+            self.lane = None
             if futures:
                 with anyio.CancelScope(shield=True):
                     await self.client.cancel([f for f, _ in futures.values()])
                     for _, key in futures.values():
                         self._forget(key)
+        if report.stop_error is not None:
+            await disk_full_failure(run, report)
+            report.stop_error = None
 
     async def _journal(self, rel: str, row: dict[str, Any]) -> None:
         """Journal a worker's row of ``rel``: its fields, and its chunk digests when it has them."""
@@ -340,24 +458,26 @@ class _Coordinator:
 
     def _forget(self, key: str) -> None:
         held = self.held.pop(key, None)
-        if held is not None:
-            for rel in held.items:
-                if self.owner.get(rel) is held:
-                    del self.owner[rel]
+        if held is None:
+            return
+        active = self.run.reporter.stats.active if self.run is not None else {}
+        for rel in held.items:
+            if self.owner.get(rel) is held:
+                del self.owner[rel]
+            if rel not in held.finished and rel in active and self.run is not None:
+                self.run.reporter.stats.item_out(rel)  # a batch given up (the pass ended early)
 
     async def _result(self, future: Any, held: _Held, report: RunReport) -> None:
         """Record what a batch's result says of each item not recorded yet."""
         from distributed import Variable
 
-        from asyncdepo.engine.cluster_worker import checkpoint_name
-
         run = self.run
-        assert run is not None
+        assert run is not None and self.spec is not None
         await self.drain()  # the worker's last progress first: bytes, rows, events in their order
         try:
             if future.status == "cancelled":  # by someone else (a restarted scheduler): not our cancellation
                 raise RuntimeError("the scheduler cancelled the batch")
-            result = await future
+            result: BatchResult = await future
         except Exception as exc:  # noqa: BLE001 - the batch is lost; its items are retried by the run
             if isinstance(exc, DepoError):
                 why, transient = describe(exc), is_transient(exc)
@@ -365,25 +485,87 @@ class _Coordinator:
                 why, transient = f"the cluster lost this batch ({type(exc).__name__}: {exc})", True
             for rel in list(held.items):
                 if rel not in held.finished:
-                    await self._failed(held, rel, why, transient, report, None)
+                    await self._lost(held, rel, why, transient, report, None)
         else:
-            counts = self._worker(result.worker)
-            counts["batches"] += 1
-            for r in result.items:
-                if r.rel in held.finished or r.rel not in held.items:
-                    continue
-                if r.error is None:
-                    await self._done(held, r.rel, r.row, result.worker, None if r.earlier else r.sent)
-                else:
-                    if r.row:
-                        await self._journal(r.rel, r.row)
-                    await self._failed(held, r.rel, r.error, r.transient, report, result.worker)
-            for rel in list(held.items):
-                if rel not in held.finished:
-                    await self._failed(held, rel, "no result came back for this item", True, report,
-                                       result.worker)
+            await self._outcomes(held, result, report)
         with contextlib.suppress(Exception):
             await Variable(checkpoint_name(self.spec, held.key), client=self.client).delete()
+
+    async def _outcomes(self, held: _Held, result: BatchResult, report: RunReport) -> None:
+        """Record each item of a batch's result (see the module docstring)."""
+        run = self.run
+        assert run is not None
+        counts = self._worker(result.worker)
+        counts["batches"] += 1
+        run.adapter.take_handback(result.handback)
+        if result.stopped is not None and not report.stopped:
+            # the worker stopped on a full disk before this coordinator heard of it (that batch's result may
+            # come later, or never): the run stops here too, as one node stops at its first full disk
+            report.stopped, report.stop_error = "disk full", result.stopped.rebuild()
+        fatal = result.fatal.rebuild() if result.fatal is not None else None
+        if fatal is not None and self.lane is None:
+            raise fatal  # a refused login ends the job, as on one node
+        if isinstance(fatal, AuthError) and self.refused is None:
+            self.refused = fatal
+            run.reporter.warning(f"on {result.worker}: {fatal}; the coordinator sends the remaining files "
+                                 "over its own route")
+        r: ItemResult
+        for r in result.items:
+            if r.rel in held.finished or r.rel not in held.items:
+                continue
+            if r.row:
+                await self._journal(r.rel, r.row)
+            if r.left and fatal is not None:
+                held.finished.add(r.rel)
+                run.reporter.stats.item_out(r.rel)
+                await self._fall_back(held.items[r.rel])
+            elif r.left:
+                await self._left(held, r.rel)
+            elif r.error is not None:
+                await self._failed(held, r.rel, r.error.rebuild(), report, result.worker)
+            else:
+                await self._done(held, r.rel, r.row, result.worker, None if r.earlier else r.sent)
+        for rel in list(held.items):
+            if rel not in held.finished:
+                await self._lost(held, rel, "no result came back for this item", True, report, result.worker)
+
+
+async def _sweep(client: Any, prefix: str, *, plugins: bool) -> None:
+    """Forget what runs of a job left on the scheduler (names starting with ``prefix``): the batches'
+    checkpoints (Variables), the request semaphore, the progress events, and with ``plugins`` the secret
+    channels of earlier runs — unregistered, so the workers forget those credentials and close those runs'
+    runtimes (cancelling batches still running there). A coordinator killed with SIGKILL leaves all of them;
+    the next run of the job, which holds the job's lock (so no earlier run is alive), clears them.
+
+    The scheduler runs the sweep as a function sent by value (a nested function), so it needs no asyncdepo
+    installed; it reaches into dask's scheduler extensions, and leaves alone what a version of dask does not
+    have.
+    """
+
+    async def sweep(prefix: str, dask_scheduler: Any = None) -> list[str]:
+        import warnings
+
+        variables = dask_scheduler.extensions.get("variables")
+        if variables is not None:
+            for name in [n for n in variables.variables if str(n).startswith(prefix)]:
+                await variables.delete(name=name)
+        semaphores = dask_scheduler.extensions.get("semaphores")
+        if semaphores is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "unreleased leases": those of the dead run's workers
+                for name in [n for n in semaphores.max_leases if str(n).startswith(prefix)]:
+                    semaphores.close(name=name)
+        broker = getattr(dask_scheduler, "_broker", None)
+        if broker is not None:
+            for topic in [t for t in getattr(broker, "_topics", {}) if str(t).startswith(prefix)]:
+                broker.truncate(topic)
+        return [n for n in dask_scheduler.worker_plugins if str(n).startswith(prefix)]
+
+    names: list[str] = await client.run_on_scheduler(sweep, prefix)
+    if plugins:
+        for name in names:
+            with contextlib.suppress(Exception):  # a plugin gone meanwhile
+                await client.unregister_worker_plugin(name)
 
 
 @contextlib.asynccontextmanager
@@ -424,11 +606,13 @@ async def connect(options: ClusterOptions) -> AsyncIterator[Any]:
 async def push_on_cluster(source: Path | str, adapter: Adapter, config: EngineConfig, recipe: Recipe,
                           options: ClusterOptions, *, reporter: Reporter | None = None,
                           journal_path: Path | None = None, argv: list[str] | None = None,
-                          tick: float = 0.5) -> RunReport:
+                          tick: float = 0.5, kind: str = "push") -> RunReport:
     """Push ``source`` through ``adapter`` with the workers of a Dask cluster doing the sending; see the
-    module docstring. ``recipe`` builds the workers' copies of the adapter.
+    module docstring. ``recipe`` builds the workers' copies of the adapter; ``kind`` names the job as
+    :func:`~asyncdepo.engine.scheduler.push` does.
 
     :raises UsageError: the archive needs one packed upload; dask is missing; no scheduler.
+    :raises AuthError: a worker's session login was refused and the adapter has no fallback route.
     Item failures do not raise: they are in the report and the journal, as with
     :func:`~asyncdepo.engine.scheduler.push`.
     """
@@ -436,9 +620,6 @@ async def push_on_cluster(source: Path | str, adapter: Adapter, config: EngineCo
         raise UsageError(f"{adapter.describe()} takes the whole dataset as one packed upload, which runs on "
                          "one node: it cannot be split over a cluster",
                          hint="run the push without --scheduler / --local-cluster")
-    if adapter.features.sessions:
-        raise UsageError(f"{adapter.describe()} moves its files in transport sessions (ascp, Globus), which run "
-                         "on one node in this version", hint="run the push without --scheduler / --local-cluster")
     reporter = reporter or Reporter()
     async with connect(options) as client:
         from asyncdepo.engine.cluster_worker import warm
@@ -449,7 +630,7 @@ async def push_on_cluster(source: Path | str, adapter: Adapter, config: EngineCo
             async with anyio.create_task_group() as tg:
                 tg.start_soon(coordinator.listen)
                 report = await push(source, adapter, config, reporter=reporter, journal_path=journal_path,
-                                    argv=argv, tick=tick, passes=coordinator.send_pass)
+                                    argv=argv, tick=tick, passes=coordinator.send_pass, kind=kind)
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):

@@ -11,10 +11,18 @@ worker's share of ``--bwlimit``. Items go through the same engine path as on one
 (:func:`~asyncdepo.engine.transfer.send_item`), recording into a :class:`~asyncdepo.engine.ledger.MemoryLedger`
 instead of the journal.
 
+An adapter that moves files in sessions (``Features.sessions``: EMPIAR over ascp) runs
+:func:`~asyncdepo.engine.sessions.send_sessions` on the batch instead, grouped by session group as on one node;
+the worker's sessions at once (``--transfers``, and with ``--max-requests`` a lease of the job-wide semaphore
+each) are shared by the batches it runs together, and each session gets its share of the worker's part of
+``--bwlimit``.
+
 What goes back to the coordinator:
 
 * the task's result, one :class:`ItemResult` per item (the item's journal row, digests, bytes sent, the
-  error of a failure);
+  error of a failure as a :class:`WireError` the coordinator rebuilds, so a full disk or a vanished source
+  is handled there as on one node), what the adapter learned for the job's end (``Adapter.handback``), and
+  the error that ended a session batch early (a refused login: ``fatal``);
 * progress, every ``TICK`` seconds and at each ledger flush, as a Dask event on the job's topic
   (``Worker.log_event``): bytes moved per item, items in and out, retries by reason, item events
   (started, retrying, messages) and the rows of the items that changed, so the coordinator journals upload
@@ -25,17 +33,24 @@ What goes back to the coordinator:
   ListParts, the part file's size) sends only what the target does not hold, and items finished there are
   not sent or counted again.
 
+A full disk stops the worker's batches of the job at once (the disk is the job's target: every worker
+writes to it), and :func:`stop_job` does the same on every worker when the coordinator stops the run: the
+items not finished come back ``left`` (their rows say what the target holds, part files stay for resume),
+and batches that start afterwards send nothing.
+
 Secrets never travel in a task: the adapter's :meth:`~asyncdepo.contract.Adapter.handoff` reaches the workers
 through :class:`SecretChannel`, a worker plugin whose ``repr`` names only the job; it is unregistered (and
-the runtime closed) when the job ends.
+the runtime closed) when the run ends. Runtimes and handoffs are keyed by the run's channel, so a later run
+of the same job never finds an earlier run's runtime.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any
 
@@ -48,11 +63,12 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from asyncdepo.accounting import Stats
 from asyncdepo.config import EngineConfig
 from asyncdepo.contract import Adapter, Item
+from asyncdepo.engine.cluster_wire import Batch, BatchResult, ItemResult, JobSpec, WireError, checkpoint_name
 from asyncdepo.engine.ledger import CHUNKS, MemoryLedger
-from asyncdepo.engine.report import describe
 from asyncdepo.engine.scheduler import _make_run
+from asyncdepo.engine.sessions import send_sessions, sessions_at_once
 from asyncdepo.engine.transfer import Run, send_item
-from asyncdepo.errors import UsageError, is_transient
+from asyncdepo.errors import DiskFullError, UsageError
 from asyncdepo.events import Event, ItemDone, ItemRetrying, ItemStarted, Message, Reporter
 from asyncdepo.transport.bandwidth import TokenBucket
 from asyncdepo.transport.pacer import first_leaf
@@ -66,82 +82,22 @@ FORWARDED: dict[str, type[Event]] = {"item_started": ItemStarted, "item_retrying
                                      "message": Message}
 
 
-@dataclasses.dataclass(frozen=True)
-class JobSpec:
-    """What every batch task of a job shares; secret-free (it is pickled into the task graph).
-
-    :param recipe: builds a fresh, secret-free adapter from the config (e.g. a picklable dataclass of the
-        target URL and options); the handoff adds credentials on the worker.
-    :param topic: the Dask event topic progress goes to, and the prefix of the batches' checkpoints.
-    :param channel: the name of the job's :class:`SecretChannel` plugin.
-    :param requests: a job-wide cap on requests in flight (every worker together), held by a Dask
-        ``Semaphore`` named ``topic + "-requests"``; None: each worker's ``--transfers`` only.
-    """
-
-    job: str
-    recipe: Callable[[EngineConfig], Adapter]
-    config: EngineConfig
-    topic: str
-    channel: str
-    requests: int | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """Items for one task. ``items`` are (path, rel, size, mtime_ns); ``saved`` the journaled ``remote``
-    state of those that have one, ``chunks`` their journaled chunk digests ([offset, length, digest]); ``known``
-    digests computed before the start; ``rate`` this worker's share of ``--bwlimit`` (bytes/s, None: no
-    limit)."""
-
-    key: str
-    items: tuple[tuple[str, str, int, int], ...]
-    saved: dict[str, Any]
-    known: dict[str, dict[str, str]]
-    rate: float | None
-    chunks: dict[str, list[list[Any]]] = dataclasses.field(default_factory=dict)
-
-    @property
-    def size(self) -> int:
-        return sum(max(0, i[2]) for i in self.items)
-
-
-@dataclasses.dataclass(frozen=True)
-class ItemResult:
-    """The outcome of one item: ``row`` holds the fields to journal; ``error`` is set when it failed."""
-
-    rel: str
-    row: dict[str, Any]
-    sent: int = 0
-    error: str | None = None
-    transient: bool = False
-    earlier: bool = False  # finished by an earlier run of this batch (on a worker that died since)
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchResult:
-    worker: str
-    items: list[ItemResult]
-
-
-def checkpoint_name(spec: JobSpec, batch_key: str) -> str:
-    return f"{spec.topic}-{batch_key}"
-
-
 # -- the secret channel ------------------------------------------------------------------------------------
-_HANDOFFS: dict[str, dict[str, Any]] = {}
+_HANDOFFS: dict[str, dict[str, Any]] = {}  # channel -> the run's handoff
+_STOPPED: set[str] = set()  # channels whose run stopped (stop_job): their batches send nothing more
 _LOCK = threading.Lock()
 
 
 class SecretChannel(WorkerPlugin):  # type: ignore[misc]  # distributed is untyped
     """Carries an adapter's handoff to every worker, present and future, outside the task graph.
 
-    ``repr`` names the job only. Installed on a worker, it keeps the handoff in this process's memory; on
-    teardown (the job ended and the coordinator unregistered it, or the worker closes) it forgets it and
-    closes the job's runtime.
+    ``repr`` names the job only. Installed on a worker, it keeps the handoff in this process's memory under
+    the run's ``channel`` (the plugin's name); on teardown (the run ended and the coordinator unregistered it,
+    a later run of the job swept it, or the worker closes) it forgets it and closes the run's runtime.
     """
 
-    def __init__(self, job: str, data: Mapping[str, Any]) -> None:
-        self.job = job
+    def __init__(self, job: str, channel: str, data: Mapping[str, Any]) -> None:
+        self.job, self.channel = job, channel
         self._data = dict(data)
 
     def __repr__(self) -> str:
@@ -151,15 +107,26 @@ class SecretChannel(WorkerPlugin):  # type: ignore[misc]  # distributed is untyp
 
     def setup(self, worker: Any) -> None:
         with _LOCK:
-            _HANDOFFS[self.job] = self._data
+            _HANDOFFS[self.channel] = self._data
 
     def teardown(self, worker: Any) -> None:
         with _LOCK:
-            _HANDOFFS.pop(self.job, None)
-            runtime = _RUNTIMES.pop(self.job, None)
+            _HANDOFFS.pop(self.channel, None)
+            _STOPPED.discard(self.channel)
+            runtime = _RUNTIMES.pop(self.channel, None)
         if runtime is not None:
             # closing waits for the runtime's loop: never on the worker's own loop
             threading.Thread(target=runtime.close, name="asyncdepo-close", daemon=True).start()
+
+
+def stop_job(channel: str) -> None:
+    """Run on every worker (``Client.run``) when the coordinator stops the run (a full disk): the run's
+    batches here stop at once, and those that start later send nothing. Returns at once."""
+    with _LOCK:
+        _STOPPED.add(channel)
+        runtime = _RUNTIMES.get(channel)
+    if runtime is not None:
+        runtime.stop_soon()
 
 
 # -- progress ----------------------------------------------------------------------------------------------
@@ -233,11 +200,11 @@ class _JobSlots:
 
 
 # -- the runtime -------------------------------------------------------------------------------------------
-_RUNTIMES: dict[str, _Runtime] = {}
+_RUNTIMES: dict[str, _Runtime] = {}  # channel -> the run's runtime in this worker process
 
 
 class _Runtime:
-    """One job's engine in one worker process; see the module docstring."""
+    """One run's engine in one worker process; see the module docstring."""
 
     def __init__(self, spec: JobSpec, worker: Any, handoff: Mapping[str, Any]) -> None:
         self.spec = spec
@@ -253,6 +220,8 @@ class _Runtime:
         self._rate: float | None = None
         self._bucket: TokenBucket | None = None
         self._send_lock = threading.Lock()
+        self.stopped = False
+        self.stop_reason: WireError | None = None  # the full disk on which this worker stopped the run
         options: dict[str, Any] = {}
         try:
             import uvloop  # noqa: F401
@@ -281,8 +250,12 @@ class _Runtime:
         self.reporter.listeners.append(self._heard)
         # the engine's bounds, as on one node; the per-batch ledger and rate are put in per batch
         self.base = _make_run(spec.config, adapter, self.reporter, MemoryLedger(spec.job), spec.job)
+        sessions: AbstractAsyncContextManager[Any] = anyio.CapacityLimiter(
+            sessions_at_once(self.base.config, adapter.features))
         if self._semaphore is not None:
             self.base.slots = _JobSlots(self.base.slots, self._semaphore)
+            sessions = _JobSlots(sessions, self._semaphore)
+        self.sessions = sessions  # a session adapter's sessions at once, shared by the worker's batches
         self.items = anyio.CapacityLimiter(self.base.config.transfers)
 
     def _heard(self, event: Event) -> None:
@@ -313,8 +286,30 @@ class _Runtime:
             self._bucket = TokenBucket(rate) if rate else None
         return self._bucket
 
+    # -- stopping ----------------------------------------------------------------------------------------
+    def _stop(self) -> None:
+        """On the runtime's loop: stop every batch of the run here (see the module docstring)."""
+        self.stopped = True
+        for scope in list(self._scopes):
+            scope.cancel()
+
+    def stop_soon(self) -> None:
+        """:meth:`_stop` from any other thread, without waiting for the runtime's loop."""
+        self.stopped = True
+
+        def call() -> None:
+            with contextlib.suppress(RuntimeError):  # the runtime closed meanwhile: nothing runs any more
+                self.portal.call(self._stop)
+
+        threading.Thread(target=call, name="asyncdepo-stop", daemon=True).start()
+
+    # -- a batch -----------------------------------------------------------------------------------------
     async def batch(self, batch: Batch) -> BatchResult:
-        """Send the items of ``batch`` (at most ``--transfers`` items at once across the worker's batches)."""
+        """Send the items of ``batch`` (at most ``--transfers`` items, or sessions, at once across the
+        worker's batches); per-item results."""
+        if self.stopped:
+            return BatchResult(self.name, [ItemResult(i[1], {}, left=True) for i in batch.items],
+                               self.adapter.handback(), stopped=self.stop_reason)
         spec = self.spec
         checkpoint = Variable(checkpoint_name(spec, batch.key), client=self._client)
         earlier: dict[str, dict[str, Any]] = await anyio.to_thread.run_sync(_read, checkpoint)
@@ -331,42 +326,80 @@ class _Runtime:
 
         ledger = MemoryLedger(spec.job, rows, on_flush=publish, interval=TICK)
         run = dataclasses.replace(self.base, journal=ledger, bucket=self._bucket_for(batch.rate))
-        results: list[ItemResult] = []
+        results: dict[str, ItemResult] = {}
+        todo: list[Item] = []
+        for path, rel, size, mtime_ns in batch.items:
+            prior = earlier.get(rel)
+            if prior and prior.get("state") == "done" and prior.get("size") == size \
+                    and prior.get("mtime_ns") == mtime_ns:
+                results[rel] = ItemResult(rel, dict(rows[rel]), earlier=True)
+            else:
+                todo.append(Item(path, rel, size, mtime_ns))
+        fatal: WireError | None = None
         with anyio.CancelScope() as scope:
             self._scopes.add(scope)
             try:
-                async with anyio.create_task_group() as tg:
-                    for path, rel, size, mtime_ns in batch.items:
-                        item = Item(path, rel, size, mtime_ns)
-                        prior = earlier.get(rel)
-                        if prior and prior.get("state") == "done" and prior.get("size") == size \
-                                and prior.get("mtime_ns") == mtime_ns:
-                            results.append(ItemResult(rel, dict(rows[rel]), earlier=True))
-                            continue
-                        token = object()
-                        await self.items.acquire_on_behalf_of(token)
-                        tg.start_soon(self._one, run, ledger, item, batch, token, results)
-                await ledger.flush()
+                if self.adapter.features.sessions:
+                    fatal = await self._sessions(run, ledger, todo, batch.rate, results)
+                else:
+                    async with anyio.create_task_group() as tg:
+                        for item in todo:
+                            token = object()
+                            await self.items.acquire_on_behalf_of(token)
+                            tg.start_soon(self._one, run, ledger, item, batch.known.get(item.rel), token,
+                                          results)
             finally:
                 self._scopes.discard(scope)
-                self.send()  # the last bytes and events go ahead of the result
-        if scope.cancel_called:
+        if scope.cancel_called and not self.stopped:
+            self.send()
             raise UsageError("the job ended while this batch was sent")
-        return BatchResult(self.name, results)
+        await ledger.flush()
+        self.send()  # the last bytes and events go ahead of the result
+        for item in todo:
+            if item.rel in results:
+                continue
+            row = ledger.row(item.rel)
+            if row.get("state") == "done":  # sessions settle their items in the ledger
+                results[item.rel] = ItemResult(item.rel, row, sent=self._sent.pop(item.rel, 0))
+            elif scope.cancel_called or fatal is not None:
+                results[item.rel] = ItemResult(item.rel, row, left=True)
+        return BatchResult(self.name, list(results.values()), self.adapter.handback(), fatal, self.stop_reason)
 
-    async def _one(self, run: Run, ledger: MemoryLedger, item: Item, batch: Batch, token: object,
-                   results: list[ItemResult]) -> None:
+    async def _one(self, run: Run, ledger: MemoryLedger, item: Item, known: dict[str, str] | None, token: object,
+                   results: dict[str, ItemResult]) -> None:
         rel = item.rel
         try:
             saved = (await ledger.lookup(run.job, [rel])).get(rel, {}).get("remote")
-            await send_item(run, item, saved, batch.known.get(rel))
-            results.append(ItemResult(rel, ledger.row(rel), sent=self._sent.pop(rel, 0)))
+            await send_item(run, item, saved, known)
+            results[rel] = ItemResult(rel, ledger.row(rel), sent=self._sent.pop(rel, 0))
         except Exception as exc:  # noqa: BLE001 - reported to the coordinator, which records the failure
-            err = first_leaf(exc)
             self._sent.pop(rel, None)
-            results.append(ItemResult(rel, ledger.row(rel), error=describe(err), transient=is_transient(err)))
+            results[rel] = ItemResult(rel, ledger.row(rel), error=WireError.of(exc))
+            if isinstance(first_leaf(exc), DiskFullError) and not self.stopped:
+                # as on one node, the first full disk stops the run: here at once, then everywhere
+                self.stop_reason = WireError.of(exc)
+                self._stop()
         finally:
             self.items.release_on_behalf_of(token)
+
+    async def _sessions(self, run: Run, ledger: MemoryLedger, todo: list[Item], rate: float | None,
+                        results: dict[str, ItemResult]) -> WireError | None:
+        """The batch's items in sessions (``send_sessions``, with this worker's share of ``--bwlimit``);
+        returns the error that ended them early (a refused login), if any."""
+        run = dataclasses.replace(run, config=run.config.replace(bwlimit=rate))
+
+        async def entries() -> AsyncIterator[tuple[Item, dict[str, Any] | None]]:
+            for item in todo:
+                yield item, (await ledger.lookup(run.job, [item.rel])).get(item.rel, {}).get("remote")
+
+        async def fail(item: Item, exc: BaseException) -> None:
+            results[item.rel] = ItemResult(item.rel, ledger.row(item.rel), error=WireError.of(exc))
+
+        try:
+            await send_sessions(run, entries(), fail, slots=self.sessions)
+        except Exception as exc:  # noqa: BLE001 - an AuthError: the coordinator decides (fallback, or the end)
+            return WireError.of(exc)
+        return None
 
     async def _close(self) -> None:
         for scope in list(self._scopes):
@@ -395,14 +428,15 @@ def _read(checkpoint: Any) -> dict[str, dict[str, Any]]:
 def _runtime(spec: JobSpec) -> _Runtime:
     worker = get_worker()
     with _LOCK:
-        existing = _RUNTIMES.get(spec.job)
+        existing = _RUNTIMES.get(spec.channel)
         if existing is not None:
             return existing
-        handoff = _HANDOFFS.get(spec.job)
+        handoff = _HANDOFFS.get(spec.channel)
         if handoff is None:
             raise UsageError(f"job {spec.job}: this worker never received the job's credentials (the "
                              "coordinator ended, or the worker joined without its plugins)")
-        runtime = _RUNTIMES[spec.job] = _Runtime(spec, worker, handoff)
+        runtime = _RUNTIMES[spec.channel] = _Runtime(spec, worker, handoff)
+        runtime.stopped = spec.channel in _STOPPED
         return runtime
 
 
@@ -420,9 +454,9 @@ def warm(recipe: Callable[[EngineConfig], Adapter], config: EngineConfig) -> Non
 
 
 def run_batch(spec: JobSpec, batch: Batch) -> BatchResult:
-    """The batch task: send ``batch`` with the worker's runtime for the job; per-item results.
+    """The batch task: send ``batch`` with the worker's runtime for the run; per-item results.
 
-    :raises UsageError: the job's secret channel is not on this worker.
+    :raises UsageError: the run's secret channel is not on this worker.
     """
     runtime = _runtime(spec)
     result: BatchResult = runtime.portal.call(runtime.batch, batch)

@@ -100,7 +100,10 @@ def _make_run(config: EngineConfig, adapter: Adapter, reporter: Reporter, journa
 Entry = tuple[Item, dict[str, Any] | None, tuple[str, str] | None]
 
 
-async def _fail(run: Run, item: Item, exc: BaseException, report: RunReport) -> None:
+async def fail_item(run: Run, item: Item, exc: BaseException, report: RunReport) -> None:
+    """Record ``item``'s failure with ``exc`` as a run does: a full disk stops the run (one message at the end
+    of the pass, part files kept), a vanished source's leftovers on the target are discarded, anything else is
+    an item failure (transient or not)."""
     err = first_leaf(exc)
     if isinstance(err, DiskFullError):
         await stop_disk_full(run, item, err, report)
@@ -167,7 +170,7 @@ async def named(run: Run, root: Path, rels: list[str], report: RunReport) -> Bat
             try:
                 st = p.stat()
             except (FileNotFoundError, NotADirectoryError):
-                await _fail(run, Item(str(p), rel, 0, 0), SourceVanishedError(f"{rel}: {VANISHED}"), report)
+                await fail_item(run, Item(str(p), rel, 0, 0), SourceVanishedError(f"{rel}: {VANISHED}"), report)
                 continue
             except OSError as exc:
                 await walk_failed(run, rel, f"cannot stat: {exc.strerror}", report)
@@ -233,7 +236,7 @@ async def _checked(run: Run, entries: AsyncIterator[Entry], report: RunReport
             if check is not None and await same_content(run, item, check):
                 continue
         except Exception as exc:  # noqa: BLE001 - recorded; the run goes on with the other items
-            await _fail(run, item, exc, report)
+            await fail_item(run, item, exc, report)
             continue
         yield item, saved
 
@@ -254,7 +257,7 @@ async def _pass(run: Run, batches: Batches, report: RunReport, skip: set[str],
     session gets them through :func:`~asyncdepo.engine.sessions.send_sessions` instead."""
     if run.features.sessions:
         await send_sessions(run, _checked(run, _items(run, batches, count, skip, digests), report),
-                            lambda item, exc: _fail(run, item, exc, report))
+                            lambda item, exc: fail_item(run, item, exc, report))
         return
     workers = run.config.transfers
     send, recv = anyio.create_memory_object_stream[Entry](2 * workers)
@@ -276,7 +279,7 @@ async def _pass(run: Run, batches: Batches, report: RunReport, skip: set[str],
                         continue
                     await send_item(run, item, saved, digests.get(item.rel))
                 except Exception as exc:  # noqa: BLE001 - recorded; the run goes on with the other items
-                    await _fail(run, item, exc, report)
+                    await fail_item(run, item, exc, report)
                     if report.stopped:
                         tg.cancel_scope.cancel()
 
@@ -359,7 +362,7 @@ async def _packed(run: Run, root: Path, report: RunReport) -> None:
         stats.packed_progress(src.inner_size, finished=True)
         run.reporter.emit(ItemDone(rel=name, size=src.inner_size, sent=src.sent, digests=src.inner_digests))
     except Exception as exc:  # noqa: BLE001 - the packed item's failure is recorded in the report
-        await _fail(run, pack, exc, report)
+        await fail_item(run, pack, exc, report)
     finally:
         stats.item_out(name)
 

@@ -20,8 +20,10 @@ The contract is in :mod:`asyncdepo.contract` ("Sessions"). Here:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -278,9 +280,12 @@ def _retrying(reporter: Reporter, label: str) -> OnRetry:
 # -- push ---------------------------------------------------------------------------------------------------
 
 async def send_sessions(run: Run, entries: AsyncIterator[tuple[Item, dict[str, Any] | None]],
-                        fail: Callable[[Item, BaseException], Awaitable[None]]) -> None:
+                        fail: Callable[[Item, BaseException], Awaitable[None]], *,
+                        slots: AbstractAsyncContextManager[Any] | None = None) -> None:
     """Send the journal-checked items of a pass (the scheduler's ``_items``) in sessions; ``fail`` records an
-    item's failure (journal, statistics, event, report).
+    item's failure (journal, statistics, event, report). ``slots``, when given, is held by each session: calls
+    that share it (a cluster worker's batches, which run at once) run ``sessions_at_once`` sessions together,
+    not each that many.
 
     :raises AuthError: a session's credentials were refused.
     """
@@ -289,6 +294,10 @@ async def send_sessions(run: Run, entries: AsyncIterator[tuple[Item, dict[str, A
     rate = session_rate(run.config, features)
 
     async def batch(entries: list[tuple[Item, dict[str, Any] | None]]) -> None:
+        async with slots or contextlib.nullcontext():
+            await one(entries)
+
+    async def one(entries: list[tuple[Item, dict[str, Any] | None]]) -> None:
         pending = {item.rel: item for item, _ in entries}
         saved = {item.rel: dict(s) for item, s in entries if s}
         for item in pending.values():

@@ -29,8 +29,9 @@ Environment:
   connection, code 12). A ``:once`` suffix fires it on the first session only (marker under
   ``ROOT/.ascp-faults/``, created atomically when the fault fires: of concurrent sessions, one gets it).
 * ``ASYNCDEPO_SIM_ASCP_COUNTERS`` — a file that gets one JSON line per session (also after a failure or
-  SIGTERM): ``{"bytes", "files", "resumed_from": {name: offset}, "status", "mode", "met", "rate_bps"}``
-  (``rate_bps``: the ``-l`` it was given, bits per second, or null).
+  SIGTERM): ``{"bytes", "files", "resumed_from": {name: offset}, "status", "mode", "met", "rate_bps", "ppid"}``
+  (``rate_bps``: the ``-l`` it was given, bits per second, or null; ``ppid``: the process that started it,
+  which tells a cluster's workers apart).
 * ``ASYNCDEPO_SIM_ASCP_NOTIFY`` — a path (a FIFO a test reads) that gets ``stalled <pid> <bytes>`` when a stall
   fault fires, so a test can act at that moment (kill the client) without waiting on a clock.
 * ``ASYNCDEPO_SIM_ASCP_MEET`` — ``N``: before moving anything, a session waits (at most 30 s) until N sessions
@@ -388,7 +389,7 @@ class Session:
             return
         line = json.dumps({"bytes": self.bytes, "files": self.files, "resumed_from": self.resumed,
                            "status": status, "mode": "send" if self.send_mode else "recv", "met": self.met,
-                           "rate_bps": self.a.rate_bps}) + "\n"
+                           "rate_bps": self.a.rate_bps, "ppid": os.getppid()}) + "\n"
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line.encode())  # one write with O_APPEND: concurrent sessions do not interleave

@@ -3,8 +3,8 @@ directory and gypsum: the target equals the source, every worker did work, the j
 status`` are complete; credentials never reach the task graph, logs or events; a worker killed mid-batch
 costs at most one chunk per item it had in flight; a packed archive refuses to be split.
 
-The cluster of most tests is shared (two worker processes, started once for the module); the tus test
-starts its own through ``--local-cluster 2``.
+The cluster of most tests is shared (tests/e2e/conftest.py: two worker processes, started once); the tus
+test starts its own through ``--local-cluster 2``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +33,6 @@ distributed = pytest.importorskip("distributed")
 pytest_plugins = ["tests.adapters.s3_servers"]
 
 CHUNK = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Any]:
-    """Two worker processes (two task threads each), as ``dask worker`` would start them."""
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None,
-                                  worker_dashboard_address=None) as lc:
-        yield lc
-
-
-@pytest.fixture
-def client(cluster: Any) -> Iterator[Any]:
-    with distributed.Client(cluster) as c:
-        yield c
 
 
 def _lines(out: str) -> list[dict[str, Any]]:

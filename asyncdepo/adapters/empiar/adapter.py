@@ -18,6 +18,14 @@ progress, ``--bwlimit``, retries through the pacer, ``asyncdepo jobs/status/resu
   meanwhile waits for that task instead of starting another. ``--bwlimit`` cannot be applied to Globus (the
   copy runs between Globus endpoints; their administrators set its rate): a warning says so.
 * ``finish(ok)``, when every file is there: grant the rights, then submit (unless told not to).
+
+On a cluster (``asyncdepo push empiar ... --scheduler``) the coordinating process runs ``prepare`` and
+``finish``; the workers run ascp sessions on copies of the adapter built without the API (``api`` None) and
+without Globus: ``handoff`` gives them the entry's directory and the Aspera transfer password (never in a
+task), ``handback`` returns which groups went by ascp. The Globus route stays with the coordinator
+(``fallback``): files a worker's ascp failed for good, and files an earlier run's Globus task holds (a
+worker leaves those alone, so two transfers never write one file), go in the coordinator's own Globus
+tasks.
 """
 
 from __future__ import annotations
@@ -83,7 +91,7 @@ class Deposition:
 class EmpiarAdapter(Adapter):
     """One EMPIAR deposition (see the module docstring). The caller owns the API's HTTP session.
 
-    :param api: the deposition API client.
+    :param api: the deposition API client; None in a cluster worker's copy (it only runs sessions).
     :param deposition: the checked deposition.
     :param ascp: the ascp route, or None when ascp is not available (then Globus only).
     :param globus: the Globus route (fallback), or None.
@@ -93,15 +101,17 @@ class EmpiarAdapter(Adapter):
     name = "empiar"
     features = Features(sessions=True, session_items=1000)
 
-    def __init__(self, api: EmpiarApi, deposition: Deposition, *, ascp: AscpRoute | None = None,
-                 globus: GlobusRoute | None = None, say: Say | None = None) -> None:
+    def __init__(self, api: EmpiarApi | None, deposition: Deposition, *, ascp: AscpRoute | None = None,
+                 globus: GlobusRoute | None = None, say: Say | None = None, server: str = "") -> None:
         if ascp is None and globus is None:
             raise errors.UsageError("EMPIAR needs ascp or a Globus endpoint (-g) to send the files")
-        self.api, self.dep, self.ascp, self.globus = api, deposition, ascp, globus
+        self._api, self.dep, self.ascp, self.globus = api, deposition, ascp, globus
+        self.server = api.base if api is not None else server
         self.say: Say = say or (lambda level, text: None)
         self.state = self._explicit() or DepositState()
         self.route = "ascp" if ascp is not None else "globus"
         self._warned_rate = False
+        self._defer_globus = False  # a worker's copy: files an earlier Globus task holds are the coordinator's
         layout = deposition.layout
         self._sets = sorted(((_under(layout.data, s.local), s.remote) for s in layout.imagesets),
                             key=lambda p: len(p[0]), reverse=True)
@@ -118,8 +128,15 @@ class EmpiarAdapter(Adapter):
             return None
         return DepositState(entry_id=self.dep.entry[0], directory=self.dep.entry[1], phase="created")
 
+    @property
+    def api(self) -> EmpiarApi:
+        if self._api is None:
+            raise errors.UsageError("a cluster worker's copy of the EMPIAR adapter has no API: the coordinating "
+                                    "process creates and submits the entry")
+        return self._api
+
     def describe(self) -> str:
-        return f"{self.api.base} {self.dep.json_path}"  # ``base`` is the server with the API path
+        return f"{self.server} {self.dep.json_path}"  # ``server`` is the API's base URL (the server + API path)
 
     def job_state(self) -> dict[str, Any]:
         return self.state.to_json()
@@ -204,7 +221,66 @@ class EmpiarAdapter(Adapter):
         return posixpath.join(self.dep.layout.base, item.rel) if self.dep.layout.base else item.rel
 
     async def open_session(self, plan: SessionPlan) -> SessionWriter:
-        return _Session(self, plan)
+        return _Session(self, plan, self.route)
+
+    # -- copies on a cluster's workers -----------------------------------------------------------------------
+    async def handoff(self) -> dict[str, Any]:
+        """For the workers' copies: the entry's directory and the Aspera credentials (secret: the engine hands
+        this over outside every task, log and event), and whether the coordinator has a Globus route."""
+        secrets = self.ascp.secrets if self.ascp is not None else None
+        return {"entry_id": self.state.entry_id, "directory": self.state.directory,
+                "ascp": {"password": secrets.password, "token": secrets.token, "cookie": secrets.cookie}
+                if secrets is not None else None, "globus": self.globus is not None}
+
+    def take_handoff(self, data: Mapping[str, Any]) -> None:
+        self.state = DepositState(entry_id=data.get("entry_id"), directory=data.get("directory"), phase="created")
+        if self.ascp is not None and data.get("ascp"):
+            self.ascp = dataclasses.replace(self.ascp, secrets=AscpSecrets(**data["ascp"]))
+        self._defer_globus = bool(data.get("globus"))
+
+    def handback(self) -> dict[str, Any]:
+        return {"via": dict(self.state.via)}
+
+    def take_handback(self, data: Mapping[str, Any]) -> None:
+        for group, route in (data.get("via") or {}).items():
+            self._went(str(group), str(route))
+
+    def fallback(self) -> Adapter | None:
+        """The Globus route, for files the workers' ascp could not send (see the module docstring)."""
+        return _GlobusLane(self) if self.globus is not None else None
+
+    def _went(self, group: str, route: str) -> None:
+        """Record that files of ``group`` went by ``route``; a group split between routes (its sessions on
+        several workers, some by Globus) reads ``ascp+globus``."""
+        before = self.state.via.get(group)
+        routes = set(before.split("+")) if before else set()
+        self.state.via[group] = "+".join(sorted(routes | {route}))
+
+
+class _GlobusLane(Adapter):
+    """The coordinator's Globus sessions on a cluster (:meth:`EmpiarAdapter.fallback`): the parent adapter's
+    entry, groups and job state, always by Globus."""
+
+    name = "empiar"
+    features = EmpiarAdapter.features
+
+    def __init__(self, parent: EmpiarAdapter) -> None:
+        self.parent = parent
+
+    def describe(self) -> str:
+        return self.parent.describe()
+
+    def job_state(self) -> dict[str, Any]:
+        return self.parent.job_state()
+
+    def session_group(self, item: Item) -> str:
+        return self.parent.session_group(item)
+
+    async def open_item(self, item: Item, saved: Mapping[str, Any] | None) -> ChunkWriter:
+        return await self.parent.open_item(item, saved)
+
+    async def open_session(self, plan: SessionPlan) -> SessionWriter:
+        return _Session(self.parent, plan, "globus")
 
 
 def _under(data: Path, folder: Path) -> str:
@@ -215,8 +291,8 @@ def _under(data: Path, folder: Path) -> str:
 class _Session(SessionWriter):
     """One session: ascp, falling back to Globus (see the module docstring)."""
 
-    def __init__(self, adapter: EmpiarAdapter, plan: SessionPlan) -> None:
-        self.a, self.plan = adapter, plan
+    def __init__(self, adapter: EmpiarAdapter, plan: SessionPlan, route: str) -> None:
+        self.a, self.plan, self.route = adapter, plan, route
         self.group = adapter.session_group(plan.items[0])
         self.done: set[str] = set()
 
@@ -224,14 +300,19 @@ class _Session(SessionWriter):
         a, plan = self.a, self.plan
         items = []
         for item in plan.items:
-            if pair_safe(item.path):
-                items.append(item)
-            else:
+            if not pair_safe(item.path):
                 progress.failed(item.rel, errors.PermanentError(
                     f"{item.rel!r}: a name with a line break cannot be sent by ascp or Globus"))
+            elif a._defer_globus and plan.saved.get(item.rel, {}).get("globus_task"):
+                # an earlier run's Globus task holds it (it may still be writing it): the coordinator's Globus
+                # route waits for that task; ascp here would write the same file at the same time
+                progress.failed(item.rel, errors.PermanentError(
+                    f"{item.rel}: an earlier run's Globus task holds it; the coordinator sends it by Globus"))
+            else:
+                items.append(item)
         if not items:
             return
-        if a.route == "ascp" and a.ascp is not None:
+        if self.route == "ascp" and a.ascp is not None:
             try:
                 await self._ascp(a.ascp, items, progress)
             except errors.DepoError as exc:
@@ -241,11 +322,11 @@ class _Session(SessionWriter):
                     a.route = "globus"  # the password is refused: no later session tries ascp again
                 a.say("warning", f"ascp failed for {self.group} ({exc}); sending it with Globus instead")
             else:
-                a.state.via[self.group] = "ascp"
+                a._went(self.group, "ascp")
                 return
         assert a.globus is not None
         await self._globus(a.globus, [i for i in items if i.rel not in self.done], progress)
-        a.state.via[self.group] = "globus"
+        a._went(self.group, "globus")
 
     async def _ascp(self, route: AscpRoute, items: list[Item], progress: SessionProgress) -> None:
         a = self.a

@@ -171,7 +171,8 @@ class DepositState:
 
     ``phase``: ``new`` -> ``created`` -> ``uploaded`` -> ``granted`` -> ``submitted``; ``via`` maps each
     session group (an image set's remote folder, or ``+extra:<folder>`` for the files outside the image sets)
-    to how its files went (``ascp`` or ``globus``). Which files were sent is in the journal, per file.
+    to how its files went (``ascp``, ``globus``, or ``ascp+globus`` when its sessions went different ways).
+    Which files were sent is in the journal, per file.
     """
 
     entry_id: int | None = None
