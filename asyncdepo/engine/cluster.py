@@ -48,7 +48,7 @@ coordinator's own sessions over that route, as they stream in; a refused login o
 one-node job) sends the rest of the pass there too, or, without a fallback, ends the job.
 
 Each run sweeps what an earlier run of the same job left on the scheduler when its coordinator was killed
-(the secret channel, checkpoints, the request semaphore, progress events): see :func:`_sweep`.
+(the secret channel, checkpoints, the request semaphore): see :func:`_sweep`.
 
 Archives that take the whole dataset as one packed upload (``Features.packed``: PDIS) cannot be split:
 :func:`push_on_cluster` refuses them. The source must be readable at the same path on every worker (a
@@ -531,18 +531,22 @@ class _Coordinator:
 
 
 async def _sweep(client: Any, prefix: str, *, plugins: bool) -> None:
-    """Forget what runs of a job left on the scheduler (names starting with ``prefix``): the batches'
-    checkpoints (Variables), the request semaphore, the progress events, and with ``plugins`` the secret
-    channels of earlier runs — unregistered, so the workers forget those credentials and close those runs'
-    runtimes (cancelling batches still running there). A coordinator killed with SIGKILL leaves all of them;
-    the next run of the job, which holds the job's lock (so no earlier run is alive), clears them.
+    """Forget what runs of a job left on the scheduler (names starting with ``prefix``): with ``plugins`` the
+    secret channels of earlier runs — unregistered first, so the workers forget those credentials and close
+    those runs' runtimes (cancelling batches still running there) — then the batches' checkpoints
+    (Variables) and the request semaphore. A coordinator killed with SIGKILL leaves all of them; the next run
+    of the job, which holds the job's lock (so no earlier run is alive), clears them. Progress events stay
+    in the scheduler's event log (bounded by dask; file names and byte counts, no credential).
 
-    The scheduler runs the sweep as a function sent by value (a nested function), so it needs no asyncdepo
-    installed; it reaches into dask's scheduler extensions, and leaves alone what a version of dask does not
+    The scheduler runs the sweep as functions sent by value (nested functions), so it needs no asyncdepo
+    installed; they reach into dask's scheduler extensions, and leave alone what a version of dask does not
     have.
     """
 
-    async def sweep(prefix: str, dask_scheduler: Any = None) -> list[str]:
+    def channels(prefix: str, dask_scheduler: Any = None) -> list[str]:
+        return [n for n in dask_scheduler.worker_plugins if str(n).startswith(prefix)]
+
+    async def forget(prefix: str, dask_scheduler: Any = None) -> None:
         import warnings
 
         variables = dask_scheduler.extensions.get("variables")
@@ -555,17 +559,12 @@ async def _sweep(client: Any, prefix: str, *, plugins: bool) -> None:
                 warnings.simplefilter("ignore")  # "unreleased leases": those of the dead run's workers
                 for name in [n for n in semaphores.max_leases if str(n).startswith(prefix)]:
                     semaphores.close(name=name)
-        broker = getattr(dask_scheduler, "_broker", None)
-        if broker is not None:
-            for topic in [t for t in getattr(broker, "_topics", {}) if str(t).startswith(prefix)]:
-                broker.truncate(topic)
-        return [n for n in dask_scheduler.worker_plugins if str(n).startswith(prefix)]
 
-    names: list[str] = await client.run_on_scheduler(sweep, prefix)
     if plugins:
-        for name in names:
+        for name in await client.run_on_scheduler(channels, prefix):
             with contextlib.suppress(Exception):  # a plugin gone meanwhile
                 await client.unregister_worker_plugin(name)
+    await client.run_on_scheduler(forget, prefix)
 
 
 @contextlib.asynccontextmanager

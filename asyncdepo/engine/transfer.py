@@ -202,6 +202,20 @@ async def _send_chunk(run: Run, item: Item, writer: ChunkWriter, chunk: Chunk) -
     await run.request(item.rel, attempt, classify=_chunk_verdict)
 
 
+def _hash_prefix(item: Item, stop: int, hasher: MultiHash) -> None:
+    """Blocking: feed ``[0, stop)`` of the file to ``hasher`` (what the target holds already).
+
+    :raises SourceChangedError: the file is gone (the retry finds out whether it vanished).
+    :raises SourceError: it cannot be read.
+    """
+    try:
+        hash_path_sync(item.path, (), stop=stop, into=hasher)
+    except FileNotFoundError:
+        raise SourceChangedError(f"{item.rel}: file disappeared before it was read") from None
+    except OSError as exc:
+        raise SourceError(f"{item.rel}: cannot read: {exc.strerror}") from None
+
+
 async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash) -> int:
     """Send the item in order from ``writer.confirmed``; returns the stream's total length."""
     cfg = run.config
@@ -216,8 +230,7 @@ async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash)
         if start > item.size:
             start = 0  # the server holds more than the file has: it is not our upload; start over
         if start:
-            await anyio.to_thread.run_sync(lambda: hash_path_sync(item.path, (), stop=start, into=hasher),
-                                           limiter=run.io)
+            await anyio.to_thread.run_sync(_hash_prefix, item, start, hasher, limiter=run.io)
 
         def opener() -> RawReader:  # type: ignore[misc]
             return RawReader(item, start, None, hasher)

@@ -30,6 +30,7 @@ def client(cluster: Any) -> Iterator[Any]:
     import distributed
 
     with distributed.Client(cluster) as c:
+        c.wait_for_workers(2, timeout=120)  # a worker a test killed is back (its nanny restarts it)
         yield c
 
 

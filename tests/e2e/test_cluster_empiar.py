@@ -87,7 +87,7 @@ def test_empiar_over_ascp_sharded_over_two_workers(world: World, cluster: Any, c
                 os.kill(stalled, signal.SIGKILL)  # that session fails; its next one resumes the file (-k 3)
         finally:
             out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err.decode()
+    assert proc.returncode == 0, (err.decode(), _report(out.decode())["failures"])
     assert TRANSFER_PASS.encode() not in out + err
     entry = world.only_entry()
     assert entry.submitted and entry.thumbnail and entry.rights == {"alice": 3}
