@@ -246,7 +246,7 @@ def cluster_options(args: argparse.Namespace) -> Any:
             raise UsageError(f"--{name} must be at least 1")
         return n
 
-    from asyncdepo.engine.cluster import ClusterOptions
+    from asyncdepo.engine.cluster_setup import ClusterOptions
 
     opts = ClusterOptions(scheduler=scheduler, local_workers=whole("local-cluster", local) if local else 0)
     if args.max_requests is not None:

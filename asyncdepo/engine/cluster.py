@@ -30,25 +30,20 @@ One view of the job: workers report bytes moved, items in flight, retries and it
 (through its methods), so the progress display, ``--json`` and the report are those of a one-node run, plus
 per-worker counts in ``RunReport.workers``.
 
-Failures keep their meaning: a worker returns each failed item's error (its class, message and attributes:
-:class:`~asyncdepo.engine.cluster_wire.WireError`) and the coordinator records it as one node does
-(:func:`~asyncdepo.engine.scheduler.fail_item`): a full disk stops the run — the coordinator stops handing
-out batches and stops the run's batches on every worker (:func:`~asyncdepo.engine.cluster_worker.stop_job`);
-what they had not finished stays as it is (part files kept for resume), and the pass ends with one message
-saying how much space is missing — and a vanished source's leftovers on the target are discarded through the
-coordinator's adapter.
+Failures keep their meaning: a worker returns each item's error with its class
+(:class:`~asyncdepo.engine.cluster_wire.WireError`) and the coordinator records it as one node does
+(:func:`~asyncdepo.engine.scheduler.fail_item`): a full disk stops the run (no more batches; the workers stop
+the run's batches, :func:`~asyncdepo.engine.cluster_worker.stop_job`; one message at the end of the pass), a
+vanished source's leftovers are discarded through the coordinator's adapter.
 
-Adapters that move files in sessions (``Features.sessions``: EMPIAR over ascp) run their sessions on the
-workers, each batch grouped by session group as on one node; the job-level steps (``prepare``: the entry
-and its thumbnail; ``finish``: rights and submission, only when every file is done) stay here. What a
-worker's copy learned for ``finish`` comes back with each batch (``Adapter.handback``). When the adapter has
-a route the workers do not take (``Adapter.fallback``: EMPIAR's Globus), the items a worker failed for
-good (not a full disk or a vanished source; not a lost batch, which the retry rounds send again) go to the
-coordinator's own sessions over that route, as they stream in; a refused login on a worker (which ends a
-one-node job) sends the rest of the pass there too, or, without a fallback, ends the job.
+Session adapters (``Features.sessions``: EMPIAR over ascp) run their sessions on the workers; ``prepare`` and
+``finish`` stay here, and what a worker's copy learned for ``finish`` comes back with each batch
+(``Adapter.handback``). Items a worker failed for good (not a full disk, a vanished source or a lost batch)
+go to the coordinator's own sessions over ``Adapter.fallback`` when the adapter has one (EMPIAR's Globus); a
+refused login on a worker sends the rest of the pass there too, or, without a fallback, ends the job.
 
 Each run sweeps what an earlier run of the same job left on the scheduler when its coordinator was killed
-(the secret channel, checkpoints, the request semaphore): see :func:`_sweep`.
+(the secret channel, checkpoints, the request semaphore): see :func:`~asyncdepo.engine.cluster_setup.sweep`.
 
 Archives that take the whole dataset as one packed upload (``Features.packed``: PDIS) cannot be split:
 :func:`push_on_cluster` refuses them. The source must be readable at the same path on every worker (a
@@ -74,6 +69,7 @@ import anyio.abc
 from asyncdepo.config import EngineConfig
 from asyncdepo.contract import Adapter, Item
 from asyncdepo.engine.checks import disk_full_failure
+from asyncdepo.engine.cluster_setup import ClusterOptions, connect, sweep
 from asyncdepo.engine.cluster_wire import Batch, BatchResult, ItemResult, JobSpec, checkpoint_name
 from asyncdepo.engine.report import RunReport, describe
 from asyncdepo.engine.scheduler import Batches, fail_item, failed, items_to_send, push
@@ -91,29 +87,6 @@ from asyncdepo.events import ItemDone, Reporter
 
 #: a recipe builds a fresh, secret-free adapter on a worker (it is pickled into the tasks)
 Recipe = Callable[[EngineConfig], Adapter]
-
-
-@dataclasses.dataclass(frozen=True)
-class ClusterOptions:
-    """Where the job runs and how it is cut.
-
-    :param scheduler: address of an existing Dask scheduler (``tcp://HOST:8786``).
-    :param local_workers: start a ``distributed.LocalCluster`` of this many worker processes instead.
-    :param threads_per_worker: task threads of each local worker: two, so a worker starts its next batch
-        while the last items of one are still moving.
-    :param batch_files: most items in one batch; :param batch_bytes: most bytes in one batch.
-    :param max_requests: requests in flight to the target over all workers together (None: no job-wide cap
-        beyond each worker's ``--transfers``; an archive's ``max_concurrency`` always holds job-wide).
-    :param batches_per_thread: batches handed out per worker thread before one comes back.
-    """
-
-    scheduler: str | None = None
-    local_workers: int = 0
-    threads_per_worker: int = 2
-    batch_files: int = 256
-    batch_bytes: int = 1 << 30
-    max_requests: int | None = None
-    batches_per_thread: int = 2
 
 
 @dataclasses.dataclass
@@ -159,7 +132,7 @@ class _Coordinator:
         from asyncdepo.engine.cluster_worker import SecretChannel
 
         self.run = run
-        await _sweep(self.client, f"asyncdepo-{run.job}-", plugins=True)
+        await sweep(self.client, f"asyncdepo-{run.job}-", plugins=True)
         cap = min(filter(None, (self.options.max_requests, run.features.max_concurrency)), default=None)
         topic = f"asyncdepo-{run.job}-{uuid.uuid4().hex[:8]}"
         self.channel = topic + "-secrets"
@@ -181,7 +154,7 @@ class _Coordinator:
             self.channel = None
         if self.spec is not None:
             with contextlib.suppress(Exception):
-                await _sweep(self.client, self.spec.topic + "-", plugins=False)
+                await sweep(self.client, self.spec.topic + "-", plugins=False)
 
     # -- progress from the workers -------------------------------------------------------------------
     def _heard(self, event: tuple[float, dict[str, Any]]) -> None:
@@ -290,13 +263,6 @@ class _Coordinator:
         saved = (await run.journal.lookup(run.job, [item.rel])).get(item.rel, {}).get("remote")
         self.figures["fallback"] = self.figures.get("fallback", 0) + 1
         await self.lane.send((item, saved))
-
-    async def _left(self, held: _Held, rel: str) -> None:
-        """``rel`` was not finished because the run stopped: its row stays as the worker left it."""
-        run = self.run
-        assert run is not None
-        held.finished.add(rel)
-        run.reporter.stats.item_out(rel)
 
     # -- a pass ----------------------------------------------------------------------------------------
     async def _rate(self) -> float | None:
@@ -513,93 +479,22 @@ class _Coordinator:
         for r in result.items:
             if r.rel in held.finished or r.rel not in held.items:
                 continue
+            if r.error is None and not r.left:
+                await self._done(held, r.rel, r.row, result.worker, None if r.earlier else r.sent)
+                continue
+            held.finished.add(r.rel)  # before any wait: the worker's progress must not record it meanwhile
             if r.row:
                 await self._journal(r.rel, r.row)
-            if r.left and fatal is not None:
-                held.finished.add(r.rel)
+            if r.error is not None:
+                await self._failed(held, r.rel, r.error.rebuild(), report, result.worker)
+            elif fatal is not None:  # its sessions were cut short by the refused login
                 run.reporter.stats.item_out(r.rel)
                 await self._fall_back(held.items[r.rel])
-            elif r.left:
-                await self._left(held, r.rel)
-            elif r.error is not None:
-                await self._failed(held, r.rel, r.error.rebuild(), report, result.worker)
-            else:
-                await self._done(held, r.rel, r.row, result.worker, None if r.earlier else r.sent)
+            else:  # the run stopped: it stays as the worker left it
+                run.reporter.stats.item_out(r.rel)
         for rel in list(held.items):
             if rel not in held.finished:
                 await self._lost(held, rel, "no result came back for this item", True, report, result.worker)
-
-
-async def _sweep(client: Any, prefix: str, *, plugins: bool) -> None:
-    """Forget what runs of a job left on the scheduler (names starting with ``prefix``): with ``plugins`` the
-    secret channels of earlier runs — unregistered first, so the workers forget those credentials and close
-    those runs' runtimes (cancelling batches still running there) — then the batches' checkpoints
-    (Variables) and the request semaphore. A coordinator killed with SIGKILL leaves all of them; the next run
-    of the job, which holds the job's lock (so no earlier run is alive), clears them. Progress events stay
-    in the scheduler's event log (bounded by dask; file names and byte counts, no credential).
-
-    The scheduler runs the sweep as functions sent by value (nested functions), so it needs no asyncdepo
-    installed; they reach into dask's scheduler extensions, and leave alone what a version of dask does not
-    have.
-    """
-
-    def channels(prefix: str, dask_scheduler: Any = None) -> list[str]:
-        return [n for n in dask_scheduler.worker_plugins if str(n).startswith(prefix)]
-
-    async def forget(prefix: str, dask_scheduler: Any = None) -> None:
-        import warnings
-
-        variables = dask_scheduler.extensions.get("variables")
-        if variables is not None:
-            for name in [n for n in variables.variables if str(n).startswith(prefix)]:
-                await variables.delete(name=name)
-        semaphores = dask_scheduler.extensions.get("semaphores")
-        if semaphores is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "unreleased leases": those of the dead run's workers
-                for name in [n for n in semaphores.max_leases if str(n).startswith(prefix)]:
-                    semaphores.close(name=name)
-
-    if plugins:
-        for name in await client.run_on_scheduler(channels, prefix):
-            with contextlib.suppress(Exception):  # a plugin gone meanwhile
-                await client.unregister_worker_plugin(name)
-    await client.run_on_scheduler(forget, prefix)
-
-
-@contextlib.asynccontextmanager
-async def connect(options: ClusterOptions) -> AsyncIterator[Any]:
-    """A Dask client: on the scheduler at ``options.scheduler``, or on a LocalCluster started (and stopped)
-    here.
-
-    :raises UsageError: dask is not installed, or the scheduler cannot be reached.
-    """
-    try:
-        import distributed
-    except ImportError:
-        raise UsageError("running on a cluster needs dask distributed",
-                         hint="pip install 'asyncdepo[dask]'") from None
-    import logging
-
-    # dask logs at INFO on its own logger; follow the command's level (-v shows them)
-    logging.getLogger("distributed").setLevel(max(logging.getLogger().getEffectiveLevel(), logging.INFO))
-    async with contextlib.AsyncExitStack() as stack:
-        if options.local_workers:
-            cluster = await stack.enter_async_context(distributed.LocalCluster(
-                n_workers=options.local_workers, threads_per_worker=options.threads_per_worker,
-                processes=True, dashboard_address=None, worker_dashboard_address=None, asynchronous=True,
-                silence_logs=logging.ERROR))
-            address: Any = cluster
-        else:
-            address = options.scheduler
-        try:
-            client = await stack.enter_async_context(
-                distributed.Client(address, asynchronous=True, timeout="30s", set_as_default=False))
-        except OSError as exc:
-            raise UsageError(f"cannot reach the Dask scheduler at {options.scheduler}: {exc}",
-                             hint="start one with `dask scheduler` and workers with `dask worker ADDRESS`, "
-                                  "or use --local-cluster N") from None
-        yield client
 
 
 async def push_on_cluster(source: Path | str, adapter: Adapter, config: EngineConfig, recipe: Recipe,
