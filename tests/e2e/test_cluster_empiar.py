@@ -27,15 +27,15 @@ from tests.e2e.conftest import worker_env, worker_pids
 pytest.importorskip("distributed")
 
 
-def _ascp_env(world: World, **more: str) -> dict[str, str]:
+def _ascp_env(**more: str) -> dict[str, str]:
     """What the stand-in ascp reads, for the workers (never the transfer password the client sends)."""
     env = {k: os.environ[k] for k in ("ASYNCDEPO_SIM_ASCP_ROOT", "ASYNCDEPO_SIM_ASCP_PASSWORD",
                                       "ASYNCDEPO_SIM_ASCP_COUNTERS")}
     return {**env, **more}
 
 
-def _on_cluster(world: World, address: str, *extra: str) -> list[str]:
-    argv = world.argv("--scheduler", address, "--batch-files", "1", *extra)
+def _on_cluster(w: World, address: str, *extra: str) -> list[str]:
+    argv = w.argv("--scheduler", address, "--batch-files", "1", *extra)
     argv[argv.index("-q")] = "--json"
     return argv
 
@@ -72,7 +72,7 @@ def _assert_no_secret_on_cluster(client: Any, secret: str) -> None:
 def test_empiar_over_ascp_sharded_over_two_workers(world: World, cluster: Any, client: Any,  # noqa: F811
                                                    notices: Notices) -> None:  # noqa: F811
     pids = worker_pids(client)
-    stalls = _ascp_env(world, ASYNCDEPO_SIM_ASCP_FAIL="stall:350000:once",
+    stalls = _ascp_env(ASYNCDEPO_SIM_ASCP_FAIL="stall:350000:once",
                        ASYNCDEPO_SIM_ASCP_NOTIFY=str(notices.path))
     argv = _on_cluster(world, cluster.scheduler_address, "--stall-timeout", "600", "-e", str(world.thumb),
                        "-gu", "alice:3")
@@ -109,7 +109,7 @@ def test_empiar_over_ascp_sharded_over_two_workers(world: World, cluster: Any, c
 
 def test_refused_ascp_on_the_workers_goes_by_the_coordinators_globus(
         world: World, cluster: Any, client: Any, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
-    with worker_env(client, **_ascp_env(world, ASYNCDEPO_SIM_ASCP_FAIL="auth")):
+    with worker_env(client, **_ascp_env(ASYNCDEPO_SIM_ASCP_FAIL="auth")):
         rc = cli.push_main(_on_cluster(world, cluster.scheduler_address, *world.globus_argv()))
     report = _report(capsys.readouterr().out)
     assert rc == 0, report["failures"]
@@ -130,7 +130,7 @@ def test_refused_ascp_on_the_workers_goes_by_the_coordinators_globus(
 
 def test_refused_ascp_without_globus_ends_the_job(world: World, cluster: Any, client: Any,  # noqa: F811
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    with worker_env(client, **_ascp_env(world, ASYNCDEPO_SIM_ASCP_FAIL="auth")):
+    with worker_env(client, **_ascp_env(ASYNCDEPO_SIM_ASCP_FAIL="auth")):
         rc = cli.push_main(_on_cluster(world, cluster.scheduler_address, "-s"))
     err = capsys.readouterr().err
     assert rc == 3, err  # as on one node: an authentication failure, said once

@@ -22,17 +22,13 @@ from asyncdepo.cli import main as cli_main
 from asyncdepo.sim import tus
 from asyncdepo.sim.faults import FaultInjector
 from asyncdepo.sim.server import ThreadedSim
-from tests.conftest import tree_digests
+from tests.conftest import cli_process, tree_digests
 from tests.e2e.test_disk_full import _check_one_message, _source, small_disk  # noqa: F401 - small_disk: fixture
 
 pytest.importorskip("distributed")
 
 CHUNK = 1 << 20
 CLI = [sys.executable, "-m", "asyncdepo.cli"]
-
-
-def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_full_disk_on_the_workers_stops_the_run_with_one_message(
@@ -42,12 +38,12 @@ def test_full_disk_on_the_workers_stops_the_run_with_one_message(
     src = _source(tmp_path / "src")  # 6 MiB and a little more, into 4 MiB
     argv = ("push", str(src), f"file://{disk}", "--scheduler", cluster.scheduler_address, "--batch-files", "1",
             "--journal", str(journal), "--chunk-size", "1M", "--transfers", "2")
-    full = _cli(*argv)
+    full = cli_process(*argv)
     assert full.returncode == 1, full.stderr
     _check_one_message(full.stderr, disk)  # how much space is missing, parts kept, no retry, said once
     assert list(disk.glob("*.asyncdepo-part"))  # kept for the resume
     resize("32m")
-    again = _cli(*argv)
+    again = cli_process(*argv)
     assert again.returncode == 0, again.stderr
     assert tree_digests(disk) == tree_digests(src) and not list(disk.glob("*.asyncdepo-part"))
 
