@@ -3,8 +3,8 @@
 needs dask.
 
 A batch task (:func:`run_batch`, in one of the worker's task threads) hands its :class:`Batch` to the
-worker's :class:`_Runtime` for the job and waits for the per-item results. One runtime per worker process and
-job: an event loop in a thread of its own (an anyio blocking portal, uvloop when installed) that holds the
+worker's :class:`_Runtime` for the run and waits for the per-item results. One runtime per worker process and
+run of a job: an event loop in a thread of its own (an anyio blocking portal, uvloop when installed) that holds the
 adapter, entered once so connections are reused from batch to batch, and the engine's bounds, shared by every
 batch the worker runs at once: the buffer pool, the I/O threads, ``--transfers`` items and request slots, the
 worker's share of ``--bwlimit``. Items go through the same engine path as on one node
