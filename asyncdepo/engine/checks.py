@@ -140,8 +140,11 @@ async def same_content(run: Run, item: Item, check: tuple[str, str]) -> bool:
     algo, want = check
     stats = run.reporter.stats
     if algo:
-        got = await anyio.to_thread.run_sync(lambda: hash_path_sync(item.path, (algo,)).hexdigests()[algo],
-                                             limiter=run.io)
+        try:
+            got = await anyio.to_thread.run_sync(lambda: hash_path_sync(item.path, (algo,)).hexdigests()[algo],
+                                                 limiter=run.io)
+        except FileNotFoundError:
+            got = None  # deleted since the walk: the send that follows reports it as a vanished source
         if got == want:
             stats.skipped(item.size)
             run.reporter.emit(ItemSkipped(rel=item.rel, size=item.size, reason="unchanged (content checked)"))

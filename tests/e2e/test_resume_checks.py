@@ -210,3 +210,26 @@ def test_tus_server_behind_the_journal_is_resumed_from_its_own_offset(
     assert _report(rerun.stdout)["bytes_sent"] == size - back
     assert threaded_tus.faults.total_bytes("PATCH") == size - back
     assert tree_digests(threaded_tus.store / "complete") == tree_digests(src)
+
+
+def test_checksum_of_a_file_deleted_after_the_walk_fails_as_a_vanished_source(
+        tmp_path: Path, journal: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from asyncdepo.engine import checks
+
+    src = _tree(tmp_path / "src", {"a.bin": 5000, "b.bin": 7000})
+    dest = tmp_path / "dest"
+    url = f"file://{dest}"
+    assert cli_main(["push", str(src), url, "--journal", str(journal), "-q"]) == 0
+    real = checks.hash_path_sync
+
+    def deleted_first(path: Any, algos: Any, **kw: Any) -> Any:
+        if str(path).endswith("a.bin"):
+            os.unlink(path)  # gone between the walk and the content check
+        return real(path, algos, **kw)
+
+    monkeypatch.setattr(checks, "hash_path_sync", deleted_first)
+    capsys.readouterr()
+    assert cli_main(["push", str(src), url, "--journal", str(journal), "-q", "--checksum"]) == 1
+    err = capsys.readouterr().err
+    assert "a.bin" in err and "vanished" in err
+    assert (dest / "b.bin").read_bytes() == (src / "b.bin").read_bytes()
