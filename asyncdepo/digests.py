@@ -23,6 +23,8 @@ Which digest for what:
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -206,31 +208,42 @@ def digest_bytes(data: Any, algos: Iterable[str]) -> dict[str, str]:
     return m.hexdigests()
 
 
+def _thread_buffer(block: int) -> memoryview:
+    """A page-aligned ``block``-byte buffer kept per thread (readinto on a bytearray is ~5x slower, PERF-FACTS).
+
+    Reused across calls: a fresh anonymous mapping per file costs a page fault and a page clear per 4 KiB
+    plus the mapping's teardown — on 1,000 x 1 MiB files that was ~1 core-second per GB, more than reading
+    the files (benchmarks/bench_gypsum.py, perf). One buffer per thread that hashes (the I/O limiter bounds
+    how many); it goes away with its thread.
+    """
+    view: memoryview | None = getattr(_LOCAL, "view", None)
+    if view is None or len(view) != block:
+        import mmap
+
+        view = _LOCAL.view = memoryview(mmap.mmap(-1, block))
+    return view
+
+
+_LOCAL = threading.local()
+
+
 def hash_path_sync(path: str | Path, algos: Iterable[str], *, start: int = 0, stop: int | None = None,
                    block: int = 1 << 20, into: MultiHash | None = None) -> MultiHash:
     """Hash ``[start, stop)`` of a file in a blocking loop (for threads); returns the MultiHash."""
     m = into or MultiHash(algos)
-    import mmap
-    import os
-
-    buf = mmap.mmap(-1, block)  # page-aligned: readinto on a bytearray is ~5x slower (PERF-FACTS)
-    view = memoryview(buf)
+    view = _thread_buffer(block)  # nothing keeps a view of it once this returns: hashers copy nothing
+    fd = os.open(path, os.O_RDONLY)
     try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            pos = start
-            while stop is None or pos < stop:
-                want = block if stop is None else min(block, stop - pos)
-                n = os.preadv(fd, [view[:want]], pos)
-                if n <= 0:
-                    break
-                m.update(view[:n])
-                pos += n
-        finally:
-            os.close(fd)
+        pos = start
+        while stop is None or pos < stop:
+            want = block if stop is None else min(block, stop - pos)
+            n = os.preadv(fd, [view[:want]], pos)
+            if n <= 0:
+                break
+            m.update(view[:n])
+            pos += n
     finally:
-        view.release()
-        buf.close()
+        os.close(fd)
     return m
 
 
