@@ -408,41 +408,45 @@ class FileSource:
         self._hasher = MultiHash(self._algos)
         return self
 
+    def _step(self, view: memoryview) -> int:
+        """One worker-thread call per block: open the file (first block), read and hash the block, and at
+        the end of the range check that the file did not change, take the digests and close it. A file of
+        one block costs one thread hop (it took four: open, read, check, close)."""
+        reader = self._reader
+        if reader is None:
+            reader = self._reader = RawReader(self.item, self.offset, self.size, self._hasher)
+        try:
+            n = reader.readinto(view)
+            if reader.pos >= reader.end:
+                # finish before handing over the last block: a server may answer as soon as it has every
+                # byte, and the body writer is then cancelled without asking for more
+                reader.check_unchanged()
+                assert self._hasher is not None
+                self.digests = self._hasher.hexdigests()
+                self._ended = True
+                self._reader = None
+                reader.close()
+        except BaseException:
+            self._reader = None
+            reader.close()
+            raise
+        return n
+
     async def __anext__(self) -> memoryview:
         if self._done or self._ended:
             await self.aclose()
             raise StopAsyncIteration
-        if self._reader is None:
-            item, offset, size, hasher = self.item, self.offset, self.size, self._hasher
-            self._reader = await anyio.to_thread.run_sync(
-                lambda: RawReader(item, offset, size, hasher), limiter=self._limiter)
         if self._buf is None:
             self._buf = await self._pool.acquire(self._block)
-        reader, buf = self._reader, self._buf
+        buf = self._buf
         try:
-            n = await anyio.to_thread.run_sync(lambda: reader.readinto(buf.view[: buf.size]),
-                                               limiter=self._limiter)
-            if n == 0:
-                await anyio.to_thread.run_sync(reader.check_unchanged, limiter=self._limiter)
+            n = await anyio.to_thread.run_sync(self._step, buf.view[: buf.size], limiter=self._limiter)
         except BaseException:
             await self.aclose()
             raise
-        if n == 0:
-            assert self._hasher is not None
-            self.digests = self._hasher.hexdigests()
+        if n == 0:  # an empty range: nothing to hand over
             await self.aclose()
             raise StopAsyncIteration
-        if reader.pos >= reader.end:
-            # finish before handing over the last block: a server may answer as soon as it has every
-            # byte, and the body writer is then cancelled without asking for more
-            try:
-                await anyio.to_thread.run_sync(reader.check_unchanged, limiter=self._limiter)
-            except BaseException:
-                await self.aclose()
-                raise
-            assert self._hasher is not None
-            self.digests = self._hasher.hexdigests()
-            self._ended = True
         if self._throttle is not None:
             await self._throttle(n)
         if self._on_bytes is not None:
