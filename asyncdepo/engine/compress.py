@@ -62,6 +62,7 @@ class TarSource:
         self.digests: dict[str, str] = {}
         self.inner_digests: dict[str, str] = {}
         self._block = block
+        self._view: memoryview | None = None
         self._limiter = limiter or anyio.CapacityLimiter(2)
         self._reader: RawReader | None = None
         self._pad = 0
@@ -86,6 +87,15 @@ class TarSource:
         out = self._cobj.compress(data) if self._cobj is not None else bytes(data)
         return out
 
+    def _buffer(self) -> memoryview:
+        """The read buffer, reused for every block: page-aligned (a bytearray reads several times slower,
+        PERF-FACTS) and mapped once (a fresh block per read cost a page fault per 4 KiB)."""
+        if self._view is None:
+            import mmap
+
+            self._view = memoryview(mmap.mmap(-1, self._block))
+        return self._view
+
     def _header(self, item: Item) -> bytes:
         info = tarfile.TarInfo(f"{self._prefix}/{item.rel}" if self._prefix else item.rel)
         info.size = item.size
@@ -104,14 +114,17 @@ class TarSource:
             return self._emit(self._header(item))
         reader = self._reader
         if reader is not None:
-            buf = bytearray(min(self._block, reader.end - reader.pos))
-            n = reader.readinto(memoryview(buf)) if buf else 0
+            view = self._buffer()
+            n = reader.readinto(view[: min(self._block, reader.end - reader.pos)]) if reader.pos < reader.end else 0
+            # the block is hashed and handed to zstd (which copies its input) before the buffer is refilled
+            out = self._emit(view[:n])
             if reader.pos >= reader.end:
                 reader.check_unchanged()
                 reader.close()
                 self._reader = None
-                return self._emit(bytes(buf[:n]) + b"\0" * self._pad)
-            return self._emit(memoryview(buf)[:n])
+                if self._pad:
+                    out += self._emit(bytes(self._pad))
+            return out
         # end of archive: two zero blocks, then round up to the 10 KiB record size like tar(1)
         end = b"\0" * (2 * BLOCK)
         total = self.inner_size + len(end)
@@ -120,6 +133,7 @@ class TarSource:
         if self._cobj is not None:
             out += self._cobj.flush()
         self._finished = True
+        self._view = None  # unmapped once nothing refers to it
         return out
 
     async def __anext__(self) -> bytes:
