@@ -10,7 +10,9 @@ Every body class here writes through :class:`Outlet`, which enforces that in one
 * while a body is written, the transport's write-buffer limits are (0, 0): any byte it holds pauses the
   writer, and the writer resumes only once the buffer is empty. After each piece :meth:`Outlet.send`
   waits for that, so the next piece (which may reuse the memory) is asked for only when nothing of this
-  one is queued in user space (the kernel has *copied* what it took);
+  one is queued in user space (the kernel has *copied* what it took). A piece of immutable ``bytes`` (a
+  compressor's output, a copied tail) is the exception: nobody refills it, so up to ``Outlet.QUEUED`` bytes
+  of it may stay queued while the next piece is made. The stall timer runs only while ``send`` waits;
 * if the body ends abnormally (cancelled, the source failed, a timeout) while the transport still holds
   bytes, the connection is aborted, which drops them: a graceful close would go on sending memory that
   has been handed back and refilled, and a server could store it as the tail of the body;
@@ -52,6 +54,9 @@ class Outlet:
     raises TransientError naming ``what``.
     """
 
+    #: immutable bytes (see :meth:`send`) the transport may hold when ``send`` returns
+    QUEUED = 1 << 20
+
     def __init__(self, writer: Any, *, what: str = "request body", stall: float | None = None) -> None:
         self._writer = writer
         self._transport: asyncio.Transport | None = writer.transport
@@ -84,26 +89,32 @@ class Outlet:
             t.set_write_buffer_limits(high=high, low=low)
 
     async def send(self, data: bytes | memoryview) -> None:
-        """Write ``data`` and return once the transport no longer holds any of it.
+        """Write ``data`` and return once the transport no longer holds any of it — or, for immutable bytes
+        (``bytes``, or a view of them), once it holds at most :attr:`QUEUED` bytes: such a piece never goes
+        back to anyone, so it may wait in the transport while the next one is made (flow control still
+        bounds it).
 
         :raises TransientError: ``stall`` seconds passed without the peer taking the bytes.
         :raises aiohttp.ClientConnectionResetError | OSError: the connection broke.
         """
         if not data:
             return
+        await self._writer.write(data, drain=False)  # the waiting is ours (below), aiohttp's would be too
+        t = self._transport
+        held = t.get_write_buffer_size() if t is not None else 0
+        if not held or (held <= self.QUEUED and _immutable(data)):
+            return  # the common case: the kernel took it all, no timer needed
         if self._stall is None:
-            await self._send(data)
+            await self._drained()
             return
         try:
             with anyio.fail_after(self._stall):
-                await self._send(data)
+                await self._drained()
         except TimeoutError:
             raise TransientError(f"{self._what}: the server stopped reading the body") from None
 
-    async def _send(self, data: bytes | memoryview) -> None:
-        writer = self._writer
-        await writer.write(data)
-        t = self._transport
+    async def _drained(self) -> None:
+        writer, t = self._writer, self._transport
         while t is not None and t.get_write_buffer_size():
             await writer.drain()  # paused while anything is held (the limits above): waits until empty
             if t.get_write_buffer_size() and not getattr(writer.protocol, "_paused", True):
@@ -111,6 +122,11 @@ class Outlet:
                 # will tell us when it lets go
                 t.abort()
                 raise TransientError(f"{self._what}: the transport did not report draining its buffer")
+
+
+def _immutable(data: bytes | memoryview) -> bool:
+    """``data`` is ``bytes`` or a view of ``bytes``: nobody can refill its memory."""
+    return type(data) is bytes or (isinstance(data, memoryview) and type(data.obj) is bytes)
 
 
 async def _next(it: AsyncIterator[memoryview]) -> memoryview | None:

@@ -120,6 +120,35 @@ def _chunked() -> tuple[Any, bytes]:
     return SourcePayload(ReusingSource(DATA, size_known=False)), DATA
 
 
+class MixedSource(ReusingSource):
+    """Yields every other block as immutable ``bytes`` (which the transport may keep queued, as a
+    compressor's output is) and the others as views of the one reused buffer: a reused view sent after
+    queued bytes must still not be given back while the transport holds any of it."""
+
+    async def _blocks(self) -> AsyncIterator[memoryview]:
+        try:
+            for n, start in enumerate(range(0, len(self._data), self._block)):
+                piece = self._data[start : start + self._block]
+                if n % 2:
+                    self._buf[: len(piece)] = piece
+                    yield memoryview(self._buf)[: len(piece)]
+                else:
+                    yield memoryview(bytes(piece))
+            self.digests = {"sha256": hashlib.sha256(self._data).hexdigest()}
+        finally:
+            self._buf[:] = b"\xaa" * len(self._buf)
+
+
+@body("bytes and reused views, size known")
+def _mixed() -> tuple[Any, bytes]:
+    return SourcePayload(MixedSource(DATA)), DATA
+
+
+@body("bytes and reused views, chunked")
+def _mixed_chunked() -> tuple[Any, bytes]:
+    return SourcePayload(MixedSource(DATA, size_known=False)), DATA
+
+
 @body("multipart form, chunked")
 def _form() -> tuple[Any, bytes]:
     p = form_file_payload(ReusingSource(DATA, size_known=False), field="file", filename="a b\"é.bin",
