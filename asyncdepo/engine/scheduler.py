@@ -293,23 +293,45 @@ async def _pass(run: Run, batches: Batches, report: RunReport, skip: set[str],
         report.stop_error = None
 
 
+#: bytes of small files hashed in one worker-thread call before the start: a thread hop per 1 MiB file cost
+#: ~0.25 core-seconds per GB more than hops per 8 MiB of files (1,000 x 1 MiB, md5; ~1.55 s of it is md5)
+PREHASH_GROUP = 8 << 20
+
+
+def _groups(items: list[Item]) -> list[list[Item]]:
+    """``items`` in consecutive groups of at most :data:`PREHASH_GROUP` bytes (a larger file alone)."""
+    groups: list[list[Item]] = []
+    size = 0
+    for item in items:
+        if not groups or size + item.size > PREHASH_GROUP:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += item.size
+    return groups
+
+
 async def _prehash(run: Run, root: Path) -> list[tuple[Item, dict[str, str]]]:
-    """Digests of every file before the start (targets that need them); md5 etc. in parallel threads."""
+    """Digests of every file before the start (targets that need them); md5 etc. in parallel threads,
+    small files several to a thread call."""
     algos = tuple(dict.fromkeys(run.features.item_digests or ("md5",)))
     out: list[tuple[Item, dict[str, str]]] = []
     run.reporter.message("hashing files before the upload starts")
     cfg = run.config
 
-    async def one(item: Item) -> None:
-        m = await anyio.to_thread.run_sync(lambda: hash_path_sync(item.path, algos), limiter=run.io)
-        out.append((item, m.hexdigests()))
+    def hash_group(group: list[Item]) -> list[tuple[Item, dict[str, str]]]:
+        return [(item, hash_path_sync(item.path, algos).hexdigests()) for item in group]
+
+    async def one(group: list[Item]) -> None:
+        out.extend(await anyio.to_thread.run_sync(hash_group, group, limiter=run.io))
 
     async for batch in walk(root, cfg.include, cfg.exclude, cfg.follow_symlinks,
                             lambda r, w: run.reporter.warning(f"skipped {printable(r)}: {w}")):
+        # the others fail on their own in the pass
+        wanted = [item for item in batch if run.features.any_name or utf8(item.rel)]
         async with anyio.create_task_group() as tg:
-            for item in batch:
-                if run.features.any_name or utf8(item.rel):  # the others fail on their own in the pass
-                    tg.start_soon(one, item)
+            for group in _groups(wanted):
+                tg.start_soon(one, group)
     out.sort(key=lambda p: p[0].rel)
     return out
 

@@ -141,3 +141,17 @@ def test_walk_filters_and_skips_special_files(tmp_path: Path) -> None:
     assert "symbolic link" in reasons["link.cbf"] and "not a regular file" in reasons["pipe"]
     followed = list(iter_items(root, exclude=("*.tmp",), follow_symlinks=True))
     assert sorted(i.rel for i in followed) == ["keep.cbf", "link.cbf", "sub/keep2.cbf"]
+
+
+def test_prehash_groups_keep_every_item_once_in_order_within_the_bound() -> None:
+    from asyncdepo.engine.scheduler import PREHASH_GROUP, _groups
+
+    sizes = [0, 1, PREHASH_GROUP - 1, 5, PREHASH_GROUP * 3, 1 << 20, *([1 << 20] * 20), 0]
+    items = [Item(f"/x/{i}", str(i), size, 0) for i, size in enumerate(sizes)]
+    groups = _groups(items)
+    assert [i for g in groups for i in g] == items
+    assert all(g for g in groups)
+    for g in groups:
+        assert len(g) == 1 or sum(i.size for i in g) <= PREHASH_GROUP
+    assert [i.size for i in groups[2]] == [PREHASH_GROUP * 3]  # a large file alone
+    assert _groups([]) == []
