@@ -20,6 +20,17 @@ Push (the engine md5s every file in parallel first, ``needs_digests_before_start
 4. ``finish(ok)``: complete on success; otherwise abort (the same server, same session) unless
    ``keep_for_resume``. The engine runs it shielded from cancellation, so Ctrl-C never leaves the lock.
 
+Watch mode (``watch=True``, ``Features.watch_units``): each batch of files that became complete together
+is a version of its own. The first is ``VERSION``, then ``VERSION-2``, ``VERSION-3``... (a name another
+upload took is passed over). Every version after the first is the whole dataset: the batch's files are
+declared (``dedup`` unless ``dedup=False``) and every other path of the previous version of the chain is a
+``link`` to it, so nothing unchanged is sent again and ``..latest`` always names a complete version. The
+chain (the next number, the last version completed, the open version and its batch) is the job state; an
+open version is taken up again through its session file (:meth:`open_unit`), and one the server shows
+finished is taken as completed. A batch whose files no longer match the open version's manifest discards it
+and starts it again. Probation does not apply: a probational version cannot be linked to, so a watch needs a
+trusted uploader (a forced probation aborts the first version with an AuthError saying so).
+
 Pull: ``list_remote`` reads ``..manifest`` (of ``..latest`` when no version is given; linked files are
 read from their final destination, ``ancestor`` first), ``read`` does ranged GETs on ``/file/``.
 
@@ -100,6 +111,7 @@ class GypsumAdapter(Adapter):
     :param dedup: declare files as ``dedup`` so the server links unchanged files of the latest version.
     :param keep_for_resume: on failure or Ctrl-C keep the upload (and the project lock) for a re-run.
     :param sessions: where session files live (see ``gypsum_session``).
+    :param watch: push each watch batch as a version of its own (see "Watch mode" in the module docstring).
     """
 
     name = "gypsum"
@@ -108,7 +120,8 @@ class GypsumAdapter(Adapter):
     def __init__(self, server: str, project: str, asset: str, version: str | None = None, *,
                  token: str | None = None, probation: bool = False, dedup: bool = True,
                  keep_for_resume: bool = False, sessions: SessionStore | Path | None = None,
-                 reporter: Reporter | None = None, client: GypsumClient | None = None) -> None:
+                 reporter: Reporter | None = None, client: GypsumClient | None = None,
+                 watch: bool = False) -> None:
         self.client = client or GypsumClient(server, token)
         self.project, self.asset, self.version = project, asset, version
         self.probation, self.dedup, self.keep_for_resume = probation, dedup, keep_for_resume
@@ -121,9 +134,26 @@ class GypsumAdapter(Adapter):
         self._md5: dict[str, str] = {}
         self._counts = {"files": 0, "to_put": 0, "already_put": 0}
         self._handed = False  # a copy on a cluster's worker: the session came from the coordinator
+        self.watch = watch
+        self.base_version = version
+        #: (watch) ``next``: the number of the open or next version; ``version``: its name; ``open``: started
+        #: and not yet completed; ``files``: the batch it holds; ``last``: the last version completed
+        self.chain: dict[str, Any] = {"next": 1, "version": version, "open": False, "files": [], "last": None}
+        if watch:
+            if version is None:
+                raise UsageError("a watch needs PROJECT/ASSET/VERSION")
+            if probation:
+                raise UsageError("--probation does not apply to --watch: a probational version cannot be linked "
+                                 "to, so every version would upload the whole dataset again, and each would "
+                                 "wait for an owner's approval",
+                                 hint="push finished runs on probation without --watch, or ask an owner to make "
+                                      "you a trusted uploader")
+            self.features = dataclasses.replace(self.features, watch_units=True)
 
     # -- identity and state --------------------------------------------------------------------------
     def describe(self) -> str:
+        if self.watch:  # one job for the whole chain: the journal knows which files are in a version
+            return f"gypsum {self.client.base}/{self.project}/{self.asset}/{self.base_version} watch"
         where = f"{self.client.base}/{self.project}/{self.asset}/{self.version or '(latest)'}"
         return f"gypsum {where} upload {self._label}"
 
@@ -132,11 +162,49 @@ class GypsumAdapter(Adapter):
             self.reporter.message(text)
 
     def job_state(self) -> dict[str, Any]:
-        return {"label": self._label, "target": f"{self.project}/{self.asset}/{self.version}",
-                "started": self.session is not None, **self._counts}
+        out = {"label": self._label, "target": f"{self.project}/{self.asset}/{self.version}",
+               "started": self.session is not None, **self._counts}
+        if self.watch:
+            out["watch"] = dict(self.chain)
+        return out
 
     def restore_job_state(self, state: Mapping[str, Any]) -> None:
-        """Nothing to take back: the session file (checked against the lock) is the truth."""
+        """(watch) The chain of versions; otherwise nothing: the session file (checked against the lock) is
+        the truth."""
+        chain = state.get("watch")
+        if self.watch and isinstance(chain, dict) and chain.get("version"):
+            self.chain.update(chain)
+            self.version = str(chain["version"])
+
+    def _name(self, n: int) -> str:
+        return str(self.base_version) if n == 1 else f"{self.base_version}-{n}"
+
+    async def open_unit(self) -> list[str]:
+        """(watch) The batch of the version an earlier run started and did not complete: resumed through its
+        session file when the lock still names it, started again when it was discarded; [] when none, or
+        when the server shows it finished (it completed before the journal heard so)."""
+        if not self.watch:
+            return []
+        chain = self.chain
+        await self.find_session()  # also the session of a start whose answer the journal never recorded
+        if not chain["open"] or self.session is not None:
+            return list(chain["files"]) if chain["open"] else []
+        summary = await self.client.fetch_json(f"{self.project}/{self.asset}/{self.version}/..summary")
+        if isinstance(summary, dict) and "upload_finish" in summary:
+            self._say(f"version {self.version} was completed before the watcher stopped")
+            self._completed()
+            return []
+        return list(chain["files"])
+
+    def _completed(self) -> None:
+        chain = self.chain
+        n = int(chain["next"]) + 1
+        chain.update(last=self.version, next=n, version=self._name(n), open=False, files=[])
+        self.version = chain["version"]
+
+    def check_item(self, item: Item) -> None:
+        """:raises ValidationError: a path gypsum cannot store (it fails alone in watch mode)."""
+        check_rel(item.rel)
 
     async def handoff(self) -> dict[str, Any]:
         """The upload session (its token included) and the md5 of every file, for copies of the adapter on a
@@ -156,7 +224,8 @@ class GypsumAdapter(Adapter):
     async def __aenter__(self) -> Self:
         await self.client.__aenter__()
         try:
-            if self.version is not None and not self._handed:
+            # (watch: the version is known once the job state is restored: see open_unit)
+            if self.version is not None and not self._handed and not self.watch:
                 await self.find_session()
         except BaseException:
             await self.client.__aexit__(None, None, None)
@@ -203,12 +272,14 @@ class GypsumAdapter(Adapter):
             check_rel(item.rel)
             local[item.rel] = (item.size, digests["md5"].lower())
         self._md5 = {rel: md5 for rel, (_, md5) in local.items()}
-        self._counts["files"] = len(local)
+        self._counts = {"files": len(local), "to_put": 0, "already_put": 0}
         if self.session is not None:
             skip = await self._resume(local)
         else:
             await self._precheck(local)
             skip = await self._start(local)
+        if self.watch:
+            self.chain.update(version=self.version, open=True, files=sorted(local))
         self._skip = skip
         return skip
 
@@ -219,6 +290,13 @@ class GypsumAdapter(Adapter):
             raise RemoteValidationError(f"gypsum project '{p}' does not exist on {self.client.base}",
                                         hint=f"an administrator creates it: asyncdepo gypsum create {p} --owner LOGIN")
         summary = await fetch(f"{p}/{a}/{v}/..summary")
+        while summary is not None and self.watch:
+            # a name another upload took (or one whose session was lost): the chain goes on with the next
+            n = int(self.chain["next"]) + 1
+            self._say(f"gypsum version {p}/{a}/{v} exists already: this batch goes to {self._name(n)}")
+            v = self.version = self._name(n)
+            self.chain.update(next=n, version=v)
+            summary = await fetch(f"{p}/{a}/{v}/..summary")
         if summary is not None:
             who = summary.get("upload_user_id", "?")
             raise ConflictError(f"gypsum version {p}/{a}/{v} already exists (uploaded by {who})",
@@ -269,7 +347,12 @@ class GypsumAdapter(Adapter):
     async def _start(self, local: Mapping[str, tuple[int, str]]) -> set[str]:
         assert self.version is not None
         kind = "dedup" if self.dedup else "simple"
-        files = [{"type": kind, "path": rel, "md5sum": md5, "size": size} for rel, (size, md5) in local.items()]
+        files: list[dict[str, Any]] = [{"type": kind, "path": rel, "md5sum": md5, "size": size}
+                                       for rel, (size, md5) in local.items()]
+        carried = await self._carried(local)
+        files += [{"type": "link", "path": rel, "link": {"project": self.project, "asset": self.asset,
+                                                          "version": self.chain["last"], "path": rel}}
+                  for rel in carried]
         try:
             init = await self.client.start(self.project, self.asset, self.version, files, self.probation)
         except TransientError:
@@ -303,10 +386,33 @@ class GypsumAdapter(Adapter):
         if bool((summary or {}).get("on_probation")) != rec.probation:
             rec.probation = not rec.probation
             await anyio.to_thread.run_sync(lambda: self.sessions.save(rec))
+        if rec.probation and self.watch:
+            await self._end(rec, "abort")
+            who = (summary or {}).get("upload_user_id", "you")
+            raise AuthError(f"gypsum puts uploads of {who} to project '{self.project}' on probation: a watch "
+                            "needs a trusted uploader (a probational version cannot be linked to); the upload "
+                            "was aborted",
+                            hint=f"an owner can make you trusted: asyncdepo gypsum set-permissions {self.project} "
+                                 f"--uploader {who},trusted")
         self._counts["to_put"] = len(urls)
-        self._say(f"upload started: {len(urls)} file(s) to send, {len(local) - len(urls)} linked to earlier "
-                  "versions or deduplicated")
+        where = f"version {self.version}: " if self.watch else ""
+        self._say(f"{where}upload started: {len(urls)} file(s) to send, {len(local) - len(urls)} linked to "
+                  "earlier versions or deduplicated" + (f", {len(carried)} kept from {self.chain['last']}"
+                                                       if carried else ""))
         return set(local) - set(urls)
+
+    async def _carried(self, local: Mapping[str, Any]) -> list[str]:
+        """(watch) The paths of the chain's last version that this batch does not replace: linked to it, so
+        that the new version is the whole dataset."""
+        last = self.chain["last"] if self.watch else None
+        if last is None:
+            return []
+        manifest = await self.client.fetch_json(f"{self.project}/{self.asset}/{last}/..manifest")
+        if not isinstance(manifest, dict):
+            raise RemoteValidationError(
+                f"gypsum version {self.project}/{self.asset}/{last}, the last of this watch, is gone: the next "
+                "version cannot keep its files", hint="start a new chain: run the watch with a new VERSION name")
+        return sorted(rel for rel in manifest if rel not in local)
 
     async def _resume(self, local: Mapping[str, tuple[int, str]]) -> set[str]:
         rec = self.session
@@ -316,7 +422,15 @@ class GypsumAdapter(Adapter):
         differ = [rel for rel, (size, md5) in local.items()
                   if rel not in manifest or int(manifest[rel]["size"]) != size
                   or str(manifest[rel]["md5sum"]).lower() != md5]
-        differ += sorted(set(manifest) - set(local))
+        differ += sorted(rel for rel in set(manifest) - set(local)
+                         if not (self.watch and isinstance(manifest[rel], dict) and "link" in manifest[rel]))
+        if differ and self.watch:
+            # a watch never asks the user: the open version is discarded and started again with this batch
+            self._say(f"the files of the interrupted upload of {p}/{a}/{v} changed since ({differ[0]}...): it "
+                      "is discarded and started again")
+            await self._end(rec, "abort")
+            await self._precheck(local)
+            return await self._start(local)
         if differ:
             shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
             hint = (f"discard it with `asyncdepo gypsum abort {p}/{a}/{v}`, then push again"
@@ -339,12 +453,17 @@ class GypsumAdapter(Adapter):
                             self._md5.get(item.rel))
 
     async def finish(self, ok: bool) -> dict[str, Any]:
-        """Complete (``ok``) or abort the upload (unless ``keep_for_resume``); returns a summary.
+        """Complete (``ok``) or abort the upload (unless ``keep_for_resume``); returns a summary. In watch
+        mode it closes one version of the chain: completed, or aborted (never kept: the next batch needs the
+        project's lock).
 
         :raises PermanentError | TransientError: the completion was refused (the upload is then aborted
             unless kept), or the abort could not reach the server (the session file is kept).
         """
         rec = self.session
+        self._skip = None
+        if self.watch:
+            return await self._close_version(rec, ok)
         if rec is None:
             return {}
         target = f"{rec.project}/{rec.asset}/{rec.version}"
@@ -367,6 +486,28 @@ class GypsumAdapter(Adapter):
             return summary
         await self._end(rec, "abort")
         summary["state"] = "aborted (nothing kept on the server)"
+        return summary
+
+    async def _close_version(self, rec: SessionRecord | None, ok: bool) -> dict[str, Any]:
+        chain = self.chain
+        target = f"{self.project}/{self.asset}/{self.version}"
+        summary: dict[str, Any] = {"gypsum": target, "files in the batch": self._counts["files"]}
+        if rec is not None and ok:
+            try:
+                await self._end(rec, "complete")
+            except PermanentError:
+                await self._end(rec, "abort")
+                chain["open"] = False
+                raise
+            self._completed()
+            summary["state"] = "completed (now ..latest)"
+            self._say(f"version {target} completed: {self._counts['files']} file(s) of this batch, "
+                      f"{self._counts['to_put']} of them sent; it is now ..latest")
+            return summary
+        if rec is not None:
+            await self._end(rec, "abort")
+        chain["open"] = False
+        summary["state"] = "discarded (its files go in the next version)"
         return summary
 
     async def _end(self, rec: SessionRecord, action: str) -> None:

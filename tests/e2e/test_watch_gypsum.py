@@ -1,0 +1,207 @@
+"""Beamline mode into gypsum, against the gypsum simulator: each batch of files that became complete together
+is a version of its own (``VERSION``, ``VERSION-2``...), each one the whole dataset (unchanged files linked
+to the version before, never sent again); a batch the server refuses to start (another upload holds the
+project's lock) waits for the next rescan. The watch's clock is a ManualClock: settling happens when the
+test moves time, never by waiting. Assertions are on the simulator's bucket, manifests and counters."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+
+from asyncdepo import EngineConfig, push
+from asyncdepo.adapters.gypsum.adapter import GypsumAdapter
+from asyncdepo.adapters.gypsum.api import GypsumClient
+from asyncdepo.engine.pull import pull
+from asyncdepo.engine.watch import Watch, WatchOptions
+from asyncdepo.errors import AuthError, UsageError
+from asyncdepo.events import Event, ItemFailed, Message, Reporter
+from asyncdepo.sim import gypsum as gsim
+from asyncdepo.sim.faults import FaultInjector
+from asyncdepo.sim.server import SimServer
+from tests.e2e.test_watch import Seen
+from tests.fakeclock import ManualClock
+
+SETTLE = 5.0
+OWNER, ADMIN, UPLOADER = "tok-owner", "tok-admin", "tok-up"
+PUT = "PUT /s3/{key}"
+
+
+@pytest.fixture
+async def sim(tmp_path: Path) -> AsyncIterator[SimServer]:
+    app = gsim.create_app(tmp_path / "sim", FaultInjector(),
+                          identities={OWNER: "olivia", ADMIN: "root", UPLOADER: "ursula"}, admins=["root"])
+    async with SimServer(app) as server:
+        async with GypsumClient(server.url, ADMIN) as c:
+            await c.create_project("proj", ["olivia"], [{"id": "ursula"}])
+        yield server
+
+
+def bucket(sim: SimServer) -> Path:
+    return sim.app[gsim.STATE_KEY].bucket.root  # type: ignore[no-any-return]
+
+
+def manifest(sim: SimServer, version: str) -> dict[str, Any]:
+    return orjson.loads((bucket(sim) / "proj/asset" / version / "..manifest").read_bytes())  # type: ignore[no-any-return]
+
+
+def latest(sim: SimServer) -> str | None:
+    path = bucket(sim) / "proj/asset/..latest"
+    return orjson.loads(path.read_bytes())["version"] if path.exists() else None
+
+
+def versions(sim: SimServer) -> list[str]:
+    return sorted(p.name for p in (bucket(sim) / "proj/asset").iterdir() if p.is_dir())
+
+
+def write(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+
+
+class Watching:
+    """``push(..., watch=...)`` into gypsum in a task; the test drives the clock and waits on conditions."""
+
+    def __init__(self, sim: SimServer, tmp_path: Path, src: Path, *, rescan: float = 10_000,
+                 token: str = OWNER) -> None:
+        self.clock = ManualClock()
+        self.watch = Watch(WatchOptions(settle=SETTLE, rescan=rescan), clock=self.clock)
+        self.reporter = Reporter()
+        self.seen = Seen(self.watch, self.reporter)
+        self.messages: list[str] = []
+        self.failed: list[ItemFailed] = []
+        self.reporter.listeners.append(self._event)
+        self.adapter = GypsumAdapter(sim.url, "proj", "asset", "run", token=token, sessions=tmp_path / "sessions",
+                                     reporter=self.reporter, watch=True)
+        self.src, self.journal = src, tmp_path / "journal.sqlite"
+
+    def _event(self, event: Event) -> None:
+        if isinstance(event, Message):
+            self.messages.append(event.text)
+        elif isinstance(event, ItemFailed):
+            self.failed.append(event)
+
+    async def completed(self, version: str) -> None:
+        await self.seen.until(lambda: any(m.startswith(f"version proj/asset/{version} completed")
+                                          for m in self.messages), f"version {version} completed")
+
+    async def settle(self, rels: set[str]) -> None:
+        """Wait until the watch observed ``rels``, then move the clock past the settle time."""
+        await self.seen.until(lambda: rels <= set(self.seen.observed), f"observed {rels}")
+        self.clock.advance(SETTLE + 2)
+
+    async def run(self, body: Any) -> Any:
+        result: list[Any] = []
+        async with anyio.create_task_group() as tg:
+
+            async def go() -> None:
+                result.append(await push(self.src, self.adapter, EngineConfig(transfers=4), reporter=self.reporter,
+                                         journal_path=self.journal, watch=self.watch))
+
+            tg.start_soon(go)
+            try:
+                await body()
+            finally:
+                self.watch.stop()
+        return result[0]
+
+
+async def test_two_waves_become_two_complete_versions(sim: SimServer, tmp_path: Path) -> None:
+    src = tmp_path / "beam"
+    wave1 = {"scan1/a.h5": os.urandom(30_000), "scan1/b.h5": os.urandom(20_000), "notes.txt": b"run 1\n"}
+    wave2 = {"scan2/c.h5": os.urandom(25_000), "notes.txt": b"run 1\nrun 2\n"}  # one new, one rewritten
+    write(src, wave1)
+    w = Watching(sim, tmp_path, src)
+    faults = sim.faults
+
+    async def body() -> None:
+        await w.settle(set(wave1))
+        await w.completed("run")
+        assert latest(sim) == "run" and faults.bytes_in[PUT] == sum(map(len, wave1.values()))
+        write(src, wave2)
+        await w.settle(set(wave2))
+        await w.completed("run-2")
+
+    report = await w.run(body)
+    assert report.ok, report.failures
+    assert versions(sim) == ["run", "run-2"] and latest(sim) == "run-2"
+    # only the new and the rewritten file crossed the wire for the second version
+    assert faults.bytes_in[PUT] == sum(map(len, wave1.values())) + sum(map(len, wave2.values()))
+    both = {**wave1, **wave2}
+    second = manifest(sim, "run-2")
+    assert set(second) == set(both)  # the whole dataset, not only the batch
+    for rel, data in both.items():
+        assert second[rel]["md5sum"] == hashlib.md5(data).hexdigest() and second[rel]["size"] == len(data)
+    assert {rel for rel, e in second.items() if "link" in e} == {"scan1/a.h5", "scan1/b.h5"}
+    assert all(second[rel]["link"]["version"] == "run" for rel in ("scan1/a.h5", "scan1/b.h5"))
+    root = bucket(sim) / "proj/asset"
+    assert (root / "run/notes.txt").read_bytes() == wave1["notes.txt"]  # versions are immutable
+    assert (root / "run-2/notes.txt").read_bytes() == wave2["notes.txt"]
+    assert (root / "run-2/scan2/c.h5").read_bytes() == wave2["scan2/c.h5"]
+    assert not (root / "run-2/scan1/a.h5").exists()  # a link, not a copy
+    assert not (bucket(sim) / "proj/..LOCK").exists()
+    # a reader of ..latest gets the whole dataset as it is now
+    out = tmp_path / "out"
+    pulled = await pull(GypsumAdapter(sim.url, "proj", "asset", None), out, EngineConfig(transfers=2),
+                        journal_path=tmp_path / "pull.sqlite")
+    assert pulled.ok
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == both
+
+
+async def test_a_batch_refused_at_start_waits_for_the_next_rescan(sim: SimServer, tmp_path: Path) -> None:
+    src = tmp_path / "beam"
+    first = {"a.bin": os.urandom(5000)}
+    later = {"b.bin": os.urandom(6000), "c.bin": os.urandom(7000)}
+    write(src, first)
+    w = Watching(sim, tmp_path, src, rescan=60)
+    other: dict[str, Any] = {}
+
+    async def body() -> None:
+        await w.settle(set(first))
+        await w.completed("run")
+        # another upload (another asset of the same project) holds the project's lock
+        async with GypsumClient(sim.url, OWNER) as c:
+            other.update(await c.start("proj", "other", "v1", [{"type": "simple", "path": "x", "md5sum": "0" * 32,
+                                                               "size": 1}], False))
+            write(src, later)
+            await w.settle(set(later))
+            await w.seen.until(lambda: {f.rel for f in w.failed} == set(later), "the batch refused")
+            assert all(f.transient and "locked" in f.error for f in w.failed)
+            assert versions(sim) == ["run"]
+            await c.finish_upload(other["abort_url"], other["session_token"], "abort")
+        w.clock.advance(60)  # the rescan offers them again
+        await w.seen.until(lambda: all(w.seen.observed[rel] == 2 for rel in later), "observed again")
+        w.clock.advance(SETTLE + 2)
+        await w.completed("run-2")
+
+    report = await w.run(body)
+    assert report.ok, report.failures  # the files refused at first were sent: out of the report
+    assert versions(sim) == ["run", "run-2"] and latest(sim) == "run-2"
+    assert set(manifest(sim, "run-2")) == {*first, *later}
+
+
+async def test_watch_needs_a_trusted_uploader_and_refuses_probation(sim: SimServer, tmp_path: Path) -> None:
+    src = tmp_path / "beam"
+    write(src, {"a.bin": b"a" * 100})
+    w = Watching(sim, tmp_path, src, token=UPLOADER)  # ursula: an untrusted uploader, put on probation
+
+    async def body() -> None:
+        await w.settle({"a.bin"})
+        await anyio.sleep_forever()
+
+    with pytest.raises(BaseExceptionGroup) as group:  # the push's task in the test's task group
+        await w.run(body)
+    err = group.value.exceptions[0]
+    assert isinstance(err, AuthError) and "on probation" in str(err)
+    assert "--uploader ursula,trusted" in (err.hint or "")
+    assert not (bucket(sim) / "proj/..LOCK").exists() and not (bucket(sim) / "proj/asset").exists()
+    with pytest.raises(UsageError, match="--probation does not apply"):
+        GypsumAdapter(sim.url, "proj", "asset", "run", token=OWNER, probation=True, watch=True)
