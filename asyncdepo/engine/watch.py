@@ -227,6 +227,8 @@ class Watch:
         assert self._stop_event is not None and self._poke is not None
         await self._stop_event.wait()
         self._poke.set()
+        self._reporter.message(f"stopping: nothing new is taken; what is in flight may take up to "
+                               f"{self.options.stop_timeout:g} s to finish")
         await self.clock.sleep(self.options.stop_timeout)
         if self._reporter.stats.in_flight:
             self.cut_short = True

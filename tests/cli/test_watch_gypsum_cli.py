@@ -167,3 +167,28 @@ def test_watch_options_that_do_not_apply_to_gypsum(tmp_path: Path, tsim: Threade
     assert cli_main([*base, "--compress", "zstd"]) == 2
     assert not (_bucket(tsim) / "proj/asset").exists()
     shutil.rmtree(tmp_path / "d")
+
+
+def test_sigterm_mid_version_lets_it_complete(tmp_path: Path, tsim: ThreadedSim, watchers: list[Watcher]) -> None:
+    assert tsim.server is not None
+    faults = tsim.server.faults
+    src, journal = tmp_path / "beam", tmp_path / "journal.sqlite"
+    src.mkdir()
+    files = {f"f{i}.bin": os.urandom(5_000 + i) for i in range(4)}
+    held = threading.Event()
+    faults.on_stall.append(lambda n: held.set())
+    tsim.call(lambda: faults.add(FaultRule("stall", method="PUT", path="/s3/proj/asset/run/d/f3.bin")))
+    _arrive(src, tmp_path, "d", files)
+    w = Watcher(["gypsum", str(src), "proj/asset/run"], journal)
+    watchers.append(w)
+    w.done({f"d/f{i}.bin" for i in range(3)})
+    assert held.wait(GUARD), "the held PUT never came"  # a guard, not a wait for work
+    w.proc.send_signal(signal.SIGTERM)
+    w.until(lambda e: e["event"] == "message" and e["text"].startswith("stopping"), "the stop")
+    tsim.call(faults.release_stalls)  # the held file goes on: the version is completed, then the watcher ends
+    w.until(_completed("run"), "the version completed")
+    finished = w.until(lambda e: e["event"] == "job_finished", "job_finished")
+    assert w.proc.wait(timeout=GUARD) == 0
+    assert finished["report"]["ok"] and finished["report"]["files_done"] == len(files)
+    assert not (_bucket(tsim) / "proj/..LOCK").exists()
+    assert set(_manifest(tsim, "run")) == {f"d/{r}" for r in files}

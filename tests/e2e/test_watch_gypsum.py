@@ -205,3 +205,24 @@ async def test_watch_needs_a_trusted_uploader_and_refuses_probation(sim: SimServ
     assert not (bucket(sim) / "proj/..LOCK").exists() and not (bucket(sim) / "proj/asset").exists()
     with pytest.raises(UsageError, match="--probation does not apply"):
         GypsumAdapter(sim.url, "proj", "asset", "run", token=OWNER, probation=True, watch=True)
+
+
+async def test_what_exists_at_the_start_is_one_version_even_if_the_scan_is_slow(sim: SimServer,
+                                                                                tmp_path: Path) -> None:
+    src = tmp_path / "beam"
+    files = {f"d{i}/f.bin": os.urandom(1000 + i) for i in range(4)}
+    write(src, files)
+    w = Watching(sim, tmp_path, src)
+    # the first scan takes longer than the settle time: each file is observed 2 s after the one before
+    slow = iter(range(len(files)))
+    w.watch.on_observe(lambda rel: w.clock.advance(2) if next(slow, None) is not None else None)
+
+    async def body() -> None:
+        await w.seen.until(lambda: set(files) <= set(w.seen.observed) and w.watch.idle, "the first scan")
+        w.clock.advance(SETTLE + 2)
+        await w.completed("run")
+        await w.seen.until(lambda: w.watch.idle and not w.watch.handed, "the watch is idle")
+
+    report = await w.run(body)
+    assert report.ok, report.failures
+    assert versions(sim) == ["run"] and set(manifest(sim, "run")) == set(files)
