@@ -19,8 +19,9 @@ from typing import Any, TypeVar
 import anyio
 import orjson
 
-from asyncdepo.adapters.gypsum.adapter import GypsumAdapter, parse_target
+from asyncdepo.adapters.gypsum.adapter import GypsumAdapter
 from asyncdepo.adapters.gypsum.api import GypsumClient
+from asyncdepo.adapters.gypsum.checks import parse_target
 from asyncdepo.adapters.gypsum.session import SessionStore
 from asyncdepo.cli import common
 from asyncdepo.errors import Cancelled, DepoError, UsageError

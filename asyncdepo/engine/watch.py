@@ -185,11 +185,9 @@ class Watch:
                   requeue: Callable[[set[str]], None] = lambda rels: None, rounds: bool = False) -> None:
         """Feed ``consume(batches, stop)`` until :meth:`stop`, then let it finish what is in flight.
 
-        ``requeue(rels)`` is told when files that failed in this run are offered again. With ``rounds`` an
-        empty batch marks the end of a round: the producer handed over every file that was due and goes to
-        sleep (a consumer that sends each round as one unit gathers the batches up to it); and the files of
-        the first scan come due together, one settle time after the scan ended, so that what exists at the
-        start is one round (unless more than ``max_pending`` files wait at once).
+        ``requeue(rels)`` is told when files that failed in this run are offered again. ``rounds``: an empty
+        batch ends each round (every file due was handed over; the producer sleeps), and the first scan's
+        files come due together after it, so what exists at the start is one round (up to ``max_pending``).
 
         :raises UsageError: ``root`` is not a readable directory.
         """
@@ -289,14 +287,12 @@ class Watch:
             tg.cancel_scope.cancel()
 
     async def _round_end(self, send: ObjectSendStream[list[Item]]) -> None:
-        """(rounds) Mark the end of a round, when files were handed over since the last mark."""
-        if self._rounds and self._handed_since:
+        if self._rounds and self._handed_since:  # files were handed over since the last mark
             self._handed_since = False
             await send.send([])
 
     def _align(self) -> None:
-        """(rounds) Every file waiting to settle comes due with the last of them (the first scan's files go
-        in one round)."""
+        """(rounds) Every file waiting to settle comes due with the last of them."""
         if not self.pending:
             return
         due = max(s.due for s in self.pending.values())
@@ -404,9 +400,8 @@ class Watch:
             else:
                 for it in todo:
                     self._observe(it.rel, it.path, it.size, it.mtime_ns)
-            # events and due files are served while a long scan goes on (in rounds, the first scan's files
-            # wait for its end); the scan waits while too many files are still settling (``pending`` stays
-            # bounded)
+            # events and due files are served while a long scan goes on (rounds: not the first scan's); the
+            # scan waits while too many files are still settling (``pending`` stays bounded)
             await self._take_events(send)
             if not (first and self._rounds):
                 await self._settle(send)

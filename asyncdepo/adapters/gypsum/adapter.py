@@ -41,7 +41,6 @@ file to PUT; nothing grows with file sizes.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -50,7 +49,10 @@ from typing import Any, Self
 
 import anyio
 
+from asyncdepo.adapters.gypsum import checks
 from asyncdepo.adapters.gypsum.api import GypsumClient, file_path
+from asyncdepo.adapters.gypsum.chain import Chain
+from asyncdepo.adapters.gypsum.checks import check_rel
 from asyncdepo.adapters.gypsum.session import SessionRecord, SessionStore
 from asyncdepo.adapters.gypsum.writer import GypsumWriter
 from asyncdepo.contract import Adapter, ChunkWriter, Features, Item, PlainGet, RemoteItem
@@ -58,48 +60,11 @@ from asyncdepo.errors import (
     AuthError,
     ConflictError,
     PermanentError,
-    QuotaError,
     RemoteValidationError,
     TransientError,
     UsageError,
-    ValidationError,
 )
 from asyncdepo.events import Reporter
-
-UNLOCK_HINT = "if that upload is stale, an administrator can clear the lock: asyncdepo gypsum unlock {p}"
-
-
-def parse_target(text: str, *, need_version: bool) -> tuple[str, str, str | None]:
-    """``PROJECT/ASSET/VERSION`` (or ``PROJECT/ASSET`` when ``need_version`` is false).
-
-    :raises UsageError: wrong shape or a name gypsum refuses.
-    """
-    parts = text.strip("/").split("/")
-    if len(parts) not in ((3,) if need_version else (2, 3)) or not all(parts):
-        shape = "PROJECT/ASSET/VERSION" if need_version else "PROJECT/ASSET[/VERSION]"
-        raise UsageError(f"target {text!r}: expected {shape}")
-    for part in parts:
-        if part.startswith("..") or "\\" in part:
-            raise UsageError(f"target {text!r}: names cannot start with '..' or contain '\\'")
-    return parts[0], parts[1], (parts[2] if len(parts) == 3 else None)
-
-
-def check_rel(rel: str) -> None:
-    """A file path gypsum accepts (no component starting with '..', no '\\').
-
-    :raises ValidationError: naming the path.
-    """
-    if "\\" in rel or any(part.startswith("..") or part in ("", ".") for part in rel.split("/")):
-        raise ValidationError("path", f"{rel!r} cannot be stored in gypsum (a component starts with '..', "
-                              "is empty, or contains '\\')", hint="rename it, or leave it out with --exclude")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1000
-    return f"{n} B"  # pragma: no cover
 
 
 class GypsumAdapter(Adapter):
@@ -135,10 +100,7 @@ class GypsumAdapter(Adapter):
         self._counts = {"files": 0, "to_put": 0, "already_put": 0}
         self._handed = False  # a copy on a cluster's worker: the session came from the coordinator
         self.watch = watch
-        self.base_version = version
-        #: (watch) ``next``: the number of the open or next version; ``version``: its name; ``open``: started
-        #: and not yet completed; ``files``: the batch it holds; ``last``: the last version completed
-        self.chain: dict[str, Any] = {"next": 1, "version": version, "open": False, "files": [], "last": None}
+        self.chain = Chain(version or "")  # (watch) the versions made so far, the open one
         if watch:
             if version is None:
                 raise UsageError("a watch needs PROJECT/ASSET/VERSION")
@@ -153,7 +115,7 @@ class GypsumAdapter(Adapter):
     # -- identity and state --------------------------------------------------------------------------
     def describe(self) -> str:
         if self.watch:  # one job for the whole chain: the journal knows which files are in a version
-            return f"gypsum {self.client.base}/{self.project}/{self.asset}/{self.base_version} watch"
+            return f"gypsum {self.client.base}/{self.project}/{self.asset}/{self.chain.base} watch"
         where = f"{self.client.base}/{self.project}/{self.asset}/{self.version or '(latest)'}"
         return f"gypsum {where} upload {self._label}"
 
@@ -165,19 +127,16 @@ class GypsumAdapter(Adapter):
         out = {"label": self._label, "target": f"{self.project}/{self.asset}/{self.version}",
                "started": self.session is not None, **self._counts}
         if self.watch:
-            out["watch"] = dict(self.chain)
+            out["watch"] = self.chain.state()
         return out
 
     def restore_job_state(self, state: Mapping[str, Any]) -> None:
         """(watch) The chain of versions; otherwise nothing: the session file (checked against the lock) is
         the truth."""
         chain = state.get("watch")
-        if self.watch and isinstance(chain, dict) and chain.get("version"):
-            self.chain.update(chain)
-            self.version = str(chain["version"])
-
-    def _name(self, n: int) -> str:
-        return str(self.base_version) if n == 1 else f"{self.base_version}-{n}"
+        if self.watch and isinstance(chain, dict):
+            self.chain.restore(chain)
+            self.version = self.chain.version
 
     async def open_unit(self) -> list[str]:
         """(watch) The batch of the version an earlier run started and did not complete: resumed through its
@@ -187,20 +146,24 @@ class GypsumAdapter(Adapter):
             return []
         chain = self.chain
         await self.find_session()  # also the session of a start whose answer the journal never recorded
-        if not chain["open"] or self.session is not None:
-            return list(chain["files"]) if chain["open"] else []
+        if not chain.open or self.session is not None:
+            return list(chain.files) if chain.open else []
         summary = await self.client.fetch_json(f"{self.project}/{self.asset}/{self.version}/..summary")
         if isinstance(summary, dict) and "upload_finish" in summary:
             self._say(f"version {self.version} was completed before the watcher stopped")
-            self._completed()
+            chain.completed()
+            self.version = chain.version
             return []
-        return list(chain["files"])
+        return list(chain.files)
 
-    def _completed(self) -> None:
-        chain = self.chain
-        n = int(chain["next"]) + 1
-        chain.update(last=self.version, next=n, version=self._name(n), open=False, files=[])
-        self.version = chain["version"]
+    async def _free_name(self) -> None:
+        """(watch) Pass over version names that exist already (taken by another upload, or a version whose
+        session was lost): versions are immutable."""
+        p, a = self.project, self.asset
+        while await self.client.fetch_json(f"{p}/{a}/{self.chain.version}/..summary") is not None:
+            taken = self.chain.version
+            self.version = self.chain.pass_over()
+            self._say(f"gypsum version {p}/{a}/{taken} exists already: this batch goes to {self.version}")
 
     def check_item(self, item: Item) -> None:
         """:raises ValidationError: a path gypsum cannot store (it fails alone in watch mode)."""
@@ -279,70 +242,18 @@ class GypsumAdapter(Adapter):
             await self._precheck(local)
             skip = await self._start(local)
         if self.watch:
-            self.chain.update(version=self.version, open=True, files=sorted(local))
+            self.chain.opened(local)
         self._skip = skip
         return skip
 
     async def _precheck(self, local: Mapping[str, tuple[int, str]]) -> None:
-        p, a, v = self.project, self.asset, self.version
-        fetch = self.client.fetch_json
-        if await fetch(f"{p}/..permissions") is None:
-            raise RemoteValidationError(f"gypsum project '{p}' does not exist on {self.client.base}",
-                                        hint=f"an administrator creates it: asyncdepo gypsum create {p} --owner LOGIN")
-        summary = await fetch(f"{p}/{a}/{v}/..summary")
-        while summary is not None and self.watch:
-            # a name another upload took (or one whose session was lost): the chain goes on with the next
-            n = int(self.chain["next"]) + 1
-            self._say(f"gypsum version {p}/{a}/{v} exists already: this batch goes to {self._name(n)}")
-            v = self.version = self._name(n)
-            self.chain.update(next=n, version=v)
-            summary = await fetch(f"{p}/{a}/{v}/..summary")
-        if summary is not None:
-            who = summary.get("upload_user_id", "?")
-            raise ConflictError(f"gypsum version {p}/{a}/{v} already exists (uploaded by {who})",
-                                hint="versions are immutable: push to a new version name")
-        lock = await fetch(f"{p}/..LOCK")
-        if lock is not None:
-            raise self._locked(lock)
-        quota, usage = await fetch(f"{p}/..quota"), await fetch(f"{p}/..usage")
-        if not isinstance(quota, dict):
-            return
-        needed = sum(size for size, _ in local.values())
-        if self.dedup:
-            needed -= await self._predicted_dedup(local)
-        year = _dt.datetime.now(_dt.UTC).year
-        baseline, growth = float(quota.get("baseline", 0)), float(quota.get("growth_rate", 0))
-        since = int(quota.get("year", year))
-        limit = baseline + (year - since) * growth
-        used = float((usage or {}).get("total", 0))
-        if used + needed >= limit:
-            raise QuotaError(
-                f"gypsum project '{p}' is over quota for this upload: it needs {_human(needed)} "
-                f"({needed:,} bytes) but only {_human(max(0.0, limit - used))} is left (usage {_human(used)} "
-                f"of {_human(limit)}: baseline {_human(baseline)} + {_human(growth)}/year since {since})",
-                hint=f"ask a gypsum administrator to raise it: asyncdepo gypsum set-quota {p} --baseline BYTES")
-        self._say(f"quota: {_human(needed)} to store, {_human(limit - used)} left in project {p}")
-
-    async def _predicted_dedup(self, local: Mapping[str, tuple[int, str]]) -> int:
-        """Bytes the server will link instead of storing (files matching the latest version)."""
-        latest = await self.client.fetch_json(f"{self.project}/{self.asset}/..latest")
-        if not isinstance(latest, dict) or "version" not in latest:
-            return 0
-        manifest = await self.client.fetch_json(f"{self.project}/{self.asset}/{latest['version']}/..manifest")
-        if not isinstance(manifest, dict):
-            return 0
-        known = {(int(e["size"]), str(e["md5sum"]).lower()) for e in manifest.values()}
-        return sum(size for size, md5 in local.values() if (size, md5) in known)
-
-    def _locked(self, lock: Mapping[str, Any]) -> ConflictError:
-        # only fields that say who and what; a real server's lock may hold more, which is not ours to print
-        held = f"{lock.get('asset', '?')}/{lock.get('version', '?')}"
-        who = f" by {lock['user_id']}" if isinstance(lock.get("user_id"), str) else ""
-        when = f" since {lock['locked_at']}" if isinstance(lock.get("locked_at"), str) else ""
-        return ConflictError(
-            f"gypsum project '{self.project}' is locked by another upload (of {held}{who}{when})",
-            hint="wait for it to finish; its uploader can abort it with `asyncdepo gypsum abort "
-                 f"{self.project}/{held}` on the machine that started it; " + UNLOCK_HINT.format(p=self.project))
+        await checks.project_exists(self.client, self.project)
+        if self.watch:
+            await self._free_name()
+        assert self.version is not None
+        quota = await checks.before_start(self.client, self.project, self.asset, self.version, local, self.dedup)
+        if quota:
+            self._say(quota)
 
     async def _start(self, local: Mapping[str, tuple[int, str]]) -> set[str]:
         assert self.version is not None
@@ -350,9 +261,7 @@ class GypsumAdapter(Adapter):
         files: list[dict[str, Any]] = [{"type": kind, "path": rel, "md5sum": md5, "size": size}
                                        for rel, (size, md5) in local.items()]
         carried = await self._carried(local)
-        files += [{"type": "link", "path": rel, "link": {"project": self.project, "asset": self.asset,
-                                                          "version": self.chain["last"], "path": rel}}
-                  for rel in carried]
+        files += carried
         try:
             init = await self.client.start(self.project, self.asset, self.version, files, self.probation)
         except TransientError:
@@ -361,12 +270,12 @@ class GypsumAdapter(Adapter):
                 raise ConflictError(
                     f"gypsum upload start {self.project}/{self.asset}/{self.version}: the answer was lost but "
                     "the server seems to have started the upload (the project is now locked for it)",
-                    hint=UNLOCK_HINT.format(p=self.project)) from None
+                    hint=checks.UNLOCK_HINT.format(p=self.project)) from None
             raise
         except ConflictError:
             lock = await self.client.fetch_json(f"{self.project}/..LOCK")
             if isinstance(lock, dict):
-                raise self._locked(lock) from None
+                raise checks.locked(self.project, lock) from None
             raise
         except AuthError as exc:
             if exc.status == 403 and exc.hint is None:
@@ -397,14 +306,17 @@ class GypsumAdapter(Adapter):
         self._counts["to_put"] = len(urls)
         where = f"version {self.version}: " if self.watch else ""
         self._say(f"{where}upload started: {len(urls)} file(s) to send, {len(local) - len(urls)} linked to "
-                  "earlier versions or deduplicated" + (f", {len(carried)} kept from {self.chain['last']}"
+                  "earlier versions or deduplicated" + (f", {len(carried)} kept from {self.chain.last}"
                                                        if carried else ""))
         return set(local) - set(urls)
 
-    async def _carried(self, local: Mapping[str, Any]) -> list[str]:
-        """(watch) The paths of the chain's last version that this batch does not replace: linked to it, so
-        that the new version is the whole dataset."""
-        last = self.chain["last"] if self.watch else None
+    async def _carried(self, local: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """(watch) Links to the paths of the chain's last version that this batch does not replace, so that
+        the new version is the whole dataset.
+
+        :raises RemoteValidationError: that version is gone (removed by an administrator).
+        """
+        last = self.chain.last if self.watch else None
         if last is None:
             return []
         manifest = await self.client.fetch_json(f"{self.project}/{self.asset}/{last}/..manifest")
@@ -412,7 +324,7 @@ class GypsumAdapter(Adapter):
             raise RemoteValidationError(
                 f"gypsum version {self.project}/{self.asset}/{last}, the last of this watch, is gone: the next "
                 "version cannot keep its files", hint="start a new chain: run the watch with a new VERSION name")
-        return sorted(rel for rel in manifest if rel not in local)
+        return self.chain.links(self.project, self.asset, manifest, local)
 
     async def _resume(self, local: Mapping[str, tuple[int, str]]) -> set[str]:
         rec = self.session
@@ -497,16 +409,17 @@ class GypsumAdapter(Adapter):
                 await self._end(rec, "complete")
             except PermanentError:
                 await self._end(rec, "abort")
-                chain["open"] = False
+                chain.discarded()
                 raise
-            self._completed()
+            chain.completed()
+            self.version = chain.version
             summary["state"] = "completed (now ..latest)"
             self._say(f"version {target} completed: {self._counts['files']} file(s) of this batch, "
                       f"{self._counts['to_put']} of them sent; it is now ..latest")
             return summary
         if rec is not None:
             await self._end(rec, "abort")
-        chain["open"] = False
+        chain.discarded()
         summary["state"] = "discarded (its files go in the next version)"
         return summary
 
