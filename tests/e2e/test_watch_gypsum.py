@@ -129,6 +129,12 @@ async def test_two_waves_become_two_complete_versions(sim: SimServer, tmp_path: 
         write(src, wave2)
         await w.settle(set(wave2))
         await w.completed("run-2")
+        # a file touched, not changed: no third version that would repeat the second
+        st = (src / "scan1/a.h5").stat()
+        os.utime(src / "scan1/a.h5", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        await w.seen.until(lambda: w.seen.observed["scan1/a.h5"] == 2, "the touch observed")
+        w.clock.advance(SETTLE + 2)
+        await w.seen.until(lambda: any("no new version" in m for m in w.messages), "the touch settled")
 
     report = await w.run(body)
     assert report.ok, report.failures

@@ -24,7 +24,8 @@ Watch mode (``watch=True``, ``Features.watch_units``): each batch of files that 
 is a version of its own. The first is ``VERSION``, then ``VERSION-2``, ``VERSION-3``... (a name another
 upload took is passed over). Every version after the first is the whole dataset: the batch's files are
 declared (``dedup`` unless ``dedup=False``) and every other path of the previous version of the chain is a
-``link`` to it, so nothing unchanged is sent again and ``..latest`` always names a complete version. The
+``link`` to it, so nothing unchanged is sent again and ``..latest`` always names a complete version (a batch
+whose files all match that version, touched but not changed, makes none). The
 chain (the next number, the last version completed, the open version and its batch) is the job state; an
 open version is taken up again through its session file (:meth:`open_unit`), and one the server shows
 finished is taken as completed. A batch whose files no longer match the open version's manifest discards it
@@ -239,8 +240,16 @@ class GypsumAdapter(Adapter):
         if self.session is not None:
             skip = await self._resume(local)
         else:
+            last = await self._last_manifest()
+            if last is not None and all(
+                    rel in last and (int(last[rel]["size"]), str(last[rel]["md5sum"]).lower()) == entry
+                    for rel, entry in local.items()):
+                # (watch) touched, not changed: the version would be the last one again
+                self._say(f"{len(local)} file(s) unchanged since version {self.chain.last}: no new version")
+                self._skip = set(local)
+                return self._skip
             await self._precheck(local)
-            skip = await self._start(local)
+            skip = await self._start(local, last)
         if self.watch:
             self.chain.opened(local)
         self._skip = skip
@@ -255,12 +264,14 @@ class GypsumAdapter(Adapter):
         if quota:
             self._say(quota)
 
-    async def _start(self, local: Mapping[str, tuple[int, str]]) -> set[str]:
+    async def _start(self, local: Mapping[str, tuple[int, str]], last: Mapping[str, Any] | None = None) -> set[str]:
+        """Start the upload of ``local`` (rel -> (size, md5)); (watch) the paths of ``last``, the manifest of
+        the chain's last version, that ``local`` does not replace are linked to it."""
         assert self.version is not None
         kind = "dedup" if self.dedup else "simple"
         files: list[dict[str, Any]] = [{"type": kind, "path": rel, "md5sum": md5, "size": size}
                                        for rel, (size, md5) in local.items()]
-        carried = await self._carried(local)
+        carried = [] if last is None else self.chain.links(self.project, self.asset, last, local)
         files += carried
         try:
             init = await self.client.start(self.project, self.asset, self.version, files, self.probation)
@@ -310,21 +321,21 @@ class GypsumAdapter(Adapter):
                                                        if carried else ""))
         return set(local) - set(urls)
 
-    async def _carried(self, local: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """(watch) Links to the paths of the chain's last version that this batch does not replace, so that
-        the new version is the whole dataset.
+    async def _last_manifest(self) -> dict[str, Any] | None:
+        """(watch) The manifest of the chain's last version (None: no version yet, or not a watch): the next
+        version links its paths that the batch does not replace, so that it is the whole dataset.
 
         :raises RemoteValidationError: that version is gone (removed by an administrator).
         """
         last = self.chain.last if self.watch else None
         if last is None:
-            return []
+            return None
         manifest = await self.client.fetch_json(f"{self.project}/{self.asset}/{last}/..manifest")
         if not isinstance(manifest, dict):
             raise RemoteValidationError(
                 f"gypsum version {self.project}/{self.asset}/{last}, the last of this watch, is gone: the next "
                 "version cannot keep its files", hint="start a new chain: run the watch with a new VERSION name")
-        return self.chain.links(self.project, self.asset, manifest, local)
+        return manifest
 
     async def _resume(self, local: Mapping[str, tuple[int, str]]) -> set[str]:
         rec = self.session
@@ -342,7 +353,7 @@ class GypsumAdapter(Adapter):
                       "is discarded and started again")
             await self._end(rec, "abort")
             await self._precheck(local)
-            return await self._start(local)
+            return await self._start(local, await self._last_manifest())
         if differ:
             shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
             hint = (f"discard it with `asyncdepo gypsum abort {p}/{a}/{v}`, then push again"
@@ -404,6 +415,8 @@ class GypsumAdapter(Adapter):
         chain = self.chain
         target = f"{self.project}/{self.asset}/{self.version}"
         summary: dict[str, Any] = {"gypsum": target, "files in the batch": self._counts["files"]}
+        if rec is None and ok:  # nothing was started: the batch is the last version's files, unchanged
+            return {"gypsum": f"{self.project}/{self.asset}/{chain.last}", "state": "unchanged: no new version"}
         if rec is not None and ok:
             try:
                 await self._end(rec, "complete")
