@@ -24,7 +24,7 @@ from asyncdepo.engine.watch import Watch, WatchOptions
 from asyncdepo.errors import AuthError, UsageError
 from asyncdepo.events import Event, ItemFailed, Message, Reporter
 from asyncdepo.sim import gypsum as gsim
-from asyncdepo.sim.faults import FaultInjector
+from asyncdepo.sim.faults import FaultInjector, FaultRule
 from asyncdepo.sim.server import SimServer
 from tests.e2e.test_watch import Seen
 from tests.fakeclock import ManualClock
@@ -232,3 +232,72 @@ async def test_what_exists_at_the_start_is_one_version_even_if_the_scan_is_slow(
     report = await w.run(body)
     assert report.ok, report.failures
     assert versions(sim) == ["run"] and set(manifest(sim, "run")) == set(files)
+
+
+async def test_a_version_name_taken_by_another_upload_is_passed_over(sim: SimServer, tmp_path: Path) -> None:
+    src = tmp_path / "beam"
+    wave1, wave2 = {"a.bin": os.urandom(3000)}, {"b.bin": os.urandom(4000)}
+    write(src, wave1)
+    other = tmp_path / "other"
+    write(other, {"x.bin": b"someone else's"})
+    w = Watching(sim, tmp_path, src)
+
+    async def body() -> None:
+        await w.settle(set(wave1))
+        await w.completed("run")
+        report = await push(other, GypsumAdapter(sim.url, "proj", "asset", "run-2", token=OWNER,
+                                                 sessions=tmp_path / "sessions"),
+                            journal_path=tmp_path / "other.sqlite")
+        assert report.ok
+        write(src, wave2)
+        await w.settle(set(wave2))
+        await w.completed("run-3")
+
+    report = await w.run(body)
+    assert report.ok, report.failures
+    assert versions(sim) == ["run", "run-2", "run-3"] and latest(sim) == "run-3"
+    third = manifest(sim, "run-3")
+    assert set(third) == {"a.bin", "b.bin"} and third["a.bin"]["link"]["version"] == "run"  # the chain's own
+    assert any("run-2 exists already" in m for m in w.messages)
+
+
+async def test_a_version_cut_short_is_completed_next_time_or_redone_if_its_files_changed(
+        sim: SimServer, tmp_path: Path) -> None:
+    src = tmp_path / "beam"
+    files = {f"f{i}.bin": os.urandom(8000 + i) for i in range(3)}
+    write(src, files)
+    held = anyio.Event()
+    sim.faults.on_stall.append(lambda n: held.set())
+    sim.faults.add(FaultRule("stall", method="PUT", path="/s3/proj/asset/run/f2.bin"))
+    w = Watching(sim, tmp_path, src)
+    with anyio.CancelScope() as scope:
+
+        async def body() -> None:
+            await w.settle(set(files))
+            await w.seen.until(lambda: {"f0.bin", "f1.bin"} <= set(w.seen.done), "two files sent")
+            await held.wait()
+            scope.cancel()  # as a second Ctrl-C: the version is cut short, no finish
+
+        await w.run(body)
+    assert (bucket(sim) / "proj/..LOCK").exists() and latest(sim) is None  # open, kept for the next run
+    sim.faults.release_stalls()
+    sim.faults.clear()
+    # while it is down, a file already sent in the open version is rewritten
+    write(src, {"f0.bin": (new := os.urandom(5000))})
+    sim.faults.reset_counters()
+    again = Watching(sim, tmp_path, src)
+
+    async def body2() -> None:
+        await again.completed("run")
+        await again.seen.until(lambda: again.watch.idle and not again.watch.handed, "the watch is idle")
+
+    report = await again.run(body2)
+    assert report.ok, report.failures
+    assert any("changed since" in m and "started again" in m for m in again.messages)
+    assert versions(sim) == ["run"] and latest(sim) == "run"  # the same version, started again
+    # the files of the aborted upload are sent again, whatever the journal had of them
+    assert sim.faults.bytes_in[PUT] == len(new) + len(files["f1.bin"]) + len(files["f2.bin"])
+    root = bucket(sim) / "proj/asset/run"
+    assert (root / "f0.bin").read_bytes() == new
+    assert all((root / rel).read_bytes() == data for rel, data in files.items() if rel != "f0.bin")
+    assert not (bucket(sim) / "proj/..LOCK").exists()
