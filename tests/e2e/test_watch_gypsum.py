@@ -58,7 +58,8 @@ def latest(sim: SimServer) -> str | None:
 
 
 def versions(sim: SimServer) -> list[str]:
-    return sorted(p.name for p in (bucket(sim) / "proj/asset").iterdir() if p.is_dir())
+    asset = bucket(sim) / "proj/asset"
+    return sorted(p.name for p in asset.iterdir() if p.is_dir()) if asset.exists() else []
 
 
 def write(root: Path, files: dict[str, bytes]) -> None:
@@ -301,3 +302,30 @@ async def test_a_version_cut_short_is_completed_next_time_or_redone_if_its_files
     assert (root / "f0.bin").read_bytes() == new
     assert all((root / rel).read_bytes() == data for rel, data in files.items() if rel != "f0.bin")
     assert not (bucket(sim) / "proj/..LOCK").exists()
+
+
+async def test_a_version_with_a_failed_file_is_discarded_and_its_files_sent_again(sim: SimServer,
+                                                                                  tmp_path: Path) -> None:
+    src = tmp_path / "beam"
+    files = {"a.bin": os.urandom(4000), "b.bin": os.urandom(5000), "c.bin": os.urandom(6000)}
+    write(src, files)
+    sim.faults.add(FaultRule("status", method="PUT", path="/s3/proj/asset/run/b.bin", status=400, first=0))
+    w = Watching(sim, tmp_path, src, rescan=60)
+
+    async def body() -> None:
+        await w.settle(set(files))
+        await w.seen.until(lambda: any("was discarded" in m for m in w.messages), "the version discarded")
+        assert [(f.rel, f.transient) for f in w.failed] == [("b.bin", False)]
+        assert versions(sim) == [] and not (bucket(sim) / "proj/..LOCK").exists()  # aborted, unlocked
+        sim.faults.clear()
+        w.clock.advance(60)  # the rescan offers the files sent in the discarded version again
+        await w.seen.until(lambda: w.seen.observed["a.bin"] == 2 and w.seen.observed["c.bin"] == 2, "re-offered")
+        write(src, {"b.bin": files["b.bin"] + b"fixed"})  # the refused file goes once it changed
+        await w.seen.until(lambda: w.seen.observed["b.bin"] == 2, "the change observed")
+        w.clock.advance(SETTLE + 2)
+        await w.completed("run")
+
+    report = await w.run(body)
+    assert report.ok, report.failures
+    assert versions(sim) == ["run"] and set(manifest(sim, "run")) == set(files)
+    assert (bucket(sim) / "proj/asset/run/b.bin").read_bytes() == files["b.bin"] + b"fixed"
