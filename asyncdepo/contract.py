@@ -291,6 +291,9 @@ class Features:
     :param pull_sessions: pulls go in sessions of many items (:meth:`Adapter.open_fetch_session`).
     :param session_items: most items in one session.
     :param session_bytes: most bytes in one session (None: no limit; a larger single item goes alone).
+    :param watch_units: in watch mode each batch of files that became complete together is one unit of the
+        target, opened and closed on its own (a gypsum version); see "Watch units" in :class:`Adapter`.
+        Without it, a target that ``needs_digests_before_start`` refuses watch mode.
     """
 
     multipart: bool = False
@@ -312,6 +315,7 @@ class Features:
     pull_sessions: bool = False
     session_items: int = 1000
     session_bytes: int | None = None
+    watch_units: bool = False
 
 
 class ChunkWriter(ABC):
@@ -398,6 +402,17 @@ class Adapter(ABC):
     ``sessions``, once with an empty list), ``open_item`` per item (or ``open_session`` per batch), and
     ``finish(ok)`` at the end (``ok`` False on failure or cancel:
     the adapter aborts job-level state, e.g. releases a lock, unless ``keep_for_resume``).
+
+    Watch units (``features.watch_units``, watch mode only): the run is a sequence of units, one at a time.
+    First :meth:`open_unit` (after ``restore_job_state``) names the files of a unit an earlier run opened and
+    did not close; they are sent and closed before anything new. Then, per batch of files that became
+    complete together: :meth:`check_item` per file, the digests of ``features.item_digests``, ``prepare``
+    (opens the unit; returns what needs no upload: the engine sends every other file of the unit, whatever
+    the journal remembers of an earlier attempt), ``open_item`` per file, ``finish(ok)`` (closes the unit:
+    commit when every file arrived, else discard it; the engine offers the files of a discarded unit again).
+    ``job_state()`` is journaled after each ``prepare`` and ``finish``, so it must name an open unit. A unit
+    cut short (a stop timeout, a second signal, ``kill -9``) gets no ``finish``: it stays open for the next
+    run. There is no ``finish`` at the end of the run.
     """
 
     name: ClassVar[str] = ""
@@ -427,6 +442,22 @@ class Adapter(ABC):
         With ``features.sessions`` it is called once with an empty list before the first session: the
         job-level start (what it raises ends the job before any byte moves)."""
         return set()
+
+    def check_item(self, item: Item) -> None:
+        """(Watch units) Raise when the target cannot store ``item`` (e.g. its name), so that it fails alone
+        before its unit is opened; the default accepts every item.
+
+        :raises DepoError: naming the item and what to do.
+        """
+
+    async def open_unit(self) -> list[str]:
+        """(Watch units) The ``rel`` paths of the unit an earlier run of the job opened and did not close,
+        known from ``restore_job_state`` (empty: none). A unit the target shows closed already is taken as
+        closed. Called once, before any ``prepare``.
+
+        :raises DepoError: the target could not be asked.
+        """
+        return []
 
     @abstractmethod
     async def open_item(self, item: Item, saved: Mapping[str, Any] | None) -> ChunkWriter:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,8 +19,9 @@ from typing import Any, TypeVar
 import anyio
 import orjson
 
-from asyncdepo.adapters.gypsum.adapter import GypsumAdapter, parse_target
+from asyncdepo.adapters.gypsum.adapter import GypsumAdapter
 from asyncdepo.adapters.gypsum.api import GypsumClient
+from asyncdepo.adapters.gypsum.checks import parse_target
 from asyncdepo.adapters.gypsum.session import SessionStore
 from asyncdepo.cli import common
 from asyncdepo.errors import Cancelled, DepoError, UsageError
@@ -50,10 +52,10 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def _engine_run(fn: Callable[[], Awaitable[T]], reporter: Any) -> T:
+def _engine_run(fn: Callable[[], Awaitable[T]], reporter: Any, on_signal: Callable[[], None] | None = None) -> T:
     """``common.run`` with DepoErrors unwrapped from exception groups."""
     try:
-        return common.run(fn, reporter)
+        return common.run(fn, reporter, on_signal=on_signal)
     except BaseExceptionGroup as eg:
         leaf = unwrap(eg)
         if isinstance(leaf, DepoError):
@@ -94,7 +96,10 @@ def push_main(argv: list[str]) -> int:
         description="Upload DIR as a new version of a gypsum asset: md5 of every file first (in parallel), "
                     "quota checked, then concurrent presigned PUTs; unchanged files of the latest version "
                     "become links. On failure or Ctrl-C the upload is aborted (the project is never left "
-                    "locked) unless --keep-for-resume; re-running resumes a kept upload.")
+                    "locked) unless --keep-for-resume; re-running resumes a kept upload. With --watch: what "
+                    "exists goes as VERSION, then each batch of new or changed files as VERSION-2, "
+                    "VERSION-3... each one the whole dataset (unchanged files linked to the version before); "
+                    "..latest names the newest.")
     p.add_argument("source", type=Path, help="directory to upload")
     p.add_argument("target", help="PROJECT/ASSET/VERSION")
     _server_option(p)
@@ -107,12 +112,12 @@ def push_main(argv: list[str]) -> int:
     common.add_watch_options(p)
     try:
         args = p.parse_args(argv)
-        common.refuse_watch(args, "a gypsum version needs every file's digest before its upload starts, and is "
-                            "immutable once completed",
-                            hint="push each finished run as a version of its own: asyncdepo push gypsum RUN_DIR "
-                                 "PROJECT/ASSET/RUN_NAME")
         project, asset, version = parse_target(args.target, need_version=True)
         cluster = common.cluster_options(args)
+        watch = common.watch_of(args)
+        if watch is not None and cluster is not None:
+            raise UsageError("--watch runs on this machine, where the files appear: it cannot be spread over a "
+                             "cluster", hint="drop --scheduler / --local-cluster")
         config = common.engine_config(args)
         if config.compress is not None:
             raise UsageError("gypsum stores files as they are: --compress cannot be used")
@@ -122,7 +127,9 @@ def push_main(argv: list[str]) -> int:
         reporter = common.make_reporter(args, title=f"gypsum {args.target}")
         adapter = GypsumAdapter(server_of(args), project, asset, version, token=token, probation=args.probation,
                                 dedup=not args.no_dedup, keep_for_resume=args.keep_for_resume,
-                                sessions=session_store(args), reporter=reporter)
+                                sessions=session_store(args), reporter=reporter, watch=watch is not None)
+        if watch is not None:
+            common.publish_watch(reporter, watch)
     except DepoError as exc:
         return common.error_exit(exc)
     except ValueError as exc:
@@ -139,9 +146,16 @@ def push_main(argv: list[str]) -> int:
             report = _engine_run(lambda: push_on_cluster(args.source, adapter, config, recipe, cluster,
                                                          reporter=reporter, argv=stored), reporter)
         else:
-            report = _engine_run(lambda: push(args.source, adapter, config, reporter=reporter, argv=stored),
-                                 reporter)
+            # a watch runs for days: progress and metrics are refreshed every 5 s rather than twice a second
+            report = _engine_run(lambda: push(args.source, adapter, config, reporter=reporter, argv=stored,
+                                              watch=watch, tick=5.0 if watch else 0.5),
+                                 reporter, on_signal=watch.stop if watch else None)
     except Cancelled:
+        if watch is not None:
+            print("\ninterrupted; a version being uploaded stays open (the project locked): run the same command "
+                  f"again to complete it, or discard it with asyncdepo gypsum abort {adapter.project}/"
+                  f"{adapter.asset}/{adapter.version}", file=sys.stderr)
+            return common.EXIT_INTERRUPTED
         kept = args.keep_for_resume
         print("\ninterrupted; " + ("the upload is kept: run the same command again to resume it"
                                    if kept else "the upload was aborted and the project unlocked"), file=sys.stderr)
@@ -149,7 +163,14 @@ def push_main(argv: list[str]) -> int:
     except DepoError as exc:
         return common.error_exit(exc)
     jid = job_id("push", str(args.source.absolute()), target_identity(adapter, config))
-    hint = "the same command (kept uploads resume)" if args.keep_for_resume else f"asyncdepo resume {jid}"
+    if report.interrupted:  # a watch stopped while a version was being uploaded
+        common.print_report(report, json_out=args.json)
+        print(f"stopped with version {adapter.version} open (the project stays locked): run the same command "
+              f"again to complete it, or discard it with asyncdepo gypsum abort {adapter.project}/{adapter.asset}/"
+              f"{adapter.version}", file=sys.stderr)
+        return common.EXIT_INTERRUPTED
+    hint = ("the same command (kept uploads resume)" if args.keep_for_resume or watch is not None
+            else f"asyncdepo resume {jid}")
     return common.print_report(report, json_out=args.json, resume_hint=hint)
 
 
@@ -257,7 +278,9 @@ async def _group(args: argparse.Namespace, c: GypsumClient) -> Any:
     if cmd == "versions":
         project, asset, _ = parse_target(args.target + "/x", need_version=True)
         latest = (await c.fetch_json(f"{project}/{asset}/..latest") or {}).get("version")
-        names = [v.rstrip("/") for v in await _ls(c, f"{project}/{asset}") if v.endswith("/")]
+        # numbers in names compare as numbers: a watch's run1, run1-2, ..., run1-10 in the order it made them
+        names = sorted((v.rstrip("/") for v in await _ls(c, f"{project}/{asset}") if v.endswith("/")),
+                       key=lambda v: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", v)])
         return [f"{v}  (latest)" if v == latest else v for v in names]
     if cmd == "manifest":
         project, asset, version = parse_target(args.target, need_version=False)

@@ -53,6 +53,7 @@ from asyncdepo.engine.report import RunReport, _fill, _ticker, describe
 from asyncdepo.engine.sessions import send_sessions
 from asyncdepo.engine.source import walk
 from asyncdepo.engine.transfer import Run, send_item
+from asyncdepo.engine.units import Units
 from asyncdepo.engine.watch import Watch
 from asyncdepo.engine.watch import refuse as refuse_watch
 from asyncdepo.errors import (
@@ -430,7 +431,9 @@ async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None
     (``asyncdepo resume`` reruns ``argv`` for ``push``; an archive's own kind resumes through its command).
     ``passes`` replaces the local pass (:func:`_pass`), e.g. by one that hands the items to the workers of
     a cluster. With ``watch`` the run goes on, sending files as they become complete, until ``watch.stop()``
-    (see :mod:`asyncdepo.engine.watch`; its pass is the local one).
+    (see :mod:`asyncdepo.engine.watch`; its pass is the local one); a target with ``Features.watch_units``
+    takes each batch as a unit of its own (:mod:`asyncdepo.engine.units`), and its ``finish`` closes each
+    unit instead of the run.
 
     :raises UsageError: the source is missing or unreadable, or ``watch`` was given for a target that takes
         the whole source at once (before anything is sent).
@@ -467,7 +470,8 @@ async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None
                 with anyio.CancelScope(shield=True):
                     await journal.flush()
                     try:
-                        report.summary = await adapter.finish(ok) or {}
+                        if watch is None or not adapter.features.watch_units:  # else each unit was finished
+                            report.summary = await adapter.finish(ok) or {}
                     except Exception as exc:  # noqa: BLE001 - finish() failing fails the run, reported
                         report.failures.append(("(job)", describe(exc).splitlines()[0]))
                         ok = False
@@ -510,6 +514,12 @@ async def _run_all(run: Run, root: Path, report: RunReport, passes: PassFn,
         # files as they become complete, until the watch is stopped; a transient failure is offered again
         # by the watch's next rescan (its backoff), not by rounds at the end
         run.durable = True
+        if run.features.watch_units:  # each batch a unit of its own (a gypsum version)
+            units = Units(run, root, report,
+                          send=lambda batches, skip, digests: _pass(run, batches, report, skip, digests),
+                          fail=lambda item, exc: fail_item(run, item, exc, report))
+            await units.watch(watch, requeue=lambda rels: _requeue(run, report, rels))
+            return
         await watch.run(root, config=run.config, journal=run.journal, job=run.job, reporter=run.reporter,
                         consume=lambda batches, stop: _pass(run, batches, report, set(), {}, stop=stop),
                         requeue=lambda rels: _requeue(run, report, rels))

@@ -104,12 +104,13 @@ def refuse(features: Features) -> None:
     """Raise when a target cannot take files one by one as they appear.
 
     :raises UsageError: the target packs the whole source into one archive, or needs every file's digest
-        before the first byte (one closing step for the whole set).
+        before the first byte (one closing step for the whole set) and cannot take batches as units of
+        their own (``Features.watch_units``).
     """
     if features.packed:
         raise UsageError("watch mode does not apply: this target takes the whole source as one archive",
                          hint="push the directory once it is complete, without --watch")
-    if features.needs_digests_before_start:
+    if features.needs_digests_before_start and not features.watch_units:
         raise UsageError("watch mode does not apply: this target needs every file before the upload starts",
                          hint="push the directory once it is complete, without --watch")
 
@@ -149,6 +150,8 @@ class Watch:
         self._listeners: list[Callable[[str], None]] = []
         self._idle_hooks: list[Callable[[], None]] = []
         self._idle = False
+        self._rounds = False
+        self._handed_since = False
 
     # -- control -------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -179,10 +182,12 @@ class Watch:
     # -- the run -------------------------------------------------------------------------------------
     async def run(self, root: Path, *, config: EngineConfig, journal: Journal, job: str, reporter: Reporter,
                   consume: Callable[[Batches, anyio.Event], Awaitable[None]],
-                  requeue: Callable[[set[str]], None] = lambda rels: None) -> None:
+                  requeue: Callable[[set[str]], None] = lambda rels: None, rounds: bool = False) -> None:
         """Feed ``consume(batches, stop)`` until :meth:`stop`, then let it finish what is in flight.
 
-        ``requeue(rels)`` is told when files that failed in this run are offered again.
+        ``requeue(rels)`` is told when files that failed in this run are offered again. ``rounds``: an empty
+        batch ends each round (every file due was handed over; the producer sleeps), and the first scan's
+        files come due together after it, so what exists at the start is one round (up to ``max_pending``).
 
         :raises UsageError: ``root`` is not a readable directory.
         """
@@ -190,7 +195,7 @@ class Watch:
         if not root.is_dir():
             raise UsageError(f"--watch needs a directory; {str(root)!r} is a file")
         self._root, self._config, self._journal, self._job = root, config, journal, job
-        self._reporter, self._requeue = reporter, requeue
+        self._reporter, self._requeue, self._rounds = reporter, requeue, rounds
         self._stop_event = anyio.Event()
         self._poke = anyio.Event()
         if self._stopped:
@@ -220,6 +225,8 @@ class Watch:
         assert self._stop_event is not None and self._poke is not None
         await self._stop_event.wait()
         self._poke.set()
+        self._reporter.message(f"stopping: nothing new is taken; what is in flight may take up to "
+                               f"{self.options.stop_timeout:g} s to finish")
         await self.clock.sleep(self.options.stop_timeout)
         if self._reporter.stats.in_flight:
             self.cut_short = True
@@ -234,12 +241,15 @@ class Watch:
             if self.options.events:
                 tg.start_soon(self._listen)
             await self._scan(send, first=True)
+            if self._rounds:
+                self._align()
             opts = self.options
             how = f"once a marker {opts.ready!r} releases them" if opts.ready else f"once unchanged for {opts.settle:g} s"
             self._reporter.message(f"watching {self._root}: new and changed files are sent {how}; a rescan "
                                    f"every {opts.rescan:g} s")
             next_scan = self.clock.monotonic() + self.options.rescan
             while not self._stopped:
+                await self._round_end(send)
                 await self._wait(next_scan)
                 if self._stopped:
                     break
@@ -275,6 +285,21 @@ class Watch:
             finally:
                 self._idle = False
             tg.cancel_scope.cancel()
+
+    async def _round_end(self, send: ObjectSendStream[list[Item]]) -> None:
+        if self._rounds and self._handed_since:  # files were handed over since the last mark
+            self._handed_since = False
+            await send.send([])
+
+    def _align(self) -> None:
+        """(rounds) Every file waiting to settle comes due with the last of them."""
+        if not self.pending:
+            return
+        due = max(s.due for s in self.pending.values())
+        for seen in self.pending.values():
+            seen.due = due
+        self._heap = [e for e in self._heap if e[1].startswith(_DIR)] + [(due, rel) for rel in self.pending]
+        heapq.heapify(self._heap)
 
     def _due(self, delay: float) -> float:
         """Now + ``delay``, rounded up to a quarter of ``settle`` (files written together settle together)."""
@@ -347,6 +372,7 @@ class Watch:
             if out:
                 for it in out:
                     self.handed[it.rel] = it.size
+                self._handed_since = True
                 await send.send(out)
 
     # -- scans ---------------------------------------------------------------------------------------
@@ -374,11 +400,13 @@ class Watch:
             else:
                 for it in todo:
                     self._observe(it.rel, it.path, it.size, it.mtime_ns)
-            # events and due files are served while a long scan goes on; the scan waits while too many
-            # files are still settling (``pending`` stays bounded)
+            # events and due files are served while a long scan goes on (rounds: not the first scan's); the
+            # scan waits while too many files are still settling (``pending`` stays bounded)
             await self._take_events(send)
-            await self._settle(send)
+            if not (first and self._rounds):
+                await self._settle(send)
             while len(self.pending) >= self.options.max_pending and not self._stopped:
+                await self._round_end(send)
                 await self._wait(math.inf)
                 await self._settle(send)
 

@@ -20,6 +20,18 @@ Push (the engine md5s every file in parallel first, ``needs_digests_before_start
 4. ``finish(ok)``: complete on success; otherwise abort (the same server, same session) unless
    ``keep_for_resume``. The engine runs it shielded from cancellation, so Ctrl-C never leaves the lock.
 
+Watch mode (``watch=True``, ``Features.watch_units``): each batch of files that became complete together
+is a version of its own. The first is ``VERSION``, then ``VERSION-2``, ``VERSION-3``... (a name another
+upload took is passed over). Every version after the first is the whole dataset: the batch's files are
+declared (``dedup`` unless ``dedup=False``) and every other path of the previous version of the chain is a
+``link`` to it, so nothing unchanged is sent again and ``..latest`` always names a complete version (a batch
+whose files all match that version, touched but not changed, makes none). The
+chain (the next number, the last version completed, the open version and its batch) is the job state; an
+open version is taken up again through its session file (:meth:`open_unit`), and one the server shows
+finished is taken as completed. A batch whose files no longer match the open version's manifest discards it
+and starts it again. Probation does not apply: a probational version cannot be linked to, so a watch needs a
+trusted uploader (a forced probation aborts the first version with an AuthError saying so).
+
 Pull: ``list_remote`` reads ``..manifest`` (of ``..latest`` when no version is given; linked files are
 read from their final destination, ``ancestor`` first), ``read`` does ranged GETs on ``/file/``.
 
@@ -30,7 +42,6 @@ file to PUT; nothing grows with file sizes.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -39,7 +50,10 @@ from typing import Any, Self
 
 import anyio
 
+from asyncdepo.adapters.gypsum import checks
 from asyncdepo.adapters.gypsum.api import GypsumClient, file_path
+from asyncdepo.adapters.gypsum.chain import Chain
+from asyncdepo.adapters.gypsum.checks import check_rel
 from asyncdepo.adapters.gypsum.session import SessionRecord, SessionStore
 from asyncdepo.adapters.gypsum.writer import GypsumWriter
 from asyncdepo.contract import Adapter, ChunkWriter, Features, Item, PlainGet, RemoteItem
@@ -47,48 +61,11 @@ from asyncdepo.errors import (
     AuthError,
     ConflictError,
     PermanentError,
-    QuotaError,
     RemoteValidationError,
     TransientError,
     UsageError,
-    ValidationError,
 )
 from asyncdepo.events import Reporter
-
-UNLOCK_HINT = "if that upload is stale, an administrator can clear the lock: asyncdepo gypsum unlock {p}"
-
-
-def parse_target(text: str, *, need_version: bool) -> tuple[str, str, str | None]:
-    """``PROJECT/ASSET/VERSION`` (or ``PROJECT/ASSET`` when ``need_version`` is false).
-
-    :raises UsageError: wrong shape or a name gypsum refuses.
-    """
-    parts = text.strip("/").split("/")
-    if len(parts) not in ((3,) if need_version else (2, 3)) or not all(parts):
-        shape = "PROJECT/ASSET/VERSION" if need_version else "PROJECT/ASSET[/VERSION]"
-        raise UsageError(f"target {text!r}: expected {shape}")
-    for part in parts:
-        if part.startswith("..") or "\\" in part:
-            raise UsageError(f"target {text!r}: names cannot start with '..' or contain '\\'")
-    return parts[0], parts[1], (parts[2] if len(parts) == 3 else None)
-
-
-def check_rel(rel: str) -> None:
-    """A file path gypsum accepts (no component starting with '..', no '\\').
-
-    :raises ValidationError: naming the path.
-    """
-    if "\\" in rel or any(part.startswith("..") or part in ("", ".") for part in rel.split("/")):
-        raise ValidationError("path", f"{rel!r} cannot be stored in gypsum (a component starts with '..', "
-                              "is empty, or contains '\\')", hint="rename it, or leave it out with --exclude")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1000
-    return f"{n} B"  # pragma: no cover
 
 
 class GypsumAdapter(Adapter):
@@ -100,6 +77,7 @@ class GypsumAdapter(Adapter):
     :param dedup: declare files as ``dedup`` so the server links unchanged files of the latest version.
     :param keep_for_resume: on failure or Ctrl-C keep the upload (and the project lock) for a re-run.
     :param sessions: where session files live (see ``gypsum_session``).
+    :param watch: push each watch batch as a version of its own (see "Watch mode" in the module docstring).
     """
 
     name = "gypsum"
@@ -108,7 +86,8 @@ class GypsumAdapter(Adapter):
     def __init__(self, server: str, project: str, asset: str, version: str | None = None, *,
                  token: str | None = None, probation: bool = False, dedup: bool = True,
                  keep_for_resume: bool = False, sessions: SessionStore | Path | None = None,
-                 reporter: Reporter | None = None, client: GypsumClient | None = None) -> None:
+                 reporter: Reporter | None = None, client: GypsumClient | None = None,
+                 watch: bool = False) -> None:
         self.client = client or GypsumClient(server, token)
         self.project, self.asset, self.version = project, asset, version
         self.probation, self.dedup, self.keep_for_resume = probation, dedup, keep_for_resume
@@ -121,9 +100,23 @@ class GypsumAdapter(Adapter):
         self._md5: dict[str, str] = {}
         self._counts = {"files": 0, "to_put": 0, "already_put": 0}
         self._handed = False  # a copy on a cluster's worker: the session came from the coordinator
+        self.watch = watch
+        self.chain = Chain(version or "")  # (watch) the versions made so far, the open one
+        if watch:
+            if version is None:
+                raise UsageError("a watch needs PROJECT/ASSET/VERSION")
+            if probation:
+                raise UsageError("--probation does not apply to --watch: a probational version cannot be linked "
+                                 "to, so every version would upload the whole dataset again, and each would "
+                                 "wait for an owner's approval",
+                                 hint="push finished runs on probation without --watch, or ask an owner to make "
+                                      "you a trusted uploader")
+            self.features = dataclasses.replace(self.features, watch_units=True)
 
     # -- identity and state --------------------------------------------------------------------------
     def describe(self) -> str:
+        if self.watch:  # one job for the whole chain: the journal knows which files are in a version
+            return f"gypsum {self.client.base}/{self.project}/{self.asset}/{self.chain.base} watch"
         where = f"{self.client.base}/{self.project}/{self.asset}/{self.version or '(latest)'}"
         return f"gypsum {where} upload {self._label}"
 
@@ -132,11 +125,50 @@ class GypsumAdapter(Adapter):
             self.reporter.message(text)
 
     def job_state(self) -> dict[str, Any]:
-        return {"label": self._label, "target": f"{self.project}/{self.asset}/{self.version}",
-                "started": self.session is not None, **self._counts}
+        out = {"label": self._label, "target": f"{self.project}/{self.asset}/{self.version}",
+               "started": self.session is not None, **self._counts}
+        if self.watch:
+            out["watch"] = self.chain.state()
+        return out
 
     def restore_job_state(self, state: Mapping[str, Any]) -> None:
-        """Nothing to take back: the session file (checked against the lock) is the truth."""
+        """(watch) The chain of versions; otherwise nothing: the session file (checked against the lock) is
+        the truth."""
+        chain = state.get("watch")
+        if self.watch and isinstance(chain, dict):
+            self.chain.restore(chain)
+            self.version = self.chain.version
+
+    async def open_unit(self) -> list[str]:
+        """(watch) The batch of the version an earlier run started and did not complete: resumed through its
+        session file when the lock still names it, started again when it was discarded; [] when none, or
+        when the server shows it finished (it completed before the journal heard so)."""
+        if not self.watch:
+            return []
+        chain = self.chain
+        await self.find_session()  # also the session of a start whose answer the journal never recorded
+        if not chain.open or self.session is not None:
+            return list(chain.files) if chain.open else []
+        summary = await self.client.fetch_json(f"{self.project}/{self.asset}/{self.version}/..summary")
+        if isinstance(summary, dict) and "upload_finish" in summary:
+            self._say(f"version {self.version} was completed before the watcher stopped")
+            chain.completed()
+            self.version = chain.version
+            return []
+        return list(chain.files)
+
+    async def _free_name(self) -> None:
+        """(watch) Pass over version names that exist already (taken by another upload, or a version whose
+        session was lost): versions are immutable."""
+        p, a = self.project, self.asset
+        while await self.client.fetch_json(f"{p}/{a}/{self.chain.version}/..summary") is not None:
+            taken = self.chain.version
+            self.version = self.chain.pass_over()
+            self._say(f"gypsum version {p}/{a}/{taken} exists already: this batch goes to {self.version}")
+
+    def check_item(self, item: Item) -> None:
+        """:raises ValidationError: a path gypsum cannot store (it fails alone in watch mode)."""
+        check_rel(item.rel)
 
     async def handoff(self) -> dict[str, Any]:
         """The upload session (its token included) and the md5 of every file, for copies of the adapter on a
@@ -156,7 +188,8 @@ class GypsumAdapter(Adapter):
     async def __aenter__(self) -> Self:
         await self.client.__aenter__()
         try:
-            if self.version is not None and not self._handed:
+            # (watch: the version is known once the job state is restored: see open_unit)
+            if self.version is not None and not self._handed and not self.watch:
                 await self.find_session()
         except BaseException:
             await self.client.__aexit__(None, None, None)
@@ -203,73 +236,43 @@ class GypsumAdapter(Adapter):
             check_rel(item.rel)
             local[item.rel] = (item.size, digests["md5"].lower())
         self._md5 = {rel: md5 for rel, (_, md5) in local.items()}
-        self._counts["files"] = len(local)
+        self._counts = {"files": len(local), "to_put": 0, "already_put": 0}
         if self.session is not None:
             skip = await self._resume(local)
         else:
+            last = await self._last_manifest()
+            if last is not None and all(
+                    rel in last and (int(last[rel]["size"]), str(last[rel]["md5sum"]).lower()) == entry
+                    for rel, entry in local.items()):
+                # (watch) touched, not changed: the version would be the last one again
+                self._say(f"{len(local)} file(s) unchanged since version {self.chain.last}: no new version")
+                self._skip = set(local)
+                return self._skip
             await self._precheck(local)
-            skip = await self._start(local)
+            skip = await self._start(local, last)
+        if self.watch:
+            self.chain.opened(local)
         self._skip = skip
         return skip
 
     async def _precheck(self, local: Mapping[str, tuple[int, str]]) -> None:
-        p, a, v = self.project, self.asset, self.version
-        fetch = self.client.fetch_json
-        if await fetch(f"{p}/..permissions") is None:
-            raise RemoteValidationError(f"gypsum project '{p}' does not exist on {self.client.base}",
-                                        hint=f"an administrator creates it: asyncdepo gypsum create {p} --owner LOGIN")
-        summary = await fetch(f"{p}/{a}/{v}/..summary")
-        if summary is not None:
-            who = summary.get("upload_user_id", "?")
-            raise ConflictError(f"gypsum version {p}/{a}/{v} already exists (uploaded by {who})",
-                                hint="versions are immutable: push to a new version name")
-        lock = await fetch(f"{p}/..LOCK")
-        if lock is not None:
-            raise self._locked(lock)
-        quota, usage = await fetch(f"{p}/..quota"), await fetch(f"{p}/..usage")
-        if not isinstance(quota, dict):
-            return
-        needed = sum(size for size, _ in local.values())
-        if self.dedup:
-            needed -= await self._predicted_dedup(local)
-        year = _dt.datetime.now(_dt.UTC).year
-        baseline, growth = float(quota.get("baseline", 0)), float(quota.get("growth_rate", 0))
-        since = int(quota.get("year", year))
-        limit = baseline + (year - since) * growth
-        used = float((usage or {}).get("total", 0))
-        if used + needed >= limit:
-            raise QuotaError(
-                f"gypsum project '{p}' is over quota for this upload: it needs {_human(needed)} "
-                f"({needed:,} bytes) but only {_human(max(0.0, limit - used))} is left (usage {_human(used)} "
-                f"of {_human(limit)}: baseline {_human(baseline)} + {_human(growth)}/year since {since})",
-                hint=f"ask a gypsum administrator to raise it: asyncdepo gypsum set-quota {p} --baseline BYTES")
-        self._say(f"quota: {_human(needed)} to store, {_human(limit - used)} left in project {p}")
+        await checks.project_exists(self.client, self.project)
+        if self.watch:
+            await self._free_name()
+        assert self.version is not None
+        quota = await checks.before_start(self.client, self.project, self.asset, self.version, local, self.dedup)
+        if quota:
+            self._say(quota)
 
-    async def _predicted_dedup(self, local: Mapping[str, tuple[int, str]]) -> int:
-        """Bytes the server will link instead of storing (files matching the latest version)."""
-        latest = await self.client.fetch_json(f"{self.project}/{self.asset}/..latest")
-        if not isinstance(latest, dict) or "version" not in latest:
-            return 0
-        manifest = await self.client.fetch_json(f"{self.project}/{self.asset}/{latest['version']}/..manifest")
-        if not isinstance(manifest, dict):
-            return 0
-        known = {(int(e["size"]), str(e["md5sum"]).lower()) for e in manifest.values()}
-        return sum(size for size, md5 in local.values() if (size, md5) in known)
-
-    def _locked(self, lock: Mapping[str, Any]) -> ConflictError:
-        # only fields that say who and what; a real server's lock may hold more, which is not ours to print
-        held = f"{lock.get('asset', '?')}/{lock.get('version', '?')}"
-        who = f" by {lock['user_id']}" if isinstance(lock.get("user_id"), str) else ""
-        when = f" since {lock['locked_at']}" if isinstance(lock.get("locked_at"), str) else ""
-        return ConflictError(
-            f"gypsum project '{self.project}' is locked by another upload (of {held}{who}{when})",
-            hint="wait for it to finish; its uploader can abort it with `asyncdepo gypsum abort "
-                 f"{self.project}/{held}` on the machine that started it; " + UNLOCK_HINT.format(p=self.project))
-
-    async def _start(self, local: Mapping[str, tuple[int, str]]) -> set[str]:
+    async def _start(self, local: Mapping[str, tuple[int, str]], last: Mapping[str, Any] | None = None) -> set[str]:
+        """Start the upload of ``local`` (rel -> (size, md5)); (watch) the paths of ``last``, the manifest of
+        the chain's last version, that ``local`` does not replace are linked to it."""
         assert self.version is not None
         kind = "dedup" if self.dedup else "simple"
-        files = [{"type": kind, "path": rel, "md5sum": md5, "size": size} for rel, (size, md5) in local.items()]
+        files: list[dict[str, Any]] = [{"type": kind, "path": rel, "md5sum": md5, "size": size}
+                                       for rel, (size, md5) in local.items()]
+        carried = [] if last is None else self.chain.links(self.project, self.asset, last, local)
+        files += carried
         try:
             init = await self.client.start(self.project, self.asset, self.version, files, self.probation)
         except TransientError:
@@ -278,12 +281,12 @@ class GypsumAdapter(Adapter):
                 raise ConflictError(
                     f"gypsum upload start {self.project}/{self.asset}/{self.version}: the answer was lost but "
                     "the server seems to have started the upload (the project is now locked for it)",
-                    hint=UNLOCK_HINT.format(p=self.project)) from None
+                    hint=checks.UNLOCK_HINT.format(p=self.project)) from None
             raise
         except ConflictError:
             lock = await self.client.fetch_json(f"{self.project}/..LOCK")
             if isinstance(lock, dict):
-                raise self._locked(lock) from None
+                raise checks.locked(self.project, lock) from None
             raise
         except AuthError as exc:
             if exc.status == 403 and exc.hint is None:
@@ -303,10 +306,36 @@ class GypsumAdapter(Adapter):
         if bool((summary or {}).get("on_probation")) != rec.probation:
             rec.probation = not rec.probation
             await anyio.to_thread.run_sync(lambda: self.sessions.save(rec))
+        if rec.probation and self.watch:
+            await self._end(rec, "abort")
+            who = (summary or {}).get("upload_user_id", "you")
+            raise AuthError(f"gypsum puts uploads of {who} to project '{self.project}' on probation: a watch "
+                            "needs a trusted uploader (a probational version cannot be linked to); the upload "
+                            "was aborted",
+                            hint=f"an owner can make you trusted: asyncdepo gypsum set-permissions {self.project} "
+                                 f"--uploader {who},trusted")
         self._counts["to_put"] = len(urls)
-        self._say(f"upload started: {len(urls)} file(s) to send, {len(local) - len(urls)} linked to earlier "
-                  "versions or deduplicated")
+        where = f"version {self.version}: " if self.watch else ""
+        self._say(f"{where}upload started: {len(urls)} file(s) to send, {len(local) - len(urls)} linked to "
+                  "earlier versions or deduplicated" + (f", {len(carried)} kept from {self.chain.last}"
+                                                       if carried else ""))
         return set(local) - set(urls)
+
+    async def _last_manifest(self) -> dict[str, Any] | None:
+        """(watch) The manifest of the chain's last version (None: no version yet, or not a watch): the next
+        version links its paths that the batch does not replace, so that it is the whole dataset.
+
+        :raises RemoteValidationError: that version is gone (removed by an administrator).
+        """
+        last = self.chain.last if self.watch else None
+        if last is None:
+            return None
+        manifest = await self.client.fetch_json(f"{self.project}/{self.asset}/{last}/..manifest")
+        if not isinstance(manifest, dict):
+            raise RemoteValidationError(
+                f"gypsum version {self.project}/{self.asset}/{last}, the last of this watch, is gone: the next "
+                "version cannot keep its files", hint="start a new chain: run the watch with a new VERSION name")
+        return manifest
 
     async def _resume(self, local: Mapping[str, tuple[int, str]]) -> set[str]:
         rec = self.session
@@ -316,7 +345,15 @@ class GypsumAdapter(Adapter):
         differ = [rel for rel, (size, md5) in local.items()
                   if rel not in manifest or int(manifest[rel]["size"]) != size
                   or str(manifest[rel]["md5sum"]).lower() != md5]
-        differ += sorted(set(manifest) - set(local))
+        differ += sorted(rel for rel in set(manifest) - set(local)
+                         if not (self.watch and isinstance(manifest[rel], dict) and "link" in manifest[rel]))
+        if differ and self.watch:
+            # a watch never asks the user: the open version is discarded and started again with this batch
+            self._say(f"the files of the interrupted upload of {p}/{a}/{v} changed since ({differ[0]}...): it "
+                      "is discarded and started again")
+            await self._end(rec, "abort")
+            await self._precheck(local)
+            return await self._start(local, await self._last_manifest())
         if differ:
             shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
             hint = (f"discard it with `asyncdepo gypsum abort {p}/{a}/{v}`, then push again"
@@ -339,12 +376,17 @@ class GypsumAdapter(Adapter):
                             self._md5.get(item.rel))
 
     async def finish(self, ok: bool) -> dict[str, Any]:
-        """Complete (``ok``) or abort the upload (unless ``keep_for_resume``); returns a summary.
+        """Complete (``ok``) or abort the upload (unless ``keep_for_resume``); returns a summary. In watch
+        mode it closes one version of the chain: completed, or aborted (never kept: the next batch needs the
+        project's lock).
 
         :raises PermanentError | TransientError: the completion was refused (the upload is then aborted
             unless kept), or the abort could not reach the server (the session file is kept).
         """
         rec = self.session
+        self._skip = None
+        if self.watch:
+            return await self._close_version(rec, ok)
         if rec is None:
             return {}
         target = f"{rec.project}/{rec.asset}/{rec.version}"
@@ -367,6 +409,31 @@ class GypsumAdapter(Adapter):
             return summary
         await self._end(rec, "abort")
         summary["state"] = "aborted (nothing kept on the server)"
+        return summary
+
+    async def _close_version(self, rec: SessionRecord | None, ok: bool) -> dict[str, Any]:
+        chain = self.chain
+        target = f"{self.project}/{self.asset}/{self.version}"
+        summary: dict[str, Any] = {"gypsum": target, "files in the batch": self._counts["files"]}
+        if rec is None and ok:  # nothing was started: the batch is the last version's files, unchanged
+            return {"gypsum": f"{self.project}/{self.asset}/{chain.last}", "state": "unchanged: no new version"}
+        if rec is not None and ok:
+            try:
+                await self._end(rec, "complete")
+            except PermanentError:
+                await self._end(rec, "abort")
+                chain.discarded()
+                raise
+            chain.completed()
+            self.version = chain.version
+            summary["state"] = "completed (now ..latest)"
+            self._say(f"version {target} completed: {self._counts['files']} file(s) of this batch, "
+                      f"{self._counts['to_put']} of them sent; it is now ..latest")
+            return summary
+        if rec is not None:
+            await self._end(rec, "abort")
+        chain.discarded()
+        summary["state"] = "discarded (its files go in the next version)"
         return summary
 
     async def _end(self, rec: SessionRecord, action: str) -> None:
