@@ -107,7 +107,7 @@ async def test_invalid_deposition_names_the_fields(empiar: SimServer, http: aioh
     del doc["imagesets"][0]["voxel_type"]
     status, body, _ = await call(http, "POST", empiar.url + API + "deposit_entry/", json=doc, headers=TOKEN)
     assert status == 400
-    assert body["errors"]["title"] and body["errors"]["imagesets[0].voxel_type"] == ["is required"]
+    assert body["errors"]["title"] and body["errors"]["imagesets[0].voxel_type"] == ["This field is required."]
     assert body["detail"].startswith("title:")
     status, body, _ = await call(http, "POST", empiar.url + API + "deposit_entry/", data=b"{}", headers=TOKEN)
     assert status == 415
@@ -358,3 +358,28 @@ async def test_globus_client_waits_fails_and_cancels(globus: SimServer, http: ai
     with pytest.raises(errors.AuthError, match="AuthenticationFailed") as info:
         await bad.endpoint(SRC_EP)
     assert "GLOBUS_TRANSFER_TOKEN" in (info.value.hint or "") and "nope" not in str(info.value)
+
+
+@pytest.mark.parametrize("change", [
+    {}, {"title": "short"}, {"release_date": "XX"}, {"experiment_type": 10}, {"authors": []},
+    {"imagesets": [{"directory": "/elsewhere/x"}]}, {"imagesets": [{"directory": "data/../x"}]},
+    {"corresponding_author": {"email": "not-an-address"}}, {"citation": [{"published": "yes"}]},
+])
+def test_server_rules_refuse_what_the_client_refuses(change: dict[str, Any]) -> None:
+    """The simulator's rules are its own (sim/empiar_rules.py): checked here against the client's validator
+    on the reference example and on common mistakes. The server may be looser, never stricter: a deposition
+    the client lets through must be accepted."""
+    from asyncdepo.adapters.empiar.schema import problems
+    from asyncdepo.sim.empiar_rules import deposition_errors
+
+    doc = deposition("data/a", "data/b")
+    for key, value in change.items():
+        if isinstance(value, list) and value and isinstance(doc[key], list):
+            doc[key] = [{**doc[key][0], **value[0]}, *doc[key][1:]]
+        elif isinstance(value, dict):
+            doc[key] = {**doc[key], **value}
+        else:
+            doc[key] = value
+    server, client = deposition_errors(doc), problems(doc)
+    assert bool(server) == bool(client), (server, client)
+    assert {field for field, _ in server} <= {p.field for p in client}
