@@ -17,7 +17,7 @@ def _kill_after(limit: int) -> None:
     real = os.pwrite
     left = [limit]
 
-    def pwrite(fd: int, data: bytes, offset: int, /) -> int:  # type: ignore[override]
+    def pwrite(fd: int, data: bytes, offset: int, /) -> int:
         if len(data) >= left[0]:
             if left[0]:
                 real(fd, memoryview(data)[: left[0]], offset)

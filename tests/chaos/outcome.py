@@ -68,7 +68,11 @@ def finish(proc: subprocess.Popen[str], reached: threading.Event, *, kill: bool 
         either.set()
 
     threading.Thread(target=drain, daemon=True).start()
-    threading.Thread(target=lambda: (reached.wait(TIMEOUT), either.set()), daemon=True).start()
+    def watch() -> None:
+        reached.wait(TIMEOUT)
+        either.set()
+
+    threading.Thread(target=watch, daemon=True).start()
     if not either.wait(TIMEOUT):
         raise AssertionError("the run neither reached its kill point nor ended")
     if kill and proc.poll() is None:

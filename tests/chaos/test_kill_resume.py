@@ -10,7 +10,7 @@ import random
 import pytest
 
 from tests.chaos.outcome import FIGURES, ORPHANS, check, run, run_killed
-from tests.chaos.world import MiB, TARGETS, Target, dataset
+from tests.chaos.world import TARGETS, MiB, Target, dataset
 
 SLOW_POINTS = 20
 #: one kill point per target in `make test` (the cheap ones); the slow suite takes 20 of each

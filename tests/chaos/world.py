@@ -26,7 +26,7 @@ import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import anyio
 
@@ -95,7 +95,7 @@ class Target:
         self._armed: threading.Event | None = None
 
     # -- life ----------------------------------------------------------------------------------------------
-    def __enter__(self) -> Target:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -189,7 +189,7 @@ class _Threaded(Target):
     def _factory(self) -> Any:
         raise NotImplementedError
 
-    def __enter__(self) -> Target:
+    def __enter__(self) -> Self:
         self.sim = ThreadedSim(self._factory).__enter__()
         assert self.sim.server is not None
         self.faults = self.sim.server.faults
@@ -282,7 +282,7 @@ class GypsumTarget(_Threaded):
         return gypsum_sim.create_app(self.tmp / "gypsum", FaultInjector(),
                                      identities={GYPSUM_OWNER: "olivia", GYPSUM_ADMIN: "root"}, admins=["root"])
 
-    def __enter__(self) -> Target:
+    def __enter__(self) -> Self:
         super().__enter__()
         from asyncdepo.adapters.gypsum.api import GypsumClient
 
@@ -296,7 +296,7 @@ class GypsumTarget(_Threaded):
     @property
     def bucket(self) -> Path:
         assert self.sim.server is not None
-        return self.sim.server.app[gypsum_sim.STATE_KEY].bucket.root  # type: ignore[no-any-return]
+        return self.sim.server.app[gypsum_sim.STATE_KEY].bucket.root
 
     def argv(self) -> list[str]:
         return ["push", "gypsum", str(self.src), "proj/asset/v1", "--journal", str(self.journal), "-q"]
@@ -327,7 +327,7 @@ class S3Target(Target):
         self.faults = self.proxy.faults
         self.bucket = ""
 
-    def __enter__(self) -> Target:
+    def __enter__(self) -> Self:
         self.loop.run(self.proxy.start())
         self.bucket = self.server.new_bucket()
         return self
@@ -435,7 +435,7 @@ class EmpiarTarget(Target, _AscpArm):
         name = self.src.name
         self.json.write_text(json.dumps(deposition(f"data/{name}/micrographs", f"/data/{name}/particles")))
 
-    def __enter__(self) -> Target:
+    def __enter__(self) -> Self:
         args = argparse.Namespace(token="globus-token", endpoint=[f"{globus_sim.LOCAL_ENDPOINT}=/"])
         self.empiar = ThreadedSim(lambda: empiar_sim.build_app(self.store, FaultInjector(), None)).__enter__()
         self.globus = ThreadedSim(lambda: globus_sim.build_app(self.store, FaultInjector(), args)).__enter__()
@@ -498,7 +498,11 @@ class EmpiarTarget(Target, _AscpArm):
         reached = threading.Event()
         meter = self.meter
         meter.pause_at(n)
-        threading.Thread(target=lambda: (meter.paused.wait(600), reached.set()), daemon=True).start()
+        def wait() -> None:
+            if meter.paused.wait(600):
+                reached.set()
+
+        threading.Thread(target=wait, daemon=True).start()
         return reached, {}
 
     def disarm(self) -> None:
@@ -536,7 +540,7 @@ class ImmportTarget(Target, _AscpArm):
         return {rel: data for rel, data in tree(self.store, skip=(".sim-md5",)).items()
                 if not any(part.startswith(".") for part in rel.split("/"))}
 
-    def __enter__(self) -> Target:
+    def __enter__(self) -> Self:
         args = argparse.Namespace(user=[("alice", IMMPORT_PASSWORD)], token_lifetime=600.0, token_uses=None,
                                   url_lifetime=3600.0)
         self.sim = ThreadedSim(lambda: immport_app(self.store, FaultInjector(), args)).__enter__()
@@ -581,7 +585,7 @@ class ImmportTarget(Target, _AscpArm):
             return self._ascp_arm(n)
         host = self.host
         self.sim.call(lambda: host.hold(n))
-        return host.held, {}  # type: ignore[no-any-return]
+        return host.held, {}
 
     def disarm(self) -> None:
         self._ascp_disarm()
