@@ -26,7 +26,8 @@ Routes (one server plays both ``auth.immport.org`` and ``api.immport.org``):
   HTTP Range (206 + Content-Range; 416 + ``Content-Range: bytes */size`` past the end). Response body bytes
   actually written are counted per route in ``bytes_out``, exposed in ``GET /_sim/stats`` beside the fault
   injector's own counters. A ``drop`` fault rule on these routes sends ``after`` bytes of the *response*,
-  then aborts the connection (the injector's request-body drop has nothing to cut on a GET).
+  then aborts the connection (the injector's request-body drop has nothing to cut on a GET); a ``corrupt``
+  rule flips the lowest bit of response byte ``after``.
 * ``POST /_sim/aspera/check`` ``{"token", "paths"}``: 200 when the Aspera token covers every path, 401
   otherwise; the stand-in ascp calls it (``ASYNCDEPO_SIM_ASCP_TOKEN_URL``) before moving any byte.
 * ``POST /_sim/immport/expire``: expire every bearer token now (a cross-process way to force renewal).

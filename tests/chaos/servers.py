@@ -54,17 +54,24 @@ class Notified:
         self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
 
     def wait(self, timeout: float) -> dict[str, Any]:
+        """The line of the first caller (whose connection is then closed)."""
+        conn = self.accept(timeout)
+        conn.close()
+        return self.said
+
+    def accept(self, timeout: float) -> socket.socket:
+        """The first caller's connection, open (the caller waits until it is closed); its line in ``said``."""
         self.sock.settimeout(timeout)
         conn, _ = self.sock.accept()
-        with conn:
-            conn.settimeout(timeout)
-            data = b""
-            while not data.endswith(b"\n"):
-                piece = conn.recv(4096)
-                if not piece:
-                    break
-                data += piece
-        return json.loads(data)  # type: ignore[no-any-return]
+        conn.settimeout(timeout)
+        data = b""
+        while not data.endswith(b"\n"):
+            piece = conn.recv(4096)
+            if not piece:
+                break
+            data += piece
+        self.said: dict[str, Any] = json.loads(data)
+        return conn
 
     def close(self) -> None:
         self.sock.close()

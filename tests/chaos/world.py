@@ -148,6 +148,15 @@ class Target:
         return {rel for rel, state, remote, offset in rows
                 if state != "done" and ((remote and remote != "null") or offset)}
 
+    def also(self) -> tuple[str, ...]:
+        """Names a failure may give instead of a file's: what the target sends as one item (an archive of the
+        whole source, an image set)."""
+        return ()
+
+    def call(self, fn: Any) -> None:
+        """Run ``fn`` in the loop of the server that owns ``faults`` (their events belong to that loop)."""
+        fn()
+
     # -- kill points ---------------------------------------------------------------------------------------
     def arm(self, n: int) -> tuple[threading.Event, dict[str, str]]:
         """Stop the transfer at byte ``n``; returns the event set when reached and env for the child."""
@@ -176,8 +185,34 @@ class LocalTarget(Target):
         return {p.relative_to(self.dst).as_posix().removesuffix(".asyncdepo-part")
                 for p in self.dst.rglob("*.asyncdepo-part")} if self.dst.is_dir() else set()
 
+    notified: Notified | None = None
+    held: Any = None
+
     def arm(self, n: int) -> tuple[threading.Event, dict[str, str]]:
         return threading.Event(), {"ASYNCDEPO_CHAOS_KILL_AFTER": str(n)}  # the child kills itself
+
+    def hold(self, n: int) -> tuple[threading.Event, dict[str, str]]:
+        """Hold the run's writes at byte ``n`` (``release()`` lets them go): the child waits, alive."""
+        reached = threading.Event()
+        listener = self.notified = Notified()
+
+        def wait() -> None:
+            try:
+                self.held = listener.accept(600)
+                reached.set()
+            except OSError:
+                pass  # closed by release(): the run ended first
+
+        threading.Thread(target=wait, daemon=True).start()
+        return reached, {"ASYNCDEPO_CHAOS_PAUSE_AFTER": str(n), "ASYNCDEPO_CHAOS_NOTIFY": listener.address}
+
+    def release(self) -> None:
+        if self.held is not None:
+            self.held.close()
+            self.held = None
+        if self.notified is not None:
+            self.notified.close()
+            self.notified = None
 
 
 # -- servers in a thread of this process ------------------------------------------------------------------
@@ -199,6 +234,9 @@ class _Threaded(Target):
         self.disarm()
         self.sim.call(self.faults.release_stalls)
         self.sim.__exit__(*exc)
+
+    def call(self, fn: Any) -> None:
+        self.sim.call(fn)
 
     def arm(self, n: int) -> tuple[threading.Event, dict[str, str]]:
         reached = threading.Event()
@@ -244,6 +282,9 @@ class PdisTarget(_Threaded):
     def state(self) -> Any:
         assert self.sim.server is not None
         return self.sim.server.app[pdis_sim.PDIS_STATE]
+
+    def also(self) -> tuple[str, ...]:
+        return (f"{self.src.name}.tar",)  # one archive of the whole source
 
     def argv(self) -> list[str]:
         return ["push", "pdis", str(self.src), "--pdb", "1ABC", "--journal", str(self.journal), "-q"]
@@ -358,6 +399,9 @@ class S3Target(Target):
         uploads = self.server.client().list_multipart_uploads(Bucket=self.bucket).get("Uploads", [])
         return {u["Key"].removeprefix("run/") for u in uploads}
 
+    def call(self, fn: Any) -> None:
+        self.loop.call(fn)
+
     def arm(self, n: int) -> tuple[threading.Event, dict[str, str]]:
         reached = threading.Event()
         self.faults.on_pause[:] = [lambda _: reached.set()]
@@ -448,6 +492,9 @@ class EmpiarTarget(Target, _AscpArm):
         self.globus.__exit__(*exc)
         self.empiar.__exit__(*exc)
 
+    def call(self, fn: Any) -> None:
+        self.empiar.call(fn)
+
     @property
     def state(self) -> empiar_sim.EmpiarState:
         assert self.empiar.server is not None
@@ -457,6 +504,9 @@ class EmpiarTarget(Target, _AscpArm):
     def meter(self) -> globus_sim.ByteMeter:
         assert self.globus.server is not None
         return globus_sim.state_of(self.globus.server.app).meter
+
+    def also(self) -> tuple[str, ...]:
+        return tuple(f"{self.src.name}/{s}" for s in ("micrographs", "particles"))  # one item per image set
 
     def argv(self) -> list[str]:
         extra = ["-g", globus_sim.LOCAL_ENDPOINT, "--globus-server", self.globus.url + "/v0.10", "--globus-poll",
@@ -551,6 +601,9 @@ class ImmportTarget(Target, _AscpArm):
     def __exit__(self, *exc: object) -> None:
         self.disarm()
         self.sim.__exit__(*exc)
+
+    def call(self, fn: Any) -> None:
+        self.sim.call(fn)
 
     @property
     def host(self) -> Any:
