@@ -14,7 +14,11 @@ A :class:`FaultInjector` is installed as an aiohttp middleware (``injector.middl
   while its bytes are still queued (the case that catches a buffer reused too early);
 * ``digest`` — handle the request, then falsify the digests in the answer: the ``ETag`` header, ``<ETag>`` in
   an XML body and every JSON field named like a digest (``md5``, ``md5hash``, ``etag``, ``sha256``,
-  ``checksum`` ...) get one hex digit changed (:func:`falsify`): a server that stored something else.
+  ``checksum`` ...) get one hex digit changed (:func:`falsify`): a server that stored something else;
+* ``lose`` — handle the request (the server did the work), then reset the connection instead of answering:
+  the lost response a client must resync after;
+* ``norange`` — drop the request's ``Range`` header before the handler sees it: a server that ignores Range
+  and answers 200 with the whole body.
 
 Which requests a rule hits: ``skip`` matching requests pass first, then the next ``first`` ones are hit
 (``first=0``: all of them), or, with ``every=N``, every N-th one.
@@ -47,7 +51,7 @@ from aiohttp import web
 
 FAULT_KEY: web.RequestKey[FaultRule | None] = web.RequestKey("asyncdepo_fault", object)  # type: ignore[arg-type]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-KINDS = ("status", "drop", "delay", "stall", "corrupt", "slow", "digest")
+KINDS = ("status", "drop", "delay", "stall", "corrupt", "slow", "digest", "lose", "norange")
 #: piece sizes of a ``slow`` read, in turn: odd, mostly prime, never a power of two
 PIECES = (1, 7, 127, 1021, 4093, 8191, 16381, 3, 65521, 509)
 
@@ -277,6 +281,10 @@ class FaultInjector:
         for hook in self.on_request:
             hook(route, self.requests[route])
         rule = self.rule_for(request.method, request.path)
+        if rule is not None and rule.kind == "norange" and "Range" in request.headers:
+            without = request.headers.copy()
+            del without["Range"]
+            request = request.clone(headers=without)
         request[FAULT_KEY] = rule
         if rule is not None:
             if rule.kind == "delay":
@@ -293,6 +301,10 @@ class FaultInjector:
                     {"error": f"injected fault: HTTP {rule.status}"}, status=rule.status, headers=headers
                 )
         response = await handler(request)
+        if rule is not None and rule.kind == "lose":
+            if request.transport is not None:
+                request.transport.abort()  # the work is done; the answer never leaves
+            raise ConnectionResetError("injected: the response was lost")
         if rule is not None and rule.kind == "digest" and isinstance(response, web.Response):
             body = response.body if isinstance(response.body, bytes) else b""
             for name in [h for h in response.headers if h.lower() == "etag"]:

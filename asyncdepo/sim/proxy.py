@@ -21,7 +21,9 @@ path (the query is not part of the path) and acts on that request only:
 * ``corrupt`` — the lowest bit of body byte ``after`` is flipped on the way;
 * ``slow`` — the client's body is read in odd-sized pieces (the socket's receive buffer shrunk), ``delay``
   seconds apart, so the client's writes return while its bytes still wait in its own buffers;
-* ``digest`` — the server's answer gets its ``ETag`` header and the digests in its XML/JSON body falsified.
+* ``digest`` — the server's answer gets its ``ETag`` header and the digests in its XML/JSON body falsified;
+* ``lose`` — the request reaches the server, which does the work; its answer is thrown away and both
+  connections are reset (a lost response).
 
 Counters are the injector's: body bytes and requests per route ``"METHOD /path"``, and the pause point
 (``faults.pause_at(n)``) that holds every body once ``n`` bytes went through. In raw mode (``http=False``) the
@@ -40,9 +42,9 @@ import contextlib
 import dataclasses
 import itertools
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from asyncdepo.sim.faults import PIECES, FaultInjector, FaultRule, falsify, falsify_text, parse_rule
 
@@ -185,23 +187,10 @@ class FaultProxy:
             writers.append(uwriter)
             if self.http:
                 pending: asyncio.Queue[_Pending] = asyncio.Queue()
-                answers = asyncio.create_task(self._answers(ureader, cwriter, pending))
-                try:
-                    await self._requests(creader, cwriter, uwriter, pending)
-                    await answers
-                finally:
-                    answers.cancel()
-                    with contextlib.suppress(BaseException):
-                        await answers
+                await _both(self._requests(creader, cwriter, uwriter, pending),
+                            self._answers(ureader, cwriter, pending))
             else:
-                back = asyncio.create_task(self._copy(ureader, cwriter))
-                try:
-                    await self._raw(creader, uwriter)
-                    await back
-                finally:
-                    back.cancel()
-                    with contextlib.suppress(BaseException):
-                        await back
+                await _both(self._raw(creader, uwriter), self._copy(ureader, cwriter))
         except (ConnectionError, OSError, Reset, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 ValueError, asyncio.CancelledError):
             # either end went away, a drop fault cut it, or the loop is shutting down: both are closed below
@@ -342,6 +331,8 @@ class FaultProxy:
                 await cwriter.drain()
                 continue
             asked = pending.get_nowait() if not pending.empty() else _Pending("GET", None)
+            if asked.rule is not None and asked.rule.kind == "lose":
+                raise Reset("injected: the response was lost")
             falsified = asked.rule is not None and asked.rule.kind == "digest"
             no_body = asked.method == "HEAD" or status in (204, 304)
             if falsified and not no_body:
@@ -383,6 +374,20 @@ class FaultProxy:
                 left -= len(data)
             writer.write(data)
             await writer.drain()
+
+
+async def _both(there: Coroutine[Any, Any, None], back: Coroutine[Any, Any, None]) -> None:
+    """Run the two directions of a connection; the first to fail ends both (and its error is raised)."""
+    tasks = [asyncio.create_task(there), asyncio.create_task(back)]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()  # raises the failure, if any
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _with_etag(raw: bytes, etag: str | None) -> bytes:

@@ -28,8 +28,16 @@ class Echo:
         self.bodies: list[bytes] = []
         self.pieces: list[int] = []
         app = make_app(self.faults)
+        app.router.add_get("/file", self.file_response)
         app.router.add_route("*", "/{tail:.*}", self.handle)
         self.server = SimServer(app)
+
+    async def file_response(self, request: web.Request) -> web.StreamResponse:
+        """``bytes=N-`` ranges, read in the handler as the simulators do."""
+        rng = request.headers.get("Range", "")
+        if rng.startswith("bytes=") and rng.endswith("-"):
+            return web.Response(status=206, body=BODY[int(rng[6:-1]):])
+        return web.Response(body=BODY)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         got = bytearray()
@@ -199,3 +207,33 @@ async def test_raw_proxy_corrupts_the_byte_stream(echo: Echo) -> None:
     assert status == 200 and faults.rules[0].hits == 1
     got = echo.bodies[0]
     assert got != BODY and sum(a != b for a, b in zip(got, BODY, strict=True)) <= 1  # the bit hit the head or body
+
+
+async def _post(url: str) -> int:
+    async with aiohttp.ClientSession() as s, s.post(url, data=BODY) as r:
+        await r.read()
+        return r.status
+
+
+async def test_simulator_lose_does_the_work_and_loses_the_answer(echo: Echo) -> None:
+    echo.faults.add("POST * lose")
+    with pytest.raises(aiohttp.ClientError):
+        await _post(echo.server.url + "/a")
+    assert echo.bodies == [BODY]  # stored: only the answer was lost
+    assert await _post(echo.server.url + "/a") == 200
+
+
+async def test_proxy_lose_does_the_work_and_loses_the_answer(echo: Echo, proxied: FaultProxy) -> None:
+    proxied.faults.add("POST * lose")
+    with pytest.raises(aiohttp.ClientError):
+        await _post(proxied.url + "/a")
+    assert echo.bodies == [BODY]
+
+
+async def test_simulator_norange_answers_the_whole_body(echo: Echo) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(echo.server.url + "/file", headers={"Range": "bytes=1000-"}) as r:
+            assert r.status == 206 and await r.read() == BODY[1000:]
+        echo.faults.add("GET /file norange")
+        async with s.get(echo.server.url + "/file", headers={"Range": "bytes=1000-"}) as r:
+            assert r.status == 200 and await r.read() == BODY
