@@ -86,14 +86,15 @@ def _cases() -> list[Case]:
     cases.append(Case("empiar-globus", "drop", setup=_globus(lambda s: setattr(s, "transient_faults", 2))))
     # a task Globus itself ends FAILED (permission denied on the destination) is permanent: exit non-zero
     cases.append(Case("empiar-globus", "task-failed", setup=_globus(lambda s: setattr(s, "fail_tasks", 1)),
-                      ok=False))
+                      ok=False, why=WAITING.get(("empiar-globus", "task-failed"))))
     return cases
 
 
 #: cases whose fix has not landed on main: (target, fault) -> the item of #14 they wait for
 WAITING: dict[tuple[str, str], str] = {
-    ("pdis", "corrupt"): "#14 item 11: a server's integrity failure (PDIS 400 'corrupt zstd stream' after a bit "
-                         "flipped in transit) is retried at the item level with a fresh read",
+    ("empiar-globus", "task-failed"): "#13 item 4: an EMPIAR deposition's failure names what was not deposited "
+                                      "(its image sets), as every engine job's report does; a failed Globus task "
+                                      "names only the task id",
     ("pdis", "digest"): "#14 item 11: an md5 the server reports that differs from the one sent is retried at the "
                         "item level (today the push fails at once)",
 }

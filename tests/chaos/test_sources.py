@@ -47,11 +47,14 @@ def _change(world: Target, how: str) -> list[str]:
 
 #: (target, change) -> the item of #14 the case waits for (a strict xfail until it lands on main)
 WAITING = {
+    ("local", "rewrite"): "#14 items 4/5: killed mid-file, the source rewritten at the same size with its mtime "
+                          "put back: the resume keeps the old prefix and exits 0 with a file that is neither "
+                          "version (the source's prefix must be checked against the journaled chunk digests)",
     **{(t, "vanish"): "#14 item 5: a source vanished between runs must fail the run naming it ('source "
                       "vanished', exit 1) and clean what was started on the target"
         for t in ("gypsum", "empiar-ascp")},
 }
-FAST = {("local", "vanish"), ("tus", "rewrite"), ("local", "grow")}
+FAST = {("local", "vanish"), ("tus", "rewrite"), ("local", "grow"), ("local", "rewrite")}
 
 
 def _params(fast: bool) -> list[object]:
@@ -72,6 +75,12 @@ def _changed_between_runs(world: Target, how: str) -> None:
     assert first.killed, "the kill point lies past the end of the run"
     changed = _change(world, how)
     second = run(world)
+    if world.name == "gypsum" and how != "vanish":
+        # a gypsum upload session holds the digests of its files: a changed file discards the session, says so
+        # and asks for the push again
+        check(world, second, ok=False)
+        assert "run the push again" in second.text and all(rel in second.text for rel in changed), second.text
+        second = run(world)
     if how == "vanish" and world.name != "pdis":  # pdis sends one tar of what exists: nothing is half-sent
         check(world, second, ok=False, after_kill=True)
         assert "vanished" in second.text and all(rel in second.text for rel in changed), second.text

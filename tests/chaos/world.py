@@ -339,6 +339,9 @@ class GypsumTarget(_Threaded):
         assert self.sim.server is not None
         return self.sim.server.app[gypsum_sim.STATE_KEY].bucket.root
 
+    def also(self) -> tuple[str, ...]:
+        return ("proj/asset/v1",)  # a version is made visible whole, or not at all
+
     def argv(self) -> list[str]:
         return ["push", "gypsum", str(self.src), "proj/asset/v1", "--journal", str(self.journal), "-q"]
 
