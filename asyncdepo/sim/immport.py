@@ -107,6 +107,8 @@ class ImmportSim(StudyStore):
         self.hold_requests = 0
         self.file_gets = 0
         self.held = threading.Event()
+        # called in the simulator's loop when a response pauses at the hold point (in-process tests wait on it)
+        self.on_hold: list[Callable[[], None]] = []
         self._resume = asyncio.Event()
 
     # -- tokens --------------------------------------------------------------------------------------
@@ -169,6 +171,8 @@ class ImmportSim(StudyStore):
                 and sum(self.bytes_out.values()) >= self.hold_after):
             self.events["held"] += 1
             self.held.set()
+            for hook in self.on_hold:
+                hook()
             await self._resume.wait()
 
     def snapshot(self) -> dict[str, Any]:
@@ -317,7 +321,7 @@ def _routes(app: web.Application, sim: ImmportSim) -> None:
     app.router.add_get("/data/query/api/study/manifest/{study}", manifest)
     app.router.add_get("/data/query/drs/download/{kind}/{uuid}", drs)
     app.router.add_get("/data/query/drs/stream/{uuid}", stream)
-    app.router.add_get("/_s3/" + BUCKET + "/{key:.+}", s3_object)
+    app.router.add_get("/_s3/" + BUCKET + "/{key:[\\s\\S]+}", s3_object)
     app.router.add_post("/_sim/aspera/check", aspera_check)
     app.router.add_post("/_sim/immport/expire", expire)
     app.router.add_post("/_sim/immport/hold", hold)

@@ -126,8 +126,13 @@ def differing(target: Target) -> dict[str, int]:
 
 
 def names_of(rel: str) -> tuple[str, ...]:
-    """How a message may name ``rel``: its path, or its file name."""
-    return (rel, PurePosixPath(rel).name)
+    """How a message may name ``rel``: its path, or its file name, as text or (a name that is not UTF-8) with
+    its bytes escaped."""
+    out = []
+    for name in (rel, PurePosixPath(rel).name):
+        raw = os.fsencode(name)
+        out += [name, raw.decode("utf-8", "backslashreplace"), raw.decode("utf-8", "replace")]
+    return tuple(out)
 
 
 #: targets whose uploads created by a request in flight at a kill are orphaned today (the journal never
