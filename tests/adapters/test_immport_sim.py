@@ -23,6 +23,7 @@ from asyncdepo.sim.immport import IMMPORT_KEY, ImmportSim, build_app
 from asyncdepo.sim.immport_store import file_uuid, write_study
 from asyncdepo.sim.server import SimServer
 from asyncdepo.transport.ascp.runner import AscpOptions
+from tests import requires
 from tests.adapters.contract_suite import AdapterContract, Harness
 
 
@@ -386,7 +387,7 @@ async def test_corrupted_file_is_reported(big_sim, tmp_path: Path, route: str) -
 
 
 async def test_an_untrusted_tls_certificate_fails_at_once_and_says_so(tmp_path: Path) -> None:
-    pytest.importorskip("cryptography")
+    requires.module("cryptography")
     from aiohttp import web
     from aiohttp.test_utils import TestServer
 

@@ -40,12 +40,13 @@ from asyncdepo.sim.immport import IMMPORT_KEY
 from asyncdepo.sim.immport import build_app as immport_app
 from asyncdepo.sim.proxy import FaultProxy
 from asyncdepo.sim.server import ThreadedSim
+from tests import requires
 from tests.adapters.s3_servers import REGION, S3TestServer
 from tests.chaos.servers import LoopThread, Notified
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-SIM_ASCP = shutil.which("asyncdepo-sim-ascp") or str(BIN / "asyncdepo-sim-ascp")
+SIM_ASCP = requires.program("asyncdepo-sim-ascp", path_too=False)  # the stand-in ascp of this package
 MiB = 1 << 20
 PARTS = (".asyncdepo-part", ".aspx")
 
