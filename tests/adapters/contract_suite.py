@@ -52,6 +52,9 @@ class Harness:
     :param chunk: the chunk size its pushes use (S3's parts are 5 MiB at least).
     :param mutable: a push may change what an earlier push stored (not so for gypsum's versions).
     :param pulled_prefix: where a pull puts the archive's files under its folder (ImmPort: the study).
+    :param inject: installs fault ``name`` itself (an ascp or Globus fault, no HTTP rule) and returns how to
+        count its hits; None (or returning None) for the default rule on ``data``.
+    :param stops: the suite can stop a run at a byte offset (something counts the bytes on the way).
     :param pause: holds the server at a byte count (default: the injector's pause point); returns the event
         set when it holds. ``resume`` lets it go.
     """
@@ -64,6 +67,8 @@ class Harness:
     chunk: int = MiB
     mutable: bool = True
     pulled_prefix: str = ""
+    inject: Callable[[str], Callable[[], int] | None] | None = None
+    stops: bool = True
     pause: Callable[[int], anyio.Event] | None = None
     resume: Callable[[], None] | None = None
 
@@ -207,11 +212,16 @@ class AdapterContract:
                                                      tmp_path: Path, fault: str) -> None:
         if harness.faults is None:
             pytest.skip("no server between the engine and the target")
-        method, path = harness.data
-        rule = harness.faults.add(FAULTS[fault].format(m=method, p=path))
+        hits = harness.inject(fault) if harness.inject is not None else None
+        if hits is None:
+            method, path = harness.data
+            rule = harness.faults.add(FAULTS[fault].format(m=method, p=path))
+
+            def hits() -> int:
+                return rule.hits
         report = await self.move(harness, tmp_path)
         assert report.ok, report.failures
-        assert rule.hits, "the fault never hit: the case tests nothing"
+        assert hits(), "the fault never hit: the case tests nothing"
         assert self.landed(harness, tmp_path) == files
 
     async def test_a_stalled_server_is_waited_out(self, harness: Harness, files: dict[str, bytes],
@@ -239,8 +249,8 @@ class AdapterContract:
                                                             tmp_path: Path) -> None:
         """The run is cancelled (as by Ctrl-C) while the server holds it at a byte offset; the same run again
         completes the target. SIGKILL at byte offsets, through the CLI, is the fault suite's (tests/chaos)."""
-        if harness.faults is None and harness.pause is None:
-            pytest.skip("nothing counts the bytes on the way")
+        if not harness.stops or (harness.faults is None and harness.pause is None):
+            pytest.skip("nothing counts the bytes on the way (for ascp and Globus: tests/chaos, through the CLI)")
         offset = harness.chunk + 4321
         reached = harness.hold_at(offset)
         try:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import copy
 import hashlib
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +17,18 @@ import anyio
 import pytest
 
 from asyncdepo import errors
+from asyncdepo.adapters.empiar.adapter import EmpiarAdapter as EmpiarAdapterT
 from asyncdepo.adapters.empiar.depositor import Credentials, EmpiarApi
 from asyncdepo.adapters.empiar.schema import png_size
 from asyncdepo.adapters.globus import GlobusClient, TaskProgress, TransferItem
+from asyncdepo.config import EngineConfig
 from asyncdepo.sim import empiar as empiar_sim
 from asyncdepo.sim import globus as globus_sim
 from asyncdepo.sim.datasets import make_png
 from asyncdepo.sim.faults import FaultInjector
 from asyncdepo.sim.server import SimServer
 from asyncdepo.transport.pacer import Pacer, RetryPolicy
+from tests.adapters.contract_suite import AdapterContract, Harness, tree_of
 from tests.fakeclock import FakeClock
 
 API = "/empiar/deposition/api/"
@@ -383,3 +388,69 @@ def test_server_rules_refuse_what_the_client_refuses(change: dict[str, Any]) -> 
     server, client = deposition_errors(doc), problems(doc)
     assert bool(server) == bool(client), (server, client)
     assert {field for field, _ in server} <= {p.field for p in client}
+
+
+# -- the shared contract suite (tests/adapters/contract_suite.py) over EMPIAR, by ascp and by Globus -------------
+class _EmpiarContract(AdapterContract):
+    """EMPIAR with the contract's tree as DATA: its two folders are the image sets, the other files go beside
+    them; the entry is not submitted, so a second push re-deposits it (a submitted entry refuses changes)."""
+
+    via = "ascp"
+
+    @pytest.fixture
+    async def harness(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Harness]:
+        from asyncdepo.adapters.empiar import adapter as EA
+        from asyncdepo.adapters.empiar.schema import resolve_layout
+        from asyncdepo.adapters.globus import GlobusClient
+        from asyncdepo.transport.ascp.options import AscpOptions, AscpSecrets
+        from asyncdepo.transport.httpbody import client_session
+        from tests import requires
+
+        store, src = tmp_path / "store", tmp_path / "src"
+        for key, value in {"ASYNCDEPO_SIM_ASCP_ROOT": str(store), "ASYNCDEPO_SIM_ASCP_PASSWORD": "pw-3141"}.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("ASYNCDEPO_SIM_ASCP_FAIL", raising=False)
+        doc = deposition("data/src/d0", "data/src/d1")
+        (tmp_path / "dep.json").write_text(json.dumps(doc))
+        globus_args = argparse.Namespace(token="globus-token", endpoint=[f"{globus_sim.LOCAL_ENDPOINT}=/"])
+        opts = AscpOptions(ascp=requires.program("asyncdepo-sim-ascp", path_too=False), rate="2G", fair=True,
+                           no_encryption=True, create_dir=True, resume=3, stall_timeout=30, management_port=True)
+        async with SimServer(empiar_sim.build_app(store, FaultInjector(), None)) as empiar, \
+                SimServer(globus_sim.build_app(store, FaultInjector(), globus_args)) as globus, \
+                client_session() as session:
+            state = empiar_sim.state_of(empiar.app)
+            gstate = globus_sim.state_of(globus.app)
+
+            def make(cfg: EngineConfig) -> EmpiarAdapterT:
+                dep = EA.Deposition(doc, tmp_path / "dep.json", resolve_layout(doc, src), submit=False)
+                ascp = EA.AscpRoute(opts, AscpSecrets(password="pw-3141"), "127.0.0.1") if self.via == "ascp" \
+                    else None
+                route = EA.GlobusRoute(GlobusClient(session, "globus-token", base_url=globus.url + "/v0.10",
+                                                    poll_interval=0.02),
+                                       globus_sim.LOCAL_ENDPOINT, globus_sim.EMPIAR_ENDPOINTS[0])
+                return EA.EmpiarAdapter(EmpiarApi(session, empiar.url, Credentials(token="sim-token")), dep,
+                                        ascp=ascp, globus=route if self.via == "globus" else None)
+
+            def stored() -> dict[str, bytes]:
+                entries = list(state.entries.values())
+                return tree_of(state.upload_area(entries[0]) / "src", skip=(".aspx",)) if entries else {}
+
+            def inject(fault: str) -> Callable[[], int] | None:
+                if fault != "drop":
+                    return None  # 5xx and 429 on EMPIAR's API
+                if self.via == "ascp":  # the connection lost after 100 kB of the first session
+                    monkeypatch.setenv("ASYNCDEPO_SIM_ASCP_FAIL", "drop:100000:once")
+                    return lambda: len(list((store / ".ascp-faults").glob("*")))
+                gstate.transient_faults = 1  # a copy that fails once; Globus tries it again by itself
+                return lambda: int(gstate.transient_faults == 0)
+
+            yield Harness(make, stored, faults=empiar.faults, data=("POST", API + "deposit_entry/"),
+                          inject=inject, stops=False)
+
+
+class TestContractAscp(_EmpiarContract):
+    via = "ascp"
+
+
+class TestContractGlobus(_EmpiarContract):
+    via = "globus"

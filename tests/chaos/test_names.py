@@ -106,7 +106,7 @@ def test_awkward_names_and_files_on_every_target(world: Target, kind: str) -> No
 
 
 # -- trees drawn by hypothesis -----------------------------------------------------------------------------
-_NAME = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"), min_size=1, max_size=24)\
+_NAME = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="/\0"), min_size=1, max_size=24)\
     .filter(lambda n: n not in (".", "..") and not n.endswith(".asyncdepo-part")
             and len(n.encode()) <= 200)
 _TREE = st.dictionaries(st.lists(_NAME, min_size=1, max_size=4).map(tuple), st.binary(max_size=3000),
