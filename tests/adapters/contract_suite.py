@@ -28,7 +28,8 @@ from asyncdepo.config import EngineConfig
 from asyncdepo.contract import Adapter, Chunk, Features, Item
 from asyncdepo.digests import digest_bytes
 from asyncdepo.engine.pull import pull
-from asyncdepo.engine.scheduler import RunReport, push
+from asyncdepo.engine.report import RunReport
+from asyncdepo.engine.scheduler import push
 from asyncdepo.errors import ConflictError
 from asyncdepo.sim.faults import FaultInjector
 

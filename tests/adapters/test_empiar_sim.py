@@ -24,7 +24,7 @@ from asyncdepo.adapters.globus import GlobusClient, TaskProgress, TransferItem
 from asyncdepo.config import EngineConfig
 from asyncdepo.sim import empiar as empiar_sim
 from asyncdepo.sim import globus as globus_sim
-from asyncdepo.sim.datasets import make_png
+from asyncdepo.sim.datasets import make_png, sample_deposition
 from asyncdepo.sim.faults import FaultInjector
 from asyncdepo.sim.server import SimServer
 from asyncdepo.transport.pacer import Pacer, RetryPolicy
@@ -37,28 +37,6 @@ TOKEN = {"Authorization": "Token sim-token"}
 
 def basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-
-
-def deposition(*dirs: str) -> dict[str, Any]:
-    """A valid deposition JSON with one image set per directory."""
-    person = {"first_name": "John", "last_name": "Smith", "organization": "Caltech",
-              "email": "john@example.org", "country": "US", "town_or_city": "Pasadena", "post_or_zip": "91125"}
-    author = {"name": "('Smith', 'JW')", "order_id": 0, "author_orcid": None}
-    return {
-        "title": "A simulated deposition for tests",
-        "release_date": "RE",
-        "experiment_type": 3,
-        "authors": [author],
-        "corresponding_author": person,
-        "principal_investigator": [person],
-        "imagesets": [
-            {"name": f"set {d}", "directory": d, "category": "('T1', '')", "header_format": "('T1', '')",
-             "data_format": "('T1', '')", "num_images_or_tilt_series": 2, "frames_per_image": 1,
-             "voxel_type": "('T5', '')"}
-            for d in dirs
-        ],
-        "citation": [{"authors": [author], "published": False, "j_or_nj_citation": True, "title": "Unpublished"}],
-    }
 
 
 @pytest.fixture
@@ -74,7 +52,7 @@ async def call(http: aiohttp.ClientSession, method: str, url: str, **kw: Any) ->
 
 
 async def create(http: aiohttp.ClientSession, server: SimServer, *dirs: str) -> dict[str, Any]:
-    status, body, ctype = await call(http, "POST", server.url + API + "deposit_entry/", json=deposition(*dirs),
+    status, body, ctype = await call(http, "POST", server.url + API + "deposit_entry/", json=sample_deposition(*dirs),
                                      headers=TOKEN)
     assert (status, ctype) == (200, "application/json"), body
     return body  # type: ignore[no-any-return]
@@ -90,14 +68,14 @@ async def test_deposit_creates_entry_and_upload_area(empiar: SimServer, http: ai
 
 async def test_auth_errors_are_detail_json(empiar: SimServer, http: aiohttp.ClientSession) -> None:
     url = empiar.url + API + "deposit_entry/"
-    status, body, ctype = await call(http, "POST", url, json=deposition("data/a"))
+    status, body, ctype = await call(http, "POST", url, json=sample_deposition("data/a"))
     assert (status, body, ctype) == (401, {"detail": "Authentication credentials were not provided."}, "application/json")
-    status, body, _ = await call(http, "POST", url, json=deposition("data/a"), headers={"Authorization": "Token nope"})
+    status, body, _ = await call(http, "POST", url, json=sample_deposition("data/a"), headers={"Authorization": "Token nope"})
     assert (status, body) == (401, {"detail": "Invalid token."})
     bad = base64.b64encode(b"depositor:wrong").decode()
-    status, body, _ = await call(http, "POST", url, json=deposition("data/a"), headers={"Authorization": f"Basic {bad}"})
+    status, body, _ = await call(http, "POST", url, json=sample_deposition("data/a"), headers={"Authorization": f"Basic {bad}"})
     assert (status, body) == (401, {"detail": "Invalid username/password."})
-    status, body, _ = await call(http, "POST", url, json=deposition("data/a"),
+    status, body, _ = await call(http, "POST", url, json=sample_deposition("data/a"),
                                  headers=basic("depositor", "sim-password"))
     assert status == 200 and body["deposition"] is True
     status, body, ctype = await call(http, "GET", url, headers=TOKEN)
@@ -107,7 +85,7 @@ async def test_auth_errors_are_detail_json(empiar: SimServer, http: aiohttp.Clie
 
 
 async def test_invalid_deposition_names_the_fields(empiar: SimServer, http: aiohttp.ClientSession) -> None:
-    doc = deposition("data/a")
+    doc = sample_deposition("data/a")
     doc["title"] = "short"
     del doc["imagesets"][0]["voxel_type"]
     status, body, _ = await call(http, "POST", empiar.url + API + "deposit_entry/", json=doc, headers=TOKEN)
@@ -120,7 +98,7 @@ async def test_invalid_deposition_names_the_fields(empiar: SimServer, http: aioh
 
 async def test_redeposit_replaces_metadata_and_checks_rights(empiar: SimServer, http: aiohttp.ClientSession) -> None:
     first = await create(http, empiar, "data/a")
-    doc = deposition("data/a", "data/b")
+    doc = sample_deposition("data/a", "data/b")
     doc["entry_id"] = str(first["entry_id"])
     status, body, _ = await call(http, "PUT", empiar.url + API + "redeposit_entry/", json=doc, headers=TOKEN)
     assert status == 200 and body == first
@@ -186,7 +164,7 @@ async def test_submit_refuses_empty_imagesets(empiar: SimServer, http: aiohttp.C
     assert (status, body) == (200, {"submission": True, "empiar_id": f"EMPIAR-{10000 + entry['entry_id']}"})
     status, body, _ = await call(http, "POST", url, json={"entry_id": str(entry["entry_id"])}, headers=TOKEN)
     assert status == 409
-    redo = {**deposition("data/a"), "entry_id": entry["entry_id"]}
+    redo = {**sample_deposition("data/a"), "entry_id": entry["entry_id"]}
     assert (await call(http, "PUT", empiar.url + API + "redeposit_entry/", json=redo, headers=TOKEN))[0] == 409
 
 
@@ -195,7 +173,7 @@ async def test_state_survives_restart(tmp_path: Path, http: aiohttp.ClientSessio
     async with SimServer(empiar_sim.build_app(root, FaultInjector(), None)) as server:
         entry = await create(http, server, "data/a")
     async with SimServer(empiar_sim.build_app(root, FaultInjector(), None)) as server:
-        doc = {**deposition("data/a"), "entry_id": entry["entry_id"]}
+        doc = {**sample_deposition("data/a"), "entry_id": entry["entry_id"]}
         status, body, _ = await call(http, "PUT", server.url + API + "redeposit_entry/", json=doc, headers=TOKEN)
         assert (status, body) == (200, entry)
         assert (await create(http, server, "data/a"))["entry_id"] == entry["entry_id"] + 1
@@ -303,7 +281,7 @@ async def test_globus_cancel_held_task(globus: SimServer, http: aiohttp.ClientSe
 def test_png_size_reader() -> None:
     assert png_size(make_png(512, 400)) == (512, 400)
     assert png_size(b"\x89PNG\r\n\x1a\n") is None
-    assert copy.deepcopy(deposition("data/x"))["imagesets"][0]["directory"] == "data/x"
+    assert copy.deepcopy(sample_deposition("data/x"))["imagesets"][0]["directory"] == "data/x"
 
 
 # -- the clients against the simulators ----------------------------------------------------------------------
@@ -314,9 +292,9 @@ async def test_empiar_api_retries_5xx_and_maps_errors(empiar: SimServer, http: a
                                                       tmp_path: Path) -> None:
     empiar.faults.add("POST /empiar/deposition/api/deposit_entry/ status=503 first=1")
     api = EmpiarApi(http, empiar.url, Credentials(token="sim-token"), pacer=FAST)
-    entry = await api.create(deposition("data/a"))
+    entry = await api.create(sample_deposition("data/a"))
     assert len(empiar_sim.state_of(empiar.app).entries) == 1  # the 503 created nothing; the retry did
-    assert await api.redeposit(deposition("data/a"), entry.entry_id) == entry
+    assert await api.redeposit(sample_deposition("data/a"), entry.entry_id) == entry
     thumb = tmp_path / "t.png"
     thumb.write_bytes(make_png(400, 400))
     await api.upload_thumbnail(entry.entry_id, thumb)
@@ -332,7 +310,7 @@ async def test_empiar_api_retries_5xx_and_maps_errors(empiar: SimServer, http: a
     assert await api.submit(entry.entry_id) is None  # already submitted
     bad = EmpiarApi(http, empiar.url, Credentials(token="wrong"), pacer=FAST)
     with pytest.raises(errors.AuthError, match="Invalid token") as info:
-        await bad.create(deposition("data/a"))
+        await bad.create(sample_deposition("data/a"))
     assert "wrong" not in str(info.value) and info.value.hint
 
 
@@ -377,7 +355,7 @@ def test_server_rules_refuse_what_the_client_refuses(change: dict[str, Any]) -> 
     from asyncdepo.adapters.empiar.schema import problems
     from asyncdepo.sim.empiar_rules import deposition_errors
 
-    doc = deposition("data/a", "data/b")
+    doc = sample_deposition("data/a", "data/b")
     for key, value in change.items():
         if isinstance(value, list) and value and isinstance(doc[key], list):
             doc[key] = [{**doc[key][0], **value[0]}, *doc[key][1:]]
@@ -410,7 +388,7 @@ class _EmpiarContract(AdapterContract):
         for key, value in {"ASYNCDEPO_SIM_ASCP_ROOT": str(store), "ASYNCDEPO_SIM_ASCP_PASSWORD": "pw-3141"}.items():
             monkeypatch.setenv(key, value)
         monkeypatch.delenv("ASYNCDEPO_SIM_ASCP_FAIL", raising=False)
-        doc = deposition("data/src/d0", "data/src/d1")
+        doc = sample_deposition("data/src/d0", "data/src/d1")
         (tmp_path / "dep.json").write_text(json.dumps(doc))
         globus_args = argparse.Namespace(token="globus-token", endpoint=[f"{globus_sim.LOCAL_ENDPOINT}=/"])
         opts = AscpOptions(ascp=requires.program("asyncdepo-sim-ascp", path_too=False), rate="2G", fair=True,

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import PurePosixPath
 
 import pytest
@@ -175,3 +176,17 @@ def check(target: Target, outcome: Outcome, *, ok: bool | None = None, also: tup
     if ok is not None:
         assert (outcome.rc == 0) == ok, f"exit {outcome.rc} (wanted {'0' if ok else 'non-zero'}):\n" \
                                         f"{outcome.text[-3000:]}"
+
+
+def params(cases: Iterable[tuple[str, str, object]], *, fast: bool, fast_cases: Collection[tuple[str, str]],
+           waiting: Mapping[tuple[str, str], str]) -> list[object]:
+    """``pytest.param(target, value)`` for each ``(target, kind, value)`` of the fast subset (``fast``) or of the
+    rest, with a strict xfail where ``waiting`` names the item of the issue the case waits for."""
+    out: list[object] = []
+    for target, kind, value in cases:
+        if ((target, kind) in fast_cases) != fast:
+            continue
+        why = waiting.get((target, kind))
+        marks = [pytest.mark.xfail(strict=True, reason=why)] if why else []
+        out.append(pytest.param(target, value, id=f"{target}-{kind}", marks=marks))
+    return out

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pytest
 
 from asyncdepo.sim import globus as globus_sim
-from tests.chaos.outcome import Watch, check, run, start
+from tests.chaos.outcome import Watch, check, params, run, start
 from tests.chaos.world import EmpiarTarget, Target
 
 #: where each HTTP target's data goes (method, path pattern): the faults aim there
@@ -105,13 +105,8 @@ FAST = {("tus", "drop"), ("tus", "corrupt"), ("s3-moto", "drop"), ("s3-moto", "4
 
 
 def _params(fast: bool) -> list[object]:
-    out: list[object] = []
-    for c in CASES:
-        if ((c.target, c.fault) in FAST) != fast:
-            continue
-        marks = [pytest.mark.xfail(strict=True, reason=c.why)] if c.why else []
-        out.append(pytest.param(c.target, c, id=c.id, marks=marks))
-    return out
+    waiting = {(c.target, c.fault): c.why for c in CASES if c.why}
+    return params([(c.target, c.fault, c) for c in CASES], fast=fast, fast_cases=FAST, waiting=waiting)
 
 
 def _run_with(world: Target, case: Case) -> None:

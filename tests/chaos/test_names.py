@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from asyncdepo import EngineConfig, push
 from asyncdepo.adapters.local import LocalAdapter
-from tests.chaos.outcome import check, run
+from tests.chaos.outcome import check, params, run
 from tests.chaos.test_recovery import run_unprivileged
 from tests.chaos.world import Target, tree
 
@@ -65,15 +65,8 @@ FAST = {("local", kind) for kind in KINDS} | {("gypsum", "unreadable")}
 
 
 def _params(fast: bool) -> list[object]:
-    out: list[object] = []
-    for target in ("local", "tus", "s3-moto", "gypsum"):
-        for kind in KINDS:
-            if ((target, kind) in FAST) != fast:
-                continue
-            why = WAITING.get((target, kind))
-            marks = [pytest.mark.xfail(strict=True, reason=why)] if why else []
-            out.append(pytest.param(target, kind, id=f"{target}-{kind}", marks=marks))
-    return out
+    targets = ("local", "tus", "s3-moto", "gypsum")
+    return params([(t, kind, kind) for t in targets for kind in KINDS], fast=fast, fast_cases=FAST, waiting=WAITING)
 
 
 def _awkward_run(world: Target, kind: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.outcome import FIGURES, Watch, check, run, run_killed, start
+from tests.chaos.outcome import FIGURES, Watch, check, params, run, run_killed, start
 from tests.chaos.world import LocalTarget, MiB, Target
 
 CHANGES = ("grow", "shrink", "rewrite", "vanish")
@@ -58,15 +58,8 @@ FAST = {("local", "vanish"), ("tus", "rewrite"), ("local", "grow"), ("local", "r
 
 
 def _params(fast: bool) -> list[object]:
-    out: list[object] = []
-    for target in ("local", "tus", "s3-moto", "gypsum", "pdis", "empiar-ascp"):
-        for how in CHANGES:
-            if ((target, how) in FAST) != fast:
-                continue
-            why = WAITING.get((target, how))
-            marks = [pytest.mark.xfail(strict=True, reason=why)] if why else []
-            out.append(pytest.param(target, how, id=f"{target}-{how}", marks=marks))
-    return out
+    targets = ("local", "tus", "s3-moto", "gypsum", "pdis", "empiar-ascp")
+    return params([(t, how, how) for t in targets for how in CHANGES], fast=fast, fast_cases=FAST, waiting=WAITING)
 
 
 def _changed_between_runs(world: Target, how: str) -> None:

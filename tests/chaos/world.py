@@ -35,6 +35,7 @@ from asyncdepo.sim import globus as globus_sim
 from asyncdepo.sim import gypsum as gypsum_sim
 from asyncdepo.sim import pdis as pdis_sim
 from asyncdepo.sim import tus as tus_sim
+from asyncdepo.sim.datasets import sample_deposition
 from asyncdepo.sim.faults import FaultInjector
 from asyncdepo.sim.immport import IMMPORT_KEY
 from asyncdepo.sim.immport import build_app as immport_app
@@ -450,20 +451,6 @@ class _AscpArm:
 TRANSFER_PASS = "transfer-secret-3141"
 
 
-def deposition(*dirs: str) -> dict[str, Any]:
-    person = {"first_name": "Ada", "last_name": "Lovelace", "organization": "EMBL-EBI",
-              "email": "ada@example.org", "country": "GB", "town_or_city": "Hinxton", "post_or_zip": "CB10 1SD"}
-    author = {"name": "('Lovelace', 'A')", "order_id": 0, "author_orcid": None}
-    return {
-        "title": "Image sets of the fault suite", "release_date": "HO", "experiment_type": 3,
-        "authors": [author], "corresponding_author": person, "principal_investigator": [person],
-        "imagesets": [{"name": d, "directory": d, "category": "('T1', '')", "header_format": "('T2', '')",
-                       "data_format": "('T2', '')", "num_images_or_tilt_series": 3, "frames_per_image": 1,
-                       "voxel_type": "('T5', '')"} for d in dirs],
-        "citation": [{"authors": [author], "published": False, "j_or_nj_citation": True, "title": "In prep"}],
-    }
-
-
 class EmpiarTarget(Target, _AscpArm):
     """EMPIAR through the stand-in ascp, or (``via="globus"``) through Globus after ascp refuses the login."""
 
@@ -481,7 +468,7 @@ class EmpiarTarget(Target, _AscpArm):
         (self.src / "micrographs").mkdir(parents=True, exist_ok=True)
         (self.src / "particles").mkdir(parents=True, exist_ok=True)
         name = self.src.name
-        self.json.write_text(json.dumps(deposition(f"data/{name}/micrographs", f"/data/{name}/particles")))
+        self.json.write_text(json.dumps(sample_deposition(f"data/{name}/micrographs", f"/data/{name}/particles")))
 
     def __enter__(self) -> Self:
         args = argparse.Namespace(token="globus-token", endpoint=[f"{globus_sim.LOCAL_ENDPOINT}=/"])
