@@ -161,11 +161,15 @@ class Target:
 
     # -- kill points ---------------------------------------------------------------------------------------
     def arm(self, n: int) -> tuple[threading.Event, dict[str, str]]:
-        """Stop the transfer at byte ``n``; returns the event set when reached and env for the child."""
-        raise NotImplementedError
+        """Stop the transfer at byte ``n``; returns the event set when reached and env for the child. By
+        default the pause point of ``faults`` (the server's, or the proxy's in front of it)."""
+        reached = threading.Event()
+        self.faults.on_pause[:] = [lambda _: reached.set()]
+        self.call(lambda: self.faults.pause_at(n))
+        return reached, {}
 
     def disarm(self) -> None:
-        return None
+        self.call(lambda: self.faults.pause_at(None))
 
 
 # -- local ---------------------------------------------------------------------------------------------------
@@ -240,14 +244,6 @@ class _Threaded(Target):
     def call(self, fn: Any) -> None:
         self.sim.call(fn)
 
-    def arm(self, n: int) -> tuple[threading.Event, dict[str, str]]:
-        reached = threading.Event()
-        self.faults.on_pause[:] = [lambda _: reached.set()]
-        self.sim.call(lambda: self.faults.pause_at(n))
-        return reached, {}
-
-    def disarm(self) -> None:
-        self.sim.call(lambda: self.faults.pause_at(None))
 
 
 class TusTarget(_Threaded):
@@ -407,14 +403,6 @@ class S3Target(Target):
     def call(self, fn: Any) -> None:
         self.loop.call(fn)
 
-    def arm(self, n: int) -> tuple[threading.Event, dict[str, str]]:
-        reached = threading.Event()
-        self.faults.on_pause[:] = [lambda _: reached.set()]
-        self.loop.call(lambda: self.faults.pause_at(n))
-        return reached, {}
-
-    def disarm(self) -> None:
-        self.loop.call(lambda: self.faults.pause_at(None))
 
 
 # -- ascp: the stand-in stalls at a byte count and tells a listener ------------------------------------------
