@@ -36,10 +36,9 @@ soak: $(STAMP)
 # `make test`. Prints the suite's figures (kill points survived, faults injected, files verified, bytes lost).
 test-chaos: $(STAMP)
 	rm -rf .coverage-chaos && mkdir -p .coverage-chaos
-	COVERAGE_FILE=$(CURDIR)/.coverage-chaos/data $(BIN)/python -m coverage run -m pytest -q -m "slow or not slow" \
-	  -rxX tests/chaos tests/adapters
-	COVERAGE_FILE=$(CURDIR)/.coverage-chaos/data $(BIN)/python -m coverage combine -q
-	COVERAGE_FILE=$(CURDIR)/.coverage-chaos/data $(BIN)/python -m coverage report
+	export COVERAGE_FILE=$(CURDIR)/.coverage-chaos/data; \
+	  $(BIN)/python -m coverage run -m pytest -q -m "slow or not slow" -rxX tests/chaos tests/adapters; \
+	  status=$$?; $(BIN)/python -m coverage combine -q && $(BIN)/python -m coverage report; exit $$status
 
 bench: $(STAMP) tools
 	$(BIN)/python -m benchmarks.bench_engine

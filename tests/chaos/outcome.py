@@ -147,6 +147,9 @@ ORPHANS = {
                "and abort/reuse on resume)",
 }
 ORPHANS["s3-rclone"] = ORPHANS["s3-moto"]
+ORPHANS["pdis"] = ("#14 item 5: a PDIS upload that landed while its client was killed is not journaled; when the "
+                   "dataset changed before the resume, the new upload is a second submission and the first stays "
+                   "'uploaded' for ever (find this dataset's unsubmitted uploads and delete them)")
 
 
 def check(target: Target, outcome: Outcome, *, ok: bool | None = None, also: tuple[str, ...] = (),

@@ -92,9 +92,6 @@ def _cases() -> list[Case]:
 
 #: cases whose fix has not landed on main: (target, fault) -> the item of #14 they wait for
 WAITING: dict[tuple[str, str], str] = {
-    ("empiar-globus", "task-failed"): "#13 item 4: an EMPIAR deposition's failure names what was not deposited "
-                                      "(its image sets), as every engine job's report does; a failed Globus task "
-                                      "names only the task id",
     ("pdis", "digest"): "#14 item 11: an md5 the server reports that differs from the one sent is retried at the "
                         "item level (today the push fails at once)",
 }
