@@ -12,8 +12,9 @@ A :class:`FaultInjector` is installed as an aiohttp middleware (``injector.middl
 * ``slow`` — read the body in odd-sized pieces (1, 7, 127, 1021, 4093 ... bytes), waiting ``delay`` seconds
   (default: one turn of the loop) between them, so the client's socket buffers fill and its writes return
   while its bytes are still queued (the case that catches a buffer reused too early);
-* ``digest`` — handle the request, then falsify the digests in the answer: the ``ETag`` header, ``<ETag>`` in
-  an XML body and every JSON field named like a digest (``md5``, ``md5hash``, ``etag``, ``sha256``,
+* ``digest`` — handle the request, then falsify the digests in the answer: every header named like a digest
+  (``ETag``, ``x-amz-checksum-*``, ``Content-MD5`` ...), ``<ETag>``/``<Checksum...>`` in an XML body and every JSON
+  field named like a digest (``md5``, ``md5hash``, ``etag``, ``sha256``,
   ``checksum`` ...) get one hex digit changed (:func:`falsify`): a server that stored something else;
 * ``lose`` — handle the request (the server did the work), then reset the connection instead of answering:
   the lost response a client must resync after;
@@ -307,7 +308,7 @@ class FaultInjector:
             raise ConnectionResetError("injected: the response was lost")
         if rule is not None and rule.kind == "digest" and isinstance(response, web.Response):
             body = response.body if isinstance(response.body, bytes) else b""
-            for name in [h for h in response.headers if h.lower() == "etag"]:
+            for name in [h for h in response.headers if DIGEST_HEADER.search(h)]:
                 response.headers[name] = falsify_text(response.headers[name])
             if body:
                 response.body = falsify(body, response.content_type)
@@ -396,7 +397,9 @@ _HEX = re.compile(r"[0-9a-fA-F]")
 # a JSON member named like a digest whose string value starts (maybe after an escaped quote) with a hex digit
 _JSON_DIGEST = re.compile(
     rb'("[^"]*(?:md5|etag|sha\d*|crc|checksum|digest|hash)[^"]*"\s*:\s*"(?:\\")?)([0-9a-fA-F])', re.IGNORECASE)
-_XML_ETAG = re.compile(rb"(<ETag>(?:&quot;|\")?)([0-9a-fA-F])")
+_XML_ETAG = re.compile(rb"(<(?:ETag|Checksum[A-Za-z0-9]+|ContentMD5)>(?:&quot;|\")?)([0-9a-fA-F])")
+#: response headers that carry a digest (ETag, Content-MD5, x-amz-checksum-*, Digest, Upload-Checksum ...)
+DIGEST_HEADER = re.compile(r"^(?!.*algorithm).*(etag|md5|checksum|digest)", re.IGNORECASE)  # not the lists of algorithms
 
 
 def falsify_text(value: str) -> str:

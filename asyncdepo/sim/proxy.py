@@ -21,7 +21,8 @@ path (the query is not part of the path) and acts on that request only:
 * ``corrupt`` — the lowest bit of body byte ``after`` is flipped on the way;
 * ``slow`` — the client's body is read in odd-sized pieces (the socket's receive buffer shrunk), ``delay``
   seconds apart, so the client's writes return while its bytes still wait in its own buffers;
-* ``digest`` — the server's answer gets its ``ETag`` header and the digests in its XML/JSON body falsified;
+* ``digest`` — the server's answer gets every digest header (``ETag``, ``x-amz-checksum-*`` ...) and the digests
+  in its XML/JSON body falsified;
 * ``lose`` — the request reaches the server, which does the work; its answer is thrown away and both
   connections are reset (a lost response).
 
@@ -46,7 +47,15 @@ from collections.abc import AsyncIterator, Coroutine, Iterator
 from types import TracebackType
 from typing import Any, Self
 
-from asyncdepo.sim.faults import PIECES, FaultInjector, FaultRule, falsify, falsify_text, parse_rule
+from asyncdepo.sim.faults import (
+    DIGEST_HEADER,
+    PIECES,
+    FaultInjector,
+    FaultRule,
+    falsify,
+    falsify_text,
+    parse_rule,
+)
 
 BLOCK = 64 * 1024
 S3_CODES = {500: "InternalError", 503: "SlowDown", 429: "TooManyRequests", 400: "BadRequest",
@@ -335,16 +344,15 @@ class FaultProxy:
                 raise Reset("injected: the response was lost")
             falsified = asked.rule is not None and asked.rule.kind == "digest"
             no_body = asked.method == "HEAD" or status in (204, 304)
-            if falsified and not no_body:
-                body = await self._whole(ureader, head)
-                for name in [k for k in head.headers if k == "etag"]:
-                    head.headers[name] = falsify_text(head.headers[name])
-                body = falsify(body, head.headers.get("content-type", ""))
-                raw = _with_etag(head.rebuilt(len(body)), head.headers.get("etag"))
-                cwriter.write(raw + body)
+            if falsified:
+                raw = _falsified_head(head)
+                if no_body:
+                    cwriter.write(raw)
+                else:
+                    body = falsify(await self._whole(ureader, head), head.headers.get("content-type", ""))
+                    cwriter.write(_falsified_head(Head.parse(head.rebuilt(len(body)))) + body)
             else:
-                raw = _with_etag(head.raw, head.headers.get("etag")) if falsified else head.raw
-                cwriter.write(raw)
+                cwriter.write(head.raw)
                 if not no_body:
                     await self._relay_answer(ureader, cwriter, head)
             await cwriter.drain()
@@ -390,13 +398,14 @@ async def _both(there: Coroutine[Any, Any, None], back: Coroutine[Any, Any, None
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _with_etag(raw: bytes, etag: str | None) -> bytes:
-    """``raw`` (a head) with its ETag header's value replaced by ``etag`` (already falsified)."""
-    if etag is None:
-        return raw
-    lines = raw.decode("latin-1").split("\r\n")
-    out = [f"{line.split(':', 1)[0]}: {etag}" if line.split(":", 1)[0].strip().lower() == "etag" else line
-           for line in lines]
+def _falsified_head(head: Head) -> bytes:
+    """``head`` with the value of every header named like a digest (ETag, x-amz-checksum-*, Content-MD5 ...)
+    falsified."""
+    lines = head.raw.decode("latin-1").split("\r\n")
+    out = []
+    for line in lines:
+        name, sep, value = line.partition(":")
+        out.append(f"{name}: {falsify_text(value.strip())}" if sep and DIGEST_HEADER.search(name) else line)
     return "\r\n".join(out).encode("latin-1")
 
 
