@@ -19,6 +19,7 @@ from asyncdepo.digests import hash_path_sync
 from asyncdepo.sim import tus
 from asyncdepo.sim.faults import FaultInjector
 from asyncdepo.sim.server import SimServer, ThreadedSim
+from tests import requires
 
 
 async def start_over(server: TestServer, scheme: str, folder: Path) -> ssl.SSLContext | None:
@@ -27,7 +28,7 @@ async def start_over(server: TestServer, scheme: str, folder: Path) -> ssl.SSLCo
     if scheme != "https":
         await server.start_server()
         return None
-    pytest.importorskip("cryptography")
+    requires.module("cryptography")
     from tests.tlscert import contexts
 
     server_ctx, client_ctx = contexts(folder)

@@ -12,6 +12,7 @@ import random
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 _TILE_CACHE: dict[int, bytes] = {}
 
@@ -95,3 +96,22 @@ def make_png(width: int, height: int) -> bytes:
     rows = b"".join(b"\x00" * (width + 1) for _ in range(height))  # filter byte 0, then the pixels
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def sample_deposition(*directories: str) -> dict[str, Any]:
+    """A valid EMPIAR deposition JSON with one image set per directory (``data/...``), for tests and the demo."""
+    person = {"first_name": "Ada", "last_name": "Lovelace", "organization": "EMBL-EBI", "email": "ada@example.org",
+              "country": "GB", "town_or_city": "Hinxton", "post_or_zip": "CB10 1SD"}
+    author = {"name": "('Lovelace', 'A')", "order_id": 0, "author_orcid": None}
+    return {
+        "title": "A simulated deposition of image sets",
+        "release_date": "HO",
+        "experiment_type": 3,
+        "authors": [author],
+        "corresponding_author": person,
+        "principal_investigator": [person],
+        "imagesets": [{"name": f"set {d}", "directory": d, "category": "('T1', '')", "header_format": "('T2', '')",
+                       "data_format": "('T2', '')", "num_images_or_tilt_series": 3, "frames_per_image": 1,
+                       "voxel_type": "('T5', '')"} for d in directories],
+        "citation": [{"authors": [author], "published": False, "j_or_nj_citation": True, "title": "In preparation"}],
+    }

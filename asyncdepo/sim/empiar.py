@@ -16,8 +16,9 @@ Behaviour and choices:
   ``Invalid username/password.``; 403 ``You do not have permission to perform this action.`` when the
   user has no (sufficient) rights on the entry; 404 ``Not found.``; 405 ``Method "GET" not allowed.``;
   415 for a JSON call whose body is not ``application/json``.
-* The deposition JSON is checked with the same rules the client applies (:mod:`asyncdepo.adapters.empiar.schema`);
-  a bad one is 400 with ``detail`` (the first problem) and ``errors`` (``{field: [message]}``).
+* The deposition JSON is checked by the server's own rules (:mod:`asyncdepo.sim.empiar_rules`, written apart
+  from the client's validator so that one bug cannot pass both sides); a bad one is 400 with ``detail``
+  (the first problem, ``field: message``) and ``errors`` (``{field path: [messages]}``, DRF's wording).
 * Creating an entry makes its upload area ``ROOT/<upload-prefix>/<DIR>/data`` (prefix ``upload`` as on the
   real server; the reference client's ``-dl`` mode writes to ``tmp/andrii``). The stand-in ascp, run with
   ``ASYNCDEPO_SIM_ASCP_ROOT=ROOT``, maps ``host:upload/<DIR>/data`` onto it; the Globus simulator, given the
@@ -49,7 +50,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from asyncdepo.adapters.empiar.schema import MIN_THUMBNAIL, data_relative, png_size, problems
+from asyncdepo.sim.empiar_rules import deposition_errors, inside_data, thumbnail_problem
 from asyncdepo.sim.faults import FaultInjector
 from asyncdepo.sim.server import make_app
 
@@ -214,12 +215,12 @@ def _entry_answer(entry: Entry) -> dict[str, Any]:
 
 def _check_metadata(doc: dict[str, Any]) -> dict[str, Any]:
     meta = {k: v for k, v in doc.items() if k != "entry_id"}
-    found = problems(meta)
+    found = deposition_errors(meta)
     if found:
         errors: dict[str, list[str]] = {}
-        for p in found:
-            errors.setdefault(p.field, []).append(p.message)
-        raise Reject(400, str(found[0]), errors=errors)
+        for field, message in found:
+            errors.setdefault(field, []).append(message)
+        raise Reject(400, f"{found[0][0]}: {found[0][1]}", errors=errors)
     return meta
 
 
@@ -227,7 +228,7 @@ def _empty_imagesets(state: EmpiarState, entry: Entry) -> list[str]:
     area = state.upload_area(entry)
     empty = []
     for imageset in entry.metadata.get("imagesets", []):
-        rel = data_relative(str(imageset.get("directory", "")))
+        rel = inside_data(str(imageset.get("directory", "")))
         folder = area / rel if rel else None
         if folder is None or not folder.is_dir() or not any(p.is_file() for p in folder.rglob("*")):
             empty.append(str(imageset.get("directory")))
@@ -265,11 +266,9 @@ def _routes(app: web.Application, state: EmpiarState, faults: FaultInjector) -> 
         entry = state.entry_for(fields.get("entry_id", (None, b""))[1].decode("utf-8", "replace"), user, EDIT)
         if "file" not in fields:
             raise Reject(400, "file: No file was submitted.")
-        size = png_size(fields["file"][1])
-        if size is None:
-            raise Reject(400, "file: The thumbnail must be a PNG image.")
-        if min(size) < MIN_THUMBNAIL:
-            raise Reject(400, f"file: The thumbnail must be at least 400 x 400 pixels (got {size[0]} x {size[1]}).")
+        problem = thumbnail_problem(fields["file"][1])
+        if problem is not None:
+            raise Reject(400, f"file: {problem}")
         folder = state.root / "thumbnails"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{entry.entry_id}.png").write_bytes(fields["file"][1])

@@ -7,7 +7,19 @@ A :class:`FaultInjector` is installed as an aiohttp middleware (``injector.middl
 * ``drop`` — accept ``after`` bytes of the request body, then abort the connection (the handler keeps
   what it got: it reads through :meth:`FaultInjector.body`);
 * ``delay`` — wait ``delay`` seconds, then handle the request normally;
-* ``stall`` — hold the request until :meth:`FaultInjector.release_stalls` is called (or the client gives up).
+* ``stall`` — hold the request until :meth:`FaultInjector.release_stalls` is called (or the client gives up);
+* ``corrupt`` — flip one bit (the lowest) of body byte ``after``: damage in transit that TCP's checksum missed;
+* ``slow`` — read the body in odd-sized pieces (1, 7, 127, 1021, 4093 ... bytes), waiting ``delay`` seconds
+  (default: one turn of the loop) between them, so the client's socket buffers fill and its writes return
+  while its bytes are still queued (the case that catches a buffer reused too early);
+* ``digest`` — handle the request, then falsify the digests in the answer: every header named like a digest
+  (``ETag``, ``x-amz-checksum-*``, ``Content-MD5`` ...), ``<ETag>``/``<Checksum...>`` in an XML body and every JSON
+  field named like a digest (``md5``, ``md5hash``, ``etag``, ``sha256``,
+  ``checksum`` ...) get one hex digit changed (:func:`falsify`): a server that stored something else;
+* ``lose`` — handle the request (the server did the work), then reset the connection instead of answering:
+  the lost response a client must resync after;
+* ``norange`` — drop the request's ``Range`` header before the handler sees it: a server that ignores Range
+  and answers 200 with the whole body.
 
 Which requests a rule hits: ``skip`` matching requests pass first, then the next ``first`` ones are hit
 (``first=0``: all of them), or, with ``every=N``, every N-th one.
@@ -17,6 +29,11 @@ Rules come from tests (``injector.add(FaultRule(...))``), from the simulator's c
 ``POST /_sim/faults`` (JSON list of rules; ``DELETE`` clears). ``GET /_sim/stats`` returns the counters:
 requests and body bytes received per route (``"METHOD /path-pattern"`` as registered), so a test can
 assert how much was re-sent.
+
+A **pause point** (:meth:`FaultInjector.pause_at`) holds every request body once ``n`` body bytes arrived in
+all (across requests; exactly ``n``: a read that crosses the point is split), and calls the ``on_pause``
+hooks: a test kills its client there, at a byte offset it chose, instead of sleeping and hoping. The same
+rules and counters drive :mod:`asyncdepo.sim.proxy`, which applies them on the wire in front of any server.
 """
 
 from __future__ import annotations
@@ -24,8 +41,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import fnmatch
+import itertools
+import re
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import orjson
@@ -33,7 +52,9 @@ from aiohttp import web
 
 FAULT_KEY: web.RequestKey[FaultRule | None] = web.RequestKey("asyncdepo_fault", object)  # type: ignore[arg-type]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-KINDS = ("status", "drop", "delay", "stall")
+KINDS = ("status", "drop", "delay", "stall", "corrupt", "slow", "digest", "lose", "norange")
+#: piece sizes of a ``slow`` read, in turn: odd, mostly prime, never a power of two
+PIECES = (1, 7, 127, 1021, 4093, 8191, 16381, 3, 65521, 509)
 
 
 class Dropped(Exception):
@@ -141,6 +162,12 @@ class FaultInjector:
         # called (in the server's loop) as each request is counted, with its route and the route's count,
         # before the handler runs; tests wait on it instead of polling the counters
         self.on_request: list[Callable[[str, int], None]] = []
+        # the pause point (see pause_at); on_pause hooks get the byte count, in the server's loop
+        self._pause: int | None = None
+        self._resumed = asyncio.Event()
+        self._total = 0
+        self.paused = False
+        self.on_pause: list[Callable[[int], None]] = []
 
     # -- configuration -------------------------------------------------------------------------------
     def add(self, rule: FaultRule | str) -> FaultRule:
@@ -157,7 +184,12 @@ class FaultInjector:
         """Let every stalled request go on (and stop stalling new ones until a new stall rule)."""
         self._release.set()
 
+    def injected(self) -> int:
+        """How many faults the rules have injected so far."""
+        return sum(r.hits for r in self.rules)
+
     def reset_counters(self) -> None:
+        self._total = 0
         self.bytes_in.clear()
         self.requests.clear()
         self.statuses.clear()
@@ -173,6 +205,8 @@ class FaultInjector:
             "statuses": dict(self.statuses),
             "rules": [r.to_json() for r in self.rules],
             "stalled": self.stalled,
+            "total_in": self._total,
+            "paused": self.paused,
         }
 
     # -- request handling ----------------------------------------------------------------------------
@@ -182,11 +216,62 @@ class FaultInjector:
         pattern = info.canonical if info is not None else request.path
         return f"{request.method} {pattern}"
 
-    def _rule_for(self, request: web.Request) -> FaultRule | None:
+    async def stall(self) -> None:
+        """Hold the caller until :meth:`release_stalls` (the ``stall`` fault; the proxy holds through it too)."""
+        self.stalled += 1
+        for fn in self.on_stall:
+            fn(self.stalled)
+        try:
+            await self._release.wait()
+        finally:
+            self.stalled -= 1
+
+    def rule_for(self, method: str, path: str) -> FaultRule | None:
+        """The first rule that matches ``method path`` and is due (each matching rule counts the request)."""
         for rule in self.rules:
-            if rule.matches(request.method, request.path) and rule.due():
+            if rule.matches(method, path) and rule.due():
                 return rule
         return None
+
+    # -- the pause point -----------------------------------------------------------------------------
+    def pause_at(self, n: int | None) -> None:
+        """Hold every request body once ``n`` body bytes arrived in all (None: let them go on)."""
+        self._pause = n
+        if n is None:
+            self._resumed.set()
+        else:
+            self._resumed = asyncio.Event()
+            self.paused = False
+
+    def total_in(self) -> int:
+        return self._total
+
+    def _room(self) -> int | None:
+        """Bytes that may still arrive before the pause point (None: no pause point)."""
+        return None if self._pause is None else max(0, self._pause - self._total)
+
+    async def _hold(self) -> None:
+        if not self.paused:
+            self.paused = True
+            for hook in self.on_pause:
+                hook(self._total)
+        await self._resumed.wait()
+
+    def count(self, route: str, n: int) -> None:
+        """Count ``n`` body bytes received on ``route`` (the proxy counts through this too)."""
+        self.bytes_in[route] += n
+        self._total += n
+
+    async def admit(self, route: str, data: bytes) -> AsyncIterator[bytes]:
+        """``data`` counted and let through, held at the pause point (the rest after :meth:`pause_at` None)."""
+        while data:
+            room = self._room()
+            if room == 0:
+                await self._hold()
+                continue
+            head, data = (data, b"") if room is None or room >= len(data) else (data[:room], data[room:])
+            self.count(route, len(head))
+            yield head
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -196,19 +281,17 @@ class FaultInjector:
         self.requests[route] += 1
         for hook in self.on_request:
             hook(route, self.requests[route])
-        rule = self._rule_for(request)
+        rule = self.rule_for(request.method, request.path)
+        if rule is not None and rule.kind == "norange" and "Range" in request.headers:
+            without = request.headers.copy()
+            del without["Range"]
+            request = request.clone(headers=without)
         request[FAULT_KEY] = rule
         if rule is not None:
             if rule.kind == "delay":
                 await asyncio.sleep(rule.delay)
             elif rule.kind == "stall":
-                self.stalled += 1
-                for fn in self.on_stall:
-                    fn(self.stalled)
-                try:
-                    await self._release.wait()
-                finally:
-                    self.stalled -= 1
+                await self.stall()
             elif rule.kind == "status":
                 await self._drain(request, route)
                 headers = {}
@@ -219,6 +302,16 @@ class FaultInjector:
                     {"error": f"injected fault: HTTP {rule.status}"}, status=rule.status, headers=headers
                 )
         response = await handler(request)
+        if rule is not None and rule.kind == "lose":
+            if request.transport is not None:
+                request.transport.abort()  # the work is done; the answer never leaves
+            raise ConnectionResetError("injected: the response was lost")
+        if rule is not None and rule.kind == "digest" and isinstance(response, web.Response):
+            body = response.body if isinstance(response.body, bytes) else b""
+            for name in [h for h in response.headers if DIGEST_HEADER.search(h)]:
+                response.headers[name] = falsify_text(response.headers[name])
+            if body:
+                response.body = falsify(body, response.content_type)
         return response
 
     async def _drain(self, request: web.Request, route: str) -> None:
@@ -233,18 +326,27 @@ class FaultInjector:
         """
         route = self.route_name(request)
         rule: FaultRule | None = request.get(FAULT_KEY)
-        limit = rule.after if rule is not None and rule.kind == "drop" else None
+        kind = rule.kind if rule is not None else None
+        limit = rule.after if rule is not None and kind == "drop" else None
+        flip = rule.after if rule is not None and kind == "corrupt" else None
+        pieces: Iterator[int] = itertools.cycle(PIECES) if kind == "slow" else itertools.repeat(chunk)
         got = 0
         while True:
-            data = await request.content.read(chunk if limit is None else max(1, min(chunk, limit - got)))
+            want = next(pieces)
+            if rule is not None and kind == "slow":
+                await asyncio.sleep(rule.delay)
+            data = await request.content.read(want if limit is None else max(1, min(want, limit - got)))
             if not data:
                 break
             if limit is not None and got + len(data) > limit:
                 data = data[: limit - got]
+            if flip is not None and got <= flip < got + len(data):
+                damaged = bytearray(data)
+                damaged[flip - got] ^= 0x01
+                data = bytes(damaged)
             got += len(data)
-            self.bytes_in[route] += len(data)
-            if data:
-                yield data
+            async for piece in self.admit(route, data):
+                yield piece
             if limit is not None and got >= limit:
                 transport = request.transport
                 if transport is not None:
@@ -288,3 +390,37 @@ class FaultInjector:
         app.router.add_post("/_sim/faults", set_faults)
         app.router.add_delete("/_sim/faults", clear_faults)
         app.router.add_post("/_sim/reset", reset)
+
+
+# -- wrong digests --------------------------------------------------------------------------------------------
+_HEX = re.compile(r"[0-9a-fA-F]")
+# a JSON member named like a digest whose string value starts (maybe after an escaped quote) with a hex digit
+_JSON_DIGEST = re.compile(
+    rb'("[^"]*(?:md5|etag|sha\d*|crc|checksum|digest|hash)[^"]*"\s*:\s*"(?:\\")?)([0-9a-fA-F])', re.IGNORECASE)
+_XML_ETAG = re.compile(rb"(<(?:ETag|Checksum[A-Za-z0-9]+|ContentMD5)>(?:&quot;|\")?)([0-9a-fA-F])")
+#: response headers that carry a digest (ETag, Content-MD5, x-amz-checksum-*, Digest, Upload-Checksum ...)
+DIGEST_HEADER = re.compile(r"^(?!.*algorithm).*(etag|md5|checksum|digest)", re.IGNORECASE)  # not the lists of algorithms
+
+
+def falsify_text(value: str) -> str:
+    """``value`` with its first hex digit changed (an ETag, a hex digest): still well-formed, now wrong."""
+    m = _HEX.search(value)
+    if m is None:
+        return value + "0"
+    digit = m.group(0)
+    return value[: m.start()] + ("1" if digit == "0" else "0") + value[m.end():]
+
+
+def _other(m: re.Match[bytes]) -> bytes:
+    return m.group(1) + (b"1" if m.group(2) == b"0" else b"0")
+
+
+def falsify(body: bytes, content_type: str) -> bytes:
+    """An answer's body with its digests falsified: the first hex digit of every JSON member named like a
+    digest (``md5``, ``md5hash``, ``etag``, ``sha256``, ``checksum`` ...) and of every XML ``<ETag>`` is
+    changed. The length is unchanged, so a Content-Length stays right; other bodies come back as they were."""
+    if "json" in content_type:
+        return _JSON_DIGEST.sub(_other, body)
+    if "xml" in content_type or body.lstrip().startswith(b"<?xml"):
+        return _XML_ETAG.sub(_other, body)
+    return body

@@ -24,6 +24,8 @@ Faults besides the HTTP ones of the fault injector: ``fail_tasks`` makes the nex
 ``fatal_error``; ``transient_faults`` makes the next N file copies fail once (counted in the task's
 ``faults``, then retried, as Globus does); ``hold`` keeps new tasks ``ACTIVE`` until released (cancel tests).
 ``GlobusState.polled`` (a threading.Event) is set by the first status poll: a client holds its task id then.
+``GlobusState.pause_at(n)`` pauses every copy once ``n`` bytes were copied in all (tasks keep running after
+their client is gone, as Globus's do: a test kills its client there, at a byte offset, then lets go).
 """
 
 from __future__ import annotations
@@ -122,6 +124,7 @@ class GlobusState:
         # set when a client asks for a task's status: it holds the task id then (a test kills it at that
         # point); a threading.Event, so a test in another thread (ThreadedSim) can wait on it
         self.polled = threading.Event()
+        self.meter = ByteMeter()
 
     def resolve(self, endpoint: str, path: str) -> Path:
         """The local path of ``path`` on ``endpoint``.
@@ -161,13 +164,45 @@ def _in_sync(src: Path, dst: Path, level: int | None) -> bool:
     return _md5(src) == _md5(dst)
 
 
-def _copy(src: Path, dst: Path, task: Task) -> None:
+def _copy(src: Path, dst: Path, task: Task, meter: ByteMeter) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     with open(src, "rb") as fin, open(dst, "wb") as fout:
-        while block := fin.read(1 << 20):
+        while block := fin.read(meter.room(1 << 20)):
             fout.write(block)
+            fout.flush()
             task.bytes_transferred += len(block)
+            meter.passed(len(block))
     shutil.copystat(src, dst)
+
+
+class ByteMeter:
+    """Bytes copied by every task, and the pause point (the copies run in threads: threading primitives)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.limit: int | None = None
+        self.paused = threading.Event()
+        self._go = threading.Event()
+        self._go.set()
+
+    def pause_at(self, n: int | None) -> None:
+        if n is None:
+            self.limit = None
+            self._go.set()
+        else:
+            self.paused.clear()
+            self._go.clear()
+            self.limit = n
+
+    def room(self, want: int) -> int:
+        """How much the next read may take; blocks at the pause point until released."""
+        while self.limit is not None and self.total >= self.limit:
+            self.paused.set()
+            self._go.wait()
+        return want if self.limit is None else max(1, min(want, self.limit - self.total))
+
+    def passed(self, n: int) -> None:
+        self.total += n
 
 
 def _pairs(src: Path, dst: Path, recursive: bool, task: Task) -> list[tuple[Path, Path]]:
@@ -214,7 +249,7 @@ async def _run(state: GlobusState, task: Task) -> None:
                     state.transient_faults -= 1
                     task.faults += 1  # Globus retries a faulted file by itself
                     continue
-                await asyncio.to_thread(_copy, src, dst, task)
+                await asyncio.to_thread(_copy, src, dst, task, state.meter)
                 if task.verify_checksum:
                     a, b = await asyncio.gather(asyncio.to_thread(_md5, src), asyncio.to_thread(_md5, dst))
                     task.bytes_checksummed += src.stat().st_size
@@ -342,6 +377,7 @@ def _routes(app: web.Application, state: GlobusState, faults: FaultInjector) -> 
 
     async def stop_tasks(_: web.Application) -> None:
         state.hold.set()
+        state.meter.pause_at(None)  # a copy thread held at the pause point would outlive the loop
         for runner in list(state.running):
             runner.cancel()
         await asyncio.gather(*state.running, return_exceptions=True)

@@ -135,8 +135,8 @@ async def sim_clock(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_route("GET", "/file/{key:.+}", get_file)
-    app.router.add_route("HEAD", "/file/{key:.+}", get_file)
+    app.router.add_route("GET", "/file/{key:[\\s\\S]+}", get_file)
+    app.router.add_route("HEAD", "/file/{key:[\\s\\S]+}", get_file)
     app.router.add_get("/list", list_keys, allow_head=False)
     app.router.add_get("/_sim/gypsum/stats", sim_stats, allow_head=False)
     app.router.add_post("/_sim/gypsum/expire-next", sim_expire_next)

@@ -131,4 +131,4 @@ async def put_object(request: web.Request) -> web.StreamResponse:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_put("/s3/{key:.+}", put_object)
+    app.router.add_put("/s3/{key:[\\s\\S]+}", put_object)

@@ -327,7 +327,7 @@ async def abort(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/upload/start/{project}/{asset}/{version}", start)
-    app.router.add_post("/upload/presigned-file/{slug:.+}", presigned_file)
+    app.router.add_post("/upload/presigned-file/{slug:[\\s\\S]+}", presigned_file)
     app.router.add_post("/upload/complete/{project}/{asset}/{version}", complete)
     app.router.add_post("/upload/abort/{project}/{asset}/{version}", abort)
     gypsum_s3.add_routes(app)

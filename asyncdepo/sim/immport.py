@@ -26,7 +26,8 @@ Routes (one server plays both ``auth.immport.org`` and ``api.immport.org``):
   HTTP Range (206 + Content-Range; 416 + ``Content-Range: bytes */size`` past the end). Response body bytes
   actually written are counted per route in ``bytes_out``, exposed in ``GET /_sim/stats`` beside the fault
   injector's own counters. A ``drop`` fault rule on these routes sends ``after`` bytes of the *response*,
-  then aborts the connection (the injector's request-body drop has nothing to cut on a GET).
+  then aborts the connection (the injector's request-body drop has nothing to cut on a GET); a ``corrupt``
+  rule flips the lowest bit of response byte ``after``.
 * ``POST /_sim/aspera/check`` ``{"token", "paths"}``: 200 when the Aspera token covers every path, 401
   otherwise; the stand-in ascp calls it (``ASYNCDEPO_SIM_ASCP_TOKEN_URL``) before moving any byte.
 * ``POST /_sim/immport/expire``: expire every bearer token now (a cross-process way to force renewal).
@@ -106,6 +107,8 @@ class ImmportSim(StudyStore):
         self.hold_requests = 0
         self.file_gets = 0
         self.held = threading.Event()
+        # called in the simulator's loop when a response pauses at the hold point (in-process tests wait on it)
+        self.on_hold: list[Callable[[], None]] = []
         self._resume = asyncio.Event()
 
     # -- tokens --------------------------------------------------------------------------------------
@@ -168,6 +171,8 @@ class ImmportSim(StudyStore):
                 and sum(self.bytes_out.values()) >= self.hold_after):
             self.events["held"] += 1
             self.held.set()
+            for hook in self.on_hold:
+                hook()
             await self._resume.wait()
 
     def snapshot(self) -> dict[str, Any]:
@@ -316,7 +321,7 @@ def _routes(app: web.Application, sim: ImmportSim) -> None:
     app.router.add_get("/data/query/api/study/manifest/{study}", manifest)
     app.router.add_get("/data/query/drs/download/{kind}/{uuid}", drs)
     app.router.add_get("/data/query/drs/stream/{uuid}", stream)
-    app.router.add_get("/_s3/" + BUCKET + "/{key:.+}", s3_object)
+    app.router.add_get("/_s3/" + BUCKET + "/{key:[\\s\\S]+}", s3_object)
     app.router.add_post("/_sim/aspera/check", aspera_check)
     app.router.add_post("/_sim/immport/expire", expire)
     app.router.add_post("/_sim/immport/hold", hold)

@@ -90,10 +90,12 @@ async def serve_file(request: web.Request, sim: FileHost, rel: str) -> web.Strea
         resp.content_length = end - start
         await resp.prepare(request)
         rule = request.get(FAULT_KEY)
-        # a drop rule cuts the body short; one that would cut at or past its end does nothing
+        # a drop rule cuts the body short; one that would cut at or past its end does nothing; a corrupt rule
+        # flips the lowest bit of body byte ``after`` (damage in transit, for the client's digest to catch)
         cut = rule.after if rule is not None and rule.kind == "drop" and rule.after < end - start else None
+        flip = rule.after if rule is not None and rule.kind == "corrupt" and rule.after < end - start else None
         try:
-            await _send_body(request, resp, sim, fd, start, end, cut)
+            await _send_body(request, resp, sim, fd, start, end, cut, flip)
         except ConnectionError:
             pass  # the client went away (killed, or gave up): nothing more to count
         return resp
@@ -102,12 +104,13 @@ async def serve_file(request: web.Request, sim: FileHost, rel: str) -> web.Strea
 
 
 async def _send_body(request: web.Request, resp: web.StreamResponse, sim: FileHost, fd: int, start: int,
-                     end: int, cut: int | None) -> None:
-    """Write ``[start, end)`` of ``fd``; count what was handed to the transport; cut after ``cut`` bytes."""
+                     end: int, cut: int | None, flip: int | None = None) -> None:
+    """Write ``[start, end)`` of ``fd``; count what was handed to the transport; cut after ``cut`` bytes;
+    flip the lowest bit of the byte at ``flip`` (offsets from ``start``)."""
     route = sim.faults.route_name(request)
     loop = asyncio.get_running_loop()
     transport = request.transport
-    if cut is None and sim.hold_after is None and transport is not None and end > start:
+    if cut is None and flip is None and sim.hold_after is None and transport is not None and end > start:
         # the kernel copies file -> socket (as nginx would): the simulator's CPU stays out of benchmarks
         with os.fdopen(os.dup(fd), "rb") as fobj:
             try:
@@ -127,6 +130,11 @@ async def _send_body(request: web.Request, resp: web.StreamResponse, sim: FileHo
         data = await loop.run_in_executor(None, os.pread, fd, min(CHUNK, end - pos), pos)
         if not data:
             break  # the file shrank under us; the client sees a short body
+        if flip is not None and pos - start <= flip < pos - start + len(data):
+            damaged = bytearray(data)
+            damaged[flip - (pos - start)] ^= 0x01
+            data = bytes(damaged)
+            sim.events["responses_corrupted"] += 1
         if cut is not None and pos - start + len(data) >= cut:
             data = data[: max(0, cut - (pos - start))]
             await resp.write(data)

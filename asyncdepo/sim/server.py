@@ -7,7 +7,8 @@ Every simulator module in ``asyncdepo.sim`` provides::
     def build_app(root: Path, faults: FaultInjector, args: argparse.Namespace | None) -> web.Application
 
 and is listed in :data:`SIMULATORS`. ``build_app`` must install ``faults.middleware`` and call
-``faults.add_routes(app)``; :func:`make_app` does both around the simulator's own routes.
+``faults.add_routes(app)``; :func:`make_app` does both around the simulator's own routes. A module that is no
+web application (the fault proxy, :mod:`asyncdepo.sim.proxy`) provides ``serve(args) -> int`` instead.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ SIMULATORS: dict[str, str] = {
     "empiar": "asyncdepo.sim.empiar",
     "globus": "asyncdepo.sim.globus",
     "immport": "asyncdepo.sim.immport",
+    "proxy": "asyncdepo.sim.proxy",
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -175,7 +177,8 @@ class ThreadedSim:
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8080, help="TCP port on 127.0.0.1 (0: any free port)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--root", type=Path, required=True, help="directory holding the simulator's storage")
+    parser.add_argument("--root", type=Path, help="directory holding the simulator's storage (required, but by "
+                        "the proxy)")
     parser.add_argument(
         "--fault",
         action="append",
@@ -208,6 +211,10 @@ def server_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
 def serve_forever(name: str, args: argparse.Namespace) -> int:
     """``asyncdepo sim NAME``: build the app from ``args`` and serve until interrupted."""
     module = load(name)
+    if hasattr(module, "serve"):
+        return int(module.serve(args))
+    if args.root is None:
+        raise SystemExit(f"asyncdepo sim {name}: --root DIR is required (where the simulator keeps its storage)")
     faults = FaultInjector([parse_rule(r) for r in args.fault])
     tls = server_tls(args)
     args.root.mkdir(parents=True, exist_ok=True)

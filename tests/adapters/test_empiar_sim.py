@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import copy
 import hashlib
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +17,18 @@ import anyio
 import pytest
 
 from asyncdepo import errors
+from asyncdepo.adapters.empiar.adapter import EmpiarAdapter as EmpiarAdapterT
 from asyncdepo.adapters.empiar.depositor import Credentials, EmpiarApi
 from asyncdepo.adapters.empiar.schema import png_size
 from asyncdepo.adapters.globus import GlobusClient, TaskProgress, TransferItem
+from asyncdepo.config import EngineConfig
 from asyncdepo.sim import empiar as empiar_sim
 from asyncdepo.sim import globus as globus_sim
-from asyncdepo.sim.datasets import make_png
+from asyncdepo.sim.datasets import make_png, sample_deposition
 from asyncdepo.sim.faults import FaultInjector
 from asyncdepo.sim.server import SimServer
 from asyncdepo.transport.pacer import Pacer, RetryPolicy
+from tests.adapters.contract_suite import AdapterContract, Harness, tree_of
 from tests.fakeclock import FakeClock
 
 API = "/empiar/deposition/api/"
@@ -32,28 +37,6 @@ TOKEN = {"Authorization": "Token sim-token"}
 
 def basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-
-
-def deposition(*dirs: str) -> dict[str, Any]:
-    """A valid deposition JSON with one image set per directory."""
-    person = {"first_name": "John", "last_name": "Smith", "organization": "Caltech",
-              "email": "john@example.org", "country": "US", "town_or_city": "Pasadena", "post_or_zip": "91125"}
-    author = {"name": "('Smith', 'JW')", "order_id": 0, "author_orcid": None}
-    return {
-        "title": "A simulated deposition for tests",
-        "release_date": "RE",
-        "experiment_type": 3,
-        "authors": [author],
-        "corresponding_author": person,
-        "principal_investigator": [person],
-        "imagesets": [
-            {"name": f"set {d}", "directory": d, "category": "('T1', '')", "header_format": "('T1', '')",
-             "data_format": "('T1', '')", "num_images_or_tilt_series": 2, "frames_per_image": 1,
-             "voxel_type": "('T5', '')"}
-            for d in dirs
-        ],
-        "citation": [{"authors": [author], "published": False, "j_or_nj_citation": True, "title": "Unpublished"}],
-    }
 
 
 @pytest.fixture
@@ -69,7 +52,7 @@ async def call(http: aiohttp.ClientSession, method: str, url: str, **kw: Any) ->
 
 
 async def create(http: aiohttp.ClientSession, server: SimServer, *dirs: str) -> dict[str, Any]:
-    status, body, ctype = await call(http, "POST", server.url + API + "deposit_entry/", json=deposition(*dirs),
+    status, body, ctype = await call(http, "POST", server.url + API + "deposit_entry/", json=sample_deposition(*dirs),
                                      headers=TOKEN)
     assert (status, ctype) == (200, "application/json"), body
     return body  # type: ignore[no-any-return]
@@ -85,14 +68,14 @@ async def test_deposit_creates_entry_and_upload_area(empiar: SimServer, http: ai
 
 async def test_auth_errors_are_detail_json(empiar: SimServer, http: aiohttp.ClientSession) -> None:
     url = empiar.url + API + "deposit_entry/"
-    status, body, ctype = await call(http, "POST", url, json=deposition("data/a"))
+    status, body, ctype = await call(http, "POST", url, json=sample_deposition("data/a"))
     assert (status, body, ctype) == (401, {"detail": "Authentication credentials were not provided."}, "application/json")
-    status, body, _ = await call(http, "POST", url, json=deposition("data/a"), headers={"Authorization": "Token nope"})
+    status, body, _ = await call(http, "POST", url, json=sample_deposition("data/a"), headers={"Authorization": "Token nope"})
     assert (status, body) == (401, {"detail": "Invalid token."})
     bad = base64.b64encode(b"depositor:wrong").decode()
-    status, body, _ = await call(http, "POST", url, json=deposition("data/a"), headers={"Authorization": f"Basic {bad}"})
+    status, body, _ = await call(http, "POST", url, json=sample_deposition("data/a"), headers={"Authorization": f"Basic {bad}"})
     assert (status, body) == (401, {"detail": "Invalid username/password."})
-    status, body, _ = await call(http, "POST", url, json=deposition("data/a"),
+    status, body, _ = await call(http, "POST", url, json=sample_deposition("data/a"),
                                  headers=basic("depositor", "sim-password"))
     assert status == 200 and body["deposition"] is True
     status, body, ctype = await call(http, "GET", url, headers=TOKEN)
@@ -102,12 +85,12 @@ async def test_auth_errors_are_detail_json(empiar: SimServer, http: aiohttp.Clie
 
 
 async def test_invalid_deposition_names_the_fields(empiar: SimServer, http: aiohttp.ClientSession) -> None:
-    doc = deposition("data/a")
+    doc = sample_deposition("data/a")
     doc["title"] = "short"
     del doc["imagesets"][0]["voxel_type"]
     status, body, _ = await call(http, "POST", empiar.url + API + "deposit_entry/", json=doc, headers=TOKEN)
     assert status == 400
-    assert body["errors"]["title"] and body["errors"]["imagesets[0].voxel_type"] == ["is required"]
+    assert body["errors"]["title"] and body["errors"]["imagesets[0].voxel_type"] == ["This field is required."]
     assert body["detail"].startswith("title:")
     status, body, _ = await call(http, "POST", empiar.url + API + "deposit_entry/", data=b"{}", headers=TOKEN)
     assert status == 415
@@ -115,7 +98,7 @@ async def test_invalid_deposition_names_the_fields(empiar: SimServer, http: aioh
 
 async def test_redeposit_replaces_metadata_and_checks_rights(empiar: SimServer, http: aiohttp.ClientSession) -> None:
     first = await create(http, empiar, "data/a")
-    doc = deposition("data/a", "data/b")
+    doc = sample_deposition("data/a", "data/b")
     doc["entry_id"] = str(first["entry_id"])
     status, body, _ = await call(http, "PUT", empiar.url + API + "redeposit_entry/", json=doc, headers=TOKEN)
     assert status == 200 and body == first
@@ -181,7 +164,7 @@ async def test_submit_refuses_empty_imagesets(empiar: SimServer, http: aiohttp.C
     assert (status, body) == (200, {"submission": True, "empiar_id": f"EMPIAR-{10000 + entry['entry_id']}"})
     status, body, _ = await call(http, "POST", url, json={"entry_id": str(entry["entry_id"])}, headers=TOKEN)
     assert status == 409
-    redo = {**deposition("data/a"), "entry_id": entry["entry_id"]}
+    redo = {**sample_deposition("data/a"), "entry_id": entry["entry_id"]}
     assert (await call(http, "PUT", empiar.url + API + "redeposit_entry/", json=redo, headers=TOKEN))[0] == 409
 
 
@@ -190,7 +173,7 @@ async def test_state_survives_restart(tmp_path: Path, http: aiohttp.ClientSessio
     async with SimServer(empiar_sim.build_app(root, FaultInjector(), None)) as server:
         entry = await create(http, server, "data/a")
     async with SimServer(empiar_sim.build_app(root, FaultInjector(), None)) as server:
-        doc = {**deposition("data/a"), "entry_id": entry["entry_id"]}
+        doc = {**sample_deposition("data/a"), "entry_id": entry["entry_id"]}
         status, body, _ = await call(http, "PUT", server.url + API + "redeposit_entry/", json=doc, headers=TOKEN)
         assert (status, body) == (200, entry)
         assert (await create(http, server, "data/a"))["entry_id"] == entry["entry_id"] + 1
@@ -298,7 +281,7 @@ async def test_globus_cancel_held_task(globus: SimServer, http: aiohttp.ClientSe
 def test_png_size_reader() -> None:
     assert png_size(make_png(512, 400)) == (512, 400)
     assert png_size(b"\x89PNG\r\n\x1a\n") is None
-    assert copy.deepcopy(deposition("data/x"))["imagesets"][0]["directory"] == "data/x"
+    assert copy.deepcopy(sample_deposition("data/x"))["imagesets"][0]["directory"] == "data/x"
 
 
 # -- the clients against the simulators ----------------------------------------------------------------------
@@ -309,9 +292,9 @@ async def test_empiar_api_retries_5xx_and_maps_errors(empiar: SimServer, http: a
                                                       tmp_path: Path) -> None:
     empiar.faults.add("POST /empiar/deposition/api/deposit_entry/ status=503 first=1")
     api = EmpiarApi(http, empiar.url, Credentials(token="sim-token"), pacer=FAST)
-    entry = await api.create(deposition("data/a"))
+    entry = await api.create(sample_deposition("data/a"))
     assert len(empiar_sim.state_of(empiar.app).entries) == 1  # the 503 created nothing; the retry did
-    assert await api.redeposit(deposition("data/a"), entry.entry_id) == entry
+    assert await api.redeposit(sample_deposition("data/a"), entry.entry_id) == entry
     thumb = tmp_path / "t.png"
     thumb.write_bytes(make_png(400, 400))
     await api.upload_thumbnail(entry.entry_id, thumb)
@@ -327,7 +310,7 @@ async def test_empiar_api_retries_5xx_and_maps_errors(empiar: SimServer, http: a
     assert await api.submit(entry.entry_id) is None  # already submitted
     bad = EmpiarApi(http, empiar.url, Credentials(token="wrong"), pacer=FAST)
     with pytest.raises(errors.AuthError, match="Invalid token") as info:
-        await bad.create(deposition("data/a"))
+        await bad.create(sample_deposition("data/a"))
     assert "wrong" not in str(info.value) and info.value.hint
 
 
@@ -358,3 +341,94 @@ async def test_globus_client_waits_fails_and_cancels(globus: SimServer, http: ai
     with pytest.raises(errors.AuthError, match="AuthenticationFailed") as info:
         await bad.endpoint(SRC_EP)
     assert "GLOBUS_TRANSFER_TOKEN" in (info.value.hint or "") and "nope" not in str(info.value)
+
+
+@pytest.mark.parametrize("change", [
+    {}, {"title": "short"}, {"release_date": "XX"}, {"experiment_type": 10}, {"authors": []},
+    {"imagesets": [{"directory": "/elsewhere/x"}]}, {"imagesets": [{"directory": "data/../x"}]},
+    {"corresponding_author": {"email": "not-an-address"}}, {"citation": [{"published": "yes"}]},
+])
+def test_server_rules_refuse_what_the_client_refuses(change: dict[str, Any]) -> None:
+    """The simulator's rules are its own (sim/empiar_rules.py): checked here against the client's validator
+    on the reference example and on common mistakes. The server may be looser, never stricter: a deposition
+    the client lets through must be accepted."""
+    from asyncdepo.adapters.empiar.schema import problems
+    from asyncdepo.sim.empiar_rules import deposition_errors
+
+    doc = sample_deposition("data/a", "data/b")
+    for key, value in change.items():
+        if isinstance(value, list) and value and isinstance(doc[key], list):
+            doc[key] = [{**doc[key][0], **value[0]}, *doc[key][1:]]
+        elif isinstance(value, dict):
+            doc[key] = {**doc[key], **value}
+        else:
+            doc[key] = value
+    server, client = deposition_errors(doc), problems(doc)
+    assert bool(server) == bool(client), (server, client)
+    assert {field for field, _ in server} <= {p.field for p in client}
+
+
+# -- the shared contract suite (tests/adapters/contract_suite.py) over EMPIAR, by ascp and by Globus -------------
+class _EmpiarContract(AdapterContract):
+    """EMPIAR with the contract's tree as DATA: its two folders are the image sets, the other files go beside
+    them; the entry is not submitted, so a second push re-deposits it (a submitted entry refuses changes)."""
+
+    via = "ascp"
+
+    @pytest.fixture
+    async def harness(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Harness]:
+        from asyncdepo.adapters.empiar import adapter as EA
+        from asyncdepo.adapters.empiar.schema import resolve_layout
+        from asyncdepo.adapters.globus import GlobusClient
+        from asyncdepo.transport.ascp.options import AscpOptions, AscpSecrets
+        from asyncdepo.transport.httpbody import client_session
+        from tests import requires
+
+        store, src = tmp_path / "store", tmp_path / "src"
+        for key, value in {"ASYNCDEPO_SIM_ASCP_ROOT": str(store), "ASYNCDEPO_SIM_ASCP_PASSWORD": "pw-3141"}.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("ASYNCDEPO_SIM_ASCP_FAIL", raising=False)
+        doc = sample_deposition("data/src/d0", "data/src/d1")
+        (tmp_path / "dep.json").write_text(json.dumps(doc))
+        globus_args = argparse.Namespace(token="globus-token", endpoint=[f"{globus_sim.LOCAL_ENDPOINT}=/"])
+        opts = AscpOptions(ascp=requires.program("asyncdepo-sim-ascp", path_too=False), rate="2G", fair=True,
+                           no_encryption=True, create_dir=True, resume=3, stall_timeout=30, management_port=True)
+        async with SimServer(empiar_sim.build_app(store, FaultInjector(), None)) as empiar, \
+                SimServer(globus_sim.build_app(store, FaultInjector(), globus_args)) as globus, \
+                client_session() as session:
+            state = empiar_sim.state_of(empiar.app)
+            gstate = globus_sim.state_of(globus.app)
+
+            def make(cfg: EngineConfig) -> EmpiarAdapterT:
+                dep = EA.Deposition(doc, tmp_path / "dep.json", resolve_layout(doc, src), submit=False)
+                ascp = EA.AscpRoute(opts, AscpSecrets(password="pw-3141"), "127.0.0.1") if self.via == "ascp" \
+                    else None
+                route = EA.GlobusRoute(GlobusClient(session, "globus-token", base_url=globus.url + "/v0.10",
+                                                    poll_interval=0.02),
+                                       globus_sim.LOCAL_ENDPOINT, globus_sim.EMPIAR_ENDPOINTS[0])
+                return EA.EmpiarAdapter(EmpiarApi(session, empiar.url, Credentials(token="sim-token")), dep,
+                                        ascp=ascp, globus=route if self.via == "globus" else None)
+
+            def stored() -> dict[str, bytes]:
+                entries = list(state.entries.values())
+                return tree_of(state.upload_area(entries[0]) / "src", skip=(".aspx",)) if entries else {}
+
+            def inject(fault: str) -> Callable[[], int] | None:
+                if fault != "drop":
+                    return None  # 5xx and 429 on EMPIAR's API
+                if self.via == "ascp":  # the connection lost after 100 kB of the first session
+                    monkeypatch.setenv("ASYNCDEPO_SIM_ASCP_FAIL", "drop:100000:once")
+                    return lambda: len(list((store / ".ascp-faults").glob("*")))
+                gstate.transient_faults = 1  # a copy that fails once; Globus tries it again by itself
+                return lambda: int(gstate.transient_faults == 0)
+
+            yield Harness(make, stored, faults=empiar.faults, data=("POST", API + "deposit_entry/"),
+                          inject=inject, stops=False)
+
+
+class TestContractAscp(_EmpiarContract):
+    via = "ascp"
+
+
+class TestContractGlobus(_EmpiarContract):
+    via = "globus"

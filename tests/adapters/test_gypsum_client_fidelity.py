@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-gpc = pytest.importorskip("gypsum_client")
+from tests import requires
+
+gpc = requires.module("gypsum_client")
 
 from asyncdepo.sim import gypsum as gsim
 from asyncdepo.sim.server import ThreadedSim

@@ -17,6 +17,7 @@ import pytest
 from asyncdepo.sim import gypsum as gsim
 from asyncdepo.sim.faults import FaultInjector, FaultRule
 from asyncdepo.sim.server import SimServer
+from tests.adapters.contract_suite import AdapterContract, Harness, tree_of
 
 ADMIN, OWNER, UPLOADER, TRUSTED, STRANGER = "tok-admin", "tok-owner", "tok-up", "tok-trusted", "tok-stranger"
 PUT_ROUTE = "PUT /s3/{key}"
@@ -451,3 +452,23 @@ def test_identities_from_flags_and_file(tmp_path: Path) -> None:
     assert gsim.config_from_args(tmp_path, args).identities["t3"] == gsim.Identity("u3", ("o3", "o4"))
     with pytest.raises(ValueError):
         gsim.config_from_args(tmp_path, parser.parse_args(["--identity", "nouser"]))
+
+
+class TestContract(AdapterContract):
+    """The shared contract suite (tests/adapters/contract_suite.py) over the gypsum adapter, faults aimed at
+    the presigned PUTs. A version is immutable: a changed file goes into another version, not tested here."""
+
+    @pytest.fixture
+    async def harness(self, sim: SimServer, http: aiohttp.ClientSession, tmp_path: Path) -> Harness:
+        from asyncdepo.adapters.gypsum.adapter import GypsumAdapter
+
+        await create_project(http, sim)
+        bucket = sim.app[gsim.STATE_KEY].bucket.root
+
+        def stored() -> dict[str, bytes]:
+            found = tree_of(bucket / "proj/asset/v1") if (bucket / "proj/asset/v1").is_dir() else {}
+            return {rel: data for rel, data in found.items() if not rel.split("/")[-1].startswith("..")}
+
+        return Harness(lambda cfg: GypsumAdapter(sim.url, "proj", "asset", "v1", token=OWNER,
+                                                 sessions=tmp_path / "sessions"),
+                       stored, faults=sim.faults, data=("PUT", "/s3/*"), mutable=False)

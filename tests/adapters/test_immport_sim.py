@@ -8,6 +8,7 @@ import hashlib
 import json
 import shutil
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -22,6 +23,8 @@ from asyncdepo.sim.immport import IMMPORT_KEY, ImmportSim, build_app
 from asyncdepo.sim.immport_store import file_uuid, write_study
 from asyncdepo.sim.server import SimServer
 from asyncdepo.transport.ascp.runner import AscpOptions
+from tests import requires
+from tests.adapters.contract_suite import AdapterContract, Harness
 
 
 class Clock:
@@ -384,7 +387,7 @@ async def test_corrupted_file_is_reported(big_sim, tmp_path: Path, route: str) -
 
 
 async def test_an_untrusted_tls_certificate_fails_at_once_and_says_so(tmp_path: Path) -> None:
-    pytest.importorskip("cryptography")
+    requires.module("cryptography")
     from aiohttp import web
     from aiohttp.test_utils import TestServer
 
@@ -433,3 +436,35 @@ async def test_behind_a_tls_front_the_signed_urls_say_https(sim, study: Path) ->
         assert direct.startswith(f"{server.url}/")  # without the header, the simulator's own origin
         async with http.get(server.url + url.removeprefix(f"https://{front}"), headers={"Host": front}) as r:
             assert r.status == 200 and await r.read() == (study / rel).read_bytes()  # the signature holds
+
+
+class TestContract(AdapterContract):
+    """The shared contract suite (tests/adapters/contract_suite.py) over the ImmPort adapter, a pull-only one:
+    the suite's files are put into a study, faults aim at the signed file GETs, and the hold point of the
+    simulator (response bytes) stops a pull mid-body."""
+
+    @pytest.fixture
+    async def harness(self, tmp_path: Path) -> AsyncIterator[Harness]:
+        import anyio
+
+        store = tmp_path / "store"
+        store.mkdir()
+        app = build_app(store, FaultInjector(), None)
+        host: ImmportSim = app[IMMPORT_KEY]
+        host.users = {"alice": "s3cret"}
+
+        def seed(files: dict[str, bytes]) -> None:
+            for rel, data in files.items():
+                (store / "SDY1" / rel).parent.mkdir(parents=True, exist_ok=True)
+                (store / "SDY1" / rel).write_bytes(data)
+
+        def pause(n: int) -> anyio.Event:
+            reached = anyio.Event()
+            host.on_hold[:] = [reached.set]
+            host.hold(n)
+            return reached
+
+        async with SimServer(app) as server:
+            yield Harness(lambda cfg: _adapter(server.url, study="SDY1"), seed=seed, faults=server.faults,
+                          data=("GET", "/_s3/immport-shared/*"), pulled_prefix="SDY1", pause=pause,
+                          resume=lambda: host.hold(None))

@@ -12,6 +12,7 @@ from asyncdepo.adapters import lookup
 from asyncdepo.adapters.local import PART_SUFFIX, LocalAdapter
 from asyncdepo.contract import Chunk, Item
 from asyncdepo.errors import IntegrityError, OffsetMismatchError, UsageError
+from tests.adapters.contract_suite import AdapterContract, Harness, tree_of
 
 
 def make_item(tmp_path: Path, rel: str, data: bytes) -> Item:
@@ -159,3 +160,12 @@ async def test_pull_lists_and_reads(tmp_path: Path) -> None:
         assert {k: v.size for k, v in found.items()} == {"s/one": 10, "two": 2}
         got = b"".join([b async for b in adapter.read(found["s/one"], 4)])
     assert got == b"1" * 6
+
+
+class TestContract(AdapterContract):
+    """The shared contract suite (tests/adapters/contract_suite.py) over ``file://``."""
+
+    @pytest.fixture
+    def harness(self, tmp_path: Path) -> Harness:
+        out = tmp_path / "out"
+        return Harness(lambda cfg: LocalAdapter(f"file://{out}", cfg), lambda: tree_of(out) if out.exists() else {})

@@ -23,7 +23,9 @@ from asyncdepo.adapters.s3 import S3Adapter, multipart_etag, parse_s3_url
 from asyncdepo.adapters.s3.writer import S3Writer
 from asyncdepo.contract import Chunk, Item
 from asyncdepo.digests import to_base64
+from asyncdepo.sim.proxy import FaultProxy
 from asyncdepo.transport.s3errors import map_s3_error, s3_code
+from tests.adapters.contract_suite import AdapterContract, Harness
 from tests.adapters.s3_helpers import (
     PART,
     CallCounter,
@@ -508,3 +510,22 @@ async def test_no_credentials_is_auth_error(monkeypatch: pytest.MonkeyPatch) -> 
         async with S3Adapter("s3://bucket/p", Cfg(), endpoint_url="http://127.0.0.1:9"):
             pass
     assert "AWS_ACCESS_KEY_ID" in (info.value.hint or "")
+
+
+class TestContract(AdapterContract):
+    """The shared contract suite (tests/adapters/contract_suite.py) over moto, behind the fault proxy: the
+    faults are real network failures on the S3 path, not exceptions raised above the wire."""
+
+    @pytest.fixture
+    async def harness(self, moto_server: S3TestServer) -> AsyncIterator[Harness]:
+        bucket = moto_server.new_bucket()
+        host, _, port = moto_server.endpoint_url.removeprefix("http://").rpartition(":")
+        async with FaultProxy((host, int(port))) as proxy:
+            def stored() -> dict[str, bytes]:
+                client = moto_server.client()
+                keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+                return {k: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+            yield Harness(lambda cfg: S3Adapter(f"s3://{bucket}", cfg, moto_server.secrets,
+                                                endpoint_url=proxy.url),
+                          stored, faults=proxy.faults, data=("PUT", "*"), chunk=PART)

@@ -24,6 +24,7 @@ from asyncdepo.errors import (
 from asyncdepo.sim import tus as tus_sim
 from asyncdepo.sim.faults import FaultInjector, FaultRule
 from asyncdepo.sim.server import SimServer
+from tests.adapters.contract_suite import AdapterContract, Harness, tree_of
 from tests.conftest import tus_args, upload_bytes
 
 TOKEN = "s3cret-token-value"
@@ -252,3 +253,14 @@ async def test_errors_mapped(tmp_path: Path) -> None:
         async with TusAdapter(url, None, {"token": TOKEN}):
             pass  # nobody listens any more
     assert "OPTIONS /files/" in str(info.value) and TOKEN not in str(info.value)
+
+
+class TestContract(AdapterContract):
+    """The shared contract suite (tests/adapters/contract_suite.py) over tus, faults aimed at the PATCHes."""
+
+    @pytest.fixture
+    async def harness(self, tmp_path: Path) -> AsyncIterator[Harness]:
+        store = tmp_path / "tus"
+        async with SimServer(tus_sim.build_app(store, FaultInjector(), None)) as server:
+            yield Harness(lambda cfg: TusAdapter(f"tus+{server.url}/files/", cfg),
+                          lambda: tree_of(store / "complete"), faults=server.faults, data=("PATCH", "/files/*"))

@@ -18,30 +18,12 @@ from asyncdepo.cli import empiar as cli
 from asyncdepo.engine.journal import Journal
 from asyncdepo.sim import empiar as empiar_sim
 from asyncdepo.sim import globus as globus_sim
-from asyncdepo.sim.datasets import make_png
+from asyncdepo.sim.datasets import make_png, sample_deposition
 from asyncdepo.sim.faults import FaultInjector
 from asyncdepo.sim.server import ThreadedSim
 
 ASCP = shutil.which("asyncdepo-sim-ascp") or str(Path(sys.executable).parent / "asyncdepo-sim-ascp")
 TRANSFER_PASS = "transfer-secret-3141"
-
-
-def deposition(*dirs: str) -> dict[str, Any]:
-    person = {"first_name": "Ada", "last_name": "Lovelace", "organization": "EMBL-EBI",
-              "email": "ada@example.org", "country": "GB", "town_or_city": "Hinxton", "post_or_zip": "CB10 1SD"}
-    author = {"name": "('Lovelace', 'A')", "order_id": 0, "author_orcid": None}
-    return {
-        "title": "Two image sets sent in parallel",
-        "release_date": "HO",
-        "experiment_type": 3,
-        "authors": [author],
-        "corresponding_author": person,
-        "principal_investigator": [person],
-        "imagesets": [{"name": d, "directory": d, "category": "('T1', '')", "header_format": "('T2', '')",
-                       "data_format": "('T2', '')", "num_images_or_tilt_series": 3, "frames_per_image": 1,
-                       "voxel_type": "('T5', '')"} for d in dirs],
-        "citation": [{"authors": [author], "published": False, "j_or_nj_citation": True, "title": "In prep"}],
-    }
 
 
 def tree_md5(root: Path) -> dict[str, str]:
@@ -101,7 +83,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
                                                            + b"x" * (size % 32))
         (w.data / "README.txt").write_text("not in an image set, sent too\n")
         name = w.data.name
-        w.json.write_text(json.dumps(deposition(f"data/{name}/micrographs", f"/data/{name}/particles")))
+        w.json.write_text(json.dumps(sample_deposition(f"data/{name}/micrographs", f"/data/{name}/particles")))
         w.thumb.write_bytes(make_png(400, 400))
         for key, value in {"ASYNCDEPO_SIM_ASCP_ROOT": str(store), "ASYNCDEPO_SIM_ASCP_PASSWORD": TRANSFER_PASS,
                            "EMPIAR_TRANSFER_PASS": TRANSFER_PASS, "EMPIAR_TOKEN": "sim-token",
@@ -217,16 +199,16 @@ def test_checks_before_any_request(world: World, monkeypatch: pytest.MonkeyPatch
     extra: list[str] = []
     name = world.data.name
     if case == "json":
-        doc = deposition(f"data/{name}/micrographs")
+        doc = sample_deposition(f"data/{name}/micrographs")
         doc["imagesets"][0]["voxel_type"] = "float"
         world.json.write_text(json.dumps(doc))
         expect = "imagesets[0].voxel_type"
     elif case == "missing-set":
-        world.json.write_text(json.dumps(deposition(f"data/{name}/micrographs", f"data/{name}/tomograms")))
+        world.json.write_text(json.dumps(sample_deposition(f"data/{name}/micrographs", f"data/{name}/tomograms")))
         expect = "imagesets[1].directory"
     elif case == "empty-set":
         (world.data / "empty").mkdir()
-        world.json.write_text(json.dumps(deposition(f"data/{name}/empty")))
+        world.json.write_text(json.dumps(sample_deposition(f"data/{name}/empty")))
         expect = "holds no file"
     elif case == "thumbnail":
         world.thumb.write_bytes(make_png(399, 600))

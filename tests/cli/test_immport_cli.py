@@ -22,6 +22,7 @@ from asyncdepo.sim.faults import FaultInjector
 from asyncdepo.sim.immport import IMMPORT_KEY, build_app
 from asyncdepo.sim.immport_store import write_study
 from asyncdepo.sim.server import ThreadedSim
+from tests import requires
 
 PASSWORD = "pa55-w0rd-xyz"
 if importlib.util.find_spec("asyncdepo.cli.__main__") is not None:
@@ -184,7 +185,7 @@ def test_stalled_ascp_is_killed_and_resumed_in_the_same_run(tmp_path: Path, stor
 def test_https_pull_from_a_simulator_serving_tls(tmp_path: Path, store: Path) -> None:
     """The simulator as a user starts it with a certificate (``asyncdepo sim immport --tls-cert ...``); the
     pull trusts it through SSL_CERT_FILE, and refuses it, clearly and without retrying, when not told to."""
-    pytest.importorskip("cryptography")
+    requires.module("cryptography")
     from tests.tlscert import self_signed
 
     cert, key = self_signed(tmp_path)

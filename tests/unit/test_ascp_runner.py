@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,11 +25,11 @@ from asyncdepo.transport.ascp.runner import (
     transfer,
 )
 from asyncdepo.transport.pacer import Pacer, RetryEvent, RetryPolicy
+from tests import requires
 from tests.fakeclock import FakeClock
 
-STANDIN = Path(sys.executable).parent / "asyncdepo-sim-ascp"
+STANDIN = Path(requires.program("asyncdepo-sim-ascp", path_too=False))
 PASSWORD = "pw-Secr3t-of-the-transfer"
-pytestmark = pytest.mark.skipif(not STANDIN.exists(), reason="asyncdepo-sim-ascp is not installed")
 
 
 @pytest.fixture
