@@ -54,14 +54,13 @@ Imports dask's ``distributed`` on first use only.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -69,63 +68,26 @@ import anyio.abc
 from asyncdepo.config import EngineConfig
 from asyncdepo.contract import Adapter, Item
 from asyncdepo.engine.checks import disk_full_failure
+from asyncdepo.engine.cluster_books import Books, Held, Recipe
 from asyncdepo.engine.cluster_setup import ClusterOptions, connect, sweep
 from asyncdepo.engine.cluster_wire import Batch, BatchResult, ItemResult, JobSpec, checkpoint_name
 from asyncdepo.engine.report import RunReport, describe
-from asyncdepo.engine.scheduler import Batches, fail_item, failed, items_to_send, push
+from asyncdepo.engine.scheduler import Batches, fail_item, items_to_send, push
 from asyncdepo.engine.sessions import send_sessions
 from asyncdepo.engine.transfer import Run
 from asyncdepo.errors import (
     AuthError,
     DepoError,
-    DiskFullError,
-    SourceVanishedError,
     UsageError,
     is_transient,
 )
-from asyncdepo.events import ItemDone, Reporter
-
-#: a recipe builds a fresh, secret-free adapter on a worker (it is pickled into the tasks)
-Recipe = Callable[[EngineConfig], Adapter]
+from asyncdepo.events import Reporter
 
 
-@dataclasses.dataclass
-class _Held:
-    """A batch out on the cluster: its items (for the results) and which are recorded already."""
+class _Coordinator(Books):
+    """One job's side of the cluster; see the module docstring. What the workers report is applied by
+    :class:`~asyncdepo.engine.cluster_books.Books`."""
 
-    key: str
-    items: dict[str, Item]
-    finished: set[str] = dataclasses.field(default_factory=set)
-
-
-#: the stream into the coordinator's fallback sessions: items with their journaled state
-Lane: TypeAlias = anyio.abc.ObjectSendStream[tuple[Item, dict[str, Any] | None]]
-
-
-class _Coordinator:
-    """One job's side of the cluster; see the module docstring."""
-
-    def __init__(self, client: Any, recipe: Recipe, options: ClusterOptions) -> None:
-        self.client, self.recipe, self.options = client, recipe, options
-        self.run: Run | None = None
-        self.spec: JobSpec | None = None
-        self.held: dict[str, _Held] = {}
-        self.owner: dict[str, _Held] = {}  # rel -> its batch, for the items out on the cluster
-        self.inbox: collections.deque[dict[str, Any]] = collections.deque()
-        self.wake = anyio.Event()
-        self.lock = anyio.Lock()
-        self.workers: dict[str, dict[str, int]] = {}
-        #: job-wide figures for the report: workers seen, batches handed out, most items held at once, items
-        #: the coordinator sent itself over the adapter's fallback route
-        self.figures: dict[str, int] = {"workers": 0, "batches": 0, "max_items_held": 0}
-        self.channel: str | None = None
-        self.fallback: Adapter | None = None
-        self.lane: Lane | None = None  # the pass's stream into the fallback sessions
-        self.refused: DepoError | None = None  # the workers' login was refused: the rest goes to the fallback
-        self.stopping = False
-        self._live: tuple[float, int] = (0.0, 1)
-
-    # -- the job's start and end ---------------------------------------------------------------------
     async def start(self, run: Run) -> None:
         """Sweep what killed earlier runs of the job left on the scheduler, hand the adapter's credentials to
         the workers and listen to their progress (once per run)."""
@@ -155,114 +117,6 @@ class _Coordinator:
         if self.spec is not None:
             with contextlib.suppress(Exception):
                 await sweep(self.client, self.spec.topic + "-", plugins=False)
-
-    # -- progress from the workers -------------------------------------------------------------------
-    def _heard(self, event: tuple[float, dict[str, Any]]) -> None:
-        self.inbox.append(event[1])
-        self.wake.set()
-
-    async def listen(self) -> None:
-        """Apply the workers' progress as it arrives (a task for the whole job)."""
-        while True:
-            await self.wake.wait()
-            self.wake = anyio.Event()
-            await self.drain()
-
-    async def drain(self) -> None:
-        """Apply every progress event received so far, in order."""
-        async with self.lock:
-            while self.inbox:
-                await self._apply(self.inbox.popleft())
-
-    def _worker(self, name: str) -> dict[str, int]:
-        if name not in self.workers:
-            self.workers[name] = {"files": 0, "bytes": 0, "bytes_sent": 0, "failed": 0, "batches": 0}
-            self.figures["workers"] = len(self.workers)
-        return self.workers[name]
-
-    async def _apply(self, msg: dict[str, Any]) -> None:
-        from asyncdepo.engine.cluster_worker import FORWARDED
-
-        run = self.run
-        assert run is not None
-        stats, reporter = run.reporter.stats, run.reporter
-        counts = self._worker(str(msg.get("from")))
-        for rel, size in (msg.get("in") or {}).items():
-            held = self.owner.get(rel)
-            if held is not None and rel not in held.finished and rel not in stats.active:
-                stats.item_in(rel, size)
-        for rel, n in (msg.get("moved") or {}).items():
-            stats.moved(rel, n)
-            counts["bytes_sent"] += n
-        for reason, n in (msg.get("retries") or {}).items():
-            for _ in range(n):
-                stats.retried(reason)
-        for data in msg.get("events") or ():
-            cls = FORWARDED.get(str(data.pop("event", "")))
-            if cls is not None:
-                data.pop("t", None)
-                reporter.emit(cls(**data))
-        for key, rows in (msg.get("rows") or {}).items():
-            held = self.held.get(key)
-            if held is None:
-                continue  # the batch's result came first: it is recorded already
-            for rel, row in rows.items():
-                if rel in held.finished or rel not in held.items:
-                    continue
-                if row.get("state") == "done":
-                    await self._done(held, rel, row, str(msg.get("from")))
-                elif row:
-                    await self._journal(rel, row)
-        # items the worker is done with stay in flight here until their result is recorded
-
-    async def _done(self, held: _Held, rel: str, row: dict[str, Any], worker: str, sent: int | None = None) -> None:
-        """Record ``rel`` confirmed; ``sent``: its bytes on the wire (default: what progress reported)."""
-        run = self.run
-        assert run is not None
-        item = held.items[rel]
-        stats = run.reporter.stats
-        held.finished.add(rel)
-        await self._journal(rel, row)
-        stats.done(item.size)
-        moved = stats.active.get(rel, [0, 0])[1] if sent is None else sent
-        run.reporter.emit(ItemDone(rel=rel, size=item.size, sent=moved, digests=dict(row.get("digests") or {})))
-        stats.item_out(rel)
-        counts = self._worker(worker)
-        counts["files"] += 1
-        counts["bytes"] += max(0, item.size)
-
-    async def _lost(self, held: _Held, rel: str, error: str, transient: bool, report: RunReport,
-                    worker: str | None) -> None:
-        """``rel`` came back without an outcome (its batch was lost: the run's retry rounds send it again when
-        ``transient``)."""
-        run = self.run
-        assert run is not None
-        held.finished.add(rel)
-        await failed(run, held.items[rel], error, transient, report)
-        run.reporter.stats.item_out(rel)
-        if worker is not None:
-            self._worker(worker)["failed"] += 1
-
-    async def _failed(self, held: _Held, rel: str, err: DepoError, report: RunReport, worker: str) -> None:
-        """A worker failed ``rel`` with ``err``: the coordinator's fallback route takes it, or it is recorded
-        as one node records it (a full disk stops the run, a vanished source is discarded)."""
-        run = self.run
-        assert run is not None
-        held.finished.add(rel)
-        run.reporter.stats.item_out(rel)
-        if self.lane is not None and not isinstance(err, (DiskFullError, SourceVanishedError)):
-            await self._fall_back(held.items[rel])
-            return
-        await fail_item(run, held.items[rel], err, report)
-        self._worker(worker)["failed"] += 1
-
-    async def _fall_back(self, item: Item) -> None:
-        """Hand ``item`` (with its journaled state) to the coordinator's own sessions over the fallback."""
-        run = self.run
-        assert run is not None and self.lane is not None
-        saved = (await run.journal.lookup(run.job, [item.rel])).get(item.rel, {}).get("remote")
-        self.figures["fallback"] = self.figures.get("fallback", 0) + 1
-        await self.lane.send((item, saved))
 
     # -- a pass ----------------------------------------------------------------------------------------
     async def _rate(self) -> float | None:
@@ -317,7 +171,7 @@ class _Coordinator:
             await window.acquire()
             self.figures["batches"] += 1
             key = f"b{self.figures['batches']}"
-            held = _Held(key, {i.rel: i for i, _ in group})
+            held = Held(key, {i.rel: i for i, _ in group})
             chunks: dict[str, list[list[Any]]] = {}
             for i, s in group:
                 if s is not None:
@@ -407,33 +261,7 @@ class _Coordinator:
             await disk_full_failure(run, report)
             report.stop_error = None
 
-    async def _journal(self, rel: str, row: dict[str, Any]) -> None:
-        """Journal a worker's row of ``rel``: its fields, and its chunk digests when it has them."""
-        from asyncdepo.engine.ledger import CHUNKS
-
-        run = self.run
-        assert run is not None
-        fields = dict(row)
-        chunks = fields.pop(CHUNKS, None)
-        if fields:
-            await run.journal.record(run.job, rel, **fields)
-        if chunks is not None:
-            run.journal.forget_chunks(run.job, rel)
-            for offset, length, digest in chunks:
-                await run.journal.record_chunk(run.job, rel, offset, length, digest)
-
-    def _forget(self, key: str) -> None:
-        held = self.held.pop(key, None)
-        if held is None:
-            return
-        active = self.run.reporter.stats.active if self.run is not None else {}
-        for rel in held.items:
-            if self.owner.get(rel) is held:
-                del self.owner[rel]
-            if rel not in held.finished and rel in active and self.run is not None:
-                self.run.reporter.stats.item_out(rel)  # a batch given up (the pass ended early)
-
-    async def _result(self, future: Any, held: _Held, report: RunReport) -> None:
+    async def _result(self, future: Any, held: Held, report: RunReport) -> None:
         """Record what a batch's result says of each item not recorded yet."""
         from distributed import Variable
 
@@ -457,7 +285,7 @@ class _Coordinator:
         with contextlib.suppress(Exception):
             await Variable(checkpoint_name(self.spec, held.key), client=self.client).delete()
 
-    async def _outcomes(self, held: _Held, result: BatchResult, report: RunReport) -> None:
+    async def _outcomes(self, held: Held, result: BatchResult, report: RunReport) -> None:
         """Record each item of a batch's result (see the module docstring)."""
         run = self.run
         assert run is not None
