@@ -471,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--servers", type=split, default=["sink", "rclone"], help="sink,rclone")
     p.add_argument("--datasets", type=split, default=["small", "large"], help="small,large")
     p.add_argument("--tools", type=split, default=list(TOOLS),
-                   help=",".join(TOOLS) + " (and asyncdepo-direct: the adapter without the engine)")
+                   help=",".join(TOOLS) + " (and asyncdepo-direct: the adapter without the engine; "
+                   "asyncdepo-before: an older asyncdepo named by $ASYNCDEPO_BENCH_BEFORE, same flags)")
     p.add_argument("--transfers", type=int, default=8, help="requests in flight for every tool")
     p.add_argument("--chunk-mib", type=int, default=16, help="part size for every tool (MiB)")
     p.add_argument("--data-dir", default=os.environ.get("ASYNCDEPO_BENCH_DATA", "/tmp/asyncdepo-bench-data"))

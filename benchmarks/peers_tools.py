@@ -20,7 +20,10 @@ BUCKET = "bench"
 TOOLS = ("asyncdepo", "asyncdepo-md5", "rclone", "s5cmd", "boto3")
 # not run by default: the S3 adapter driven by a minimal loop (read + CRC in a thread, then send), without
 # the engine — the adapter's ceiling, to see what the engine costs
-EXTRA_TOOLS = ("asyncdepo-direct",)
+# and an earlier asyncdepo, for a before/after in the same run: its ``asyncdepo`` script named by
+# ASYNCDEPO_BENCH_BEFORE (e.g. the .venv/bin/asyncdepo of a checkout of the older commit)
+EXTRA_TOOLS = ("asyncdepo-direct", "asyncdepo-before")
+BEFORE_ENV = "ASYNCDEPO_BENCH_BEFORE"
 
 
 def venv_binary(name: str) -> str:
@@ -47,11 +50,16 @@ def tool_command(tool: str, src: Path, url: str, prefix: str, n: int, chunk_mib:
                  scratch: Path) -> list[str]:
     """The command line of one tool run (credentials come from the environment, never argv)."""
     per_file = max(1, n // 4)  # 4 large files at once x per_file parts = n requests in flight
-    if tool in ("asyncdepo", "asyncdepo-md5"):
+    if tool in ("asyncdepo", "asyncdepo-md5", "asyncdepo-before"):
         flags = f"--endpoint-url {url} --transfers {n} --chunk-size {chunk_mib}M --quiet"
         if tool == "asyncdepo-md5":
             flags += " --s3-md5"
-        return [venv_binary("asyncdepo"), "push", str(src), f"s3://{BUCKET}/{prefix}", *flags.split(),
+        binary = venv_binary("asyncdepo")
+        if tool == "asyncdepo-before":
+            binary = os.environ.get(BEFORE_ENV) or ""
+            if not Path(binary).is_file():
+                raise SystemExit(f"asyncdepo-before: set {BEFORE_ENV} to an older checkout's asyncdepo script")
+        return [binary, "push", str(src), f"s3://{BUCKET}/{prefix}", *flags.split(),
                 "--journal", str(scratch / "journal.db")]
     if tool == "rclone":
         flags = (f"--s3-provider Other --s3-env-auth --s3-endpoint {url} --s3-region us-east-1 "
