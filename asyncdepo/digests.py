@@ -1,7 +1,7 @@
 """Several digests in one pass (md5, sha1, sha256, sha512, blake2b, xxh3, blake3, crc64nvme, crc32c, crc32).
 
 ``MultiHash.update`` is called from worker threads, never on the event loop: hashlib, xxhash, blake3 and
-awscrt release the GIL on large buffers, so two threads hash at twice the speed of one (PERF-FACTS).
+awscrt release the GIL on large buffers, so two threads hash at twice the speed of one (measured on a 2-core machine).
 The slowest digest an archive requires (md5, ~0.6 GB/s a core) sets the per-core ceiling, so callers
 ask only for what a target checks plus what the user asked for with ``--hash``.
 
@@ -209,7 +209,7 @@ def digest_bytes(data: Any, algos: Iterable[str]) -> dict[str, str]:
 
 
 def _thread_buffer(block: int) -> memoryview:
-    """A page-aligned ``block``-byte buffer kept per thread (readinto on a bytearray is ~5x slower, PERF-FACTS).
+    """A page-aligned ``block``-byte buffer kept per thread (readinto on a bytearray is ~5x slower on this machine).
 
     Reused across calls: a fresh anonymous mapping per file costs a page fault and a page clear per 4 KiB
     plus the mapping's teardown — on 1,000 x 1 MiB files that was ~1 core-second per GB, more than reading

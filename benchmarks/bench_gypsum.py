@@ -17,7 +17,7 @@ workers included); ``peak_rss_mb`` is the largest single process; ``peak_tree_rs
 process tree every 50 ms (psutil) and keeps the largest sum — the fair memory figure for a process pool.
 Throughput is dataset bytes per wall second, MB = 10^6 bytes; the simulator runs in its own process and
 is not counted. The GitHub token reaches both through the environment, never argv. Figures drift on shared
-machines; only the ratio within one run means much (PERF-FACTS); each round records the 1-minute load
+machines; only the ratio within one run means much; each round records the 1-minute load
 average when it started. asyncdepo's run is split in its phases from its ``--json`` events: ``prehash_s``
 (start of the run to the upload's start: md5 of every file, quota check, start) and ``upload_s`` (presigns
 and PUTs to the end); ``simulator_cpu_s / upload_s`` near 1 means the simulator's single thread (md5 and a

@@ -19,7 +19,7 @@ Each round runs, one after the other:
 Both write into a fresh directory on the same disk. Each client is reaped with ``os.wait4`` so its CPU
 time includes its own children only (xargs: every curl it ran); peak RSS is the largest one process
 reached, measured by GNU time when installed. MB = 10^6 bytes. Figures drift between runs on shared machines, so only the ratio
-within one run means much (PERF-FACTS). Results go to ``benchmarks/results/immport.json``.
+within one run means much. Results go to ``benchmarks/results/immport.json``.
 
 The headline is the median of the per-round ratios (each round runs both clients back to back, so a
 change of load between rounds moves both); the best MB/s of each client is kept too.

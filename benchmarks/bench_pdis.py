@@ -17,7 +17,7 @@ Each process is reaped with ``os.wait4``: CPU seconds are user+sys of it and its
 largest single process (for the pipeline: tar, zstd or curl). The API token reaches asyncdepo through the
 environment and curl through a 0600 header file (never argv). Throughput is dataset bytes (uncompressed)
 per wall second, MB = 10^6 bytes. Figures drift on shared machines; only the ratio within one run means
-much (PERF-FACTS); each round records the 1-minute load average when it started. Target: asyncdepo >= 1.1x
+much; each round records the 1-minute load average when it started. Target: asyncdepo >= 1.1x
 the pipeline (median of the rounds), peak RSS < 200 MB.
 
 Usage: ``python -m benchmarks.bench_pdis [--frames 256] [--frame-size 4M] [--rounds 5] [--strict]``;

