@@ -312,19 +312,28 @@ def _groups(items: list[Item]) -> list[list[Item]]:
     return groups
 
 
-async def _prehash(run: Run, root: Path) -> list[tuple[Item, dict[str, str]]]:
+async def _prehash(run: Run, root: Path) -> tuple[list[tuple[Item, dict[str, str]]], list[tuple[Item, str]]]:
     """Digests of every file before the start (targets that need them); md5 etc. in parallel threads,
-    small files several to a thread call."""
+    small files several to a thread call. Returns the files hashed, and the files that could not be read
+    with why (each is that file's failure, as rsync's exit 23: the rest goes on without it); a file gone
+    since the walk is left out of both (the pass does not find it either)."""
     algos = tuple(dict.fromkeys(run.features.item_digests or ("md5",)))
     out: list[tuple[Item, dict[str, str]]] = []
+    unreadable: list[tuple[Item, str]] = []
     run.reporter.message("hashing files before the upload starts")
     cfg = run.config
 
-    def hash_group(group: list[Item]) -> list[tuple[Item, dict[str, str]]]:
-        return [(item, hash_path_sync(item.path, algos).hexdigests()) for item in group]
+    def hash_group(group: list[Item]) -> None:
+        for item in group:
+            try:
+                out.append((item, hash_path_sync(item.path, algos).hexdigests()))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                unreadable.append((item, f"cannot read: {exc.strerror or type(exc).__name__}"))
 
     async def one(group: list[Item]) -> None:
-        out.extend(await anyio.to_thread.run_sync(hash_group, group, limiter=run.io))
+        await anyio.to_thread.run_sync(hash_group, group, limiter=run.io)
 
     async for batch in walk(root, cfg.include, cfg.exclude, cfg.follow_symlinks,
                             lambda r, w: run.reporter.warning(f"skipped {printable(r)}: {w}")):
@@ -334,7 +343,7 @@ async def _prehash(run: Run, root: Path) -> list[tuple[Item, dict[str, str]]]:
             for group in _groups(wanted):
                 tg.start_soon(one, group)
     out.sort(key=lambda p: p[0].rel)
-    return out
+    return out, unreadable
 
 
 async def _packed(run: Run, root: Path, report: RunReport) -> None:
@@ -497,6 +506,18 @@ async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None
     return report
 
 
+async def _not_started(run: Run, unreadable: list[tuple[Item, str]], report: RunReport) -> None:
+    """Files a target that takes every digest at its start could not be given: each fails, and nothing is
+    started. Such a target makes the upload visible whole or not at all (gypsum's version): one made without
+    them would not be the source, and one with failures is aborted at the end, so sending the rest would be
+    lost work."""
+    for item, why in unreadable:
+        await fail_item(run, item, SourceError(f"{printable(item.rel)}: {why}"), report)
+    why = (f"nothing was sent: {len(unreadable)} file(s) cannot be read; make them readable or leave them out "
+           "(--exclude), then run the push again")
+    report.failures.append((run.adapter.describe(), why))
+
+
 class _Unfinished(TransientError):
     """Items of the run failed transiently: the run level tries them again."""
 
@@ -531,7 +552,10 @@ async def _run_all(run: Run, root: Path, report: RunReport, passes: PassFn,
     skip: set[str] = set()
     digests: dict[str, dict[str, str]] = {}
     if run.features.needs_digests_before_start:
-        listed = await _prehash(run, root)
+        listed, unreadable = await _prehash(run, root)
+        if unreadable:
+            await _not_started(run, unreadable, report)
+            return
         digests = {item.rel: d for item, d in listed}
         skip = await run.request("(start)", lambda: run.adapter.prepare(listed), attempts=3)
         await run.journal.set_job_state(run.job, run.adapter.job_state())

@@ -58,9 +58,6 @@ WAITING = {
                        "(NAME.asyncdepo-part) is longer than a name may be: the file fails with ENAMETOOLONG, "
                        "retried as if transient (56 retries, 27 s, with the default options)",
 }
-WAITING[("gypsum", "unreadable")] = (
-    "#14 item 3: an unreadable file is that file's failure; with a target that needs every digest before the "
-    "start (gypsum) the pre-hash raises PermissionError and the push ends in a traceback")
 FAST = {("local", kind) for kind in KINDS} | {("gypsum", "unreadable")}
 
 
