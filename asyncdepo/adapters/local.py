@@ -1,8 +1,9 @@
 """``file:///DIR`` — a directory on a local or mounted file system as a target (and a pull source).
 
-Push, per item (chunked mode): bytes go to ``DIR/<rel>.asyncdepo-part`` at each chunk's offset; ``complete``
-fsyncs the part file, checks its size and renames it to ``DIR/<rel>`` (atomic on one file system), so a
-file appears under its real name only once it is whole. ``abort`` removes the part file.
+Push, per item (chunked mode): bytes go to ``DIR/<rel>.asyncdepo-part`` at each chunk's offset (a name too
+long for the suffix gets a shorter hashed part name in the same folder: :mod:`asyncdepo.transport.partfiles`);
+``complete`` fsyncs the part file, checks its size and renames it to ``DIR/<rel>`` (atomic on one file
+system), so a file appears under its real name only once it is whole. ``abort`` removes the part file.
 
 Resume: the writer's ``state()`` records the source file's size and mtime. When an item is reopened with
 that state and the source is unchanged, ``confirmed`` is the size of the existing part file (clamped to the
@@ -15,7 +16,8 @@ worth). A resumed item that was not verified that way is checked at ``complete``
 file with the digests the engine passes; items written in one go are not re-read.
 
 A full disk (ENOSPC, EDQUOT) is :class:`~asyncdepo.errors.DiskFullError` carrying the space still free: it
-is not retried, and the part file stays for the resume once space is freed.
+is not retried, and the part file stays for the resume once space is freed. A write the file system refuses
+for good (ENAMETOOLONG, EACCES, EROFS...) is a PermanentError: that file fails, without retries.
 
 Chunks are idempotent: a chunk at or below ``confirmed`` is rewritten in place; one past ``confirmed``
 raises OffsetMismatchError. Every file operation runs in a worker thread (``anyio.to_thread``); the part
@@ -49,13 +51,15 @@ from asyncdepo.errors import (
     DiskFullError,
     IntegrityError,
     OffsetMismatchError,
+    PermanentError,
     SourceError,
     TransientError,
     UsageError,
 )
 from asyncdepo.transport.failures import disk_error
+from asyncdepo.transport.partfiles import SUFFIX as PART_SUFFIX
+from asyncdepo.transport.partfiles import part_path
 
-PART_SUFFIX = ".asyncdepo-part"
 READ_BLOCK = 1 << 20
 
 
@@ -70,8 +74,9 @@ def safe_rel(rel: str) -> PurePosixPath:
     return p
 
 
-def _io_error(what: str, exc: OSError, root: Path | None = None) -> TransientError | DiskFullError:
-    """An I/O failure as an error of the tree (``failures.disk_error``): a full disk stops the run, anything
+def _io_error(what: str, exc: OSError, root: Path | None = None) -> DiskFullError | PermanentError | TransientError:
+    """An I/O failure as an error of the tree (``failures.disk_error``): a full disk stops the run, a write the
+    file system refuses for good (a name too long, no permission) fails the item without a retry, anything
     else (a vanished mount, an I/O error) may come back and is transient."""
     return disk_error(what, exc, root if root is not None else Path("/"))
 
@@ -82,7 +87,7 @@ class LocalWriter(ChunkWriter):
     def __init__(self, final: Path, item: Item, resumed: bool, root: Path | None = None) -> None:
         super().__init__()
         self.final = final
-        self.part = final.with_name(final.name + PART_SUFFIX)
+        self.part = part_path(final)
         self.item = item
         self.resumed = resumed
         self.root = root or final.parent
@@ -101,7 +106,8 @@ class LocalWriter(ChunkWriter):
         """Write ``chunk`` at its offset (idempotent for chunks already confirmed).
 
         :raises OffsetMismatchError: the chunk starts past ``confirmed`` (a gap would be left).
-        :raises TransientError: the write failed (disk full, I/O error).
+        :raises DiskFullError: the disk is full.
+        :raises PermanentError | TransientError: the write failed (see :func:`_io_error`).
         """
         if chunk.offset > self.confirmed:
             raise OffsetMismatchError(
@@ -258,7 +264,8 @@ class LocalAdapter(Adapter):
         """Prepare ``DIR/<rel>.asyncdepo-part``; resume from its size when ``saved`` matches the item.
 
         :raises UsageError: ``item.rel`` escapes the directory.
-        :raises TransientError: the directory or part file cannot be created.
+        :raises PermanentError: the file system refuses the directory or part file for good (no permission).
+        :raises TransientError: the directory or part file cannot be created (an I/O error).
         """
         final = self.root.joinpath(*safe_rel(item.rel).parts)
         trusted = (
@@ -292,7 +299,7 @@ class LocalAdapter(Adapter):
         :raises TransientError: the part file exists but cannot be removed.
         """
         final = self.root.joinpath(*safe_rel(rel).parts)
-        part = final.with_name(final.name + PART_SUFFIX)
+        part = part_path(final)
         try:
             await anyio.to_thread.run_sync(lambda: part.unlink(missing_ok=True))
         except OSError as exc:

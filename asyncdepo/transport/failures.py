@@ -18,7 +18,9 @@ Everything that talks to a server turns what went wrong into the errors tree her
 * :func:`parse_retry_after` — Retry-After as seconds (delta or HTTP date).
 * :func:`disk_error` — a failed write to a local disk (a file:// target, a pull's part file): a full disk
   (ENOSPC, EDQUOT) -> DiskFullError with the space still free, which is not retried (a full disk does not
-  empty itself between two attempts); anything else -> TransientError.
+  empty itself between two attempts); a write the file system refuses for good (a name too long, no
+  permission, a read-only file system, :data:`DISK_REFUSED`) -> PermanentError; anything else (an I/O error,
+  a vanished mount) -> TransientError.
 
 S3's XML errors are parsed in :mod:`asyncdepo.transport.s3errors`, ascp's exit and FASP codes in
 :mod:`asyncdepo.transport.ascp.faspmgr`; both build on :func:`status_error` and the tree.
@@ -213,6 +215,10 @@ def boundary(what: str) -> Iterator[None]:
 
 #: errno values that mean the disk is full (no space left, or the user's quota used up)
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: errno values of a write the file system refuses for good: a name too long, no permission, a read-only
+#: file system, a file where a folder must be (or the other way round); trying again cannot change them
+DISK_REFUSED = frozenset({errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+                          errno.EISDIR})
 
 
 def free_space(path: str | os.PathLike[str]) -> int | None:
@@ -224,10 +230,13 @@ def free_space(path: str | os.PathLike[str]) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def disk_error(what: str, exc: OSError, where: str | os.PathLike[str]) -> DiskFullError | TransientError:
+def disk_error(what: str, exc: OSError, where: str | os.PathLike[str]
+               ) -> DiskFullError | PermanentError | TransientError:
     """A failed local write as an error of the tree (see the module docstring); ``where`` is a path on the
     disk written to (for the free space and the message). The message names the file, never more."""
     if exc.errno in DISK_FULL:
         free = free_space(where)
         return DiskFullError(f"{what}: {exc.strerror}", path=os.fspath(where), free=free)
+    if exc.errno in DISK_REFUSED:
+        return PermanentError(f"{what}: {exc.strerror}")
     return TransientError(f"{what}: {exc.strerror or type(exc).__name__}")

@@ -11,7 +11,8 @@ import pytest
 from asyncdepo.adapters import lookup
 from asyncdepo.adapters.local import PART_SUFFIX, LocalAdapter
 from asyncdepo.contract import Chunk, Item
-from asyncdepo.errors import IntegrityError, OffsetMismatchError, UsageError
+from asyncdepo.errors import IntegrityError, OffsetMismatchError, PermanentError, UsageError
+from asyncdepo.transport.partfiles import part_path
 from tests.adapters.contract_suite import AdapterContract, Harness, tree_of
 
 
@@ -130,6 +131,50 @@ async def test_abort_removes_part_and_empty_file(tmp_path: Path) -> None:
         w2 = await adapter.open_item(empty, None)
         await w2.complete(digests(b""), 0)
     assert (dest / "empty").read_bytes() == b""
+
+
+async def test_a_255_byte_name_is_written_through_a_shorter_part_and_resumed(tmp_path: Path) -> None:
+    """A name as long as Linux allows: its part file has a hashed name that fits, in the same folder, ending in
+    the suffix; a resume finds it again, a pull's listing skips it, and ``discard`` removes it."""
+    dest = tmp_path / "dest"
+    rel = "d/" + "é" * 120 + "L" * 11 + ".bin"  # 255 bytes, a character of two bytes where the name is cut
+    assert len(os.fsencode(rel.split("/")[1])) == 255
+    data = os.urandom(10_000)
+    item = make_item(tmp_path, rel, data)
+    async with LocalAdapter(f"file://{dest}", None) as adapter:
+        writer = await adapter.open_item(item, None)
+        await writer.write(chunks(data, 4000)[0])
+        saved = writer.state()
+        part = part_path(dest / rel)
+        assert [p.name for p in (dest / "d").iterdir()] == [part.name]
+        assert part.name.endswith(PART_SUFFIX) and len(os.fsencode(part.name)) <= 255
+        assert part.name.encode().decode() == part.name  # cut on a character boundary: still UTF-8
+        assert [r.rel async for r in adapter.list_remote()] == []  # a part is never listed as a file
+        writer = await adapter.open_item(item, saved)
+        assert writer.confirmed == 4000  # found again
+        await adapter.discard(rel, saved)
+        assert not part.exists()
+        writer = await adapter.open_item(item, None)
+        for c in chunks(data, 4000):
+            await writer.write(c)
+        await writer.complete(digests(data), len(data))
+    assert (dest / rel).read_bytes() == data
+    assert [p.name for p in (dest / "d").iterdir()] == [rel.split("/")[1]]
+
+
+def test_part_names_of_long_names_differ_by_their_hash() -> None:
+    a, b = "x" * 250 + "a.bin", "x" * 250 + "b.bin"
+    assert part_path(Path(a)) != part_path(Path(b))
+    assert part_path(Path(a)) == part_path(Path(a))  # derived, never stored
+    assert part_path(Path("short.bin")).name == "short.bin" + PART_SUFFIX
+
+
+async def test_a_name_the_file_system_refuses_fails_at_once(tmp_path: Path) -> None:
+    """ENAMETOOLONG (a folder name longer than a name may be) cannot pass by trying again: permanent."""
+    item = Item(path=str(tmp_path / "src"), rel="L" * 300 + "/f.bin", size=3, mtime_ns=0)
+    async with LocalAdapter(f"file://{tmp_path / 'dest'}", None) as adapter:
+        with pytest.raises(PermanentError, match="too long"):
+            await adapter.open_item(item, None)
 
 
 @pytest.mark.parametrize("rel", ["../escape.bin", "a/../../b", "/etc/passwd", ""])

@@ -41,6 +41,8 @@ from asyncdepo.sim.immport import IMMPORT_KEY
 from asyncdepo.sim.immport import build_app as immport_app
 from asyncdepo.sim.proxy import FaultProxy
 from asyncdepo.sim.server import ThreadedSim
+from asyncdepo.transport.partfiles import SUFFIX as PART_SUFFIX
+from asyncdepo.transport.partfiles import part_path
 from tests import requires
 from tests.adapters.s3_servers import REGION, S3TestServer
 from tests.chaos.servers import LoopThread, Notified
@@ -150,6 +152,17 @@ class Target:
         return {rel for rel, state, remote, offset in rows
                 if state != "done" and ((remote and remote != "null") or offset)}
 
+    def journal_rels(self) -> list[str]:
+        """Every item's name in the journal (a name that is not UTF-8 is stored as its bytes)."""
+        if not self.journal.exists():
+            return []
+        db = sqlite3.connect(f"file:{self.journal}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT rel FROM items").fetchall()
+        finally:
+            db.close()
+        return [os.fsdecode(rel) if isinstance(rel, bytes) else rel for rel, in rows]
+
     def also(self) -> tuple[str, ...]:
         """Names a failure may give instead of a file's: what the target sends as one item (an archive of the
         whole source, an image set)."""
@@ -188,8 +201,17 @@ class LocalTarget(Target):
         return tree(self.dst)
 
     def leftovers(self) -> set[str]:
-        return {p.relative_to(self.dst).as_posix().removesuffix(".asyncdepo-part")
-                for p in self.dst.rglob("*.asyncdepo-part")} if self.dst.is_dir() else set()
+        """The items whose part file is on the target. A part's name is derived from its file's (a long name's
+        part is hashed), so parts are matched against every name the source or the journal knows; a part
+        nobody's name leads to stays a leftover under its own name."""
+        if not self.dst.is_dir():
+            return set()
+        parts = set(self.dst.rglob(f"*{PART_SUFFIX}"))
+        if not parts:
+            return set()
+        rels = set(tree(self.src)) | set(self.journal_rels())
+        owner = {part_path(self.dst / rel): rel for rel in rels}
+        return {owner.get(p) or p.relative_to(self.dst).as_posix().removesuffix(PART_SUFFIX) for p in parts}
 
     notified: Notified | None = None
     held: Any = None

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import errno
+import os
 import ssl
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -24,6 +26,7 @@ from asyncdepo.errors import (
     AuthError,
     ConflictError,
     DepoError,
+    DiskFullError,
     PermanentError,
     QuotaError,
     RateLimitedError,
@@ -32,7 +35,14 @@ from asyncdepo.errors import (
     TransientError,
     is_transient,
 )
-from asyncdepo.transport.failures import CERT_HINT, boundary, connection_error, message_of, status_error
+from asyncdepo.transport.failures import (
+    CERT_HINT,
+    boundary,
+    connection_error,
+    disk_error,
+    message_of,
+    status_error,
+)
 
 URL = "https://archive.example/api/files/1"
 SIGNED = "https://bucket.example/key?X-Amz-Signature=s3cretsig&X-Amz-Credential=AKIA"
@@ -170,3 +180,11 @@ async def test_our_own_error_under_aiohttp_comes_out_as_itself() -> None:
 async def test_what_is_not_a_transport_failure_passes_unchanged() -> None:
     with pytest.raises(KeyError), boundary("GET /x"):
         raise KeyError("a bug of ours must not be dressed as a network error")
+
+
+@pytest.mark.parametrize(("code", "kind"), [(errno.ENAMETOOLONG, PermanentError), (errno.EACCES, PermanentError),
+                                            (errno.EROFS, PermanentError), (errno.EIO, TransientError),
+                                            (errno.ENOSPC, DiskFullError)])
+def test_a_local_write_error_is_retried_only_when_it_may_pass(tmp_path: Any, code: int, kind: type) -> None:
+    err = disk_error("write a.bin.asyncdepo-part", OSError(code, os.strerror(code)), tmp_path)
+    assert type(err) is kind and "a.bin" in str(err)
