@@ -133,9 +133,13 @@ class Run:
 def _request_verdict(exc: BaseException) -> Verdict:
     """Request level: as :func:`should_retry`, except that a server holding another offset is left to the
     item level, which reopens the item from the server's state (a repeated request would meet the same
-    offset). Chunk sends resync instead: :func:`_chunk_verdict`."""
+    offset), and so is a file that changed: the item level reads its size and mtime again (a repeated
+    request would check the file against the same old ones). Chunk sends resync instead:
+    :func:`_chunk_verdict`."""
     if isinstance(exc, OffsetMismatchError):
         return Verdict(False, reason="offset")
+    if isinstance(first_leaf(exc), SourceChangedError):
+        return Verdict(False, reason="source-changed")
     return should_retry(exc)
 
 

@@ -193,10 +193,6 @@ def test_a_file_changed_after_it_was_hashed_is_caught(tmp_path: Path) -> None:
     assert "source-changed" in reasons(_changed_after_hashing(tmp_path))
 
 
-@pytest.mark.xfail(strict=True, reason="#14 item 5 (gypsum): the session holds the md5s given at its start, so a "
-                                       "file changed after hashing cannot succeed in it; today it is retried "
-                                       "~20 times (source-changed, then integrity) before the run fails: fail it "
-                                       "at once saying to run the push again")
 def test_a_file_changed_after_it_was_hashed_fails_fast_when_the_archive_holds_the_old_digest(tmp_path: Path) -> None:
     assert len(reasons(_changed_after_hashing(tmp_path))) <= 3
 

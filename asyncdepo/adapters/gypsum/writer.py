@@ -4,7 +4,9 @@
 (the engine retries transient failures with a fresh source): it presigns when it has no URL or the URL is
 older than ``PRESIGN_REUSE`` seconds, and forgets the URL when the store refuses it as expired or with a
 bad signature, so the next attempt presigns again. ``complete`` compares the store's ETag (an md5 for a
-single PUT) with the md5 computed while reading. The body is the transport's
+single PUT) with the md5 computed while reading. A body the store refuses (BadDigest) is damage on the way,
+sent again, unless the file itself no longer has the md5 the upload session was started with: then no
+attempt in this upload can succeed, and the file fails at once (a new push starts a new upload). The body is the transport's
 :class:`~asyncdepo.transport.httpbody.SourcePayload` (buffer lifetime, the source finished before its final
 byte goes out, never replayed by aiohttp).
 """
@@ -17,7 +19,8 @@ from typing import Any
 
 from asyncdepo.adapters.gypsum.api import GypsumClient, map_status
 from asyncdepo.contract import ByteSource, ChunkWriter, Item
-from asyncdepo.errors import IntegrityError, TransientError
+from asyncdepo.engine.api import hash_file
+from asyncdepo.errors import IntegrityError, PermanentError, TransientError
 from asyncdepo.transport.failures import boundary
 from asyncdepo.transport.httpbody import SourcePayload, request_timeout
 from asyncdepo.transport.s3errors import parse_s3_xml
@@ -46,6 +49,7 @@ class GypsumWriter(ChunkWriter):
         :raises TransientError: connection failures, 5xx, an expired or refused signature (presigned anew
             on the next call).
         :raises IntegrityError: the store's md5 of the body differs from Content-MD5 (400 BadDigest).
+        :raises PermanentError: that, and the file no longer has the md5 the upload was started with.
         """
         url, md5b64 = await self._presigned()
         what = f"gypsum PUT {self.item.rel}"
@@ -67,10 +71,30 @@ class GypsumWriter(ChunkWriter):
             raise TransientError(f"{what}: the presigned URL was refused ({code or resp.status}: {message}); "
                                  "presigning again", status=resp.status)
         if code == "BadDigest":
-            raise IntegrityError(f"{what}: the store's md5 of the body differs from {self._md5} (the file "
-                                 "changed after it was hashed, or was corrupted in transit)")
+            await self._changed(what)
+            raise IntegrityError(f"{what}: the store's md5 of the body differs from {self._md5} (corrupted in "
+                                 "transit; it is sent again)")
         raise map_status(resp.status, f"{code}: {message}" if code else message, what,
                          resp.headers.get("Retry-After"))
+
+    async def _changed(self, what: str) -> None:
+        """After a refused body: fail for good when the file no longer has the md5 the upload was started with.
+
+        The upload session holds every file's md5 from its start and the store takes no other content for
+        this file, so sending it again in this upload cannot succeed (it would be refused each time, until
+        the item's attempts are spent); a new push starts a new upload with the new md5.
+
+        :raises PermanentError: the file changed after it was hashed.
+        """
+        if not self._md5:
+            return
+        try:
+            now = (await hash_file(self.item.path, ("md5",)))["md5"]
+        except OSError:
+            return  # unreadable now: the next attempt finds out and says so
+        if now != self._md5.lower():
+            raise PermanentError(f"{what}: the file changed after it was hashed; this gypsum upload holds the "
+                                 "md5 given at its start and takes no other content: run the push again")
 
     async def complete(self, digests: Mapping[str, str], size: int) -> dict[str, Any]:
         """:raises IntegrityError: the store's ETag (md5) differs from the md5 computed while reading."""
