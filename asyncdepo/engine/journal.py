@@ -38,11 +38,20 @@ The job lock: :meth:`Journal.open_job` takes the job's lock (:mod:`asyncdepo.eng
 touches the job's row, and holds it until :meth:`Journal.close`; a second run of the same job gets
 :class:`~asyncdepo.errors.JobLockedError` naming the holder.
 
+A full disk under the journal: a commit that fails with SQLITE_FULL was rolled back by SQLite itself (our
+ROLLBACK runs only while a transaction is still open). The journal is then :attr:`Journal.broken` (a
+:class:`~asyncdepo.errors.DiskFullError` naming it and the space free) and writes nothing more: queued rows
+are dropped, later writes are no-ops, so the run's own cleanup (its last flush, the job's state) does not
+fail in turn. The run stops starting items, lets those in flight end (their part files would not be
+recorded for a resume), and fails with that error; the next run finds on the target what this one sent.
+Opening a journal, or a job, on a full disk raises the DiskFullError.
+
 All SQLite calls run in one worker thread (a CapacityLimiter of 1), never on the event loop.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -56,7 +65,8 @@ import anyio
 import orjson
 
 from asyncdepo.engine.joblock import JobLock, lock_path
-from asyncdepo.errors import TransientError
+from asyncdepo.errors import DiskFullError, TransientError
+from asyncdepo.transport.failures import disk_error
 from asyncdepo.transport.pacer import RetryPolicy, retry_call
 
 SCHEMA = """
@@ -97,6 +107,11 @@ BUSY_TIMEOUT = 30.0
 
 _T = TypeVar("_T")
 _Args = TypeVarTuple("_Args")
+
+
+def _disk_full(exc: sqlite3.Error) -> bool:
+    """SQLite's answer when the disk under the journal (or its WAL) is full."""
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
 
 
 def default_path() -> Path:
@@ -162,6 +177,8 @@ class Journal:
         #: job id -> the number of this run of it (set by :meth:`open_job`)
         self.runs: dict[str, int] = {}
         self.commits = 0
+        #: the journal's disk filled up: nothing more is written (see the module docstring)
+        self.broken: DiskFullError | None = None
 
     @classmethod
     async def open(cls, path: Path | None = None) -> Journal:
@@ -197,10 +214,13 @@ class Journal:
                         db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # a failed COMMIT may have rolled it back already
+                    db.execute("ROLLBACK")
                 raise
         except sqlite3.OperationalError as exc:
             db.close()
+            if _disk_full(exc):
+                raise self._full(exc) from None
             if "locked" in str(exc) or "busy" in str(exc):
                 raise TransientError(f"journal {self.path}: {exc}",
                                      hint="another asyncdepo is creating or migrating it; try again") from None
@@ -212,6 +232,29 @@ class Journal:
 
     async def _run(self, fn: Callable[[*_Args], _T], *args: *_Args) -> _T:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def _write(self, fn: Callable[[], object]) -> bool:
+        """Run the write ``fn`` (a statement, or a transaction that rolls itself back when it fails); False
+        when nothing was written: the journal's disk is full, now (:attr:`broken` is set) or before."""
+        if self.broken is not None:
+            return False
+        try:
+            await self._run(fn)
+        except sqlite3.OperationalError as exc:
+            if not _disk_full(exc):
+                raise
+            self.broken = self._full(exc)
+            self._pending, self._chunks, self._forget = {}, {}, []
+            return False
+        return True
+
+    def _full(self, exc: sqlite3.Error) -> DiskFullError:
+        """The journal's disk is full, as the error the run reports (naming the journal and the space free)."""
+        err = disk_error(f"journal {self.path}", OSError(errno.ENOSPC, str(exc)), self.path.parent)
+        assert isinstance(err, DiskFullError)
+        err.hint = ("free space on its disk (or give --journal a path on another) and run the same command "
+                    "again; files whose end it could not record are sent again")
+        return err
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -246,12 +289,18 @@ class Journal:
                         "VALUES (?,?,?,?,?,?,?,?)", (jid, kind, db_key(source), target, args, now, now, runs))
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                if self.db.in_transaction:  # a failed COMMIT may have rolled it back already
+                    self.db.execute("ROLLBACK")
                 raise
             return row is not None, runs
 
         try:
             existed, self.runs[jid] = await self._run(do)
+        except sqlite3.OperationalError as exc:
+            await self.release_job(jid)
+            if _disk_full(exc):
+                raise self._full(exc) from None
+            raise
         except BaseException:
             await self.release_job(jid)
             raise
@@ -264,7 +313,7 @@ class Journal:
             await anyio.to_thread.run_sync(lock.release)
 
     async def set_job(self, jid: str, state: str) -> None:
-        await self._run(lambda: self.db.execute("UPDATE jobs SET state=?, updated=? WHERE id=?",
+        await self._write(lambda: self.db.execute("UPDATE jobs SET state=?, updated=? WHERE id=?",
                                                 (state, time.time(), jid)))
 
     async def job(self, jid: str) -> dict[str, Any] | None:
@@ -317,7 +366,7 @@ class Journal:
             for table in ("items", "chunks", "job_state"):
                 self.db.execute(f"DELETE FROM {table} WHERE job=?", (jid,))
 
-        await self._run(do)
+        await self._write(do)
 
     async def job_state(self, jid: str) -> dict[str, Any]:
         def do() -> dict[str, Any]:
@@ -327,7 +376,7 @@ class Journal:
         return await self._run(do)
 
     async def set_job_state(self, jid: str, data: dict[str, Any]) -> None:
-        await self._run(lambda: self.db.execute(
+        await self._write(lambda: self.db.execute(
             "INSERT INTO job_state(job, data) VALUES (?, ?) ON CONFLICT(job) DO UPDATE SET data=excluded.data",
             (jid, _dumps(data))))
 
@@ -385,16 +434,18 @@ class Journal:
         """Delete the rows earlier runs failed as vanished whose file this run did not find either: they
         were reported once; the job no longer has them. Returns how many."""
         await self.flush()
-        cur = await self._run(lambda: self.db.execute(
-            "DELETE FROM items WHERE job=? AND state='failed' AND error=? AND walked!=?", (jid, VANISHED, run)))
-        return cur.rowcount
+        count: list[int] = []
+        await self._write(lambda: count.append(self.db.execute(
+            "DELETE FROM items WHERE job=? AND state='failed' AND error=? AND walked!=?",
+            (jid, VANISHED, run)).rowcount))
+        return count[0] if count else 0
 
     async def delete(self, jid: str, rel: str) -> None:
         """Remove the item's row and chunk digests (pending writes of it included)."""
         self._pending.pop((jid, rel), None)
         self.forget_chunks(jid, rel)
         await self.flush()
-        await self._run(lambda: self.db.execute("DELETE FROM items WHERE job=? AND rel=?", (jid, db_key(rel))))
+        await self._write(lambda: self.db.execute("DELETE FROM items WHERE job=? AND rel=?", (jid, db_key(rel))))
 
     async def kept_for_resume(self, jid: str) -> tuple[int, int]:
         """(items, bytes) the target holds for unfinished items of ``jid`` (part files, uploads in progress)."""
@@ -406,6 +457,8 @@ class Journal:
 
     async def record(self, jid: str, rel: str, **fields: Any) -> None:
         """Queue an update of the item row (``size`` and ``mtime_ns`` needed on first record)."""
+        if self.broken is not None:
+            return
         unknown = set(fields) - set(ITEM_FIELDS)
         if unknown:
             raise ValueError(f"unknown journal fields {unknown}")
@@ -415,6 +468,8 @@ class Journal:
     # -- chunk digests ----------------------------------------------------------------------------------
     async def record_chunk(self, jid: str, rel: str, offset: int, length: int, digest: str) -> None:
         """Queue the digest of ``[offset, offset + length)`` of the item, which the target confirmed."""
+        if self.broken is not None:
+            return
         self._chunks[(jid, rel, offset)] = (length, digest)
         await self._maybe_flush()
 
@@ -445,7 +500,10 @@ class Journal:
             await self.flush()
 
     async def flush(self) -> None:
-        """Commit every queued row in one transaction."""
+        """Commit every queued row in one transaction (dropped when the journal is :attr:`broken`)."""
+        if self.broken is not None:
+            self._pending, self._chunks, self._forget = {}, {}, []
+            return
         if not self._pending and not self._chunks and not self._forget:
             return
         pending, self._pending = self._pending, {}
@@ -477,12 +535,13 @@ class Journal:
                         (jid, db_key(rel), *ins.values()))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # a COMMIT that failed on a full disk was rolled back by SQLite
+                    db.execute("ROLLBACK")
                 raise
             self.commits += 1
 
         with anyio.CancelScope(shield=True):
-            await self._run(do)
+            await self._write(do)
 
     async def close(self) -> None:
         """Flush, close the database and release every job lock this journal holds."""

@@ -189,6 +189,8 @@ async def _items(run: Run, batches: Batches, count: bool, skip: set[str],
     stats = run.reporter.stats
     number = run.journal.runs.get(run.job, 0)
     async for batch in batches:
+        if run.journal.broken is not None:
+            break  # the journal's disk is full: no item starts that it could not record (the run fails)
         rows = await run.journal.lookup(run.job, [i.rel for i in batch])
         for item in batch:
             if count:
@@ -499,6 +501,9 @@ async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None
                 state = "done" if ok and not report.failures else ("interrupted" if report.interrupted else "failed")
                 await journal.set_job(report.job_id, state)
             await journal.close()
+            if journal.broken is not None:  # the run's one failure for it (see journal's module docstring)
+                reporter.stats.failed()
+                report.failures.append(("(journal)", describe(journal.broken)))
             _fill(report, reporter, started)
             report.ok = ok and not report.failures
             reporter.tick()  # a last snapshot, with the final counts, for progress, --json and metrics
@@ -575,7 +580,7 @@ async def _run_all(run: Run, root: Path, report: RunReport, passes: PassFn,
         if first:
             first = False
             await passes(run, walked(run, root, report), report, skip, digests)
-            if report.stopped:
+            if report.stopped or run.journal.broken is not None:
                 return  # the disk is full: nothing more can be written in this run
             await sweep_vanished(run, root, report)
         else:
@@ -583,7 +588,7 @@ async def _run_all(run: Run, root: Path, report: RunReport, passes: PassFn,
             run.reporter.message(f"retrying {len(again)} item(s) that failed transiently")
             _requeue(run, report, set(again))
             await passes(run, named(run, root, again, report), report, skip, digests, count=False)
-            if report.stopped:
+            if report.stopped or run.journal.broken is not None:
                 return
         left = await run.journal.failed_transient(run.job, limit=1)
         if left:

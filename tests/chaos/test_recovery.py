@@ -367,10 +367,6 @@ def run_unprivileged(target: Target, *extra: str) -> Outcome:
     return Outcome(done.returncode, done.stdout, done.stderr)
 
 
-@pytest.mark.xfail(strict=True, reason="#14 (journal): when a commit fails on a full disk SQLite has already rolled "
-                   "the transaction back; the journal's own ROLLBACK then raises 'cannot rollback - no transaction "
-                   "is active', hiding the cause behind a traceback (roll back only when db.in_transaction, and end "
-                   "the run with a message naming the journal)")
 def test_the_journal_on_a_full_disk_fails_the_run_clearly(tmp_path: Path) -> None:
     """The journal's commit fails (its disk is full): the transaction is rolled back, the run stops with a
     message naming the journal, and the target holds no file that differs."""

@@ -15,7 +15,7 @@ import pytest
 
 from asyncdepo.engine.joblock import lock_path
 from asyncdepo.engine.journal import Journal
-from asyncdepo.errors import JobLockedError
+from asyncdepo.errors import DiskFullError, JobLockedError
 
 TASKS = 20
 PROCESSES = 4
@@ -181,3 +181,34 @@ async def test_an_old_journal_gains_the_new_columns(tmp_path: Path) -> None:
         assert await journal.unseen(jid, journal.runs[jid]) == []
     finally:
         await journal.close()
+
+
+async def test_a_full_disk_under_the_journal_breaks_it_without_a_traceback(tmp_path: Path) -> None:
+    """A commit that fails as SQLite's disk full (a real SQLITE_FULL: the database may not grow): no
+    'cannot rollback' error, the journal is broken with a DiskFullError naming it, later writes (the run's own
+    cleanup) are dropped without raising, and what was committed before stays."""
+    path = tmp_path / "j.sqlite"
+    journal = await Journal.open(path)
+    try:
+        jid, _ = await journal.open_job("push", "/src", "file:///dst")
+        await journal.record(jid, "kept.bin", size=1, mtime_ns=1, state="done")
+        await journal.flush()
+        pages = journal.db.execute("PRAGMA page_count").fetchone()[0]
+        journal.db.execute(f"PRAGMA max_page_count={pages}")  # no room left to grow
+        for i in range(200):
+            await journal.record(jid, f"lost-{i:03d}.bin", size=i, mtime_ns=1, state="done", error="x" * 500)
+        await journal.flush()
+        assert isinstance(journal.broken, DiskFullError)
+        assert str(path) in str(journal.broken) and "full" in str(journal.broken)
+        assert not journal.db.in_transaction
+        await journal.record(jid, "after.bin", size=1, mtime_ns=1, state="done")
+        await journal.set_job(jid, "failed")
+        await journal.set_job_state(jid, {"k": "v"})
+        assert await journal.drop_vanished(jid, 1) == 0
+    finally:
+        await journal.close()
+    db = sqlite3.connect(path)
+    try:
+        assert [r[0] for r in db.execute("SELECT rel FROM items")] == ["kept.bin"]
+    finally:
+        db.close()
