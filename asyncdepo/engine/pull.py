@@ -1,7 +1,8 @@
 """Pull: list the archive's items, download each concurrently with HTTP-Range-style resume, verify, rename.
 
-Each remote item is written to ``OUTDIR/<rel>.asyncdepo-part`` and renamed into place only after its
-size and the digests the archive published match, so a file under its real name is always complete.
+Each remote item is written to ``OUTDIR/<rel>.asyncdepo-part`` (a shorter hashed name for a name too long
+for the suffix: :mod:`asyncdepo.transport.partfiles`) and renamed into place only after its size and the
+digests the archive published match, so a file under its real name is always complete.
 A re-run skips files already present with the right size (and digest when one is published) and
 continues a partial file from its size, re-hashing the prefix it already has.
 
@@ -53,8 +54,9 @@ from asyncdepo.transport.pacer import (
     first_leaf,
     should_retry,
 )
+from asyncdepo.transport.partfiles import SUFFIX, part_path
 
-PART = ".asyncdepo-part"
+PART = SUFFIX
 
 
 def _target(outdir: Path, rel: str) -> Path:
@@ -158,7 +160,7 @@ async def _prepare(adapter: Adapter, item: RemoteItem, dest: Path, io: anyio.Cap
     (a round trip each) and the file checks overlap with other files' bytes.
     """
     algos = _known(item)
-    state, offset = await anyio.to_thread.run_sync(_start, dest, dest.with_name(dest.name + PART), item, algos,
+    state, offset = await anyio.to_thread.run_sync(_start, dest, part_path(dest), item, algos,
                                                    limiter=io)
     if state == "skip":
         return offset
@@ -179,7 +181,7 @@ async def _fetch(adapter: Adapter, job: _Job, reporter: Reporter, io: anyio.Capa
     may have expired). Returns the file's size and digests."""
     item, dest = job.item, job.dest
     algos = _known(item)
-    part = dest.with_name(dest.name + PART)
+    part = part_path(dest)
     stats = reporter.stats
     offset, spec = job.offset, job.spec
     retry = False
@@ -225,10 +227,9 @@ async def _fetch(adapter: Adapter, job: _Job, reporter: Reporter, io: anyio.Capa
     return await pacer.derive(classify=verdict).call(attempt, on_retry=announce)
 
 
-def _check(part: Path, item: RemoteItem, extra: tuple[str, ...]) -> tuple[int, dict[str, str]]:
+def _check(part: Path, dest: Path, item: RemoteItem, extra: tuple[str, ...]) -> tuple[int, dict[str, str]]:
     """Blocking: a part a session delivered, hashed, checked and renamed into place (as :func:`_finish`)."""
     algos = _known(item)
-    dest = part.with_name(part.name.removesuffix(PART))
     return _finish(part, dest, item, algos, hash_path_sync(part, tuple(dict.fromkeys(algos + extra))))
 
 
@@ -250,7 +251,7 @@ async def _disk_full(err: DiskFullError, out: Path, rels: set[str], stats: Stats
 
 def _part_of(out: Path, rel: str) -> Path:
     dest = _target(out, rel)
-    return dest.with_name(dest.name + PART)
+    return part_path(dest)
 
 
 async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None = None, *,
@@ -318,7 +319,7 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
             await journal.record(jid, f.item.rel, size=f.item.size or 0, mtime_ns=0, remote=dict(state))
         await journal.flush()
 
-    side = PullSide(out, lambda f: _check(f.part, f.item, extra), session_done,
+    side = PullSide(out, lambda f: _check(f.part, _target(out, f.item.rel), f.item, extra), session_done,
                     lambda f, exc: failed(f.item, exc), session_note, journal.flush, io)
     try:
         async with adapter:
@@ -374,7 +375,7 @@ async def pull(adapter: Adapter, outdir: Path | str, config: EngineConfig | None
             async def prepared(jobs: Any) -> AsyncIterator[Fetch]:
                 async with jobs:
                     async for job in jobs:
-                        yield Fetch(job.item, job.dest.with_name(job.dest.name + PART), job.offset)
+                        yield Fetch(job.item, part_path(job.dest), job.offset)
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_ticker, reporter, tick)

@@ -214,3 +214,23 @@ class TestContract(AdapterContract):
     def harness(self, tmp_path: Path) -> Harness:
         out = tmp_path / "out"
         return Harness(lambda cfg: LocalAdapter(f"file://{out}", cfg), lambda: tree_of(out) if out.exists() else {})
+
+
+async def test_a_255_byte_name_is_pulled_and_its_part_resumed(tmp_path: Path) -> None:
+    """A pull writes a 255-byte name through the same short part name, and a later pull continues a part an
+    interrupted one left (the prefix is kept and re-hashed, the rest fetched; no part is left)."""
+    from asyncdepo import EngineConfig
+    from asyncdepo.engine.pull import pull
+
+    name = "P" * 251 + ".bin"
+    data = os.urandom(300_000)
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "archive" / name).write_bytes(data)
+    out = tmp_path / "out"
+    out.mkdir()
+    part_path(out / name).write_bytes(data[:100_000])  # what an interrupted pull left
+    report = await pull(LocalAdapter(f"file://{tmp_path / 'archive'}"), out, EngineConfig(),
+                        journal_path=tmp_path / "journal.sqlite")
+    assert report.ok, report.failures
+    assert sorted(p.name for p in out.iterdir()) == [name]
+    assert (out / name).read_bytes() == data
