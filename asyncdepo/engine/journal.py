@@ -18,9 +18,8 @@ overrides. Tables:
   batches, never all at once.
 * ``job_state(job, data)`` — the adapter's job-level JSON state (upload tokens, sessions ids).
 
-File names: a name that is not UTF-8 (Linux allows any bytes but ``/`` and NUL) reaches us as a ``str`` with
-surrogate escapes (``os.fsdecode``); such a name is stored as a BLOB of its bytes, every other name as TEXT,
-so old journals keep working and every name Linux allows can be journaled.
+File names: any name Linux allows is journaled (one that is not UTF-8 as a BLOB of its bytes): see
+:mod:`asyncdepo.engine.journalrows`, which also holds the schema.
 
 Writes are queued in memory and committed in batches (512 rows or 0.5 s), in WAL mode with
 ``synchronous=NORMAL``: a commit appends to the WAL without an fsync, so 10,000 small files cost a few
@@ -62,39 +61,12 @@ from pathlib import Path
 from typing import Any, TypeVar, TypeVarTuple
 
 import anyio
-import orjson
 
 from asyncdepo.engine.joblock import JobLock, lock_path
+from asyncdepo.engine.journalrows import ITEM_FIELDS, MIGRATIONS, SCHEMA, db_key, db_text, dumps, loads
 from asyncdepo.errors import DiskFullError, TransientError
 from asyncdepo.transport.failures import disk_error
 from asyncdepo.transport.pacer import RetryPolicy, retry_call
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY, kind TEXT NOT NULL, source TEXT NOT NULL, target TEXT NOT NULL,
-    argv TEXT NOT NULL DEFAULT '[]', created REAL NOT NULL, updated REAL NOT NULL,
-    state TEXT NOT NULL DEFAULT 'running', runs INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS items (
-    job TEXT NOT NULL, rel TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
-    state TEXT NOT NULL, offset INTEGER NOT NULL DEFAULT 0, remote TEXT, digests TEXT, error TEXT,
-    transient INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
-    walked INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (job, rel)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS items_state ON items(job, state);
-CREATE TABLE IF NOT EXISTS chunks (
-    job TEXT NOT NULL, rel TEXT NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
-    digest TEXT NOT NULL, PRIMARY KEY (job, rel, offset)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS job_state (job TEXT PRIMARY KEY, data TEXT NOT NULL);
-"""
-
-# columns added since the first release: (table, column, definition); added to older journals on open
-MIGRATIONS = (
-    ("items", "walked", "INTEGER NOT NULL DEFAULT 0"),
-    ("jobs", "runs", "INTEGER NOT NULL DEFAULT 0"),
-)
-
-ITEM_FIELDS = ("size", "mtime_ns", "state", "offset", "remote", "digests", "error", "transient", "attempts",
-               "walked")
 
 #: the error text of an item whose source vanished (the sweep of a later run recognises its own rows by it)
 VANISHED = "source vanished"
@@ -124,36 +96,6 @@ def job_id(kind: str, source: str, target: str) -> str:
     return hashlib.sha256(f"{kind}\0{source}\0{target}".encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
-def db_key(text: str) -> str | bytes:
-    """How a name is stored: TEXT when it is valid UTF-8, else a BLOB of its bytes (see the module docstring)."""
-    if text.isascii():
-        return text
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogateescape")
-    return text
-
-
-def db_text(value: str | bytes) -> str:
-    """A stored name back as the ``str`` the walk gives (surrogate escapes for bytes that are not UTF-8)."""
-    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
-
-
-def _dumps(value: Any) -> str:
-    """JSON text of ``value``; a name that is not UTF-8 (surrogate escapes) is written as ``\\udcXX``
-    escapes, which orjson refuses to write and :func:`_loads` reads back."""
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:
-        return json.dumps(value)
-
-
-def _loads(text: str) -> Any:
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)  # lone surrogate escapes (see _dumps)
 
 
 ChunkRecord = tuple[int, int, str]  # (offset, length, digest)
@@ -371,14 +313,14 @@ class Journal:
     async def job_state(self, jid: str) -> dict[str, Any]:
         def do() -> dict[str, Any]:
             row = self.db.execute("SELECT data FROM job_state WHERE job=?", (jid,)).fetchone()
-            return _loads(row[0]) if row else {}
+            return loads(row[0]) if row else {}
 
         return await self._run(do)
 
     async def set_job_state(self, jid: str, data: dict[str, Any]) -> None:
         await self._write(lambda: self.db.execute(
             "INSERT INTO job_state(job, data) VALUES (?, ?) ON CONFLICT(job) DO UPDATE SET data=excluded.data",
-            (jid, _dumps(data))))
+            (jid, dumps(data))))
 
     # -- items ----------------------------------------------------------------------------------------
     async def lookup(self, jid: str, rels: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -393,8 +335,8 @@ class Journal:
                      f"FROM items WHERE job=? AND rel IN ({','.join('?' * len(part))})")
                 for r in self.db.execute(q, (jid, *part)):
                     out[db_text(r[0])] = {"size": r[1], "mtime_ns": r[2], "state": r[3], "offset": r[4],
-                                          "remote": _loads(r[5]) if r[5] else None,
-                                          "digests": _loads(r[6]) if r[6] else {}, "error": r[7],
+                                          "remote": loads(r[5]) if r[5] else None,
+                                          "digests": loads(r[6]) if r[6] else {}, "error": r[7],
                                           "transient": bool(r[8]), "attempts": r[9]}
             return out
 
@@ -426,7 +368,7 @@ class Journal:
                 "AND NOT (state='failed' AND error=?) AND rel>? ORDER BY rel LIMIT ?",
                 (jid, run, VANISHED, after, limit)).fetchall()
             return [(r[0], {"rel": db_text(r[0]), "size": r[1], "state": r[2],
-                            "remote": _loads(r[3]) if r[3] else None}) for r in rows]
+                            "remote": loads(r[3]) if r[3] else None}) for r in rows]
 
         return await self._run(do)
 
@@ -523,7 +465,7 @@ class Journal:
                     "ON CONFLICT(job, rel, offset) DO UPDATE SET length=excluded.length, digest=excluded.digest",
                     [(jid, db_key(rel), off, n, d) for (jid, rel, off), (n, d) in chunks.items()])
                 for (jid, rel), f in pending.items():
-                    row = {k: (_dumps(v) if k in ("remote", "digests") and v is not None else v)
+                    row = {k: (dumps(v) if k in ("remote", "digests") and v is not None else v)
                            for k, v in f.items()}
                     if not row:
                         continue

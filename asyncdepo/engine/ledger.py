@@ -21,7 +21,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from pathlib import Path
 from typing import Any, Protocol
 
-from asyncdepo.engine.journal import ITEM_FIELDS, ChunkRecord, Journal
+from asyncdepo.engine.journal import ChunkRecord, Journal
+from asyncdepo.engine.journalrows import ITEM_FIELDS
 
 
 class Ledger(Protocol):
