@@ -27,10 +27,11 @@ import anyio
 
 from asyncdepo.config import EngineConfig
 from asyncdepo.contract import Adapter, Chunk, ChunkWriter, Features, Item, Part, PartInfo
-from asyncdepo.digests import MultiHash, digest_bytes, hash_path_sync
+from asyncdepo.digests import MultiHash, digest_bytes
 from asyncdepo.engine.journal import Journal
 from asyncdepo.engine.partstream import hash_parts
 from asyncdepo.engine.pipeline import BufferPool, ChunkStream, FileSource, RawReader, ZstdReader, read_small
+from asyncdepo.engine.prefix import PrefixChangedError, hash_prefix
 from asyncdepo.errors import (
     OffsetMismatchError,
     PermanentError,
@@ -202,20 +203,6 @@ async def _send_chunk(run: Run, item: Item, writer: ChunkWriter, chunk: Chunk) -
     await run.request(item.rel, attempt, classify=_chunk_verdict)
 
 
-def _hash_prefix(item: Item, stop: int, hasher: MultiHash) -> None:
-    """Blocking: feed ``[0, stop)`` of the file to ``hasher`` (what the target holds already).
-
-    :raises SourceChangedError: the file is gone (the retry finds out whether it vanished).
-    :raises SourceError: it cannot be read.
-    """
-    try:
-        hash_path_sync(item.path, (), stop=stop, into=hasher)
-    except FileNotFoundError:
-        raise SourceChangedError(f"{item.rel}: file disappeared before it was read") from None
-    except OSError as exc:
-        raise SourceError(f"{item.rel}: cannot read: {exc.strerror}") from None
-
-
 async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash) -> int:
     """Send the item in order from ``writer.confirmed``; returns the stream's total length."""
     cfg = run.config
@@ -229,8 +216,9 @@ async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash)
     else:
         if start > item.size:
             start = 0  # the server holds more than the file has: it is not our upload; start over
-        if start:
-            await anyio.to_thread.run_sync(_hash_prefix, item, start, hasher, limiter=run.io)
+        # what the target holds is fed to the whole-file hasher, and checked against the source (prefix.py)
+        await hash_prefix(item, start, hasher, run.journal.chunks(run.job, item.rel), CHUNK_DIGEST,
+                          pool=run.pool, limiter=run.io, block=cfg.stream_block)
 
         def opener() -> RawReader:  # type: ignore[misc]
             return RawReader(item, start, None, hasher)
@@ -420,7 +408,10 @@ async def _attempt(run: Run, item: Item, saved: dict[str, Any] | None, known: di
         result = await run.request(item.rel, lambda: writer.complete(digests, item.size))
     except BaseException as exc:
         err = first_leaf(exc)
-        if isinstance(err, (PermanentError, SourceError)) and not isinstance(err, SourceChangedError):
+        # a permanent failure, or a source that differs from what the target holds (prefix.py), discards
+        # what the target holds of the item
+        if (isinstance(err, (PermanentError, SourceError)) and not isinstance(err, SourceChangedError)
+                or isinstance(err, PrefixChangedError)):
             with anyio.CancelScope(shield=True):
                 await writer.abort()
             await run.journal.record(run.job, item.rel, remote=None, offset=0)
