@@ -383,10 +383,12 @@ class Journal:
 
     async def drop_vanished(self, jid: str, run: int) -> int:
         """Delete the rows earlier runs failed as vanished whose file this run did not find either: they
-        were reported once; the job no longer has them. Returns how many."""
+        were reported once; the job no longer has them. Rows that still name something the target could not
+        remove (``remote`` set) stay. Returns how many."""
         await self.flush()
         cur = await self._run(lambda: self.db.execute(
-            "DELETE FROM items WHERE job=? AND state='failed' AND error=? AND walked!=?", (jid, VANISHED, run)))
+            "DELETE FROM items WHERE job=? AND state='failed' AND error=? AND walked!=? AND remote IS NULL",
+            (jid, VANISHED, run)))
         return cur.rowcount
 
     async def delete(self, jid: str, rel: str) -> None:

@@ -46,11 +46,7 @@ def _change(world: Target, how: str) -> list[str]:
 
 
 #: (target, change) -> the item of #14 the case waits for (a strict xfail until it lands on main)
-WAITING = {
-    **{(t, "vanish"): "#14 item 5: a source vanished between runs must fail the run naming it ('source "
-                      "vanished', exit 1) and clean what was started on the target"
-        for t in ("empiar-ascp",)},
-}
+WAITING: dict[tuple[str, str], str] = {}
 FAST = {("local", "vanish"), ("tus", "rewrite"), ("local", "grow"), ("local", "rewrite")}
 
 
