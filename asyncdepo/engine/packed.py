@@ -10,6 +10,9 @@ the journaled ones: a full read of the tree, which is what ``--checksum`` asks f
 rewritten with its size and mtime put back.
 
 A pack journaled without a fingerprint (by an older release) is sent again: nothing says it is current.
+
+An archive the target stored with other digests than the tar sent is sent again whole, at the item level
+(:func:`resend_verdict` keeps the request level from asking the same question again).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import anyio
 from asyncdepo.contract import Item
 from asyncdepo.digests import FACTORIES, MultiHash
 from asyncdepo.engine.compress import TarSource
+from asyncdepo.errors import IntegrityError
+from asyncdepo.transport.pacer import Verdict, first_leaf, should_retry
 
 #: the key of the tree's fingerprint among the pack's journaled digests
 TREE = "tree-xxh3"
@@ -39,6 +44,15 @@ class TreePrint:
 
     def hexdigest(self) -> str:
         return self._hash.hexdigests()["xxh3"]
+
+
+def resend_verdict(exc: BaseException) -> Verdict:
+    """The request level's decision for a pack's ``complete``: as :func:`should_retry`, except that a stored
+    archive whose digest differs from the tar sent (IntegrityError) is the item level's: asking again gets the
+    same answer, only sending the tar again can mend it."""
+    if isinstance(first_leaf(exc), IntegrityError):
+        return Verdict(False, reason="integrity")
+    return should_retry(exc)
 
 
 async def _fed(items: AsyncIterable[Item], tree: TreePrint) -> AsyncIterator[Item]:

@@ -48,7 +48,7 @@ from asyncdepo.engine.checks import (
 )
 from asyncdepo.engine.compress import TarSource
 from asyncdepo.engine.journal import VANISHED, Journal
-from asyncdepo.engine.packed import TREE, TreePrint, same_tree
+from asyncdepo.engine.packed import TREE, TreePrint, resend_verdict, same_tree
 from asyncdepo.engine.pipeline import BufferPool
 from asyncdepo.engine.report import RunReport, _fill, _ticker, describe
 from asyncdepo.engine.sessions import send_sessions
@@ -370,23 +370,31 @@ async def _packed(run: Run, root: Path, report: RunReport) -> None:
             run.reporter.emit(ItemSkipped(rel=name, size=0, reason="uploaded in an earlier run, unchanged since"))
             stats.skipped(0)
             return
-        writer = await run.request(name, lambda: run.adapter.open_item(pack, None))
         sources: list[TarSource] = []
         trees: list[TreePrint] = []
 
-        async def once() -> None:
-            stats.restart_walk()
-            tree = TreePrint()
-            trees.append(tree)
-            level = cfg.compress[1] if cfg.compress else 3
-            src = TarSource(items(tree), prefix=root.name, compress=cfg.compress[0] if cfg.compress else None,
-                            level=level, threads=cfg.compress_threads, digests=algos, limiter=run.io)
-            sources.append(src)
-            await writer.write_stream(_Counted(src, run, name))
+        async def attempt() -> Any:
+            """One item attempt, with a fresh writer and tar stream: an archive stored with other digests than
+            the tar sent (IntegrityError from complete) is sent again (run.items), not asked about again."""
+            writer = await run.request(name, lambda: run.adapter.open_item(pack, None))
 
-        await run.request(name, once)
+            async def once() -> None:
+                stats.restart_walk()
+                tree = TreePrint()
+                trees.append(tree)
+                level = cfg.compress[1] if cfg.compress else 3
+                src = TarSource(items(tree), prefix=root.name, compress=cfg.compress[0] if cfg.compress else None,
+                                level=level, threads=cfg.compress_threads, digests=algos, limiter=run.io)
+                sources.append(src)
+                await writer.write_stream(_Counted(src, run, name))
+
+            await run.request(name, once)
+            src = sources[-1]
+            return await run.request(name, lambda: writer.complete(src.inner_digests, src.inner_size),
+                                     classify=resend_verdict)
+
+        result = await run.items.call(attempt, on_retry=run.retrying(name))
         src = sources[-1]
-        result = await run.request(name, lambda: writer.complete(src.inner_digests, src.inner_size))
         await run.journal.record(run.job, name, size=src.inner_size, mtime_ns=0, state="done",
                                  digests={**src.inner_digests, TREE: trees[-1].hexdigest()}, remote=result,
                                  error=None)
