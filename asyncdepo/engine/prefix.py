@@ -12,6 +12,10 @@ The check costs nothing extra in reads: the resume reads the prefix anyway, to f
 digest as it is read: xxh3 runs at several GB/s, so a resumed 16 GiB prefix costs a few seconds of one core
 on top of the read.
 
+A compressed stream (``--compress``) is re-made from the start on a resume and its chunks the target holds
+are not sent again: each is compared with the journal as it passes (:class:`Journaled`), which also catches a
+compressor that did not make the same bytes again.
+
 Bytes the target holds past the journal's last chunk (a kill loses the journal's last half second; a
 dropped connection leaves a chunk half confirmed) have no digest to compare with: those are only checked by
 size and mtime, as the walk does.
@@ -67,6 +71,38 @@ async def hash_prefix(item: Item, stop: int, hasher: MultiHash, rows: AsyncItera
         if reader is not None:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(reader.close)
+
+
+class Journaled:
+    """The journal's chunk digests of an item, looked up in offset order (batches read as needed)."""
+
+    def __init__(self, rows: AsyncIterator[list[ChunkRecord]]) -> None:
+        self._rows = rows
+        self._batch: list[ChunkRecord] = []
+        self._done = False
+
+    async def digest_at(self, offset: int, length: int) -> str | None:
+        """The journaled digest of ``[offset, offset + length)``, or None when none was journaled for it.
+        Calls must come in increasing ``offset``."""
+        while not self._done:
+            while self._batch and self._batch[0][0] < offset:
+                self._batch.pop(0)
+            if self._batch:
+                off, n, digest = self._batch[0]
+                return digest if (off, n) == (offset, length) else None
+            try:
+                self._batch = list(await self._rows.__anext__())
+            except StopAsyncIteration:
+                self._done = True
+        return None
+
+    def check(self, rel: str, offset: int, length: int, want: str | None, got: str) -> None:
+        """:raises PrefixChangedError: ``got`` is not the journaled ``want``."""
+        if want is not None and want != got:
+            raise PrefixChangedError(
+                f"{rel}: the stream's bytes {offset}-{offset + length} differ from what an earlier run sent (the "
+                f"file was rewritten, though its size and mtime are unchanged); what the target holds is "
+                f"discarded and the file is sent again from the start")
 
 
 def _feed(reader: RawReader, stop: int, buf: Buffer, piece: MultiHash | None) -> None:

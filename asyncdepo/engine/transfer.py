@@ -31,7 +31,7 @@ from asyncdepo.digests import MultiHash, digest_bytes
 from asyncdepo.engine.journal import Journal
 from asyncdepo.engine.partstream import hash_parts
 from asyncdepo.engine.pipeline import BufferPool, ChunkStream, FileSource, RawReader, ZstdReader, read_small
-from asyncdepo.engine.prefix import PrefixChangedError, hash_prefix
+from asyncdepo.engine.prefix import Journaled, PrefixChangedError, hash_prefix
 from asyncdepo.errors import (
     OffsetMismatchError,
     PermanentError,
@@ -212,7 +212,8 @@ async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash)
 
         def opener() -> ZstdReader:
             return ZstdReader(RawReader(item, 0, None, hasher), level, cfg.compress_threads)
-        skip, first, total = start, 0, None
+        # the stream is made again from the start; the chunks the target holds are checked, not sent
+        first, total = 0, None
     else:
         if start > item.size:
             start = 0  # the server holds more than the file has: it is not our upload; start over
@@ -222,7 +223,7 @@ async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash)
 
         def opener() -> RawReader:  # type: ignore[misc]
             return RawReader(item, start, None, hasher)
-        skip, first, total = 0, start, item.size
+        first, total = start, item.size
     if cfg.compress is None and item.size - start <= cfg.chunk_size:
         chunk, buf = await read_small(item, start, hasher, run.features.chunk_digests, pool=run.pool,
                                       limiter=run.io)
@@ -240,9 +241,13 @@ async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash)
     digests = tuple(dict.fromkeys((*run.features.chunk_digests, CHUNK_DIGEST)))
     async with ChunkStream(opener, pool=run.pool, chunk_size=cfg.chunk_size, read_ahead=cfg.read_ahead,
                            chunk_digests=digests, limiter=run.io, start_offset=first,
-                           skip=skip, total=total) as stream:
+                           total=total) as stream:
+        held = Journaled(run.journal.chunks(run.job, item.rel)) if cfg.compress is not None and start else None
         async for chunk in stream:
             if chunk.offset + len(chunk.data) <= writer.confirmed and not chunk.last:
+                if held is not None:  # a compressed stream's chunk the target holds (prefix.py)
+                    want = await held.digest_at(chunk.offset, len(chunk.data))
+                    held.check(item.rel, chunk.offset, len(chunk.data), want, chunk.digests[CHUNK_DIGEST])
                 continue
             await _send_chunk(run, item, writer, chunk)
             length = chunk.offset + len(chunk.data)

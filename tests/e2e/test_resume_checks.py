@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import zstandard
 import pytest
 
 from asyncdepo.adapters.local import PART_SUFFIX, LocalWriter
@@ -259,3 +260,27 @@ def test_checksum_of_a_file_deleted_after_the_walk_fails_as_a_vanished_source(
     err = capsys.readouterr().err
     assert "a.bin" in err and "vanished" in err
     assert (dest / "b.bin").read_bytes() == (src / "b.bin").read_bytes()
+
+
+def test_compressed_stream_of_a_file_rewritten_between_runs_is_sent_again_from_zero(
+        tmp_path: Path, journal: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --compress the resume makes the stream again from the start; the chunks the part file holds are
+    compared with the journal as they pass, so a rewrite that kept size and mtime starts the file over."""
+    src = _tree(tmp_path / "src", {"big.bin": 6 * CHUNK + 321})
+    dest = tmp_path / "dest"
+    url = f"file://{dest}"
+    _stop_writes_at(monkeypatch, 3 * CHUNK)
+    assert cli_main(["push", str(src), url, "--journal", str(journal), "--chunk-size", "1M", "-q", "--compress",
+                     "zstd", "--request-attempts", "1", "--retries", "0"]) == 1
+    monkeypatch.undo()
+    assert (dest / ("big.bin.zst" + PART_SUFFIX)).stat().st_size == 3 * CHUNK
+    target = src / "big.bin"
+    st = target.stat()
+    target.write_bytes(os.urandom(st.st_size))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    rerun = cli_process("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M", "--compress",
+                        "zstd", "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    with zstandard.ZstdDecompressor().stream_reader((dest / "big.bin.zst").read_bytes()) as fh:
+        assert fh.read() == target.read_bytes()
+    assert _report(rerun.stdout)["retries"] == 1  # found on the first chunk the part file holds
