@@ -65,16 +65,21 @@ def _remote_rel(run: Run, rel: str) -> str:
     return rel + ".zst" if run.config.compress is not None else rel
 
 
-async def discard(run: Run, rel: str, report: RunReport) -> None:
-    """Remove what the target holds of ``rel`` (journaled writer state); a failure is a warning."""
+async def discard(run: Run, rel: str, report: RunReport) -> str | None:
+    """Remove what the target holds of ``rel`` (journaled writer state). Returns None when it is gone, else
+    why not (a warning says it too): the journal then keeps the row's writer state, or a ``left`` flag when it
+    had none, so ``asyncdepo status`` and the next runs know something is left there."""
     rows = await run.journal.lookup(run.job, [rel])
     saved = (rows.get(rel) or {}).get("remote")
     try:
         await run.adapter.discard(_remote_rel(run, rel), saved)
     except DepoError as exc:
         run.reporter.warning(f"{printable(rel)}: could not remove what the target holds of it: {describe(exc)}")
+        await run.journal.record(run.job, rel, remote=saved or {"left": str(exc)})
+        return str(exc)
     await run.journal.record(run.job, rel, remote=None, offset=0)
     run.journal.forget_chunks(run.job, rel)
+    return None
 
 
 async def walk_failed(run: Run, rel: str, why: str, report: RunReport) -> None:
@@ -116,10 +121,12 @@ async def sweep_vanished(run: Run, root: Path, report: RunReport) -> None:
             path = root / rel if root.is_dir() else root
             if not await anyio.to_thread.run_sync(_gone, path, limiter=run.io):
                 continue
-            await discard(run, rel, report)
+            left = await discard(run, rel, report)
             await journal.record(job, rel, state="failed", error=VANISHED, transient=0)
             stats.failed()
-            message = f"{VANISHED} (deleted after an earlier run started it); what the target held of it was removed"
+            message = f"{VANISHED} (deleted after an earlier run started it); " + (
+                "what the target held of it was removed" if left is None else
+                f"what the target holds of it could not be removed ({left}): the journal keeps it")
             run.reporter.emit(ItemFailed(rel=rel, error=message, transient=False))
             report.failures.append((rel, VANISHED))
 

@@ -374,11 +374,12 @@ class Journal:
 
     async def drop_vanished(self, jid: str, run: int) -> int:
         """Delete the rows earlier runs failed as vanished whose file this run did not find either: they
-        were reported once; the job no longer has them. Returns how many."""
+        were reported once; the job no longer has them. Rows that still name something the target could not
+        remove (``remote`` set) stay. Returns how many."""
         await self.flush()
         count: list[int] = []
         await self._write(lambda: count.append(self.db.execute(
-            "DELETE FROM items WHERE job=? AND state='failed' AND error=? AND walked!=?",
+            "DELETE FROM items WHERE job=? AND state='failed' AND error=? AND walked!=? AND remote IS NULL",
             (jid, VANISHED, run)).rowcount))
         return count[0] if count else 0
 

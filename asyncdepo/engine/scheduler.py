@@ -48,6 +48,7 @@ from asyncdepo.engine.checks import (
 )
 from asyncdepo.engine.compress import TarSource
 from asyncdepo.engine.journal import VANISHED, Journal
+from asyncdepo.engine.packed import TREE, TreePrint, resend_verdict, same_tree
 from asyncdepo.engine.pipeline import BufferPool
 from asyncdepo.engine.report import RunReport, _fill, _ticker, describe
 from asyncdepo.engine.sessions import send_sessions
@@ -353,43 +354,61 @@ async def _packed(run: Run, root: Path, report: RunReport) -> None:
     cfg, stats = run.config, run.reporter.stats
     name = root.name + (".tar.zst" if cfg.compress else ".tar")
     pack = Item(str(root), name, -1, 0)
-    rows = await run.journal.lookup(run.job, [name])
-    if (rows.get(name) or {}).get("state") == "done":
-        run.reporter.emit(ItemSkipped(rel=name, size=0, reason="uploaded in an earlier run"))
-        stats.skipped(0)
-        return
+    uploaded = (await run.journal.lookup(run.job, [name])).get(name) or {}
     algos = tuple(dict.fromkeys(run.hashes))
 
     def unreadable(rel: str, why: str) -> None:
         # a directory missing from the archive would make it differ from the source: the item fails
         raise SourceError(f"{printable(rel)}: {why}; the archive would miss it")
 
-    async def items() -> AsyncIterator[Item]:
+    async def items(tree: TreePrint | None) -> AsyncIterator[Item]:
+        """The walk; ``tree`` (the upload's walk) counts the files and takes their fingerprint."""
         async for b in walk(root, cfg.include, cfg.exclude, cfg.follow_symlinks,
                             lambda r, w: run.reporter.warning(f"skipped {printable(r)}: {w}"),
                             on_error=unreadable):
             for it in b:
-                stats.found(it.size)
+                if tree is not None:
+                    stats.found(it.size)
+                    tree.add(it)
                 yield it
 
     stats.item_in(name, -1)
     try:
-        writer = await run.request(name, lambda: run.adapter.open_item(pack, None))
+        # skipped only when the tree is the one uploaded (packed.py): its listing, with --checksum its content
+        if uploaded.get("state") == "done" and await same_tree(
+                items(None), uploaded.get("digests") or {}, checksum=cfg.checksum, prefix=root.name,
+                limiter=run.io):
+            run.reporter.emit(ItemSkipped(rel=name, size=0, reason="uploaded in an earlier run, unchanged since"))
+            stats.skipped(0)
+            return
         sources: list[TarSource] = []
+        trees: list[TreePrint] = []
 
-        async def once() -> None:
-            stats.restart_walk()
-            level = cfg.compress[1] if cfg.compress else 3
-            src = TarSource(items(), prefix=root.name, compress=cfg.compress[0] if cfg.compress else None,
-                            level=level, threads=cfg.compress_threads, digests=algos, limiter=run.io)
-            sources.append(src)
-            await writer.write_stream(_Counted(src, run, name))
+        async def attempt() -> Any:
+            """One item attempt, with a fresh writer and tar stream: an archive stored with other digests than
+            the tar sent (IntegrityError from complete) is sent again (run.items), not asked about again."""
+            writer = await run.request(name, lambda: run.adapter.open_item(pack, None))
 
-        await run.request(name, once)
+            async def once() -> None:
+                stats.restart_walk()
+                tree = TreePrint()
+                trees.append(tree)
+                level = cfg.compress[1] if cfg.compress else 3
+                src = TarSource(items(tree), prefix=root.name, compress=cfg.compress[0] if cfg.compress else None,
+                                level=level, threads=cfg.compress_threads, digests=algos, limiter=run.io)
+                sources.append(src)
+                await writer.write_stream(_Counted(src, run, name))
+
+            await run.request(name, once)
+            src = sources[-1]
+            return await run.request(name, lambda: writer.complete(src.inner_digests, src.inner_size),
+                                     classify=resend_verdict)
+
+        result = await run.items.call(attempt, on_retry=run.retrying(name))
         src = sources[-1]
-        result = await run.request(name, lambda: writer.complete(src.inner_digests, src.inner_size))
         await run.journal.record(run.job, name, size=src.inner_size, mtime_ns=0, state="done",
-                                 digests=src.inner_digests, remote=result, error=None)
+                                 digests={**src.inner_digests, TREE: trees[-1].hexdigest()}, remote=result,
+                                 error=None)
         # the adapter's state (e.g. an upload token) must survive a crash before ``finish`` runs
         await run.journal.flush()
         await run.journal.set_job_state(run.job, run.adapter.job_state())

@@ -302,6 +302,10 @@ async def send_sessions(run: Run, entries: AsyncIterator[tuple[Item, dict[str, A
         saved = {item.rel: dict(s) for item, s in entries if s}
         for item in pending.values():
             await run.journal.record(run.job, item.rel, size=item.size, mtime_ns=item.mtime_ns, state="partial")
+        # committed before a byte moves: a run killed mid-session leaves rows that say what it started (a
+        # file that vanishes before the resume is then found and failed, and what the target holds of it
+        # cleaned: checks.sweep_vanished); one commit per session
+        await run.journal.flush()
 
         async def open_(items: list[Item], last: bool) -> Send:
             plan = SessionPlan(tuple(items), {i.rel: saved[i.rel] for i in items if i.rel in saved}, rate, last)

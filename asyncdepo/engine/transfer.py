@@ -27,10 +27,11 @@ import anyio
 
 from asyncdepo.config import EngineConfig
 from asyncdepo.contract import Adapter, Chunk, ChunkWriter, Features, Item, Part, PartInfo
-from asyncdepo.digests import MultiHash, digest_bytes, hash_path_sync
+from asyncdepo.digests import MultiHash, digest_bytes
 from asyncdepo.engine.journal import Journal
 from asyncdepo.engine.partstream import hash_parts
 from asyncdepo.engine.pipeline import BufferPool, ChunkStream, FileSource, RawReader, ZstdReader, read_small
+from asyncdepo.engine.prefix import Journaled, PrefixChangedError, hash_prefix
 from asyncdepo.errors import (
     OffsetMismatchError,
     PermanentError,
@@ -206,20 +207,6 @@ async def _send_chunk(run: Run, item: Item, writer: ChunkWriter, chunk: Chunk) -
     await run.request(item.rel, attempt, classify=_chunk_verdict)
 
 
-def _hash_prefix(item: Item, stop: int, hasher: MultiHash) -> None:
-    """Blocking: feed ``[0, stop)`` of the file to ``hasher`` (what the target holds already).
-
-    :raises SourceChangedError: the file is gone (the retry finds out whether it vanished).
-    :raises SourceError: it cannot be read.
-    """
-    try:
-        hash_path_sync(item.path, (), stop=stop, into=hasher)
-    except FileNotFoundError:
-        raise SourceChangedError(f"{item.rel}: file disappeared before it was read") from None
-    except OSError as exc:
-        raise SourceError(f"{item.rel}: cannot read: {exc.strerror}") from None
-
-
 async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash) -> int:
     """Send the item in order from ``writer.confirmed``; returns the stream's total length."""
     cfg = run.config
@@ -229,16 +216,18 @@ async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash)
 
         def opener() -> ZstdReader:
             return ZstdReader(RawReader(item, 0, None, hasher), level, cfg.compress_threads)
-        skip, first, total = start, 0, None
+        # the stream is made again from the start; the chunks the target holds are checked, not sent
+        first, total = 0, None
     else:
         if start > item.size:
             start = 0  # the server holds more than the file has: it is not our upload; start over
-        if start:
-            await anyio.to_thread.run_sync(_hash_prefix, item, start, hasher, limiter=run.io)
+        # what the target holds is fed to the whole-file hasher, and checked against the source (prefix.py)
+        await hash_prefix(item, start, hasher, run.journal.chunks(run.job, item.rel), CHUNK_DIGEST,
+                          pool=run.pool, limiter=run.io, block=cfg.stream_block)
 
         def opener() -> RawReader:  # type: ignore[misc]
             return RawReader(item, start, None, hasher)
-        skip, first, total = 0, start, item.size
+        first, total = start, item.size
     if cfg.compress is None and item.size - start <= cfg.chunk_size:
         chunk, buf = await read_small(item, start, hasher, run.features.chunk_digests, pool=run.pool,
                                       limiter=run.io)
@@ -256,9 +245,13 @@ async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash)
     digests = tuple(dict.fromkeys((*run.features.chunk_digests, CHUNK_DIGEST)))
     async with ChunkStream(opener, pool=run.pool, chunk_size=cfg.chunk_size, read_ahead=cfg.read_ahead,
                            chunk_digests=digests, limiter=run.io, start_offset=first,
-                           skip=skip, total=total) as stream:
+                           total=total) as stream:
+        held = Journaled(run.journal.chunks(run.job, item.rel)) if cfg.compress is not None and start else None
         async for chunk in stream:
             if chunk.offset + len(chunk.data) <= writer.confirmed and not chunk.last:
+                if held is not None:  # a compressed stream's chunk the target holds (prefix.py)
+                    want = await held.digest_at(chunk.offset, len(chunk.data))
+                    held.check(item.rel, chunk.offset, len(chunk.data), want, chunk.digests[CHUNK_DIGEST])
                 continue
             await _send_chunk(run, item, writer, chunk)
             length = chunk.offset + len(chunk.data)
@@ -424,7 +417,10 @@ async def _attempt(run: Run, item: Item, saved: dict[str, Any] | None, known: di
         result = await run.request(item.rel, lambda: writer.complete(digests, item.size))
     except BaseException as exc:
         err = first_leaf(exc)
-        if isinstance(err, (PermanentError, SourceError)) and not isinstance(err, SourceChangedError):
+        # a permanent failure, or a source that differs from what the target holds (prefix.py), discards
+        # what the target holds of the item
+        if (isinstance(err, (PermanentError, SourceError)) and not isinstance(err, SourceChangedError)
+                or isinstance(err, PrefixChangedError)):
             with anyio.CancelScope(shield=True):
                 await writer.abort()
             await run.journal.record(run.job, item.rel, remote=None, offset=0)

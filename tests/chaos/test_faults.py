@@ -91,10 +91,7 @@ def _cases() -> list[Case]:
 
 
 #: cases whose fix has not landed on main: (target, fault) -> the item of #14 they wait for
-WAITING: dict[tuple[str, str], str] = {
-    ("pdis", "digest"): "#14 item 11: an md5 the server reports that differs from the one sent is retried at the "
-                        "item level (today the push fails at once)",
-}
+WAITING: dict[tuple[str, str], str] = {}
 
 CASES = _cases()
 FAST = {("tus", "drop"), ("tus", "corrupt"), ("s3-moto", "drop"), ("s3-moto", "429"), ("s3-moto", "digest"),

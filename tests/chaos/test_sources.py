@@ -46,15 +46,7 @@ def _change(world: Target, how: str) -> list[str]:
 
 
 #: (target, change) -> the item of #14 the case waits for (a strict xfail until it lands on main)
-WAITING = {
-    **{(t, "rewrite"): "#14 items 4/5: interrupted mid-file, the source rewritten at the same size with its mtime "
-                       "put back: the resume checks the target against the journal's chunk digests only, keeps "
-                       "the old prefix and exits 0 with a file that is neither version (compare the source's "
-                       "re-read prefix with the journaled digests too)" for t in ("local", "tus", "s3-moto")},
-    **{(t, "vanish"): "#14 item 5: a source vanished between runs must fail the run naming it ('source "
-                      "vanished', exit 1) and clean what was started on the target"
-        for t in ("gypsum", "empiar-ascp")},
-}
+WAITING: dict[tuple[str, str], str] = {}
 FAST = {("local", "vanish"), ("tus", "rewrite"), ("local", "grow"), ("local", "rewrite")}
 
 

@@ -23,7 +23,7 @@ from asyncdepo.cli import gypsum as cli
 from asyncdepo.config import EngineConfig
 from asyncdepo.engine.pull import pull
 from asyncdepo.engine.scheduler import RunReport, push
-from asyncdepo.errors import ConflictError, QuotaError
+from asyncdepo.errors import ConflictError, QuotaError, SourceVanishedError
 from asyncdepo.events import CollectSink, ItemDone, Reporter, Sink
 from asyncdepo.sim import gypsum as gsim
 from asyncdepo.sim.faults import FaultInjector, FaultRule
@@ -246,6 +246,26 @@ async def test_resume_refuses_changed_files_and_start_retries(sim: SimServer, tm
         await run_push(sim, tmp_path, src, "v1")
     err = first_depo_error(info.value)
     assert "differ from the interrupted upload" in str(err) and "d0/f0000.bin" in str(err)
+    assert not (root / "proj/..LOCK").exists() and not (root / "proj/asset/v1").exists()
+    assert not list((tmp_path / "sessions").glob("*.session"))
+    assert (await run_push(sim, tmp_path, src, "v1")).ok
+
+
+async def test_resume_with_a_vanished_file_fails_naming_it_and_discards_the_upload(sim: SimServer,
+                                                                                    tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src, 10, size=1000)
+    root = bucket_of(sim.app)
+    sim.faults.add("PUT /s3/* status=403 skip=4")  # a permanent failure mid-way; the upload is kept
+    report = await run_push(sim, tmp_path, src, "v1", keep_for_resume=True)
+    assert not report.ok and report.summary["state"].startswith("kept for resume")
+    sim.faults.clear()
+    (src / "d0/f0000.bin").unlink()
+    with pytest.raises(BaseException) as info:
+        await run_push(sim, tmp_path, src, "v1")
+    err = first_depo_error(info.value)
+    assert isinstance(err, SourceVanishedError), err
+    assert "source vanished" in str(err) and "d0/f0000.bin" in str(err)
     assert not (root / "proj/..LOCK").exists() and not (root / "proj/asset/v1").exists()
     assert not list((tmp_path / "sessions").glob("*.session"))
     assert (await run_push(sim, tmp_path, src, "v1")).ok

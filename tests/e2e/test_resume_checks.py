@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import zstandard
 import pytest
 
 from asyncdepo.adapters.local import PART_SUFFIX, LocalWriter
@@ -130,6 +131,32 @@ def test_tus_source_vanished_between_runs_terminates_its_upload(
     assert tree_digests(threaded_tus.store / "complete") == tree_digests(src)
 
 
+def test_tus_source_rewritten_with_same_size_and_mtime_between_runs_is_sent_again_from_zero(
+        tmp_path: Path, journal: Path, threaded_tus: Any) -> None:
+    """The resume re-reads the source's prefix against the journal's chunk digests: the upload of the old
+    bytes is terminated and the new file sent whole, never the old prefix with the new rest."""
+    from asyncdepo.sim import tus
+
+    src = _tree(tmp_path / "src", {"big.bin": 3 * CHUNK + 5, "keep.txt": 10})
+    url = f"tus+http://127.0.0.1:{threaded_tus.server.port}/files/"
+    threaded_tus.call(lambda: threaded_tus.faults.add("PATCH * status=503 skip=2 first=0"))  # two chunks land
+    assert cli_main(["push", str(src), url, "--journal", str(journal), "--chunk-size", "1M", "-q",
+                     "--request-attempts", "1", "--retries", "0"]) == 1
+    threaded_tus.call(threaded_tus.faults.clear)
+    state = threaded_tus.server.app[tus.STATE_KEY]
+    started = [u for u in state.uploads.values() if u.metadata.get("relpath") == "big.bin"]
+    assert len(started) == 1 and started[0].offset >= CHUNK and not started[0].terminated
+    target = src / "big.bin"
+    st = target.stat()
+    target.write_bytes(os.urandom(st.st_size))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    rerun = cli_process("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M", "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    assert tree_digests(threaded_tus.store / "complete") == tree_digests(src)
+    assert started[0].terminated  # the upload of the old bytes is not left behind
+    assert _report(rerun.stdout)["bytes_sent"] == 3 * CHUNK + 5  # the new file whole, once
+
+
 def test_checksum_resends_a_file_rewritten_with_same_size_and_mtime(tmp_path: Path, journal: Path) -> None:
     src = _tree(tmp_path / "src", {"a.bin": 5000, "b.bin": 7000})
     dest = tmp_path / "dest"
@@ -233,3 +260,27 @@ def test_checksum_of_a_file_deleted_after_the_walk_fails_as_a_vanished_source(
     err = capsys.readouterr().err
     assert "a.bin" in err and "vanished" in err
     assert (dest / "b.bin").read_bytes() == (src / "b.bin").read_bytes()
+
+
+def test_compressed_stream_of_a_file_rewritten_between_runs_is_sent_again_from_zero(
+        tmp_path: Path, journal: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --compress the resume makes the stream again from the start; the chunks the part file holds are
+    compared with the journal as they pass, so a rewrite that kept size and mtime starts the file over."""
+    src = _tree(tmp_path / "src", {"big.bin": 6 * CHUNK + 321})
+    dest = tmp_path / "dest"
+    url = f"file://{dest}"
+    _stop_writes_at(monkeypatch, 3 * CHUNK)
+    assert cli_main(["push", str(src), url, "--journal", str(journal), "--chunk-size", "1M", "-q", "--compress",
+                     "zstd", "--request-attempts", "1", "--retries", "0"]) == 1
+    monkeypatch.undo()
+    assert (dest / ("big.bin.zst" + PART_SUFFIX)).stat().st_size == 3 * CHUNK
+    target = src / "big.bin"
+    st = target.stat()
+    target.write_bytes(os.urandom(st.st_size))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    rerun = cli_process("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M", "--compress",
+                        "zstd", "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    with zstandard.ZstdDecompressor().stream_reader((dest / "big.bin.zst").read_bytes()) as fh:
+        assert fh.read() == target.read_bytes()
+    assert _report(rerun.stdout)["retries"] == 1  # found on the first chunk the part file holds

@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from asyncdepo.engine.joblock import lock_path
-from asyncdepo.engine.journal import Journal
+from asyncdepo.engine.journal import VANISHED, Journal
 from asyncdepo.errors import DiskFullError, JobLockedError
 
 TASKS = 20
@@ -212,3 +212,19 @@ async def test_a_full_disk_under_the_journal_breaks_it_without_a_traceback(tmp_p
         assert [r[0] for r in db.execute("SELECT rel FROM items")] == ["kept.bin"]
     finally:
         db.close()
+
+
+async def test_a_vanished_row_that_names_a_leftover_on_the_target_is_kept(tmp_path: Path) -> None:
+    """A vanished file's row is dropped by the next run that does not find it either, unless the target could
+    not remove what it holds of it (its ``remote`` says what is left): that row stays for ``status``."""
+    journal = await Journal.open(tmp_path / "j.sqlite")
+    try:
+        jid, _ = await journal.open_job("push", "/src", "empiar:1")
+        for rel, remote in (("gone", None), ("left", {"left": "a partial copy stays"})):
+            await journal.record(jid, rel, size=5, mtime_ns=1, state="failed", error=VANISHED, remote=remote,
+                                 walked=1)
+        assert await journal.drop_vanished(jid, 2) == 1
+        rows = await journal.lookup(jid, ["gone", "left"])
+        assert list(rows) == ["left"] and rows["left"]["remote"] == {"left": "a partial copy stays"}
+    finally:
+        await journal.close()

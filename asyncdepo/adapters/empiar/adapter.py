@@ -223,6 +223,18 @@ class EmpiarAdapter(Adapter):
     async def open_session(self, plan: SessionPlan) -> SessionWriter:
         return _Session(self, plan, self.route)
 
+    async def discard(self, rel: str, saved: Mapping[str, Any] | None) -> None:
+        """Neither ascp nor the entry's API can delete a file from the upload folder, so what an interrupted
+        session left of ``rel`` (ascp keeps a partial file as ``NAME.aspx``, to resume it) stays there.
+
+        :raises PermanentError: always: it says where the partial copy may be and what to do about it.
+        """
+        where = "/".join(p for p in (self.state.directory, "data", posixpath.join(self.dep.layout.base, rel)) if p)
+        raise errors.PermanentError(
+            f"EMPIAR's upload folder takes no deletions (ascp cannot delete): a partial copy of {rel} may remain "
+            f"there as {where}.aspx",
+            hint="ask the EMPIAR curators to remove it, or put the file back and run the push again to finish it")
+
     # -- copies on a cluster's workers -----------------------------------------------------------------------
     async def handoff(self) -> dict[str, Any]:
         """For the workers' copies: the entry's directory and the Aspera credentials (secret: the engine hands

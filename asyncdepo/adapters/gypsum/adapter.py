@@ -62,10 +62,16 @@ from asyncdepo.errors import (
     ConflictError,
     PermanentError,
     RemoteValidationError,
+    SourceVanishedError,
     TransientError,
     UsageError,
 )
 from asyncdepo.events import Reporter
+
+
+def _shown(rels: list[str]) -> str:
+    """The first few names of a list, and how many more."""
+    return ", ".join(rels[:3]) + (f" and {len(rels) - 3} more" if len(rels) > 3 else "")
 
 
 class GypsumAdapter(Adapter):
@@ -345,8 +351,9 @@ class GypsumAdapter(Adapter):
         differ = [rel for rel, (size, md5) in local.items()
                   if rel not in manifest or int(manifest[rel]["size"]) != size
                   or str(manifest[rel]["md5sum"]).lower() != md5]
-        differ += sorted(rel for rel in set(manifest) - set(local)
-                         if not (self.watch and isinstance(manifest[rel], dict) and "link" in manifest[rel]))
+        gone = sorted(rel for rel in set(manifest) - set(local)
+                      if not (self.watch and isinstance(manifest[rel], dict) and "link" in manifest[rel]))
+        differ += gone
         if differ and self.watch:
             # a watch never asks the user: the open version is discarded and started again with this batch
             self._say(f"the files of the interrupted upload of {p}/{a}/{v} changed since ({differ[0]}...): it "
@@ -355,10 +362,17 @@ class GypsumAdapter(Adapter):
             await self._precheck(local)
             return await self._start(local, await self._last_manifest())
         if differ:
-            shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
             hint = (f"discard it with `asyncdepo gypsum abort {p}/{a}/{v}`, then push again"
                     if self.keep_for_resume else "it is being discarded now; run the push again to start over")
-            raise UsageError(f"the files differ from the interrupted upload of {p}/{a}/{v} ({shown})", hint=hint)
+            if gone:
+                # a file of the upload is gone from the source: the version would miss it (exit 1, as the
+                # engine's vanished-source failure of any other target)
+                changed = sorted(set(differ) - set(gone))
+                raise SourceVanishedError(
+                    f"source vanished since the interrupted upload of {p}/{a}/{v} started: {_shown(gone)}"
+                    + (f"; changed since: {_shown(changed)}" if changed else ""), hint=hint)
+            raise UsageError(f"the files differ from the interrupted upload of {p}/{a}/{v} ({_shown(differ)})",
+                             hint=hint)
         prefix = f"{p}/{a}/{v}/"
         present = {k[len(prefix):] for k in await self.client.list_keys(prefix, recursive=True)}
         todo = set(rec.file_urls) - present
