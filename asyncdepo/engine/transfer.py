@@ -246,7 +246,12 @@ async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash)
         return item.size
     big = (item.size if cfg.compress is None else item.size // 2) > cfg.chunk_size
     if big:
-        await run.journal.flush()  # the upload location must survive a crash before bytes move
+        # the upload must be in the journal before its first byte goes: a run killed during that body
+        # would leave an upload the resume cannot find (tus has no listing). Small items, sent in one
+        # request, skip this (and its commit): theirs is re-sent whole when in doubt
+        await run.request(item.rel, writer.create)
+        await run.journal.record(run.job, item.rel, remote=writer.state())
+        await run.journal.flush()
     length = first
     known = writer.state()
     digests = tuple(dict.fromkeys((*run.features.chunk_digests, CHUNK_DIGEST)))
@@ -420,7 +425,8 @@ async def _attempt(run: Run, item: Item, saved: dict[str, Any] | None, known: di
         result = await run.request(item.rel, lambda: writer.complete(digests, item.size))
     except BaseException as exc:
         err = first_leaf(exc)
-        if isinstance(err, (PermanentError, SourceError)) and not isinstance(err, SourceChangedError):
+        # a changed file is sent again from zero in a new upload: this one would be left behind
+        if isinstance(err, (PermanentError, SourceError)):
             with anyio.CancelScope(shield=True):
                 await writer.abort()
             await run.journal.record(run.job, item.rel, remote=None, offset=0)
