@@ -210,9 +210,6 @@ def test_a_file_that_vanishes_during_the_run_fails_naming_it(tmp_path: Path) -> 
         assert "b/second.bin" in outcome.text
 
 
-@pytest.mark.xfail(strict=True, reason="#14 item 5: a file that changed while it was sent is sent again from zero "
-                                       "in a new upload; the tus upload the first attempt started is left behind "
-                                       "(terminate it, as a vanished file's is)")
 def test_a_file_that_shrinks_while_it_is_read_is_sent_as_it_is_now(tmp_path: Path) -> None:
     with TusTarget(tmp_path) as target:
         target.make_source({"big.bin": random.Random(5).randbytes(6 * MiB)})
@@ -242,9 +239,6 @@ def test_s3_a_lost_answer_to_complete_is_found_done(s3_one: S3Target) -> None:
     assert "network" in reasons(outcome)
 
 
-@pytest.mark.xfail(strict=True, reason="#14 item 5: CreateMultipartUpload whose answer was lost is sent again; the "
-                                       "upload the first one created is never known, never aborted (list the "
-                                       "key's multipart uploads after such a failure)")
 def test_s3_a_lost_answer_to_create_leaves_no_upload_behind(s3_one: S3Target) -> None:
     s3_one.faults.add("POST * lose first=1")
     check(s3_one, run(s3_one, "--json"), ok=True)
