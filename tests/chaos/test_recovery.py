@@ -130,7 +130,7 @@ def test_a_server_that_went_back_makes_the_item_start_again(plain_tus: TusTarget
 def test_the_item_level_reopens_the_upload_the_journal_holds(tus: TusTarget) -> None:
     """The request level gives up on the third chunk (2 attempts, 2 refusals); the item level reads the upload's
     location back from the journal and continues it: one upload, nothing sent twice."""
-    tus.faults.add("PATCH * status=503 skip=1 first=2")
+    tus.faults.add("PATCH * status=503 skip=2 first=2")  # the upload is created empty: PATCHes carry every chunk
     outcome = run(tus, "--json", "--request-attempts", "2", "--chunk-size", "1M")
     check(tus, outcome, ok=True)
     assert reasons(outcome).count("5xx") == 2
