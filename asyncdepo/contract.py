@@ -344,9 +344,10 @@ class ChunkWriter(ABC):
     async def create(self) -> None:
         """Create the item's upload on the target now, with no byte of it, so that ``state()`` names it
         before any body goes (a target whose writes would otherwise create it lazily, e.g. tus). The engine
-        calls it for an item that takes several requests and journals ``state()`` durably after it: a run
-        killed during the first body then leaves no upload the journal does not know. The default does
-        nothing (the upload is created by the first write, or has no identity to journal).
+        calls it before the first chunk of every chunked item and, when ``state()`` changed, journals it
+        durably: a run killed during the first body then leaves no upload the journal does not know. The
+        default does nothing (the upload is created by the first write, is atomic like a PutObject, or
+        can be found again by the target's own listing).
 
         :raises TransientError | PermanentError: from the target.
         """

@@ -5,12 +5,12 @@ means ``/files/``). The optional secret ``token`` is sent as ``Authorization: Be
 endpoint's own origin (a Location on another host, e.g. a CDN, never receives it), and never appears in
 ``describe()``, ``state()`` or error messages.
 
-Per item (chunked mode): the upload is created lazily by the first ``write`` — with creation-with-upload
-when the server offers it, so the POST carries the first chunk and a small file costs one request — or,
-for an item of several chunks, by ``create`` (an empty POST) so that the engine journals its location
-before any body goes: tus offers no way to list uploads, so one created by a request in flight at a kill
-could never be found again. (An empty POST whose answer is lost still leaves an empty upload behind.)
-Uploads are created with POST (``Upload-Length``; for an item of unknown size, i.e. a compressed stream,
+Per item (chunked mode): the engine calls ``create`` (an empty POST) and journals the upload's location
+before the first PATCH: tus offers no way to list uploads, so one created by a request in flight at a kill
+(a creation-with-upload POST creates its upload before its body arrives) could never be found again. (An
+empty POST whose answer is lost still leaves an empty upload behind.) A writer used without ``create``
+creates the upload with its first ``write``, with creation-with-upload when the server offers it (one
+request for a small file). Uploads are created with POST (``Upload-Length``; for an item of unknown size, i.e. a compressed stream,
 ``Upload-Defer-Length: 1`` and the length is sent with the last chunk) and ``Upload-Metadata`` ``filename``
 (the base name) and ``relpath`` (the item's path). With saved state ``{"location": ...}`` it asks HEAD for
 the offset instead, so only the rest is sent; a 404/410, or a length that no longer matches the item,
@@ -214,7 +214,7 @@ class TusWriter(ChunkWriter):
 
     async def create(self) -> None:
         """Create the upload (empty POST) unless it exists: the engine journals its location before the
-        first PATCH of an item that spans several chunks (see the module docstring)."""
+        first PATCH (see the module docstring)."""
         await self._ensure()
 
     async def _head(self) -> tuple[int, int | None]:

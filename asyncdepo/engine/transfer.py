@@ -235,6 +235,14 @@ async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash)
         def opener() -> RawReader:  # type: ignore[misc]
             return RawReader(item, start, None, hasher)
         skip, first, total = 0, start, item.size
+    before = writer.state()
+    await run.request(item.rel, writer.create)
+    if writer.state() != before:
+        # the target created the upload (tus): it must be in the journal before its first byte goes, as a
+        # run killed during that body would leave an upload the resume cannot find (tus has no listing).
+        # Concurrent items share a commit (Journal.flush)
+        await run.journal.record(run.job, item.rel, remote=writer.state())
+        await run.journal.flush()
     if cfg.compress is None and item.size - start <= cfg.chunk_size:
         chunk, buf = await read_small(item, start, hasher, run.features.chunk_digests, pool=run.pool,
                                       limiter=run.io)
@@ -246,12 +254,7 @@ async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash)
         return item.size
     big = (item.size if cfg.compress is None else item.size // 2) > cfg.chunk_size
     if big:
-        # the upload must be in the journal before its first byte goes: a run killed during that body
-        # would leave an upload the resume cannot find (tus has no listing). Small items, sent in one
-        # request, skip this (and its commit): theirs is re-sent whole when in doubt
-        await run.request(item.rel, writer.create)
-        await run.journal.record(run.job, item.rel, remote=writer.state())
-        await run.journal.flush()
+        await run.journal.flush()  # the upload location must survive a crash before bytes move
     length = first
     known = writer.state()
     digests = tuple(dict.fromkeys((*run.features.chunk_digests, CHUNK_DIGEST)))

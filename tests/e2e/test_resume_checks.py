@@ -113,9 +113,10 @@ def test_tus_source_vanished_between_runs_terminates_its_upload(
         tmp_path: Path, journal: Path, threaded_tus: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from asyncdepo.sim import tus
 
-    src = _tree(tmp_path / "src", {"gone.bin": 3 * CHUNK + 5, "keep.txt": 10})
+    src = _tree(tmp_path / "src", {"gone.bin": 3 * CHUNK + 5})
     url = f"tus+http://127.0.0.1:{threaded_tus.server.port}/files/"
     # the first run: every PATCH of gone.bin after the first fails (503), so its upload is left half done
+    # (the file the second run sends besides is added after it: its PATCH would count among them)
     threaded_tus.call(lambda: threaded_tus.faults.add("PATCH * status=503 skip=1 first=0"))
     assert cli_main(["push", str(src), url, "--journal", str(journal), "--chunk-size", "1M", "-q",
                      "--request-attempts", "1", "--retries", "0"]) == 1
@@ -123,6 +124,7 @@ def test_tus_source_vanished_between_runs_terminates_its_upload(
     state = threaded_tus.server.app[tus.STATE_KEY]
     started = [u for u in state.uploads.values() if u.metadata.get("relpath") == "gone.bin"]
     assert len(started) == 1 and 0 < started[0].offset < 3 * CHUNK + 5 and not started[0].terminated
+    (src / "keep.txt").write_bytes(os.urandom(10))
     (src / "gone.bin").unlink()
     rerun = cli_process("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M")
     assert rerun.returncode == 1 and "failed: gone.bin: source vanished" in rerun.stderr, rerun.stderr
