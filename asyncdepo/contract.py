@@ -341,6 +341,17 @@ class ChunkWriter(ABC):
         """Ask the server how many bytes it holds (after a lost response); returns the new ``confirmed``."""
         return self.confirmed
 
+    async def create(self) -> None:
+        """Create the item's upload on the target now, with no byte of it, so that ``state()`` names it
+        before any body goes (a target whose writes would otherwise create it lazily, e.g. tus). The engine
+        calls it before the first chunk of every chunked item and, when ``state()`` changed, journals it
+        durably: a run killed during the first body then leaves no upload the journal does not know. The
+        default does nothing (the upload is created by the first write, is atomic like a PutObject, or
+        can be found again by the target's own listing).
+
+        :raises TransientError | PermanentError: from the target.
+        """
+
     async def write(self, chunk: Chunk) -> None:
         """Send ``chunk`` at ``chunk.offset == self.confirmed``; on success advance ``confirmed``.
 

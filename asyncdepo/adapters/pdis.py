@@ -18,7 +18,12 @@ Idempotence and resume:
   token is not a credential: using it needs the API token). When the engine skips the packed item because
   its journal says it is done, ``finish`` submits from this restored state without re-uploading. When an
   earlier upload is restored but the item is sent again anyway, the new upload's 409 leads back to the
-  same submission, and an older ``uploaded`` submission with a different md5 (the data changed) is deleted.
+  same submission, and an older ``uploaded`` submission with a different md5 (the data changed) is deleted;
+* an upload that landed while its client was killed is in no journal: after each upload ``complete`` lists
+  the account's submissions (``GET submissions/``, the one way the API offers to find them) and deletes
+  every other never-submitted (``uploaded``) one with the same file name and PDB id, i.e. an earlier upload
+  of this dataset that would otherwise stay ``uploaded`` for ever. (Another never-submitted upload of a
+  dataset with the same name and PDB id is taken for an earlier version of this one.)
 
 Credentials: the API token is sent only as ``Authorization: Token ...`` to the server's own origin; it is
 never in ``describe()``, ``job_state()``, messages or the journal. Errors: 401 -> AuthError (log in again;
@@ -35,7 +40,7 @@ import contextlib
 import dataclasses
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -58,6 +63,8 @@ from asyncdepo.errors import (
 from asyncdepo.transport.failures import boundary, status_error
 from asyncdepo.transport.httpbody import client_session, form_file_payload
 from asyncdepo.transport.pacer import Pacer
+
+T = TypeVar("T")
 
 DEFAULT_SERVER = "https://proteindiffraction.org/api/v1/"
 PDB_CODE = re.compile(r"^[0-9][A-Za-z0-9]{3}$")
@@ -341,8 +348,10 @@ class PdisWriter(ChunkWriter):
         """
         adapter, md5 = self._adapter, digests.get("md5", "")
         state = adapter.state
+        listed: list[dict[str, Any]] | None = None
         if self._conflict:
-            found = next((s for s in await adapter.client.submissions() if s.get("md5hash") == md5), None)
+            listed = await adapter.client.submissions()
+            found = next((s for s in listed if s.get("md5hash") == md5), None)
             if found is None:
                 raise ConflictError(f"{self.item.rel}: PDIS already holds an archive with md5 {md5}, but not "
                                     "in this account's submissions", hint="ask PDIS support about the duplicate")
@@ -366,17 +375,26 @@ class PdisWriter(ChunkWriter):
                 adapter.reporter_message(f"{self.item.rel}: note: PDB {answer.get('pdbid')} already has a "
                                          "dataset in PDIS")
         old = state.get("upload") or {}
-        if old.get("token") and old["token"] != upload["token"] and not state.get("submitted"):
-            await _quietly(adapter.client.delete(old["token"]))  # an upload of data that has changed since
+        stale = {old["token"]} if old.get("token") and not state.get("submitted") else set()
+        if listed is None:
+            listed = await _quietly(adapter.client.submissions()) or []
+        # earlier uploads of this dataset that were never submitted: a changed dataset's (journaled), or one
+        # that landed while its client was killed (never journaled: found by its name and PDB id)
+        stale |= {str(s["token"]) for s in listed
+                  if s.get("token") and s.get("status") == "uploaded"
+                  and s.get("original_filename") == upload["filename"] and s.get("pdbid") == upload["pdbid"]}
+        for token in sorted(stale - {upload["token"]}):
+            await _quietly(adapter.client.delete(token))
         adapter.state = {"upload": upload, "submitted": submitted}
         self.confirmed = size
         return dict(upload)
 
 
-async def _quietly(aw: Awaitable[Any]) -> None:
-    """Best-effort cleanup: a failure must not hide the error being reported."""
+async def _quietly(aw: Awaitable[T]) -> T | None:
+    """Best-effort cleanup: a failure must not hide the error being reported (None then)."""
     with contextlib.suppress(Exception):
-        await aw
+        return await aw
+    return None
 
 
 class PdisAdapter(Adapter):

@@ -5,12 +5,16 @@ means ``/files/``). The optional secret ``token`` is sent as ``Authorization: Be
 endpoint's own origin (a Location on another host, e.g. a CDN, never receives it), and never appears in
 ``describe()``, ``state()`` or error messages.
 
-Per item (chunked mode): the upload is created lazily by the first ``write`` — with creation-with-upload
-when the server offers it, so the POST carries the first chunk and a small file costs one request —
-with POST (``Upload-Length``; for an item of unknown size, i.e. a compressed stream, ``Upload-Defer-Length: 1`` and the length is sent with the last
-chunk) and ``Upload-Metadata`` ``filename`` (the base name) and ``relpath`` (the item's path). With saved
-state ``{"location": ...}`` it asks HEAD for the offset instead, so only the rest is sent; a 404/410, or a
-length that no longer matches the item, starts a new upload from zero.
+Per item (chunked mode): the engine calls ``create`` (an empty POST) and journals the upload's location
+before the first PATCH: tus offers no way to list uploads, so one created by a request in flight at a kill
+(a creation-with-upload POST creates its upload before its body arrives) could never be found again. (An
+empty POST whose answer is lost still leaves an empty upload behind.) A writer used without ``create``
+creates the upload with its first ``write``, with creation-with-upload when the server offers it (one
+request for a small file). Uploads are created with POST (``Upload-Length``; for an item of unknown size, i.e. a compressed stream,
+``Upload-Defer-Length: 1`` and the length is sent with the last chunk) and ``Upload-Metadata`` ``filename``
+(the base name) and ``relpath`` (the item's path). With saved state ``{"location": ...}`` it asks HEAD for
+the offset instead, so only the rest is sent; a 404/410, or a length that no longer matches the item,
+starts a new upload from zero.
 
 ``write`` sends one PATCH per chunk (``Content-Type: application/offset+octet-stream``, ``Upload-Offset``,
 an explicit Content-Length, the chunk's memoryview as body) and, when the server offers the checksum
@@ -207,6 +211,11 @@ class TusWriter(ChunkWriter):
             assert self._creator is not None
             self.location = await self._creator._post(self.item, None, None)
         return self.location
+
+    async def create(self) -> None:
+        """Create the upload (empty POST) unless it exists: the engine journals its location before the
+        first PATCH (see the module docstring)."""
+        await self._ensure()
 
     async def _head(self) -> tuple[int, int | None]:
         if self.location is None:

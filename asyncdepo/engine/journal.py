@@ -115,6 +115,9 @@ class Journal:
         self._forget: list[tuple[str, str, int]] = []
         self._last_flush = time.monotonic()
         self._limiter = anyio.CapacityLimiter(1)
+        #: one commit at a time: a flush returns only once the rows queued before it are committed, also
+        #: when another flush took them (callers waiting meanwhile then share one commit)
+        self._committing = anyio.Lock()
         self._locks: dict[str, JobLock] = {}
         #: job id -> the number of this run of it (set by :meth:`open_job`)
         self.runs: dict[str, int] = {}
@@ -443,10 +446,17 @@ class Journal:
             await self.flush()
 
     async def flush(self) -> None:
-        """Commit every queued row in one transaction (dropped when the journal is :attr:`broken`)."""
+        """Commit every queued row in one transaction; returns once they (and any queued earlier) are
+        committed. Dropped when the journal is :attr:`broken`."""
         if self.broken is not None:
             self._pending, self._chunks, self._forget = {}, {}, []
             return
+        if not self._pending and not self._chunks and not self._forget and not self._committing.locked():
+            return
+        async with self._committing:
+            await self._commit()
+
+    async def _commit(self) -> None:
         if not self._pending and not self._chunks and not self._forget:
             return
         pending, self._pending = self._pending, {}

@@ -228,6 +228,14 @@ async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash)
         def opener() -> RawReader:  # type: ignore[misc]
             return RawReader(item, start, None, hasher)
         first, total = start, item.size
+    before = writer.state()
+    await run.request(item.rel, writer.create)
+    if writer.state() != before:
+        # the target created the upload (tus): it must be in the journal before its first byte goes, as a
+        # run killed during that body would leave an upload the resume cannot find (tus has no listing).
+        # Concurrent items share a commit (Journal.flush)
+        await run.journal.record(run.job, item.rel, remote=writer.state())
+        await run.journal.flush()
     if cfg.compress is None and item.size - start <= cfg.chunk_size:
         chunk, buf = await read_small(item, start, hasher, run.features.chunk_digests, pool=run.pool,
                                       limiter=run.io)
@@ -417,10 +425,9 @@ async def _attempt(run: Run, item: Item, saved: dict[str, Any] | None, known: di
         result = await run.request(item.rel, lambda: writer.complete(digests, item.size))
     except BaseException as exc:
         err = first_leaf(exc)
-        # a permanent failure, or a source that differs from what the target holds (prefix.py), discards
-        # what the target holds of the item
-        if (isinstance(err, (PermanentError, SourceError)) and not isinstance(err, SourceChangedError)
-                or isinstance(err, PrefixChangedError)):
+        # a permanent failure, a changed file (sent again from zero in a new upload) or a source that differs
+        # from what the target holds (prefix.py) discards what the target holds of the item
+        if isinstance(err, (PermanentError, SourceError, PrefixChangedError)):
             with anyio.CancelScope(shield=True):
                 await writer.abort()
             await run.journal.record(run.job, item.rel, remote=None, offset=0)

@@ -136,27 +136,12 @@ def names_of(rel: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-#: targets whose uploads created by a request in flight at a kill are orphaned today (the journal never
-#: learns their id): the dedicated strict xfail in test_kill_resume.py flips when that is fixed
-ORPHANS = {
-    "tus": "#14 item 5: a tus upload created by a request in flight at a kill is never journaled, so the "
-           "resume starts a new one and the old one stays (create multi-chunk uploads empty, flush the "
-           "location, then PATCH; or terminate what the journal does not know)",
-    "s3-moto": "#14 item 5: an UploadId is journaled only in a batch after a part completes; a kill before "
-               "that orphans the multipart upload (flush it before the first part, or ListMultipartUploads "
-               "and abort/reuse on resume)",
-}
-ORPHANS["s3-rclone"] = ORPHANS["s3-moto"]
-ORPHANS["pdis"] = ("#14 item 5: a PDIS upload that landed while its client was killed is not journaled; when the "
-                   "dataset changed before the resume, the new upload is a second submission and the first stays "
-                   "'uploaded' for ever (find this dataset's unsubmitted uploads and delete them)")
-
-
 def check(target: Target, outcome: Outcome, *, ok: bool | None = None, also: tuple[str, ...] = (),
           after_kill: bool = False) -> None:
     """The rule of the suite (module docstring). ``ok``: the run must (True) or must not (False) succeed;
     ``also``: other names a failure may give instead of a file's (a packed archive, an image set);
-    ``after_kill``: the run resumed a killed one (a known orphan of that kill is an expected failure)."""
+    ``after_kill``: the run resumed a killed one (the rule is the same: what a killed run started on the
+    target is cleaned up or kept for resume by the journal)."""
     assert not outcome.killed, "check() judges finished runs"
     FIGURES["faults"] = target.faults.injected()
     diff = differing(target)
@@ -165,16 +150,12 @@ def check(target: Target, outcome: Outcome, *, ok: bool | None = None, also: tup
         FIGURES["bytes_lost"] += sum(diff.values())
         assert not diff, f"exit 0 but the target differs from the source: {sorted(diff)}\n{outcome.text[-3000:]}"
         FIGURES["files_verified"] += len(target.expected())
-        if left and after_kill and target.name in ORPHANS:
-            pytest.xfail(ORPHANS[target.name])
         assert not left, f"exit 0 but half-done uploads are left: {sorted(left)}"
     else:
         unnamed = [rel for rel in diff
                    if not any(n in outcome.text for n in (*names_of(rel), *also, *target.also()))]
         assert not unnamed, f"exit {outcome.rc} without naming {sorted(unnamed)}:\n{outcome.text[-3000:]}"
         kept = target.journaled()
-        if not left <= kept and after_kill and target.name in ORPHANS:
-            pytest.xfail(ORPHANS[target.name])
         assert left <= kept, f"left on the target and not in the journal: {sorted(left - kept)}"
     if ok is not None:
         assert (outcome.rc == 0) == ok, f"exit {outcome.rc} (wanted {'0' if ok else 'non-zero'}):\n" \

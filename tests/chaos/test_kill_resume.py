@@ -5,12 +5,15 @@ there; for the local target the child kills itself at that byte of its writes), 
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+from typing import Any
 
 import pytest
 
-from tests.chaos.outcome import FIGURES, ORPHANS, check, run, run_killed
-from tests.chaos.world import TARGETS, MiB, Target, dataset
+from tests.chaos.outcome import FIGURES, Watch, check, run, run_killed, start
+from tests.chaos.world import TARGETS, MiB, PdisTarget, Target, dataset
 
 SLOW_POINTS = 20
 #: one kill point per target in `make test` (the cheap ones); the slow suite takes 20 of each
@@ -39,13 +42,36 @@ def test_kill_at_seeded_offsets_then_resume(world: Target, point: int) -> None:
 
 
 @pytest.mark.parametrize("world", ["tus", "s3-moto", "s3-rclone"], indirect=True)
-@pytest.mark.xfail(strict=True, reason="see ORPHANS: the upload a killed run created is left behind")
 def test_a_kill_before_the_upload_is_journaled_leaves_nothing_behind(world: Target) -> None:
     """Killed while the first body byte of a multi-chunk file is held: the server has created the upload
-    (tus POST, S3 CreateMultipartUpload), the journal does not know it yet. After the resume nothing of
+    (tus POST, S3 CreateMultipartUpload), the journal may not know it yet. After the resume nothing of
     that upload may be left: no tus upload, no multipart upload."""
-    assert world.name in ORPHANS
     world.make_source({"big.bin": dataset(3, (12 * MiB,))["a/f00.bin"]})
     assert run_killed(world, 1).killed
     second = run(world)
     check(world, second, ok=True)
+
+
+@pytest.mark.parametrize("world", ["pdis"], indirect=True)
+def test_a_pdis_upload_that_landed_as_its_client_was_killed_goes_when_the_data_changed(
+        world: PdisTarget, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PDIS stores the archive and the client is killed before it hears the answer (so its journal never
+    learns the upload's token); then a file of the dataset changes. The resume's upload is a new submission:
+    the first one, never submitted, must not stay 'uploaded' for ever."""
+    state = world.state
+    store = state.add_upload
+    running: list[Any] = []
+
+    def store_then_kill(*args: Any) -> Any:
+        sub = store(*args)
+        os.killpg(running[0].pid, signal.SIGKILL)
+        return sub
+
+    monkeypatch.setattr(state, "add_upload", store_then_kill)
+    watch = Watch(start(world))
+    running.append(watch.proc)
+    assert watch.end().killed
+    assert len(world._mine()) == 1  # it landed
+    monkeypatch.setattr(state, "add_upload", store)
+    (world.src / "a/f00.bin").write_bytes(b"changed since the killed run")
+    check(world, run(world), ok=True)  # no second submission of the dataset is left (``leftovers``)

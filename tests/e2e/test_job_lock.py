@@ -33,12 +33,13 @@ def _tree(root: Path, files: dict[str, int]) -> Path:
 def test_second_run_of_a_job_refuses_while_the_first_holds_it_and_kill_9_frees_it(
         tmp_path: Path, journal: Path, threaded_tus) -> None:
     src = _tree(tmp_path / "big", {"a.bin": 5 * CHUNK + 17, "b.bin": 4 * CHUNK + 3})
-    other = _tree(tmp_path / "small", {f"s{i}.bin": 1000 + i for i in range(5)})  # one POST each, no PATCH
+    other = _tree(tmp_path / "small", {f"s{i}.bin": 1000 + i for i in range(5)})
     url = f"tus+http://127.0.0.1:{threaded_tus.server.port}/files/"
     faults = threaded_tus.faults
     held = threading.Event()
     faults.on_stall.append(lambda n: held.set())
-    threaded_tus.call(lambda: faults.add("PATCH * stall skip=2 first=0"))  # two chunks land, then it holds
+    # two chunks land, then the next two (one per item of the first run) are held; later PATCHes pass
+    threaded_tus.call(lambda: faults.add("PATCH * stall skip=2 first=2"))
     first = subprocess.Popen(_push(src, url, journal), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert held.wait(timeout=120), "the first run never reached the simulator's hold"

@@ -114,9 +114,10 @@ def test_tus_source_vanished_between_runs_terminates_its_upload(
         tmp_path: Path, journal: Path, threaded_tus: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from asyncdepo.sim import tus
 
-    src = _tree(tmp_path / "src", {"gone.bin": 3 * CHUNK + 5, "keep.txt": 10})
+    src = _tree(tmp_path / "src", {"gone.bin": 3 * CHUNK + 5})
     url = f"tus+http://127.0.0.1:{threaded_tus.server.port}/files/"
     # the first run: every PATCH of gone.bin after the first fails (503), so its upload is left half done
+    # (the file the second run sends besides is added after it: its PATCH would count among them)
     threaded_tus.call(lambda: threaded_tus.faults.add("PATCH * status=503 skip=1 first=0"))
     assert cli_main(["push", str(src), url, "--journal", str(journal), "--chunk-size", "1M", "-q",
                      "--request-attempts", "1", "--retries", "0"]) == 1
@@ -124,6 +125,7 @@ def test_tus_source_vanished_between_runs_terminates_its_upload(
     state = threaded_tus.server.app[tus.STATE_KEY]
     started = [u for u in state.uploads.values() if u.metadata.get("relpath") == "gone.bin"]
     assert len(started) == 1 and 0 < started[0].offset < 3 * CHUNK + 5 and not started[0].terminated
+    (src / "keep.txt").write_bytes(os.urandom(10))
     (src / "gone.bin").unlink()
     rerun = cli_process("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M")
     assert rerun.returncode == 1 and "failed: gone.bin: source vanished" in rerun.stderr, rerun.stderr
@@ -215,13 +217,13 @@ def test_tus_server_behind_the_journal_is_resumed_from_its_own_offset(
     size = 6 * CHUNK + 99
     src = _tree(tmp_path / "src", {"big.bin": size})
     url = f"tus+http://127.0.0.1:{threaded_tus.server.port}/files/"
-    threaded_tus.call(lambda: threaded_tus.faults.add("PATCH * status=503 skip=3 first=0"))
+    threaded_tus.call(lambda: threaded_tus.faults.add("PATCH * status=503 skip=4 first=0"))
     first = cli_process("push", str(src), url, "--journal", str(journal), "--chunk-size", "1M", "--request-attempts",
                  "1", "--retries", "0")
     assert first.returncode == 1, first.stderr
     state = threaded_tus.server.app[tus.STATE_KEY]
     (up,) = state.uploads.values()
-    assert up.offset == 4 * CHUNK  # the POST's chunk and three PATCHes
+    assert up.offset == 4 * CHUNK  # four PATCHes (a multi-chunk upload is created empty, then journaled)
     back = CHUNK + CHUNK // 2  # mid-chunk, as a server may keep part of a request
 
     def lose_tail() -> None:

@@ -394,8 +394,9 @@ class S3Adapter(Adapter):
 
         :raises DepoError: ListParts failed for another reason than a vanished upload.
         """
-        
         writer = S3Writer(self, item, self.key_for(item.rel))
+        if saved is not None:
+            writer.sweep = True  # an earlier attempt may have created an upload the journal never learned of
         if saved:
             await writer.restore(saved)
         return writer

@@ -27,6 +27,15 @@ Contracts (see :class:`asyncdepo.contract.ChunkWriter`; the headers are :mod:`as
   be ``md5(concat part md5s)-N``. A lost Complete response is recovered: on NoSuchUpload the object is
   looked at with HEAD and accepted when its checksum (or ETag) is the expected one.
 * ``abort()`` AbortMultipartUpload; never raises.
+
+Orphans: an UploadId reaches the journal only with the item's state after its first part, so a run killed
+in between, or a CreateMultipartUpload whose answer was lost and which is then sent again, leaves an upload
+nobody knows of (and that S3 bills for until a lifecycle rule removes it). So before it creates an upload,
+a writer that may have such predecessors (``sweep``: the journal held state for the item, i.e. an earlier
+attempt started it, or a create of this writer failed) lists the key's multipart uploads and aborts them.
+The journaled upload, when S3 still holds it, is reused instead and no listing is made; a fresh item makes
+no listing either, so a first push costs no extra request. Another client's unfinished upload of the same
+key is aborted too: two writers of one key cannot both win anyway.
 """
 
 from __future__ import annotations
@@ -88,6 +97,8 @@ class S3Writer(ChunkWriter):
         self._part_upload: dict[int, str] = {}  # part number -> the UploadId it was confirmed under
         self._lost = False  # the upload vanished with confirmed parts: only a restart of the item helps
         self._single: PartInfo | None = None
+        #: before creating an upload, abort the key's uploads the journal does not know (see module docs)
+        self.sweep = False
 
     @property
     def where(self) -> str:
@@ -213,18 +224,52 @@ class S3Writer(ChunkWriter):
 
     # -- multipart ----------------------------------------------------------------------------------
     async def _ensure_upload(self) -> str:
+        """The UploadId, created (under a lock) by the first part that needs it; see "Orphans" in the
+        module docstring for the sweep that may come first.
+
+        :raises DepoError: ListMultipartUploads or CreateMultipartUpload failed.
+        """
         if self.upload_id is not None:
             return self.upload_id
         async with self._create_lock:
             if self.upload_id is None:
+                if self.sweep:
+                    await self._abort_unknown()
+                    self.sweep = False
                 extra: dict[str, Any] = {}
                 if self.algo:
                     extra = {"ChecksumAlgorithm": self.algo.upper(), "ChecksumType": "FULL_OBJECT"}
-                response = await self.adapter.call(
-                    "create_multipart_upload", f"CreateMultipartUpload {self.where}", Key=self.key, **extra
-                )
+                try:
+                    response = await self.adapter.call(
+                        "create_multipart_upload", f"CreateMultipartUpload {self.where}", Key=self.key, **extra
+                    )
+                except BaseException:
+                    self.sweep = True  # the request may have created an upload whose answer we never got
+                    raise
                 self.upload_id = str(response["UploadId"])
         return self.upload_id
+
+    async def _abort_unknown(self) -> None:
+        """Abort every multipart upload S3 holds for this key (ListMultipartUploads, 1,000 a page): called
+        before a new one is created, when uploads the journal never learned of may exist.
+
+        :raises DepoError: ListMultipartUploads failed.
+        """
+        params: dict[str, Any] = {"Prefix": self.key, "MaxUploads": self.adapter.list_page_size}
+        found: list[str] = []
+        while True:
+            page = await self.adapter.call("list_multipart_uploads", f"ListMultipartUploads {self.where}",
+                                           **params)
+            # Prefix also matches longer keys: only this key's uploads are ours to abort
+            found += [str(u["UploadId"]) for u in page.get("Uploads", ()) if u.get("Key") == self.key]
+            key, upload = page.get("NextKeyMarker"), page.get("NextUploadIdMarker")
+            if not page.get("IsTruncated") or not key or (key, upload) == (params.get("KeyMarker"),
+                                                                           params.get("UploadIdMarker")):
+                break
+            params.update(KeyMarker=key, UploadIdMarker=upload or "")
+        for upload_id in found:
+            log.info("%s: aborting a multipart upload the journal does not know (%s)", self.where, upload_id)
+            await self._abort_id(upload_id)
 
     async def write_part(self, chunk: Chunk) -> PartInfo:
         """UploadPart ``chunk.part_number`` from a buffer (the engine's buffered multipart: ``--compress``).
