@@ -308,8 +308,11 @@ def test_pull_a_body_cut_short_resumes_with_range(pull: ImmportTarget) -> None:
     outcome = run(pull, "--json")
     check(pull, outcome, ok=True)
     assert reasons(outcome) and pull.host.events["responses_cut"] == 1
-    # the cut body's bytes were kept in the part file: the next GET asked only for the rest
-    assert sum(pull.host.bytes_out.values()) == sum(len(v) for v in pull.files.values())
+    # the cut body's bytes were kept in the part file: the next GET asked only for the rest. The cut resets
+    # the connection, and a reset drops what the client's socket had received but not yet read, so the
+    # rest may start a little before the 500K mark; sent again from zero, the cut's 500K would all be repeated
+    total = sum(len(v) for v in pull.files.values())
+    assert total <= sum(pull.host.bytes_out.values()) < total + 500_000
 
 
 def test_pull_a_server_ignoring_range_does_not_corrupt(pull: ImmportTarget) -> None:
