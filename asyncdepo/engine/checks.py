@@ -70,7 +70,9 @@ async def discard(run: Run, rel: str, report: RunReport) -> str | None:
     why not (a warning says it too): the journal then keeps the row's writer state, or a ``left`` flag when it
     had none, so ``asyncdepo status`` and the next runs know something is left there."""
     rows = await run.journal.lookup(run.job, [rel])
-    saved = (rows.get(rel) or {}).get("remote")
+    row = rows.get(rel)
+    # a row without writer state still says an attempt may have begun (S3 then looks for uploads of the key)
+    saved = None if row is None else (row.get("remote") or {})
     try:
         await run.adapter.discard(_remote_rel(run, rel), saved)
     except DepoError as exc:
@@ -80,6 +82,16 @@ async def discard(run: Run, rel: str, report: RunReport) -> str | None:
     await run.journal.record(run.job, rel, remote=None, offset=0)
     run.journal.forget_chunks(run.job, rel)
     return None
+
+
+async def discard_changed(run: Run, rel: str, saved: dict[str, Any]) -> None:
+    """Remove what an unfinished attempt left on the target of ``rel``, whose source changed since (it is
+    sent again from zero): a failure is a warning, as the new upload does not depend on it."""
+    try:
+        await run.adapter.discard(_remote_rel(run, rel), saved)
+    except DepoError as exc:
+        run.reporter.warning(f"{printable(rel)}: could not remove what an earlier run left of it on the target: "
+                             f"{describe(exc)}")
 
 
 async def walk_failed(run: Run, rel: str, why: str, report: RunReport) -> None:

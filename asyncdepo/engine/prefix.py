@@ -16,13 +16,16 @@ A compressed stream (``--compress``) is re-made from the start on a resume and i
 are not sent again: each is compared with the journal as it passes (:class:`Journaled`), which also catches a
 compressor that did not make the same bytes again.
 
-Bytes the target holds past the journal's last chunk (a kill loses the journal's last half second; a
-dropped connection leaves a chunk half confirmed) have no digest to compare with: those are only checked by
-size and mtime, as the walk does.
+The digest of each chunk of a multi-chunk item is committed to the journal before the chunk is sent, so a
+chunk the target holds only in part (the one in flight when a run was killed or a connection dropped) is
+checked too: the source's bytes of the whole chunk are compared with its digest (:func:`check_cut_chunk`). A
+file that fits in one request and is held in part is sent again whole (no digest is journaled for a part of
+a request). Without ``--compress``; a compressed stream's chunk held in part is checked by size and mtime.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
 import anyio
@@ -31,7 +34,7 @@ from asyncdepo.contract import Item
 from asyncdepo.digests import MultiHash
 from asyncdepo.engine.journal import ChunkRecord
 from asyncdepo.engine.pipeline import Buffer, BufferPool, RawReader
-from asyncdepo.errors import SourceChangedError
+from asyncdepo.errors import SourceChangedError, SourceError
 
 
 class PrefixChangedError(SourceChangedError):
@@ -127,3 +130,39 @@ def _check(reader: RawReader, batch: list[ChunkRecord], buf: Buffer, algo: str) 
         if piece.hexdigests()[algo] != digest:
             return offset, length
     return None
+
+
+async def check_cut_chunk(item: Item, stop: int, rows: AsyncIterator[list[ChunkRecord]], algo: str, *,
+                          limiter: anyio.CapacityLimiter) -> None:
+    """Compare the journaled chunk that ``stop`` (where the target's copy ends) cuts, if any, with the
+    source's bytes of the whole chunk: the target holds the start of it, sent from the source as it was.
+
+    :raises PrefixChangedError: the source's bytes there differ, or the file no longer holds the chunk.
+    :raises SourceError: it cannot be read.
+    """
+    cut: ChunkRecord | None = None
+    async for batch in rows:
+        for offset, length, digest in batch:
+            if offset < stop < offset + length:
+                cut = (offset, length, digest)
+    if cut is None:
+        return
+    offset, length, digest = cut
+
+    def same() -> bool:
+        try:
+            with open(item.path, "rb", buffering=0) as f:
+                data = os.pread(f.fileno(), length, offset)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise SourceError(f"{item.rel}: cannot read: {exc.strerror or type(exc).__name__}") from exc
+        piece = MultiHash((algo,))
+        piece.update(data)
+        return len(data) == length and piece.hexdigests()[algo] == digest
+
+    if not await anyio.to_thread.run_sync(same, limiter=limiter):
+        raise PrefixChangedError(f"{item.rel}: bytes {offset}-{offset + length} differ from what an earlier run "
+                                 "began to send (the file was rewritten, though its size and mtime are "
+                                 "unchanged); what the target holds is discarded and the file is sent again "
+                                 "from the start")

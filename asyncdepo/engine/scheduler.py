@@ -39,6 +39,7 @@ from asyncdepo.engine.checks import (
     check_name,
     content_check,
     discard,
+    discard_changed,
     disk_full_failure,
     same_content,
     stop_disk_full,
@@ -214,10 +215,18 @@ async def _items(run: Run, batches: Batches, count: bool, skip: set[str],
                 yield item, None, content_check(row.get("digests") or {})
                 continue
             if row is not None and not same:
-                # changed since it was recorded: forget the old state, re-send from zero
+                # changed since it was recorded: what an unfinished earlier attempt left on the target is
+                # removed (its journaled upload; for S3 also one the journal never learned of), the old state
+                # forgotten, and the file sent again from zero
+                unfinished = row.get("state") != "done"
+                if unfinished and row.get("remote"):
+                    await discard_changed(run, item.rel, row["remote"])
                 await run.journal.record(run.job, item.rel, size=item.size, mtime_ns=item.mtime_ns,
                                          state="queued", offset=0, remote=None, error=None, walked=number)
                 run.journal.forget_chunks(run.job, item.rel)
+                if unfinished:  # no state to restore, but an earlier attempt began: S3 looks for its uploads
+                    yield item, {}, None
+                    continue
                 row = None
             elif row is not None:
                 await run.journal.record(run.job, item.rel, walked=number)

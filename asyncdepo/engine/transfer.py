@@ -31,7 +31,7 @@ from asyncdepo.digests import MultiHash, digest_bytes
 from asyncdepo.engine.journal import Journal
 from asyncdepo.engine.partstream import hash_parts
 from asyncdepo.engine.pipeline import BufferPool, ChunkStream, FileSource, RawReader, ZstdReader, read_small
-from asyncdepo.engine.prefix import Journaled, PrefixChangedError, hash_prefix
+from asyncdepo.engine.prefix import Journaled, PrefixChangedError, check_cut_chunk, hash_prefix
 from asyncdepo.errors import (
     OffsetMismatchError,
     PermanentError,
@@ -221,6 +221,12 @@ async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash)
     else:
         if start > item.size:
             start = 0  # the server holds more than the file has: it is not our upload; start over
+        if 0 < start < item.size <= cfg.chunk_size:
+            # a file that fits in one request, held in part (a run killed during that request): no digest of
+            # those bytes was journaled, so nothing says they are the source's (prefix.py): send it whole
+            # again in a new upload; it costs at most one chunk
+            raise PrefixChangedError(f"{item.rel}: the target holds {start} of its {item.size} bytes from a "
+                                     "request cut short; sent again whole")
         # what the target holds is fed to the whole-file hasher, and checked against the source (prefix.py)
         await hash_prefix(item, start, hasher, run.journal.chunks(run.job, item.rel), CHUNK_DIGEST,
                           pool=run.pool, limiter=run.io, block=cfg.stream_block)
@@ -261,11 +267,16 @@ async def _chunked(run: Run, item: Item, writer: ChunkWriter, hasher: MultiHash)
                     want = await held.digest_at(chunk.offset, len(chunk.data))
                     held.check(item.rel, chunk.offset, len(chunk.data), want, chunk.digests[CHUNK_DIGEST])
                 continue
+            await run.journal.record_chunk(run.job, item.rel, chunk.offset, len(chunk.data),
+                                           chunk.digests[CHUNK_DIGEST])
+            if big:
+                # the chunk's digest is committed before its bytes go, so whatever a kill leaves of them on the
+                # target can be checked against the source on a resume (prefix.py); one commit per chunk,
+                # shared by concurrent items (Journal.flush)
+                await run.journal.flush()
             await _send_chunk(run, item, writer, chunk)
             length = chunk.offset + len(chunk.data)
             state = writer.state()
-            await run.journal.record_chunk(run.job, item.rel, chunk.offset, len(chunk.data),
-                                           chunk.digests[CHUNK_DIGEST])
             await run.journal.record(run.job, item.rel, state="partial", offset=length, remote=state)
             if big and state != known and not chunk.last:
                 # the target created its upload with this chunk: its location must survive a crash
@@ -397,6 +408,10 @@ async def _attempt(run: Run, item: Item, saved: dict[str, Any] | None, known: di
         # check what the target holds against the journaled chunk digests before building on it; chunks
         # past the verified offset are forgotten (they are sent, and recorded, again)
         await writer.verify(run.journal.chunks(run.job, item.rel), CHUNK_DIGEST)
+        if mode == "chunked" and run.config.compress is None:
+            # the chunk in flight when the last run stopped: the target may hold part of it (prefix.py)
+            await check_cut_chunk(item, writer.confirmed, run.journal.chunks(run.job, item.rel), CHUNK_DIGEST,
+                                  limiter=run.io)
         run.journal.forget_chunks(run.job, item.rel, writer.confirmed)
     run.reporter.emit(ItemStarted(rel=item.rel, size=item.size, offset=writer.confirmed))
     streamed = mode == "multipart" and run.features.part_streams and run.config.compress is None

@@ -405,12 +405,20 @@ class S3Adapter(Adapter):
         return {"target": self.describe()}
 
     async def discard(self, rel: str, saved: Mapping[str, Any] | None) -> None:
-        """Abort the journaled multipart upload of ``rel`` (its source vanished); nothing without one. An upload
-        already gone (NoSuchUpload) is fine; another failure is logged, never raised."""
-        upload_id = (saved or {}).get("upload_id")
-        if upload_id:
-            key = str((saved or {}).get("key") or self.key_for(rel))
-            await S3Writer(self, Item(rel, rel, 0, 0), key)._abort_id(str(upload_id))
+        """Abort the multipart uploads of ``rel`` (its source vanished or changed): the journaled one, and, when
+        the journal held a row for it (``saved`` not None), any other S3 holds for the key (one a run killed
+        before its first part created; see "Orphans" in :mod:`asyncdepo.adapters.s3.writer`). An upload
+        already gone (NoSuchUpload) is fine.
+
+        :raises DepoError: ListMultipartUploads failed.
+        """
+        if saved is None:
+            return
+        key = str(saved.get("key") or self.key_for(rel))
+        writer = S3Writer(self, Item(rel, rel, 0, 0), key)
+        if saved.get("upload_id"):
+            await writer._abort_id(str(saved["upload_id"]))
+        await writer._abort_unknown()
 
     # -- pull ---------------------------------------------------------------------------------------
     async def list_remote(self) -> AsyncIterator[RemoteItem]:
