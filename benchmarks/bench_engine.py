@@ -6,6 +6,10 @@ The simulator runs as its own process (`asyncdepo sim tus`) so its CPU is not ou
 files/s, CPU seconds (children's rusage) and peak RSS (polled with psutil), and the ratio to the
 baseline. Results go to benchmarks/results/engine.json. Baselines upload straight into the simulator's
 creation-with-upload route, which is the cheapest way a tus server can take a file.
+
+With ``ASYNCDEPO_BENCH_BEFORE`` naming an older checkout's ``asyncdepo`` script, rows (a)-(c) also run that
+release with the same flags against the same simulator, alternating with the others: a before/after in one
+run (``before`` in the results, and ``speedup`` = its wall time over today's).
 """
 
 from __future__ import annotations
@@ -86,11 +90,14 @@ def bench_row(name: str, data: Path, *, transfers: int, extra: list[str], compre
     files = sorted(p for p in data.rglob("*") if p.is_file())
     size = sum(p.stat().st_size for p in files)
     rows = {}
-    for tool in ("asyncdepo", "baseline", "asyncdepo", "baseline"):  # alternate, keep the better of two
+    before = os.environ.get("ASYNCDEPO_BENCH_BEFORE")
+    tools = ("asyncdepo", "baseline", "before") if before else ("asyncdepo", "baseline")
+    for tool in tools * 2:  # alternate, keep the better of two
         sim = Sim(tmp / f"sim-{tool}")
         try:
-            if tool == "asyncdepo":
-                cmd = [str(VENV_BIN / "asyncdepo"), "push", str(data), f"tus+{sim.url}", "-q",
+            if tool in ("asyncdepo", "before"):
+                binary = str(VENV_BIN / "asyncdepo") if tool == "asyncdepo" else str(before)
+                cmd = [binary, "push", str(data), f"tus+{sim.url}", "-q",
                        "--journal", str(tmp / f"j-{time.time_ns()}.sqlite"), "--transfers", str(transfers),
                        *extra]
                 m = measured(cmd)
@@ -106,6 +113,8 @@ def bench_row(name: str, data: Path, *, transfers: int, extra: list[str], compre
         out[tool] = {**{k: round(v, 3) for k, v in m.items()}, "mb_s": round(size / 1e6 / m["wall"], 1),
                      "files_s": round(len(files) / m["wall"], 1)}
     out["ratio"] = round(rows["baseline"]["wall"] / rows["asyncdepo"]["wall"], 2)
+    if "before" in rows:
+        out["speedup"] = round(rows["before"]["wall"] / rows["asyncdepo"]["wall"], 2)
     return out
 
 
@@ -134,6 +143,7 @@ def walk_rss(count: int, tmp: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller datasets (a smoke run)")
+    ap.add_argument("--rows", default="a,b,c,walk", help="which rows to run (a,b,c,walk)")
     args = ap.parse_args(argv)
     big_n, big_size = (4, 256 << 20) if not args.quick else (2, 32 << 20)
     small_n = 10_000 if not args.quick else 1000
@@ -143,20 +153,28 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="asyncdepo-bench-") as t:
         tmp = Path(t)
-        results.append(bench_row("(a) large files", large, transfers=4, extra=[], compress=False, tmp=tmp))
-        results.append(bench_row("(b) small files", small, transfers=8, extra=[], compress=False, tmp=tmp))
-        results.append(bench_row("(c) large, zstd:3", large, transfers=4, extra=["--compress", "zstd:3"],
-                                 compress=True, tmp=tmp))
-        results.append(walk_rss(walk_n, tmp))
+        rows = set(args.rows.split(","))
+        if "a" in rows:
+            results.append(bench_row("(a) large files", large, transfers=4, extra=[], compress=False, tmp=tmp))
+        if "b" in rows:
+            results.append(bench_row("(b) small files", small, transfers=8, extra=[], compress=False, tmp=tmp))
+        if "c" in rows:
+            results.append(bench_row("(c) large, zstd:3", large, transfers=4, extra=["--compress", "zstd:3"],
+                                     compress=True, tmp=tmp))
+        if "walk" in rows:
+            results.append(walk_rss(walk_n, tmp))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "engine.json").write_text(json.dumps(
         {"when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "rows": results}, indent=2))
-    print("| set | asyncdepo MB/s | files/s | CPU s | peak RSS MB | baseline MB/s | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| set | asyncdepo MB/s | files/s | CPU s | peak RSS MB | baseline MB/s | ratio | before MB/s, CPU s | "
+          "speedup |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        a, b = r["asyncdepo"], r.get("baseline")
+        a, b, old = r["asyncdepo"], r.get("baseline"), r.get("before")
+        then = f"{old['mb_s']}, {old['cpu']}" if old else "-"
         print(f"| {r['name']} | {a.get('mb_s', '-')} | {a['files_s']} | {a['cpu']} | {a['rss_mb']} | "
-              f"{b['mb_s'] if b else '-'} | {r.get('ratio', '-')} |")
+              f"{b['mb_s'] if b else '-'} | {r.get('ratio', '-')} | "
+              f"{then} | {r.get('speedup', '-')} |")
     return 0
 
 

@@ -32,8 +32,9 @@ from asyncdepo.contract import Item
 from asyncdepo.digests import FACTORIES, hash_path_sync
 from asyncdepo.engine.journal import VANISHED
 from asyncdepo.engine.report import RunReport, describe, disk_full_message
-from asyncdepo.errors import DepoError, DiskFullError, UsageError
+from asyncdepo.errors import DepoError, DiskFullError, SourceVanishedError, UsageError, is_transient
 from asyncdepo.events import ItemFailed, ItemSkipped, printable
+from asyncdepo.transport.pacer import first_leaf
 
 if TYPE_CHECKING:
     from asyncdepo.engine.transfer import Run
@@ -196,3 +197,33 @@ async def disk_full_failure(run: Run, report: RunReport) -> None:
     where = printable(err.path) or "(target)"
     stats.failed()
     report.failures.append((where, message))  # in the report only: it is the run's failure, not a file's
+
+
+async def fail_item(run: Run, item: Item, exc: BaseException, report: RunReport) -> None:
+    """Record ``item``'s failure with ``exc`` as a run does: a full disk stops the run (one message at the end
+    of the pass, part files kept), a vanished source's leftovers on the target are discarded, anything else is
+    an item failure (transient or not)."""
+    err = first_leaf(exc)
+    if isinstance(err, DiskFullError):
+        await stop_disk_full(run, item, err, report)
+        return
+    msg = describe(err)
+    transient = is_transient(err)
+    error = msg.splitlines()[0]
+    if isinstance(err, SourceVanishedError):
+        # what the target holds of it is removed; the journal and the report say the same thing
+        await discard(run, item.rel, report)
+        error = VANISHED
+    await failed(run, item, msg, transient, report, error=error)
+
+
+async def failed(run: Run, item: Item, msg: str, transient: bool, report: RunReport, *,
+                 error: str | None = None) -> None:
+    """Record ``item`` as failed with ``msg`` (``error``: the journal's shorter text): journal, counters, an
+    ItemFailed event and the report."""
+    await run.journal.record(run.job, item.rel, size=item.size, mtime_ns=item.mtime_ns, state="failed",
+                             error=error or msg.splitlines()[0], transient=int(transient),
+                             walked=run.journal.runs.get(run.job, 0))
+    run.reporter.stats.failed()
+    run.reporter.emit(ItemFailed(rel=item.rel, error=msg, transient=transient, size=item.size))
+    report.failures.append((item.rel, msg.splitlines()[0]))

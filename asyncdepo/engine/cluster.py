@@ -32,7 +32,7 @@ per-worker counts in ``RunReport.workers``.
 
 Failures keep their meaning: a worker returns each item's error with its class
 (:class:`~asyncdepo.engine.cluster_wire.WireError`) and the coordinator records it as one node does
-(:func:`~asyncdepo.engine.scheduler.fail_item`): a full disk stops the run (no more batches; the workers stop
+(:func:`~asyncdepo.engine.checks.fail_item`): a full disk stops the run (no more batches; the workers stop
 the run's batches, :func:`~asyncdepo.engine.cluster_worker.stop_job`; one message at the end of the pass), a
 vanished source's leftovers are discarded through the coordinator's adapter.
 
@@ -67,12 +67,12 @@ import anyio.abc
 
 from asyncdepo.config import EngineConfig
 from asyncdepo.contract import Adapter, Item
-from asyncdepo.engine.checks import disk_full_failure
+from asyncdepo.engine.checks import disk_full_failure, fail_item
 from asyncdepo.engine.cluster_books import Books, Held, Recipe
 from asyncdepo.engine.cluster_setup import ClusterOptions, connect, sweep
 from asyncdepo.engine.cluster_wire import Batch, BatchResult, ItemResult, JobSpec, checkpoint_name
 from asyncdepo.engine.report import RunReport, describe
-from asyncdepo.engine.scheduler import Batches, fail_item, items_to_send, push
+from asyncdepo.engine.scheduler import Batches, items_to_send, push
 from asyncdepo.engine.sessions import send_sessions
 from asyncdepo.engine.transfer import Run
 from asyncdepo.errors import (

@@ -18,10 +18,10 @@ import anyio.abc
 
 from asyncdepo.config import EngineConfig
 from asyncdepo.contract import Adapter, Item
+from asyncdepo.engine.checks import fail_item, failed
 from asyncdepo.engine.cluster_setup import ClusterOptions
 from asyncdepo.engine.cluster_wire import JobSpec
 from asyncdepo.engine.report import RunReport
-from asyncdepo.engine.scheduler import fail_item, failed
 from asyncdepo.engine.transfer import Run
 from asyncdepo.errors import DepoError, DiskFullError, SourceVanishedError
 from asyncdepo.events import ItemDone

@@ -34,23 +34,20 @@ import anyio.abc
 
 from asyncdepo.config import EngineConfig
 from asyncdepo.contract import Adapter, Item
-from asyncdepo.digests import hash_path_sync
 from asyncdepo.engine.checks import (
     check_name,
     content_check,
-    discard,
     discard_changed,
     disk_full_failure,
+    fail_item,
     same_content,
-    stop_disk_full,
     sweep_vanished,
-    utf8,
     walk_failed,
 )
-from asyncdepo.engine.compress import TarSource
 from asyncdepo.engine.journal import VANISHED, Journal
-from asyncdepo.engine.packed import TREE, TreePrint, resend_verdict, same_tree
+from asyncdepo.engine.packed import send_packed
 from asyncdepo.engine.pipeline import BufferPool
+from asyncdepo.engine.prehash import not_started, prehash
 from asyncdepo.engine.report import RunReport, _fill, _ticker, describe
 from asyncdepo.engine.sessions import send_sessions
 from asyncdepo.engine.source import walk
@@ -59,14 +56,11 @@ from asyncdepo.engine.units import Units
 from asyncdepo.engine.watch import Watch
 from asyncdepo.engine.watch import refuse as refuse_watch
 from asyncdepo.errors import (
-    DiskFullError,
-    SourceError,
     SourceVanishedError,
     TransientError,
     UsageError,
-    is_transient,
 )
-from asyncdepo.events import ItemDone, ItemFailed, ItemSkipped, JobFinished, JobStarted, Reporter, printable
+from asyncdepo.events import ItemSkipped, JobFinished, JobStarted, Reporter, printable
 from asyncdepo.transport.bandwidth import TokenBucket
 from asyncdepo.transport.pacer import SYSTEM_CLOCK, Clock, Pacer, RetryPolicy, first_leaf
 
@@ -101,36 +95,6 @@ def _make_run(config: EngineConfig, adapter: Adapter, reporter: Reporter, journa
 #: what the walk hands a worker: the item, its saved writer state, and (``--checksum``) the digest its
 #: content must still have for it to be skipped
 Entry = tuple[Item, dict[str, Any] | None, tuple[str, str] | None]
-
-
-async def fail_item(run: Run, item: Item, exc: BaseException, report: RunReport) -> None:
-    """Record ``item``'s failure with ``exc`` as a run does: a full disk stops the run (one message at the end
-    of the pass, part files kept), a vanished source's leftovers on the target are discarded, anything else is
-    an item failure (transient or not)."""
-    err = first_leaf(exc)
-    if isinstance(err, DiskFullError):
-        await stop_disk_full(run, item, err, report)
-        return
-    msg = describe(err)
-    transient = is_transient(err)
-    error = msg.splitlines()[0]
-    if isinstance(err, SourceVanishedError):
-        # what the target holds of it is removed; the journal and the report say the same thing
-        await discard(run, item.rel, report)
-        error = VANISHED
-    await failed(run, item, msg, transient, report, error=error)
-
-
-async def failed(run: Run, item: Item, msg: str, transient: bool, report: RunReport, *,
-                 error: str | None = None) -> None:
-    """Record ``item`` as failed with ``msg`` (``error``: the journal's shorter text): journal, counters, an
-    ItemFailed event and the report."""
-    await run.journal.record(run.job, item.rel, size=item.size, mtime_ns=item.mtime_ns, state="failed",
-                             error=error or msg.splitlines()[0], transient=int(transient),
-                             walked=run.journal.runs.get(run.job, 0))
-    run.reporter.stats.failed()
-    run.reporter.emit(ItemFailed(rel=item.rel, error=msg, transient=transient, size=item.size))
-    report.failures.append((item.rel, msg.splitlines()[0]))
 
 
 Batches = AsyncIterator[list[Item]]
@@ -306,160 +270,6 @@ async def _pass(run: Run, batches: Batches, report: RunReport, skip: set[str],
         report.stop_error = None
 
 
-#: bytes of small files hashed in one worker-thread call before the start: a thread hop per 1 MiB file cost
-#: ~0.25 core-seconds per GB more than hops per 8 MiB of files (1,000 x 1 MiB, md5; ~1.55 s of it is md5)
-PREHASH_GROUP = 8 << 20
-
-
-def _groups(items: list[Item]) -> list[list[Item]]:
-    """``items`` in consecutive groups of at most :data:`PREHASH_GROUP` bytes (a larger file alone)."""
-    groups: list[list[Item]] = []
-    size = 0
-    for item in items:
-        if not groups or size + item.size > PREHASH_GROUP:
-            groups.append([])
-            size = 0
-        groups[-1].append(item)
-        size += item.size
-    return groups
-
-
-async def _prehash(run: Run, root: Path) -> tuple[list[tuple[Item, dict[str, str]]], list[tuple[Item, str]]]:
-    """Digests of every file before the start (targets that need them); md5 etc. in parallel threads,
-    small files several to a thread call. Returns the files hashed, and the files that could not be read
-    with why (each is that file's failure, as rsync's exit 23: the rest goes on without it); a file gone
-    since the walk is left out of both (the pass does not find it either)."""
-    algos = tuple(dict.fromkeys(run.features.item_digests or ("md5",)))
-    out: list[tuple[Item, dict[str, str]]] = []
-    unreadable: list[tuple[Item, str]] = []
-    run.reporter.message("hashing files before the upload starts")
-    cfg = run.config
-
-    def hash_group(group: list[Item]) -> None:
-        for item in group:
-            try:
-                out.append((item, hash_path_sync(item.path, algos).hexdigests()))
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                unreadable.append((item, f"cannot read: {exc.strerror or type(exc).__name__}"))
-
-    async def one(group: list[Item]) -> None:
-        await anyio.to_thread.run_sync(hash_group, group, limiter=run.io)
-
-    async for batch in walk(root, cfg.include, cfg.exclude, cfg.follow_symlinks,
-                            lambda r, w: run.reporter.warning(f"skipped {printable(r)}: {w}")):
-        # the others fail on their own in the pass
-        wanted = [item for item in batch if run.features.any_name or utf8(item.rel)]
-        async with anyio.create_task_group() as tg:
-            for group in _groups(wanted):
-                tg.start_soon(one, group)
-    out.sort(key=lambda p: p[0].rel)
-    return out, unreadable
-
-
-async def _packed(run: Run, root: Path, report: RunReport) -> None:
-    """The whole tree as one tar(.zst) stream through one writer."""
-    cfg, stats = run.config, run.reporter.stats
-    name = root.name + (".tar.zst" if cfg.compress else ".tar")
-    pack = Item(str(root), name, -1, 0)
-    uploaded = (await run.journal.lookup(run.job, [name])).get(name) or {}
-    algos = tuple(dict.fromkeys(run.hashes))
-
-    def unreadable(rel: str, why: str) -> None:
-        # a directory missing from the archive would make it differ from the source: the item fails
-        raise SourceError(f"{printable(rel)}: {why}; the archive would miss it")
-
-    async def items(tree: TreePrint | None) -> AsyncIterator[Item]:
-        """The walk; ``tree`` (the upload's walk) counts the files and takes their fingerprint."""
-        async for b in walk(root, cfg.include, cfg.exclude, cfg.follow_symlinks,
-                            lambda r, w: run.reporter.warning(f"skipped {printable(r)}: {w}"),
-                            on_error=unreadable):
-            for it in b:
-                if tree is not None:
-                    stats.found(it.size)
-                    tree.add(it)
-                yield it
-
-    stats.item_in(name, -1)
-    try:
-        # skipped only when the tree is the one uploaded (packed.py): its listing, with --checksum its content
-        if uploaded.get("state") == "done" and await same_tree(
-                items(None), uploaded.get("digests") or {}, checksum=cfg.checksum, prefix=root.name,
-                limiter=run.io):
-            run.reporter.emit(ItemSkipped(rel=name, size=0, reason="uploaded in an earlier run, unchanged since"))
-            stats.skipped(0)
-            return
-        sources: list[TarSource] = []
-        trees: list[TreePrint] = []
-
-        async def attempt() -> Any:
-            """One item attempt, with a fresh writer and tar stream: an archive stored with other digests than
-            the tar sent (IntegrityError from complete) is sent again (run.items), not asked about again."""
-            writer = await run.request(name, lambda: run.adapter.open_item(pack, None))
-
-            async def once() -> None:
-                stats.restart_walk()
-                tree = TreePrint()
-                trees.append(tree)
-                level = cfg.compress[1] if cfg.compress else 3
-                src = TarSource(items(tree), prefix=root.name, compress=cfg.compress[0] if cfg.compress else None,
-                                level=level, threads=cfg.compress_threads, digests=algos, limiter=run.io)
-                sources.append(src)
-                await writer.write_stream(_Counted(src, run, name))
-
-            await run.request(name, once)
-            src = sources[-1]
-            return await run.request(name, lambda: writer.complete(src.inner_digests, src.inner_size),
-                                     classify=resend_verdict)
-
-        result = await run.items.call(attempt, on_retry=run.retrying(name))
-        src = sources[-1]
-        await run.journal.record(run.job, name, size=src.inner_size, mtime_ns=0, state="done",
-                                 digests={**src.inner_digests, TREE: trees[-1].hexdigest()}, remote=result,
-                                 error=None)
-        # the adapter's state (e.g. an upload token) must survive a crash before ``finish`` runs
-        await run.journal.flush()
-        await run.journal.set_job_state(run.job, run.adapter.job_state())
-        stats.packed_progress(src.inner_size, finished=True)
-        run.reporter.emit(ItemDone(rel=name, size=src.inner_size, sent=src.sent, digests=src.inner_digests))
-    except Exception as exc:  # noqa: BLE001 - the packed item's failure is recorded in the report
-        await fail_item(run, pack, exc, report)
-    finally:
-        stats.item_out(name)
-
-
-class _Counted:
-    """A ByteSource wrapper that throttles and counts what a packed stream yields."""
-
-    def __init__(self, src: TarSource, run: Run, rel: str) -> None:
-        self._src, self._run, self._rel = src, run, rel
-        self.size = src.size
-
-    @property
-    def digests(self) -> dict[str, str]:
-        return self._src.digests
-
-    @digests.setter
-    def digests(self, value: dict[str, str]) -> None:
-        # ByteSource declares ``digests`` a plain (settable) attribute; the wrapped source owns it
-        self._src.digests = value
-
-    def __aiter__(self) -> _Counted:
-        return self
-
-    async def __anext__(self) -> memoryview:
-        data = await self._src.__anext__()
-        await self._run.throttle(len(data))
-        self._run.reporter.stats.moved(self._rel, len(data))
-        self._run.reporter.stats.packed_progress(self._src.inner_size)
-        # ByteSource yields memoryviews; a view of the immutable bytes is free and stays valid
-        return memoryview(data)
-
-    async def aclose(self) -> None:
-        await self._src.aclose()
-
-
 async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None = None, *,
                reporter: Reporter | None = None, journal_path: Path | None = None,
                argv: list[str] | None = None, tick: float = 0.5, clock: Clock = SYSTEM_CLOCK,
@@ -539,18 +349,6 @@ async def push(source: Path | str, adapter: Adapter, config: EngineConfig | None
     return report
 
 
-async def _not_started(run: Run, unreadable: list[tuple[Item, str]], report: RunReport) -> None:
-    """Files a target that takes every digest at its start could not be given: each fails, and nothing is
-    started. Such a target makes the upload visible whole or not at all (gypsum's version): one made without
-    them would not be the source, and one with failures is aborted at the end, so sending the rest would be
-    lost work."""
-    for item, why in unreadable:
-        await fail_item(run, item, SourceError(f"{printable(item.rel)}: {why}"), report)
-    why = (f"nothing was sent: {len(unreadable)} file(s) cannot be read; make them readable or leave them out "
-           "(--exclude), then run the push again")
-    report.failures.append((run.adapter.describe(), why))
-
-
 class _Unfinished(TransientError):
     """Items of the run failed transiently: the run level tries them again."""
 
@@ -580,14 +378,14 @@ async def _run_all(run: Run, root: Path, report: RunReport, passes: PassFn,
         report.interrupted = report.interrupted or watch.cut_short
         return
     if run.features.packed:
-        await _packed(run, root, report)
+        await send_packed(run, root, report)
         return
     skip: set[str] = set()
     digests: dict[str, dict[str, str]] = {}
     if run.features.needs_digests_before_start:
-        listed, unreadable = await _prehash(run, root)
+        listed, unreadable = await prehash(run, root)
         if unreadable:
-            await _not_started(run, unreadable, report)
+            await not_started(run, unreadable, report)
             return
         digests = {item.rel: d for item, d in listed}
         skip = await run.request("(start)", lambda: run.adapter.prepare(listed), attempts=3)

@@ -144,7 +144,7 @@ def test_walk_filters_and_skips_special_files(tmp_path: Path) -> None:
 
 
 def test_prehash_groups_keep_every_item_once_in_order_within_the_bound() -> None:
-    from asyncdepo.engine.scheduler import PREHASH_GROUP, _groups
+    from asyncdepo.engine.prehash import PREHASH_GROUP, _groups
 
     sizes = [0, 1, PREHASH_GROUP - 1, 5, PREHASH_GROUP * 3, 1 << 20, *([1 << 20] * 20), 0]
     items = [Item(f"/x/{i}", str(i), size, 0) for i, size in enumerate(sizes)]

@@ -36,7 +36,6 @@ import contextlib
 import dataclasses
 import os
 import re
-import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Self
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -45,6 +44,7 @@ import anyio
 
 from asyncdepo import errors
 from asyncdepo.adapters.s3 import checksums
+from asyncdepo.adapters.s3.botoclient import share_loader, ssl_context, trim_per_request_work
 from asyncdepo.adapters.s3.etags import etag_md5
 from asyncdepo.adapters.s3.writer import S3Writer
 from asyncdepo.contract import (
@@ -272,7 +272,7 @@ class S3Adapter(Adapter):
         from aiobotocore.session import AioSession
 
         session = AioSession(profile=self.profile) if self.profile else AioSession()
-        _share_loader(session)
+        share_loader(session)
         region = self.region or session.get_config_variable("region") or "us-east-1"
         cfg = AioConfig(
             retries={"total_max_attempts": 1, "mode": "standard"},
@@ -305,7 +305,7 @@ class S3Adapter(Adapter):
         except BaseException:
             await stack.aclose()
             raise
-        _trim_per_request_work(client)
+        trim_per_request_work(client)
         if self.fast_path and self._fast is None:
             from asyncdepo.adapters.s3.fast import FastPath
 
@@ -453,7 +453,7 @@ class S3Adapter(Adapter):
         key = item.ref or self.key_for(item.rel)
         url = await client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
                                                   ExpiresIn=3600)
-        return PlainGet(url=url, what=f"GetObject {self.where(key)}", ssl_context=_ssl_context())
+        return PlainGet(url=url, what=f"GetObject {self.where(key)}", ssl_context=ssl_context())
 
     async def read(self, item: RemoteItem, offset: int) -> AsyncIterator[bytes]:
         """The object's bytes from ``offset`` (GetObject with a Range), in pieces of up to 1 MiB.
@@ -500,41 +500,3 @@ async def _read_all(source: ByteSource, size: int) -> bytes:
     if len(out) != size:
         raise errors.SourceChangedError(f"read {len(out)} bytes of a {size}-byte part; the file changed")
     return bytes(out)
-
-
-_LOADER: Any = None
-
-
-def _ssl_context() -> ssl.SSLContext | None:
-    """The CA bundle botocore would use (``AWS_CA_BUNDLE``), for requests made outside botocore."""
-    bundle = os.environ.get("AWS_CA_BUNDLE")
-    return ssl.create_default_context(cafile=bundle) if bundle else None
-
-
-def _share_loader(session: Any) -> None:
-    """Reuse one botocore data loader (the parsed S3 service model and endpoint rules) across sessions:
-    a new client then costs ~25 ms instead of ~150 ms (push then pull, tests, sweeps). The loader only
-    caches parsed JSON files, so sharing it across event loops and threads is safe."""
-    global _LOADER
-    if _LOADER is None:
-        _LOADER = session.get_component("data_loader")
-    else:
-        session.register_component("data_loader", _LOADER)
-
-
-def _trim_per_request_work(client: Any) -> None:
-    """Build botocore's User-Agent string once instead of twice per request.
-
-    botocore formats it when it serialises every request and again just before sending (to add
-    feature-id metrics); together ~0.3 ms of CPU per request, a quarter of its overhead on a 1 MiB
-    PutObject, for a header S3 does not need to change. Best effort: these are private attributes, and
-    if they move, requests simply cost what they cost before.
-    """
-    creator = getattr(client, "_user_agent_creator", None)
-    handler = getattr(creator, "rebuild_and_replace_user_agent_handler", None)
-    with contextlib.suppress(Exception):
-        if handler is not None:
-            client.meta.events.unregister("request-created.s3", handler)
-        if creator is not None:
-            text = creator.to_string()
-            creator.to_string = lambda: text

@@ -1,243 +1,25 @@
-"""The contract between the engine and the adapters: what each side may rely on.
-
-Both sides import this module and nothing of each other (the model is rclone's ``fs/``). It holds:
-
-* the value types that cross the line — :class:`Item` (a file found by the walk), :class:`Chunk` (one request
-  body read into a reserved buffer), :class:`ByteSource` (one streamed body), :class:`Part` (a part handed
-  over as a stream, with its digests), :class:`PartInfo`,
-  :class:`RemoteItem` (a file listed for a pull) and :class:`PlainGet` (a pull item fetched by plain GET);
-* :class:`Features` — what an archive can do, the only thing the engine reads to decide how to send;
-* :class:`ChunkWriter` and :class:`Adapter` — the interface an archive implements;
-* :class:`SessionWriter` / :class:`SessionReader` with :class:`SessionPlan` / :class:`FetchPlan` and
-  :class:`SessionProgress` — for transports where one session moves many files (see "Sessions" below);
-* :func:`register` and :data:`REGISTRY` — URL schemes to adapter factories (``asyncdepo.adapters`` loads the
-  built-in ones).
-
-Buffers: ``Chunk.data`` is valid only until the writer's ``write``/``write_part`` call returns (the buffer is
-reused), so an adapter that needs the bytes later must copy them; each view a ByteSource yields is valid until
-the next one is requested, and a body class must not hand a view to a transport that may still hold it after
-that (see :mod:`asyncdepo.transport.httpbody`).
-
-An adapter translates a job into one archive's API. The engine never branches on an adapter's name or
-type; what differs between archives is declared in :class:`Features`, and the engine reads those.
-
-Push, per item, the engine picks one of three modes from the features:
-
-* **multipart** (``features.multipart`` and the item is larger than one chunk): the engine reads the
-  file in order into reserved buffers, hashes them, and hands each to ``writer.write_part`` — several
-  parts of one file may be in flight at once, in any order. Parts already in ``writer.parts`` are skipped.
-  With ``features.part_streams`` (and no ``--compress``) no part is held in memory: the engine reads the
-  file in order once to hash it (whole-file digests, and each part's ``chunk_digests``), a few parts ahead
-  of the sends, and hands each part to ``writer.write_part_stream(part, source)`` as a :class:`Part` (its
-  number, range and digests, known before its request starts, e.g. for a checksum header) and a
-  ByteSource that reads the range again when the request sends it (from the page cache: the hashing pass
-  is at most ``transfers + 1`` parts ahead). Each attempt gets a fresh source. Whole-file digests that are
-  CRCs the adapter also asked per part (``digests.COMBINABLE``) are composed from the parts' values, not
-  hashed again. A resumed part in ``writer.parts`` is sent again when its journaled ``digests`` differ from
-  the ones just computed (the file changed there, or the target holds other bytes).
-* **chunked** (``features.chunked``, or multipart with a file that fits in one chunk): chunks are sent
-  in order with ``writer.write``, starting at ``writer.confirmed`` (the offset the server confirmed).
-* **stream** (neither): one ``writer.write_stream(source)`` with the whole file as a ByteSource.
-
-After the last byte, ``writer.complete(digests, size)`` finalises the item and compares the digest the
-server reports with ``digests`` (computed while reading), raising IntegrityError on a mismatch.
-
-Sessions (``features.sessions`` for pushes, ``features.pull_sessions`` for pulls): some transports move a
-batch of files in one session — an ascp run over a ``--file-pair-list``, a Globus transfer task — and their
-cost is per session, not per file. For those the engine, still knowing no archive, groups the items of the walk
-(or of the listing) into sessions bounded by ``features.session_items`` files and ``features.session_bytes``
-bytes, never mixing two values of :meth:`Adapter.session_group`, and runs up to ``min(transfers,
-max_concurrency)`` sessions at once, each through the pacer:
-
-* push: ``prepare([])`` once before the first session (the job-level start: create an entry, upload a
-  thumbnail; what it raises ends the job, and ``job_state()`` is journaled right after), then per session
-  ``open_session(plan)`` and ``writer.send(progress)``; ``finish(ok)`` at the end (grant rights, submit).
-* pull: ``open_fetch_session(plan)`` and ``reader.fetch(progress)``; the adapter writes each file's bytes to
-  its ``Fetch.part`` (continuing what the part already holds, as the transport can); the engine checks size and
-  published digests after ``done`` and renames the part into place (the adapter never touches the final name).
-
-The session reports per item as it goes, through :class:`SessionProgress` (synchronous, quick; callable from a
-transport's progress callback): ``moved(rel, n)`` counts bytes (``rel`` ``""`` when the transport only knows a
-session total), ``done(rel, state)`` and ``failed(rel, error)`` settle one item (the engine journals each at
-once, counts it in the statistics and emits its event), ``await note(state)`` journals resume state for every
-item of the session not yet done (e.g. a Globus task id) and returns once it is committed. Outcomes:
-
-* ``send``/``fetch`` returns: every item of the plan not reported ``failed`` is complete on the far side (an
-  item the transport found already there counts as complete);
-* it raises: items reported ``done`` stay done, the others take that error. An AuthError ends the job (no
-  session can succeed with refused credentials); another permanent error fails those items; a transient one
-  makes the engine open a new session, through the pacer, for the items still open (``config.request_attempts``
-  sessions in all; ``plan.last_try`` tells the adapter that no further session follows in this run, so it may
-  take a fallback route). A transient ``failed(rel, error)`` is retried the same way; an item whose published
-  digest differed twice is not fetched again.
-* ``plan.rate`` is the session's share of ``--bwlimit`` (bytes/s; None: no limit): the transport enforces it
-  (ascp ``-l``), or the adapter documents that it cannot.
-
-Memory stays flat in the number of files: at most ``transfers + 2`` batches of ``session_items`` items exist
-at once.
-
-Retries: an adapter makes one attempt per call and raises from the ``asyncdepo.errors`` tree; the engine
-retries transient errors (per request with backoff, per item by reopening with the journaled state, per
-run). ``write``/``write_part`` must be idempotent for the same chunk: the engine may resend a chunk
-whose response was lost, after calling ``writer.resync()`` to learn the server's offset.
-
-Secrets: an adapter keeps credentials to itself; ``describe()`` and ``state()`` must not contain any.
-
-Adapters import this module, :mod:`asyncdepo.transport` and the engine's facade :mod:`asyncdepo.engine.api`;
-never the engine's internals.
-"""
+"""What an archive declares and implements (see :mod:`asyncdepo.contract`): :class:`Features`, the writers and
+readers, :class:`Adapter`, and the registry of URL schemes."""
 
 from __future__ import annotations
 
 import dataclasses
-import ssl
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, runtime_checkable
+from typing import Any, ClassVar, Self
 
-if TYPE_CHECKING:
-    from asyncdepo.errors import DepoError
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Item:
-    """A regular file to send. ``path`` is absolute; ``rel`` uses '/' whatever the platform."""
-
-    path: str
-    rel: str
-    size: int
-    mtime_ns: int
-
-
-@dataclasses.dataclass(slots=True)
-class Chunk:
-    """One request body: ``data`` covers ``[offset, offset + len(data))`` of the (possibly compressed) stream.
-
-    ``digests`` holds hex digests of ``data`` for the algorithms the adapter asked for in
-    ``Features.chunk_digests``; ``part_number`` is 1-based for multipart targets and 0 otherwise.
-    ``last`` is true for the final chunk of the item; ``total`` is the stream's length once known.
-    """
-
-    offset: int
-    data: memoryview
-    digests: dict[str, str]
-    last: bool
-    part_number: int = 0
-    total: int | None = None
-
-
-@runtime_checkable
-class ByteSource(Protocol):
-    """A streamed body read with bounded read-ahead, hashed in the same pass."""
-
-    size: int | None
-    digests: dict[str, str]
-
-    def __aiter__(self) -> AsyncIterator[memoryview]: ...
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Part:
-    """One part of a multipart item handed over as a stream (``Features.part_streams``): bytes
-    ``[offset, offset + size)`` of the item, part ``number`` (1-based), and the hex ``digests`` of those bytes
-    for the algorithms in ``Features.chunk_digests``, computed by the engine before the part is sent."""
-
-    number: int
-    offset: int
-    size: int
-    digests: dict[str, str]
-    last: bool
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class PartInfo:
-    """What the server confirmed for one part of a multipart upload (journaled). ``digests`` are the part's
-    hex digests that were sent with it (e.g. ``{"crc64nvme": ...}``), so a resume can check them."""
-
-    number: int
-    size: int
-    etag: str
-    md5: str = ""
-    digests: Mapping[str, str] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RemoteItem:
-    """One file on a remote archive, as listed for a pull. ``digests`` maps an algorithm to a hex digest
-    the archive published (e.g. ``{"md5": ...}``); ``ref`` is adapter-private (a key, a UUID, a URL)."""
-
-    rel: str
-    size: int | None
-    digests: dict[str, str]
-    ref: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class PlainGet:
-    """A GET that needs nothing but its URL and headers. ``what`` names it in messages (never the URL: a
-    signed URL's query is a credential). ``timeout`` bounds every socket wait (connect and each read)."""
-
-    url: str
-    what: str
-    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    ssl_context: ssl.SSLContext | None = None
-    timeout: float = 120.0
-
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class SessionPlan:
-    """What one push session moves (:meth:`Adapter.open_session`).
-
-    :param items: the files, in walk order (at most ``features.session_items``, one session group).
-    :param saved: ``rel`` -> the resume state journaled for it by an earlier session (``done``/``note``).
-    :param rate: bytes per second this session may use (its share of ``--bwlimit``); None: no limit.
-    :param last_try: no further session for these items follows in this run.
-    """
-
-    items: tuple[Item, ...]
-    saved: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
-    rate: float | None = None
-    last_try: bool = False
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Fetch:
-    """One file of a pull session: its bytes go to ``part`` (under the plan's ``root``), which may already
-    hold a prefix of them (``offset`` bytes) to continue from."""
-
-    item: RemoteItem
-    part: Path
-    offset: int = 0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class FetchPlan:
-    """What one pull session fetches (:meth:`Adapter.open_fetch_session`); fields as :class:`SessionPlan`."""
-
-    root: Path
-    fetches: tuple[Fetch, ...]
-    rate: float | None = None
-    last_try: bool = False
-
-
-class SessionProgress(Protocol):
-    """How a session reports (see "Sessions" in the module docstring). The synchronous methods must be quick;
-    they may be called from a transport's progress callback."""
-
-    def moved(self, rel: str, n: int) -> None:
-        """``n`` more bytes of ``rel`` moved (``rel`` may be ``""``: a session total)."""
-
-    def done(self, rel: str, state: Mapping[str, Any] | None = None) -> None:
-        """``rel`` is complete on the far side; ``state`` (secret-free) is journaled with it."""
-
-    def failed(self, rel: str, error: DepoError) -> None:
-        """``rel`` failed in this session (retried when ``error`` is transient)."""
-
-    async def note(self, state: Mapping[str, Any]) -> None:
-        """Journal ``state`` as the resume state of every item of the session not yet done; returns once it
-        is committed, so it survives a kill that follows."""
+from asyncdepo.contract.values import (
+    ByteSource,
+    Chunk,
+    FetchPlan,
+    Item,
+    Part,
+    PartInfo,
+    PlainGet,
+    RemoteItem,
+    SessionPlan,
+    SessionProgress,
+)
 
 
 class SessionWriter(ABC):
@@ -245,7 +27,7 @@ class SessionWriter(ABC):
 
     @abstractmethod
     async def send(self, progress: SessionProgress) -> None:
-        """Move every item of the plan, reporting through ``progress``; see "Sessions" for what returning
+        """Move every item of the plan, reporting through ``progress``; see "Sessions" in :mod:`asyncdepo.contract` for what returning
         and raising mean. Cancellation stops the transport (a child process is reaped) before it returns.
 
         :raises DepoError: the session failed (AuthError: the job cannot go on).
@@ -258,7 +40,7 @@ class SessionReader(ABC):
     @abstractmethod
     async def fetch(self, progress: SessionProgress) -> None:
         """Write every fetch's bytes to its ``part``, reporting through ``progress`` (``done`` once a part
-        holds the whole file); see "Sessions".
+        holds the whole file); see "Sessions" in :mod:`asyncdepo.contract`.
 
         :raises DepoError: the session failed (AuthError: the job cannot go on).
         """
@@ -278,7 +60,7 @@ class Features:
     :param max_parts: most parts one multipart upload may have.
     :param max_concurrency: cap on concurrent requests to this target (None: the engine's --transfers).
     :param part_streams: with ``multipart``, parts go to ``write_part_stream`` as streams instead of
-        buffers (see the module docstring); not used with ``--compress`` (a compressed stream cannot be
+        buffers (see :mod:`asyncdepo.contract`); not used with ``--compress`` (a compressed stream cannot be
         re-read by range).
     :param chunk_digests: digests the adapter needs for every chunk or part before it is sent (e.g.
         ``("crc64nvme",)`` for an S3 checksum header, ``("crc32",)`` for tus Upload-Checksum).
@@ -287,7 +69,7 @@ class Features:
     :param pull: the adapter can list and read remote items.
     :param any_name: the target can store a file whose name is not valid UTF-8 (any bytes Linux allows);
         without it such a file fails on its own (an S3 key, a JSON API's path must be UTF-8).
-    :param sessions: pushes go in sessions of many items (:meth:`Adapter.open_session`); see "Sessions".
+    :param sessions: pushes go in sessions of many items (:meth:`Adapter.open_session`); see "Sessions" in :mod:`asyncdepo.contract`.
     :param pull_sessions: pulls go in sessions of many items (:meth:`Adapter.open_fetch_session`).
     :param session_items: most items in one session.
     :param session_bytes: most bytes in one session (None: no limit; a larger single item goes alone).
