@@ -116,7 +116,9 @@ class _Coordinator(Books):
             self.channel = None
         if self.spec is not None:
             with contextlib.suppress(Exception):
-                await sweep(self.client, self.spec.topic + "-", plugins=False)
+                # the job's prefix, not only this run's topic: a batch task of a killed earlier run may still
+                # have been running on a worker when this run started, and written its checkpoint since
+                await sweep(self.client, f"asyncdepo-{self.spec.job}-", plugins=False)
 
     # -- a pass ----------------------------------------------------------------------------------------
     async def _rate(self) -> float | None:
