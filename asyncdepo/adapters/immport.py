@@ -272,19 +272,20 @@ class ImmportAdapter(Adapter):
         url = f"{base or self.endpoints.api}{path}"
         what = what or f"{method} {path}"
 
+        async def send() -> Any:
+            token = await self._current_token()
+            return token, await self.http.request(method, url, json=json,
+                                                  headers={"Authorization": f"bearer {token}"})
+
         async def once() -> Any:
-            for attempt in range(2):
-                token = await self._current_token()
-                headers = {"Authorization": f"bearer {token}"}
-                r = await self.http.request(method, url, json=json, headers=headers)
-                if r.status == 401 and attempt == 0:
-                    await self._renew(token)  # expired (or revoked): log in again, then repeat
-                    continue
-                if r.status >= 400:
-                    raise status_error(r.status, message_of(r.body), what=what,
-                                     retry_after=r.headers.get("retry-after"))
-                return _json(r, what)
-            raise AssertionError("unreachable")
+            token, r = await send()
+            if r.status == 401:  # expired (or revoked): not a retry but a new token, then the same request
+                await self._renew(token)
+                _, r = await send()
+            if r.status >= 400:
+                raise status_error(r.status, message_of(r.body), what=what,
+                                   retry_after=r.headers.get("retry-after"))
+            return _json(r, what)
 
         return await self.pacer.call(once)
 

@@ -299,17 +299,23 @@ class S3Writer(ChunkWriter):
         missing = [a for a, v in sent.items() if not v]
         if missing:  # the engine computes Features.chunk_digests for every part: a broken contract
             raise errors.PermanentError(f"{what}: the part's {', '.join(missing)} was not computed")
-        for attempt in (1, 2):
+        used: list[str] = []  # the upload each attempt went into
+
+        async def put() -> Any:
             self._check_not_lost(what)
-            upload_id = await self._ensure_upload()
-            try:
-                etag, reported = await self.adapter.put_data(self.key, body, part.size, sent, what,
-                                                             (upload_id, number))
-                break
-            except errors.TransientError as exc:
-                if s3_code(exc) != "NoSuchUpload" or attempt == 2 or not isinstance(body, memoryview):
-                    raise  # a stream is spent: the engine retries with a new one (and a new upload)
-                await self._vanished(upload_id, what)  # a new upload if no part is lost; else raises
+            used.append(await self._ensure_upload())
+            return await self.adapter.put_data(self.key, body, part.size, sent, what, (used[-1], number))
+
+        try:
+            etag, reported = await put()
+        except errors.TransientError as exc:
+            if s3_code(exc) != "NoSuchUpload" or not used or not isinstance(body, memoryview):
+                raise  # a stream is spent: the engine retries with a new one (and a new upload)
+            # not a retry (that is the pacer's): the upload vanished; the part goes once into a new one when
+            # no confirmed part was lost with it (else _vanished raises and the item starts over)
+            await self._vanished(used[-1], what)
+            etag, reported = await put()
+        upload_id = used[-1]
         self._verify(what, sent, etag, reported)
         info = PartInfo(number=number, size=part.size, etag=etag.strip('"'), md5=sent.get("md5", ""),
                         digests={a: v for a, v in sent.items() if a != "md5"})
