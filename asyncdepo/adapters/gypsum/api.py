@@ -34,6 +34,7 @@ from asyncdepo.transport.failures import boundary, status_error
 from asyncdepo.transport.httpbody import client_session, request_timeout
 from asyncdepo.transport.pacer import Pacer
 
+CONNECTIONS = 64  # concurrent connections to one server (the engine's --transfers bounds the PUTs in flight)
 TOKEN_HINT = "set GITHUB_TOKEN (or ASYNCDEPO_GYPSUM_TOKEN) to a GitHub token with the read:user and read:org scopes"
 
 
@@ -72,27 +73,19 @@ def map_status(status: int, reason: str, what: str, retry_after: str | None = No
 class GypsumClient:
     """Calls to one gypsum server. ``async with GypsumClient(server, token) as c:``."""
 
-    def __init__(self, server: str, token: str | None = None, *, pacer: Pacer | None = None,
-                 session: aiohttp.ClientSession | None = None, connections: int = 64) -> None:
+    def __init__(self, server: str, token: str | None = None, *, pacer: Pacer | None = None) -> None:
         self.base = normalize_server(server)
         self._token = token
         self.pacer = pacer or Pacer()
-        self.session = session
-        self._own_session = session is None
-        self._connections = connections
-
-    @property
-    def has_token(self) -> bool:
-        return bool(self._token)
+        self.session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Self:
         if self.session is None:
-            self.session = client_session(limit=self._connections)
-            self._own_session = True
+            self.session = client_session(limit=CONNECTIONS)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._own_session and self.session is not None:
+        if self.session is not None:
             await self.session.close()
             self.session = None
 
@@ -215,18 +208,6 @@ class GypsumClient:
     async def probation(self, action: str, project: str, asset: str, version: str) -> None:
         key = "/".join(quote(x, safe="") for x in (project, asset, version))
         await self.call("POST", f"/probation/{action}/{key}", auth="user")
-
-    async def refresh_latest(self, project: str, asset: str) -> str | None:
-        body = await self.call("POST", f"/refresh/latest/{quote(project, safe='')}/{quote(asset, safe='')}",
-                               auth="user")
-        return (body or {}).get("version")
-
-    async def refresh_usage(self, project: str) -> int:
-        body = await self.call("POST", f"/refresh/usage/{quote(project, safe='')}", auth="user")
-        return int((body or {}).get("total", 0))
-
-    async def remove(self, *names: str) -> None:
-        await self.call("DELETE", "/remove/" + "/".join(quote(n, safe="") for n in names), auth="user")
 
     async def unlock(self, project: str) -> None:
         await self.call("DELETE", f"/unlock/{quote(project, safe='')}", auth="user")
