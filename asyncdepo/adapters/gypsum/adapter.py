@@ -149,8 +149,6 @@ class GypsumAdapter(Adapter):
         """(watch) The batch of the version an earlier run started and did not complete: resumed through its
         session file when the lock still names it, started again when it was discarded; [] when none, or
         when the server shows it finished (it completed before the journal heard so)."""
-        if not self.watch:
-            return []
         chain = self.chain
         await self.find_session()  # also the session of a start whose answer the journal never recorded
         if not chain.open or self.session is not None:
@@ -204,9 +202,6 @@ class GypsumAdapter(Adapter):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.client.__aexit__(*exc)
-
-    def _keys(self) -> tuple[str, str]:
-        return self.client.base, f"{self.project}/{self.asset}/{self.version}"
 
     async def find_session(self) -> None:
         """Take up the session of an interrupted upload of this target when the project's lock still
