@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import anyio
 import pytest
 
 from asyncdepo.adapters.gypsum import checks
@@ -289,19 +290,21 @@ async def test_a_lost_abort_answer_is_checked_against_the_bucket(sim: SimServer,
     assert not sessions_of(tmp_path)
 
 
-@pytest.mark.parametrize("keep", [False, True])
-async def test_a_completion_refused_after_a_retry_is_aborted_unless_kept(sim: SimServer, tmp_path: Path,
-                                                                         keep: bool) -> None:
-    """The first completion never reaches the server (503), the second is refused (403) and the version is
-    not finished: the refusal stands; the upload is aborted, or kept for a re-run with --keep-for-resume."""
+@pytest.mark.parametrize(("keep", "retried"), [(False, True), (True, True), (False, False)])
+async def test_a_completion_refused_is_aborted_unless_kept(sim: SimServer, tmp_path: Path, keep: bool,
+                                                           retried: bool) -> None:
+    """A completion refused (403) the first time, or after a first one that never reached the server (503)
+    while the version is not finished: the refusal stands; the upload is aborted, or kept for a re-run with
+    --keep-for-resume."""
     src = tmp_path / "src"
     files = write_tree(src, some_files())
-    sim.faults.add("POST /upload/complete/* status=503 first=1")
+    if retried:
+        sim.faults.add("POST /upload/complete/* status=503 first=1")
     sim.faults.add("POST /upload/complete/* status=403 first=1")
     report = await run_push(make(sim, tmp_path, "v1", keep_for_resume=keep), src, tmp_path)
     assert not report.ok and report.files_done == len(files)
     assert report.failures == [("(job)", "gypsum complete proj/asset/v1 failed with HTTP 403: Forbidden")]
-    assert sim.faults.statuses["POST /upload/complete/{project}/{asset}/{version}"] == 2
+    assert sim.faults.statuses["POST /upload/complete/{project}/{asset}/{version}"] == 1 + retried
     root = bucket(sim)
     if keep:
         assert (root / "proj/..LOCK").exists() and len(sessions_of(tmp_path)) == 1
@@ -529,5 +532,24 @@ async def test_a_push_without_a_version_and_a_copy_without_a_session(tmp_path: P
     assert await target.handoff() == {}  # nothing started: nothing for the workers
     target.take_handoff({})
     assert target.session is None
+    target.restore_job_state({"watch": {"base": "a", "next": 3}})  # not a watch: the session file is the truth
+    assert target.version is None and target.chain.next == 1
     assert await GypsumAdapter("http://127.0.0.1:9", "p", "a", "v", watch=True).finish(False) == {
         "gypsum": "p/a/v", "files in the batch": 0, "state": "discarded (its files go in the next version)"}
+
+
+async def test_a_project_created_with_a_quota_on_the_command_line_refuses_what_does_not_fit(
+        sim: SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from asyncdepo.cli import gypsum as cli
+
+    monkeypatch.setenv("ASYNCDEPO_GYPSUM_URL", sim.url)
+    monkeypatch.setenv("ASYNCDEPO_GYPSUM_TOKEN", ADMIN)
+    argv = ["create", "small", "--owner", "olivia", "--baseline", "2000", "--growth-rate", "0"]
+    assert await anyio.to_thread.run_sync(cli.group_main, argv) == 0  # the CLI runs its own loop
+    quota = json.loads((bucket(sim) / "small/..quota").read_text())
+    assert quota["baseline"] == 2000 and quota["growth_rate"] == 0
+    src = tmp_path / "src"
+    write_tree(src, some_files(size=1000))
+    err = await push_error(make(sim, tmp_path, "v1", project="small"), src, tmp_path)
+    assert isinstance(err, QuotaError) and "only 2.00 kB is left" in str(err), err
+    assert START not in sim.faults.requests
