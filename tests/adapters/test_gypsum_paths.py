@@ -25,7 +25,8 @@ from asyncdepo.adapters.gypsum.session import SessionRecord, SessionStore
 from asyncdepo.config import EngineConfig
 from asyncdepo.contract import Item, RemoteItem
 from asyncdepo.engine.pull import pull
-from asyncdepo.engine.scheduler import RunReport, push
+from asyncdepo.engine.report import RunReport
+from asyncdepo.engine.scheduler import push
 from asyncdepo.errors import (
     AuthError,
     ConflictError,
@@ -80,7 +81,7 @@ async def sim(tmp_path: Path) -> AsyncIterator[SimServer]:
 
 
 def bucket(sim: SimServer) -> Path:
-    return sim.app[gsim.STATE_KEY].bucket.root  # type: ignore[no-any-return]
+    return sim.app[gsim.STATE_KEY].bucket.root
 
 
 def stored(sim: SimServer, version: str) -> dict[str, bytes]:

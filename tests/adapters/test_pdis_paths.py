@@ -16,7 +16,8 @@ import pytest
 
 from asyncdepo.adapters.pdis import Metadata, PdisAdapter, PdisClient, normalize_server
 from asyncdepo.config import EngineConfig
-from asyncdepo.engine.scheduler import RunReport, push
+from asyncdepo.engine.report import RunReport
+from asyncdepo.engine.scheduler import push
 from asyncdepo.errors import (
     PermanentError,
     RemoteValidationError,
@@ -43,7 +44,7 @@ async def sim(tmp_path: Path) -> AsyncIterator[SimServer]:
 
 
 def state(sim: SimServer) -> simpdis.PdisState:
-    return sim.app[simpdis.PDIS_STATE]  # type: ignore[no-any-return]
+    return sim.app[simpdis.PDIS_STATE]
 
 
 def submissions(sim: SimServer, owner: str = ALICE) -> list[simpdis.Submission]:
