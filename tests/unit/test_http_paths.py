@@ -25,6 +25,7 @@ from asyncdepo.errors import PermanentError, SourceChangedError, TransientError
 from asyncdepo.sim.proxy import FaultProxy
 from asyncdepo.transport import httpget
 from asyncdepo.transport.bandwidth import TokenBucket
+from asyncdepo.transport.failures import message_of, parse_retry_after
 from asyncdepo.transport.httpbody import SourcePayload, ViewPayload, form_file_payload
 from tests.conftest import start_over
 from tests.unit.test_httpbody import BLOCK, DATA, ReusingSource, post, run, sink_for
@@ -299,3 +300,17 @@ def test_idle_block_buffers_are_bounded() -> None:
     pool.give(b)  # over the bound: dropped, not kept
     assert pool.take() is a
     assert pool.take() is not b
+
+
+# -- the status table's helpers (pure parsing) --------------------------------------------------------------
+def test_retry_after_values_that_are_numbers_or_dates_without_a_zone() -> None:
+    assert parse_retry_after(2.5) == 2.5
+    assert parse_retry_after(-3) == 0.0  # never a negative wait
+    # "-0000" is a date whose zone is unknown: read as UTC; long past, so no wait
+    assert parse_retry_after("Thu, 01 Jan 2015 00:00:00 -0000") == 0.0
+
+
+def test_a_json_error_body_without_a_message_gives_no_text() -> None:
+    assert message_of(b"[1, 2]") == ""
+    assert message_of(b'{"code": 17}') == ""
+    assert message_of(b'{"detail": "quota used up"}') == "quota used up"
