@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from asyncdepo.adapters.local import PART_SUFFIX, LocalAdapter
+from asyncdepo.cli import main as cli_main
 from asyncdepo.contract import RemoteItem
 from asyncdepo.digests import digest_bytes
 from asyncdepo.errors import DiskFullError, PermanentError, SourceError, TransientError, UsageError
@@ -203,3 +205,33 @@ async def test_pull_from_a_vanished_directory_or_file_names_it(tmp_path: Path) -
                 pass
         assert str(info.value) == f"cannot list {root}: No such file or directory"
 
+
+
+def test_a_push_to_a_read_only_target_fails_each_file_once_and_the_next_run_finishes(
+    disk: Disk, tmp_path: Path, journal: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    files = {"a.bin": os.urandom(70 * KiB), "sub/b.bin": os.urandom(30 * KiB)}
+    for rel, data in files.items():
+        (src / rel).write_bytes(data)
+    argv = ["push", str(src), f"file://{disk.path}", "--journal", str(journal), "--chunk-size", "32K"]
+    disk.remount("ro")
+    try:
+        assert cli_main(argv) == 1
+    finally:
+        disk.remount("rw")
+    err = capsys.readouterr().err
+    for rel in files:
+        assert f"failed: {rel}: open {rel}{PART_SUFFIX}: Read-only file system" in err, err
+    assert "0 retries" in err and "retrying" not in err  # refused for good: not retried
+    db = sqlite3.connect(journal)
+    try:
+        states = dict(db.execute("SELECT rel, state FROM items").fetchall())
+    finally:
+        db.close()
+    assert states == {"a.bin": "failed", "sub/b.bin": "failed"}
+    assert list(disk.path.iterdir()) == []
+    assert cli_main(argv) == 0
+    for rel, data in files.items():
+        assert (disk.path / rel).read_bytes() == data
