@@ -6,8 +6,10 @@ a termination the server refuses, servers that cannot take our uploads."""
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -16,6 +18,7 @@ from aiohttp import web
 from yarl import URL
 
 from asyncdepo.adapters.tus import TusAdapter
+from asyncdepo.cli import main as cli_main
 from asyncdepo.contract import Item
 from asyncdepo.errors import OffsetMismatchError, TransferError, TransientError, UsageError
 from asyncdepo.sim import tus as tus_sim
@@ -299,3 +302,33 @@ def test_url_forms() -> None:
     adapter = TusAdapter("tus+https://h:8443?tenant=a")
     assert adapter.endpoint == "https://h:8443/files/?tenant=a"
     assert adapter.describe() == "tus+https://h:8443/files/"
+
+
+def test_a_file_changed_after_a_failed_run_replaces_its_upload_on_resume(
+    threaded_tus: Any, tmp_path: Path, journal: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(os.urandom(3 * CHUNK))
+    url = f"tus+http://127.0.0.1:{threaded_tus.server.port}/files/"
+    # every attempt of the run finds the server busy: the item fails, its upload journaled for a resume
+    threaded_tus.faults.add("PATCH /files/* status=503 first=3")
+    argv = ["push", str(src), url, "--journal", str(journal), "--chunk-size", "64K", "--retries", "0",
+            "--request-attempts", "1"]
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err
+    assert "failed: a.bin: " in err and "503" in err, err
+    db = sqlite3.connect(journal)
+    try:
+        job, state, remote = db.execute("SELECT job, state, remote FROM items WHERE rel='a.bin'").fetchone()
+    finally:
+        db.close()
+    assert state == "failed"
+    old = orjson.loads(remote)["location"]
+    new = os.urandom(5 * CHUNK)
+    (src / "a.bin").write_bytes(new)  # the file changed (another size) before the failed item is retried
+    assert cli_main(["resume", job, "--journal", str(journal)]) == 0, capsys.readouterr().err
+    assert (threaded_tus.store / "complete" / "a.bin").read_bytes() == new
+    assert threaded_tus.faults.requests["DELETE /files/{upload_id}"] == 1  # the old version's upload ended
+    info = orjson.loads((threaded_tus.store / "uploads" / f"{URL(old).name}.json").read_bytes())
+    assert info["terminated"] is True
