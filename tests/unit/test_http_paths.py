@@ -87,6 +87,36 @@ def test_a_source_that_grows_at_a_block_boundary_never_sends_its_last_byte(tmp_p
     assert sink.received and all(len(r) < 2 * BLOCK and r == DATA[: len(r)] for r in sink.received)
 
 
+def test_a_source_iterated_by_a_plain_async_iterator_arrives_intact(tmp_path: Path) -> None:
+    """A ByteSource need not be an async generator: an iterator object without ``aclose`` is streamed too."""
+    sink, ctx = sink_for("http", tmp_path)
+
+    class Blocks:
+        def __init__(self) -> None:
+            self.at = 0
+
+        def __aiter__(self) -> Blocks:
+            return self
+
+        async def __anext__(self) -> memoryview:
+            if self.at >= len(DATA):
+                raise StopAsyncIteration
+            self.at += BLOCK
+            return memoryview(DATA)[self.at - BLOCK : self.at]
+
+    class PlainSource:
+        def __init__(self) -> None:
+            self.size: int | None = len(DATA)
+            self.digests: dict[str, str] = {}
+
+        def __aiter__(self) -> Blocks:
+            return Blocks()
+
+    with sink:
+        answer = run("asyncio", lambda: post(sink.url, SourcePayload(PlainSource()), ctx))
+    assert answer == {"sha256": hashlib.sha256(DATA).hexdigest(), "size": len(DATA)}
+
+
 async def test_a_streamed_body_is_sent_once_and_neither_body_decodes(tmp_path: Path) -> None:
     """A SourcePayload consumed by one request refuses a second (the engine retries with a new source)."""
     got: list[bytes] = []
