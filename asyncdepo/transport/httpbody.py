@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -145,19 +145,18 @@ class SourcePayload(payload.Payload):
       a body writer still running. So the final byte is held back (copied) while the source finishes.
     * The source is iterated through one ``__aiter__`` call (a ByteSource may refuse a second one), and the
       payload is marked consumed so aiohttp never replays it (the engine retries with a fresh source).
-    * ``on_bytes(n)`` is called per block sent. ``stall``: see :class:`Outlet`.
+    * ``stall``: see :class:`Outlet`.
 
     :raises SourceChangedError: the source yielded more or fewer bytes than its declared size.
     """
 
     def __init__(self, source: ByteSource, content_type: str = "application/octet-stream",
-                 on_bytes: Callable[[int], Any] | None = None, *, head: bytes = b"", tail: bytes = b"",
+                 *, head: bytes = b"", tail: bytes = b"",
                  stall: float | None = None, what: str = "request body", **kw: Any) -> None:
         super().__init__(source, content_type=content_type, **kw)
         self._source = source
         self._head, self._tail = head, tail
         self._size = None if source.size is None else len(head) + source.size + len(tail)
-        self._on_bytes = on_bytes
         self._stall, self._what = stall, what
         self._written = False
 
@@ -188,10 +187,8 @@ class SourcePayload(payload.Payload):
                     if await _next(it) is not None:
                         raise SourceChangedError(f"{self._what}: the source grew while it was read")
                     await out.send(final)
-                    self._sent(len(block))
                     return
                 await out.send(block)
-                self._sent(len(block))
                 if left is not None:
                     left -= len(block)
             if left:
@@ -200,10 +197,6 @@ class SourcePayload(payload.Payload):
             close = getattr(it, "aclose", None)
             if close is not None:
                 await close()
-
-    def _sent(self, n: int) -> None:
-        if self._on_bytes is not None:
-            self._on_bytes(n)
 
     async def write_with_length(self, writer: Any, content_length: int | None) -> None:
         # aiohttp >= 3.12 calls this; the source's own size bounds what we send

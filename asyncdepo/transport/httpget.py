@@ -212,8 +212,7 @@ def _open(spec: PlainGet, offset: int, stop: _Stop) -> tuple[http.client.HTTPCon
 class _Sink:
     """Where the body goes: drop a prefix the server sent anyway, hash, append, report progress now and then."""
 
-    def __init__(self, fd: int, hasher: MultiHash, on_bytes: Callable[[int], None], skip: int,
-                 part: Path | None = None) -> None:
+    def __init__(self, fd: int, hasher: MultiHash, on_bytes: Callable[[int], None], skip: int, part: Path) -> None:
         self.fd, self.hasher, self.on_bytes, self.skip = fd, hasher, on_bytes, skip
         self.part = part
         self.written = self.unreported = 0
@@ -235,7 +234,7 @@ class _Sink:
             while view:  # a write may be short (a disk filling up writes what fits first)
                 view = view[os.write(self.fd, view):]
         except OSError as exc:
-            if exc.errno not in DISK_FULL or self.part is None:
+            if exc.errno not in DISK_FULL:
                 raise
             raise disk_error(f"write {self.part.name}", exc, self.part.parent) from None
         self.written += len(data)

@@ -41,6 +41,11 @@ class TLSStream:
         self.tls = context.wrap_bio(self._in, self._out, server_hostname=hostname)
         self._view = memoryview(mmap.mmap(-1, RAW))  # page-aligned, as httpget's block buffer
         self._failed: OSError | None = None
+        # readers made by makefile() still open, and whether close() was asked for: as a socket does, the
+        # connection stays open while a reader needs it (http.client closes a "Connection: close" connection
+        # right after reading the head, handing it over to the response, which reads the body afterwards)
+        self._readers = 0
+        self._closing = False
         # blocking, the kernel enforcing the timeout: one system call per receive (a Python timeout polls first)
         timeout = sock.gettimeout()
         sock.settimeout(None)
@@ -134,13 +139,22 @@ class TLSStream:
     def makefile(self, mode: str = "rb", buffering: int = -1, **_: Any) -> io.BufferedReader:
         if "r" not in mode or "b" not in mode:
             raise ValueError(f"TLSStream.makefile: mode {mode!r} (only binary reading)")
+        self._readers += 1
         return io.BufferedReader(_Reader(self), buffering if buffering > 0 else io.DEFAULT_BUFFER_SIZE)
 
     def shutdown(self, how: int) -> None:
         self.raw.shutdown(how)
 
     def close(self) -> None:
-        self.raw.close()
+        """Close the connection, or, while a reader from :meth:`makefile` is open, once the last one closes."""
+        self._closing = True
+        if self._readers <= 0:
+            self.raw.close()
+
+    def _reader_closed(self) -> None:
+        self._readers -= 1
+        if self._closing and self._readers <= 0:
+            self.raw.close()
 
 
 class _Reader(io.RawIOBase):
@@ -154,6 +168,11 @@ class _Reader(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         return self._stream.recv_into(memoryview(buffer).cast("B"))
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()
+            self._stream._reader_closed()
 
 
 def set_timeouts(sock: socket.socket, timeout: float | None, *, send: bool = True) -> None:
