@@ -20,7 +20,7 @@ import dataclasses
 import os
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -196,22 +196,15 @@ class Problem:
         return f"{self.field}: {self.message}"
 
 
-def _is_type(value: Any, name: str) -> bool:
-    if name == "null":
-        return value is None
-    if name == "string":
-        return isinstance(value, str)
-    if name == "boolean":
-        return isinstance(value, bool)
-    if name == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if name == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if name == "array":
-        return isinstance(value, list)
-    if name == "object":
-        return isinstance(value, dict)
-    raise AssertionError(f"unknown schema type {name}")
+_TYPES: dict[str, Callable[[Any], bool]] = {
+    "null": lambda v: v is None,
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+}
 
 
 def _pattern(text: str) -> re.Pattern[str]:
@@ -221,13 +214,13 @@ def _pattern(text: str) -> re.Pattern[str]:
 
 
 def _check(value: Any, rule: Schema, path: str, out: list[Problem]) -> None:
-    types = rule.get("type")
-    if types is not None:
-        names = (types,) if isinstance(types, str) else tuple(types)
-        if not any(_is_type(value, t) for t in names):
-            wanted = " or ".join("null" if t == "null" else f"a{'n' if t[0] in 'aeio' else ''} {t}" for t in names)
-            out.append(Problem(path, f"must be {wanted}, not {type(value).__name__ if value is not None else 'null'}"))
-            return
+    # every rule of SCHEMA names its type(s), and every array rule its items
+    types = rule["type"]
+    names = (types,) if isinstance(types, str) else tuple(types)
+    if not any(_TYPES[t](value) for t in names):
+        wanted = " or ".join("null" if t == "null" else f"a{'n' if t[0] in 'aeio' else ''} {t}" for t in names)
+        out.append(Problem(path, f"must be {wanted}, not {type(value).__name__ if value is not None else 'null'}"))
+        return
     if "enum" in rule and value not in rule["enum"]:
         shown = [v for v in rule["enum"] if v is not None]
         choices = ", ".join(map(str, shown)) if len(shown) <= 15 else "a two-letter ISO 3166 country code"
@@ -251,9 +244,8 @@ def _check(value: Any, rule: Schema, path: str, out: list[Problem]) -> None:
     elif isinstance(value, list):
         if "minItems" in rule and len(value) < rule["minItems"]:
             out.append(Problem(path, f"must have at least {rule['minItems']} item(s)"))
-        if "items" in rule:
-            for i, item in enumerate(value):
-                _check(item, rule["items"], f"{path}[{i}]", out)
+        for i, item in enumerate(value):
+            _check(item, rule["items"], f"{path}[{i}]", out)
     elif isinstance(value, dict):
         for key in rule.get("required", ()):
             if key not in value:
