@@ -9,7 +9,8 @@ The access token (a Globus Transfer bearer token) is held by the client and sent
 ``Authorization`` header; messages are built from Globus's ``code``/``message`` fields and the resource path.
 
 Errors: 401/403 -> AuthError, 404 -> RemoteValidationError (unknown endpoint or task), 409 -> ConflictError,
-429/5xx/network -> TransientError (retried per request), a task that ends ``FAILED`` -> PermanentError with
+429/5xx/network and a success answered without a JSON object -> TransientError (retried per request), an answer
+without the submission or task id it must hold -> PermanentError, a task that ends ``FAILED`` -> PermanentError with
 its ``fatal_error``. A Globus task retries faulted files itself, so a task's faults are reported, not retried.
 """
 
@@ -87,16 +88,19 @@ class GlobusClient:
                                                  timeout=request_timeout(0)) as resp:
                     try:
                         data = await resp.json(content_type=None)
-                    except ValueError:
-                        data = {}
-                    if not isinstance(data, dict):
-                        data = {}
+                    except ValueError:  # not JSON: e.g. a proxy's own page
+                        data = None
                     if resp.status >= 400:
-                        text = ": ".join(str(data[k]) for k in ("code", "message") if data.get(k)) or resp.reason
+                        fields = data if isinstance(data, dict) else {}
+                        text = ": ".join(str(fields[k]) for k in ("code", "message") if fields.get(k)) or resp.reason
                         raise status_error(resp.status, str(text or ""), what=what,
                                            retry_after=resp.headers.get("Retry-After"), hints={
                                                errors.AuthError: "give a valid Globus Transfer access token in "
                                                                  "GLOBUS_TRANSFER_TOKEN"})
+                    if not isinstance(data, dict):  # an empty or foreign answer: the next try may get the real one
+                        raise errors.TransientError(f"{what}: HTTP {resp.status} answered "
+                                                    f"{resp.content_type or 'no content type'}, not a JSON object",
+                                                    status=resp.status)
                     return resp.status, data
 
         return await self.pacer.call(once)
@@ -110,6 +114,8 @@ class GlobusClient:
         """Submit one transfer of ``items``; returns the task id. Safe to call again after a crash: with
         ``sync_level="checksum"`` files already at the destination are skipped."""
         _, sub = await self._call("GET", "submission_id")
+        if not sub.get("value"):
+            raise errors.PermanentError(f"Globus answered no submission id: {sub}")
         body = {
             "DATA_TYPE": "transfer",
             "submission_id": sub["value"],
