@@ -152,12 +152,10 @@ class EmpiarAdapter(Adapter):
     async def prepare(self, items: list[tuple[Item, dict[str, str]]]) -> set[str]:
         """Create the entry (or re-deposit the known one) and upload the thumbnail.
 
-        :raises ConflictError: the entry was submitted already, or EMPIAR moved it to another directory.
+        :raises ConflictError: EMPIAR refuses to re-deposit a submitted entry (the CLI refuses a deposition
+            its journal says was submitted before this runs), or names another directory for the entry.
         """
         st, dep = self.state, self.dep
-        if st.phase == "submitted":
-            raise errors.ConflictError(f"entry {st.entry_id} was already submitted as {st.empiar_id}",
-                                       hint="add --new to create another entry")
         if st.entry_id is None:
             entry = await self.api.create(dep.doc)
             self.say("info", f"EMPIAR entry {entry.entry_id} created; its data directory is {entry.directory}")
@@ -182,18 +180,20 @@ class EmpiarAdapter(Adapter):
         if ok and st.entry_id is not None:
             if st.phase == "created":
                 st.phase = "uploaded"
-            for kind, grants in dep.rights.items():  # granting again is harmless; a rerun may name new grantees
-                if grants:
-                    await self.api.grant_rights(st.entry_id, kind, grants)
-                    self.say("info", f"rights granted to {', '.join(grants)}")
-                    st.phase = "granted" if st.phase == "uploaded" else st.phase
-            if dep.submit and st.phase != "submitted":
+            # each kind holds one grantee at least (the CLI drops an empty list); granting again is harmless,
+            # and a rerun may name new grantees
+            for kind, grants in dep.rights.items():
+                await self.api.grant_rights(st.entry_id, kind, grants)
+                self.say("info", f"rights granted to {', '.join(grants)}")
+                st.phase = "granted" if st.phase == "uploaded" else st.phase
+            # never "submitted" here: prepare() re-deposits first, which EMPIAR refuses for a submitted entry
+            if dep.submit:
                 accession = await self.api.submit(st.entry_id)
                 st.empiar_id = accession or st.empiar_id
                 st.phase = "submitted"
                 self.say("info", f"entry {st.entry_id} submitted" + (
                     f": accession {accession}" if accession else " (EMPIAR says it already was)"))
-            elif not dep.submit:
+            else:
                 self.say("info", f"data uploaded; entry {st.entry_id} (directory {st.directory}) not submitted (-s)")
         return {"entry_id": st.entry_id, "directory": st.directory, "phase": st.phase, "empiar_id": st.empiar_id,
                 "via": dict(st.via)}
