@@ -6,6 +6,9 @@ is told."""
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import pytest
 from asyncdepo import errors
 from asyncdepo.adapters.empiar.depositor import Credentials, EmpiarApi
 from asyncdepo.adapters.globus import GlobusClient, TransferItem
+from asyncdepo.cli import empiar as cli
 from asyncdepo.sim import empiar as empiar_sim
 from asyncdepo.sim import globus as globus_sim
 from asyncdepo.sim.datasets import make_png, sample_deposition
@@ -23,6 +27,8 @@ from asyncdepo.sim.faults import FaultInjector
 from asyncdepo.sim.proxy import FaultProxy
 from asyncdepo.sim.server import SimServer
 from asyncdepo.transport.pacer import Pacer, RetryPolicy
+from tests.cli.test_empiar_cli import World, tree_md5, world  # noqa: F401 - world is a fixture
+from tests.cli.test_session_jobs import CLI, _post, killed, only_job
 from tests.fakeclock import FakeClock
 
 API = "/empiar/deposition/api/"
@@ -202,3 +208,145 @@ async def test_globus_cancel_that_fails_stays_quiet(globus: SimServer, http: aio
     assert globus.faults.injected() == 3  # every try of the cancel was refused
     await client.cancel("no-such-task")  # 404: nothing to cancel, nothing raised
     state.hold.set()
+
+
+# -- the adapter, run by the CLI against the simulators and the stand-in ascp ---------------------------------
+def _create_entry(world: World) -> empiar_sim.Entry:  # noqa: F811 - world is the fixture
+    request = urllib.request.Request(world.empiar.url + API + "deposit_entry/", method="POST",
+                                     data=json.dumps(sample_deposition("data/x")).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": "Token sim-token"})
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        entry_id = json.loads(resp.read())["entry_id"]
+    return world.state.entries[entry_id]
+
+
+def said_in(out: str) -> list[tuple[str, str]]:
+    """The messages of a ``--json`` run's events: (level, text)."""
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return [(e["level"], e["text"]) for e in events if e["event"] == "message"]
+
+
+def test_resume_option_naming_another_directory_is_refused(world: World,  # noqa: F811
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    entry = _create_entry(world)
+    assert cli.push_main(world.argv("-r", str(entry.entry_id), "ELSEWHERE")) == 4
+    err = capsys.readouterr().err
+    assert (f"EMPIAR names directory {entry.directory} for entry {entry.entry_id}; the files were sent to "
+            "ELSEWHERE") in err
+    assert f"add -r {entry.entry_id} {entry.directory}" in err
+    assert world.sessions() == [] and not any(world.state.upload_area(entry).iterdir())  # nothing sent
+    assert entry.redeposits == 1 and not entry.submitted
+
+
+def test_nested_image_sets_deep_extras_and_a_name_ascp_cannot_list(world: World,  # noqa: F811
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    data = world.tmp / "DATA"
+    files = {"grid1/set/a.mrc": 70_000, "grid1/set/b.mrc": 5, "grid1/logs/deep/run.log": 300,
+             "grid2/set/c.mrc": 1000, "README": 12}
+    for rel, size in files.items():
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_bytes(rel.encode() * (size // len(rel)) + b"x" * (size % len(rel)))
+    (data / "grid1/set/two\nlines.mrc").write_bytes(b"a line break in its name")
+    world.json.write_text(json.dumps(sample_deposition("data/grid1/set", "data/grid2/set")))
+    argv = world.argv("--json")
+    argv[-1] = str(data)
+    argv.remove("-q")
+    assert cli.push_main(argv) == 1  # one file failed: the others are there, the entry is not submitted
+    entry = world.only_entry()
+    assert not entry.submitted
+    landed = tree_md5(world.state.upload_area(entry))
+    assert landed == {k: v for k, v in tree_md5(data).items() if "\n" not in k}
+    events = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    report = next(e for e in events if e["event"] == "job_finished")["report"]
+    assert report["failures"] == [{"rel": "grid1/set/two\nlines.mrc",
+                                   "error": "'grid1/set/two\\nlines.mrc': a name with a line break cannot be sent "
+                                            "by ascp or Globus"}]
+    # one ascp session per image set, one for the files beside them in grid1 (logs/deep/run.log goes with
+    # grid1's extras), one for README at the top
+    assert sorted(report["summary"]["via"]) == ["+extra:", "+extra:grid1", "grid1/set", "grid2/set"]
+    assert sorted(s["files"] for s in world.sessions()) == [1, 1, 1, 2]
+
+
+def test_failed_and_unknown_globus_tasks_of_an_earlier_run_are_replaced(world: World,  # noqa: F811
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert world.globus.server is not None
+    sim = globus_sim.state_of(world.globus.server.app)
+    argv = world.argv(*world.globus_argv(), "--bwlimit", "50M", "--json")
+    argv[argv.index("-a") + 1] = str(world.tmp / "no-ascp")  # no ascp: every file goes by Globus
+    sim.fail_tasks = 3  # every session's task ends FAILED
+    assert cli.push_main(argv) == 1
+    said = said_in(capsys.readouterr().out)
+    assert said.count(("warning", ("--bwlimit does not apply to Globus transfers: Globus copies between its "
+                                  "endpoints"))) == 1  # said once, not per session
+    failed = {t.task_id for t in sim.tasks.values()}
+    assert len(failed) == 3 and all(t.status == "FAILED" for t in sim.tasks.values())
+    assert not world.only_entry().submitted
+
+    # the rerun looks each earlier task up: one lookup is refused (404, as for a task Globus no longer
+    # knows), the others say FAILED; their files go in new tasks
+    world.globus.server.faults.add("GET /v0.10/task/* status=404 first=1")
+    assert cli.push_main(argv) == 0
+    entry = world.only_entry()
+    assert entry.submitted and tree_md5(world.uploaded(entry)) == tree_md5(world.data)
+    assert only_job(world.journal)["state"] == "done"
+    new = [t for t in sim.tasks.values() if t.task_id not in failed]
+    assert new and all(t.status == "SUCCEEDED" for t in new)
+    total = sum(p.stat().st_size for p in world.data.rglob("*") if p.is_file())
+    assert sum(t.bytes_transferred for t in new) == total
+    assert world.globus.server.faults.injected() == 1
+
+
+def test_rerun_waits_for_the_active_task_of_a_killed_run(world: World) -> None:  # noqa: F811
+    assert world.globus.server is not None
+    sim = globus_sim.state_of(world.globus.server.app)
+    sim.hold.clear()  # tasks stay ACTIVE until released
+    argv = world.argv(*world.globus_argv())
+    argv[argv.index("-a") + 1] = str(world.tmp / "no-ascp")
+    argv[argv.index("--transfers") + 1] = "1"
+    argv[argv.index("-q")] = "--json"
+    assert killed(["push", "empiar", *argv], None, lambda: sim.polled.wait(120))
+    (first,) = sim.tasks.values()  # the first session's task, its id journaled before the wait
+    assert only_job(world.journal)["state"] == "running"
+    sim.polled.clear()
+    rerun = subprocess.Popen([*CLI, "push", "empiar", *argv], text=True,  # the same command: the same job
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert sim.polled.wait(120)  # the rerun asked for the earlier task while it was still ACTIVE
+        assert first.status == "ACTIVE"
+        _post(world.globus.url + "/_sim/globus", {"hold": False})
+        out, err = rerun.communicate(timeout=180)
+    finally:
+        if rerun.poll() is None:
+            rerun.kill()
+            rerun.wait()
+    assert rerun.returncode == 0, err
+    assert ("info", f"waiting for Globus task {first.task_id}, started by an earlier run") in said_in(out)
+    tasks = list(sim.tasks.values())
+    assert all(t.status == "SUCCEEDED" for t in tasks)
+    total = sum(p.stat().st_size for p in world.data.rglob("*") if p.is_file())
+    assert sum(t.bytes_transferred for t in tasks) == total  # the earlier task's files were not sent again
+    entry = world.only_entry()
+    assert entry.submitted and tree_md5(world.uploaded(entry)) == tree_md5(world.data)
+    assert only_job(world.journal)["state"] == "done"
+
+
+# -- the adapter's own refusals (no request is made) ----------------------------------------------------------
+async def test_adapter_refuses_what_it_cannot_do(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    from asyncdepo.adapters.empiar import adapter as EA
+    from asyncdepo.adapters.empiar.schema import Layout
+    from asyncdepo.contract import Item
+
+    dep = EA.Deposition({}, tmp_path / "d.json", Layout(tmp_path, "", (), ()))
+    with pytest.raises(errors.UsageError) as info:
+        EA.EmpiarAdapter(None, dep)
+    assert str(info.value) == "EMPIAR needs ascp or a Globus endpoint (-g) to send the files"
+
+    route = EA.GlobusRoute(GlobusClient(http, "globus-token"), SRC_EP, DEST_EP)
+    adapter = EA.EmpiarAdapter(None, dep, globus=route, server="https://empiar.example/api/")
+    lane = adapter.fallback()
+    assert lane is not None and lane.describe() == adapter.describe() == f"https://empiar.example/api/ {dep.json_path}"
+    item = Item(str(tmp_path / "f.mrc"), "f.mrc", 1, 0)
+    for one in (adapter, lane):  # the engine sends EMPIAR's files in sessions only
+        with pytest.raises(errors.UsageError) as info:
+            await one.open_item(item, None)
+        assert str(info.value) == "EMPIAR takes files in sessions (ascp or Globus), not one by one"
