@@ -15,17 +15,14 @@ _loaded = False
 
 
 def load_builtins() -> None:
-    """Import the built-in URL-scheme adapters so they register themselves; missing optional deps are skipped."""
+    """Import the built-in URL-scheme adapters so they register themselves. Their modules import only
+    required dependencies; an optional one (aiobotocore for ``s3``) is imported on first use."""
     global _loaded
     if _loaded:
         return
     _loaded = True
     for name in BUILTINS:
-        try:
-            importlib.import_module(f"asyncdepo.adapters.{name}")
-        except ModuleNotFoundError as exc:  # an optional dependency (e.g. aiobotocore) is absent
-            if exc.name and exc.name.startswith("asyncdepo") and exc.name != f"asyncdepo.adapters.{name}":
-                raise
+        importlib.import_module(f"asyncdepo.adapters.{name}")
 
 
 def lookup(scheme: str) -> AdapterFactory | None:
