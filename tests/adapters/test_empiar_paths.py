@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -82,8 +83,26 @@ async def test_redeposit_whose_answer_is_lost_is_sent_again(empiar: SimServer, h
         api = EmpiarApi(http, proxy.url, Credentials(token="sim-token"), pacer=fast())
         assert await api.redeposit(sample_deposition("data/a", "data/b"), entry.entry_id) == entry
     stored = entries(empiar)[entry.entry_id]
-    assert stored.redeposits == 2  # the lost one and the retry: re-depositing the same metadata is harmless
+    # the lost one and the one sent again (a PUT: aiohttp itself repeats it on a reset connection)
+    assert stored.redeposits == 2
     assert [s["directory"] for s in stored.metadata["imagesets"]] == ["data/a", "data/b"]
+
+
+async def test_thumbnail_cut_on_the_wire_is_sent_again(empiar: SimServer, http: aiohttp.ClientSession,
+                                                       tmp_path: Path) -> None:
+    entry = await EmpiarApi(http, empiar.url, Credentials(token="sim-token")).create(sample_deposition("data/a"))
+    thumb = tmp_path / "thumb.png"
+    thumb.write_bytes(make_png(420, 400))
+    async with FaultProxy(("127.0.0.1", empiar.port)) as proxy:
+        proxy.faults.add(f"POST {API}image_upload/ drop after=100 first=1")  # a POST: aiohttp does not repeat it
+        retried: list[str] = []
+        pacer = Pacer(RetryPolicy(attempts=3), clock=FakeClock(), on_retry=lambda ev: retried.append(str(ev.error)))
+        await EmpiarApi(http, proxy.url, Credentials(token="sim-token"), pacer=pacer).upload_thumbnail(
+            entry.entry_id, thumb)
+    assert proxy.faults.injected() == 1 and len(retried) == 1
+    assert retried[0].startswith("EMPIAR POST image_upload/: ")
+    stored = empiar_sim.state_of(empiar.app).root / "thumbnails" / f"{entry.entry_id}.png"
+    assert stored.read_bytes() == thumb.read_bytes()
 
 
 async def test_proxy_error_page_and_empty_answers_are_retried(empiar: SimServer,
@@ -350,3 +369,13 @@ async def test_adapter_refuses_what_it_cannot_do(tmp_path: Path, http: aiohttp.C
         with pytest.raises(errors.UsageError) as info:
             await one.open_item(item, None)
         assert str(info.value) == "EMPIAR takes files in sessions (ascp or Globus), not one by one"
+
+
+def test_builtin_adapters_load_without_the_optional_s3_dependency(tmp_path: Path) -> None:
+    """aiobotocore (the ``s3`` extra) absent: every built-in scheme still registers (it is imported on first
+    use only), so pushes to the other targets work."""
+    code = ("import sys\nsys.modules['aiobotocore'] = None  # as if not installed: its import fails\n"
+            "from asyncdepo import adapters\nprint(' '.join(adapters.schemes()))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["file", "s3", "tus+http", "tus+https"]
