@@ -9,6 +9,7 @@ import argparse
 import json
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -326,13 +327,22 @@ def test_rerun_waits_for_the_active_task_of_a_killed_run(world: World) -> None: 
     assert killed(["push", "empiar", *argv], None, lambda: sim.polled.wait(120))
     (first,) = sim.tasks.values()  # the first session's task, its id journaled before the wait
     assert only_job(world.journal)["state"] == "running"
-    sim.polled.clear()
-    rerun = subprocess.Popen([*CLI, "push", "empiar", *argv], text=True,  # the same command: the same job
+    # the rerun (all sessions at once: whichever starts first) asks for that task's status: the request is
+    # held at the simulator until the test has seen it; the task is still ACTIVE then
+    faults = world.globus.server.faults
+    asked = threading.Event()
+    faults.on_stall.append(lambda _: asked.set())
+    faults.add(f"GET /v0.10/task/{first.task_id} stall first=1")
+    argv[argv.index("--transfers") + 1] = "3"
+    rerun = subprocess.Popen([*CLI, "push", "empiar", *argv], text=True,  # the same deposition: the same job
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert sim.polled.wait(120)  # the rerun asked for the earlier task while it was still ACTIVE
+        assert asked.wait(120)
         assert first.status == "ACTIVE"
-        _post(world.globus.url + "/_sim/globus", {"hold": False})
+        request = urllib.request.Request(world.globus.url + "/_sim/faults", method="DELETE")
+        with urllib.request.urlopen(request, timeout=30):  # the status request goes on (answered ACTIVE) ...
+            pass
+        _post(world.globus.url + "/_sim/globus", {"hold": False})  # ... and then the tasks may run
         out, err = rerun.communicate(timeout=180)
     finally:
         if rerun.poll() is None:
