@@ -335,8 +335,6 @@ class S3Adapter(Adapter):
             with anyio.fail_after(request_deadline(nbytes)):
                 result: dict[str, Any] = await getattr(client, op)(Bucket=self.bucket, **params)
                 return result
-        except errors.DepoError:
-            raise
         except Exception as exc:  # noqa: BLE001 - the error boundary: everything is mapped
             raise map_s3_error(exc, what) from None
 
@@ -476,8 +474,6 @@ class S3Adapter(Adapter):
                     # per-read deadline: a stalled body is retried (and resumed) by the engine
                     with anyio.fail_after(120):
                         data = await body.read(MiB)
-                except errors.DepoError:
-                    raise
                 except Exception as exc:  # noqa: BLE001 - the error boundary: everything is mapped
                     raise map_s3_error(exc, what) from None
                 if not data:

@@ -33,7 +33,6 @@ import aiohttp.payload
 import anyio
 from yarl import URL
 
-from asyncdepo import errors
 from asyncdepo.contract import ByteSource
 from asyncdepo.transport.httpbody import SourcePayload, ViewPayload
 from asyncdepo.transport.s3errors import map_error_response, map_s3_error, parse_s3_xml
@@ -205,8 +204,6 @@ class FastPath:
                     lower = {k.lower(): v for k, v in resp.headers.items()}
                     if resp.status < 300:
                         return lower.get("etag", ""), lower
-        except errors.DepoError:
-            raise
         except Exception as exc:  # noqa: BLE001 - the error boundary: everything is mapped
             raise map_s3_error(exc, what) from None
         code, message = parse_s3_xml(raw)
