@@ -260,12 +260,13 @@ class S3Adapter(Adapter):
         if self._client is not None:
             return self._client
         async with self._client_lock:
-            if self._client is None:
-                try:
-                    await self._open_client()
-                except Exception as exc:  # noqa: BLE001 - the error boundary: everything is mapped
-                    raise map_s3_error(exc, f"connecting to {self.describe()}") from None
-        return self._client
+            if self._client is not None:
+                return self._client  # another call created it while this one waited for the lock
+            try:
+                await self._open_client()
+            except Exception as exc:  # noqa: BLE001 - the error boundary: everything is mapped
+                raise map_s3_error(exc, f"connecting to {self.describe()}") from None
+            return self._client
 
     async def _open_client(self) -> None:
         from aiobotocore.config import AioConfig

@@ -71,12 +71,12 @@ class S3Calls(Protocol):
     checksum: str | None
     md5: bool
 
-    def where(self, key: str) -> str: ...
-
     async def call(self, op: str, what: str, nbytes: int = 0, **params: Any) -> dict[str, Any]: ...
 
     async def put_data(self, key: str, body: memoryview | ByteSource, size: int, digests: Mapping[str, str],
                        what: str, upload: tuple[str, int] | None = None) -> tuple[str, dict[str, str]]: ...
+
+    def where(self, key: str) -> str: ...
 
 
 class S3Writer(ChunkWriter):
@@ -232,22 +232,23 @@ class S3Writer(ChunkWriter):
         if self.upload_id is not None:
             return self.upload_id
         async with self._create_lock:
-            if self.upload_id is None:
-                if self.sweep:
-                    await self._abort_unknown()
-                    self.sweep = False
-                extra: dict[str, Any] = {}
-                if self.algo:
-                    extra = {"ChecksumAlgorithm": self.algo.upper(), "ChecksumType": "FULL_OBJECT"}
-                try:
-                    response = await self.adapter.call(
-                        "create_multipart_upload", f"CreateMultipartUpload {self.where}", Key=self.key, **extra
-                    )
-                except BaseException:
-                    self.sweep = True  # the request may have created an upload whose answer we never got
-                    raise
-                self.upload_id = str(response["UploadId"])
-        return self.upload_id
+            if self.upload_id is not None:
+                return self.upload_id  # another part created it while this one waited for the lock
+            if self.sweep:
+                await self._abort_unknown()
+                self.sweep = False
+            extra: dict[str, Any] = {}
+            if self.algo:
+                extra = {"ChecksumAlgorithm": self.algo.upper(), "ChecksumType": "FULL_OBJECT"}
+            try:
+                response = await self.adapter.call(
+                    "create_multipart_upload", f"CreateMultipartUpload {self.where}", Key=self.key, **extra
+                )
+            except BaseException:
+                self.sweep = True  # the request may have created an upload whose answer we never got
+                raise
+            self.upload_id = str(response["UploadId"])
+            return self.upload_id
 
     async def _abort_unknown(self) -> None:
         """Abort every multipart upload S3 holds for this key (ListMultipartUploads, 1,000 a page): called
