@@ -121,8 +121,10 @@ class FastPath:
     def _learn(self, request: Any, **_: Any) -> None:
         """botocore's prepared request -> the URL base and signing region (never the headers' secrets).
 
-        The keys being sent through botocore are in ``expecting``; the URL must end with one of them,
-        encoded as botocore encodes keys, else nothing is learned.
+        The keys being sent through botocore are in ``expecting``; the URL must end with exactly one of
+        them, encoded as botocore encodes keys, else nothing is learned (the next request may teach it): with
+        ``b`` and ``a/b`` in flight, ``.../bucket/a/b`` could be either, and a base learned from the wrong
+        one would send every later object to another key.
         """
         if self.base is not None or not self.enabled:
             return
@@ -131,12 +133,11 @@ class FastPath:
             auth = request.headers.get("Authorization") or b""
             auth = auth.decode() if isinstance(auth, bytes) else str(auth)
             match = _SCOPE.search(auth)
-            for key in self.expecting:
-                encoded = quote(key, safe="/~")
-                if match and url.endswith("/" + encoded):
-                    self.base = url[: len(url) - len(encoded)]
-                    self.signer = SigV4(match.group(1))
-                    return
+            bases = [url[: len(url) - len(encoded)] for key in self.expecting
+                     if url.endswith("/" + (encoded := quote(key, safe="/~")))]
+            if match and len(bases) == 1:
+                self.base = bases[0]
+                self.signer = SigV4(match.group(1))
         except Exception:  # learning is best effort: without it, requests keep going through botocore
             log.debug("s3 fast path: could not learn the endpoint", exc_info=True)
 
