@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import pytest
 
 from asyncdepo import errors
@@ -24,6 +25,7 @@ from asyncdepo.adapters.s3 import S3Adapter, multipart_etag
 from asyncdepo.contract import Chunk, Item, Part, RemoteItem
 from asyncdepo.engine.api import file_source
 from asyncdepo.sim.proxy import FaultProxy
+from asyncdepo.transport.s3errors import s3_code
 from tests.adapters.s3_helpers import (
     PART,
     Cfg,
@@ -111,6 +113,14 @@ async def test_handoff_freezes_a_profile_for_the_workers(aws_profile: str, moto_
     assert read_back(moto_server, bucket, "w/h.bin")[0] == data
 
 
+async def test_handoff_of_keys_given_to_the_adapter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_REGION", "ca-central-1")
+    adapter = S3Adapter("s3://b/p", Cfg(), {"aws_access_key_id": "AKID", "aws_secret_access_key": "s3cr3t"})
+    assert await adapter.handoff() == {"aws_access_key_id": "AKID", "aws_secret_access_key": "s3cr3t",
+                                       "region": "ca-central-1"}
+    assert "s3cr3t" not in repr(adapter)
+
+
 async def test_handoff_without_any_credentials_is_an_auth_error(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                  "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
@@ -130,11 +140,13 @@ async def test_an_unknown_profile_is_a_usage_error(aws_profile: str) -> None:
     assert "--profile" in (info.value.hint or "")
 
 
+@pytest.mark.parametrize("body", ["stream", "buffer"])
 async def test_a_redirect_turns_the_fast_path_off_and_botocore_sends_the_rest(
-        aws_profile: str, moto_server: S3TestServer, tmp_path: Path) -> None:
+        aws_profile: str, moto_server: S3TestServer, tmp_path: Path, body: str) -> None:
     """With a profile the fast path learns the endpoint from botocore's first PutObject. A redirect answer
     (301) to a fast UploadPart turns it off: a streamed part is spent, so it fails (transient) and is sent
-    again through botocore, as is everything after it; the object arrives intact."""
+    again through botocore; a buffered one goes through botocore at once. Everything after goes through
+    botocore, and the object arrives intact."""
     bucket = moto_server.new_bucket()
     data = payload(PART + 4321, seed=71)
     src = tmp_path / "big.bin"
@@ -150,10 +162,14 @@ async def test_a_redirect_turns_the_fast_path_off_and_botocore_sends_the_rest(
         proxy.faults.add("PUT * status=301 first=1")
         w = await ad.open_item(item, None)
         first = Part(1, 0, PART, {"crc64nvme": crc(data[:PART])}, False)
-        with pytest.raises(errors.TransientError, match="redirected"):
+        if body == "stream":
+            with pytest.raises(errors.TransientError, match="redirected"):
+                await w.write_part_stream(first, file_source(src, length=PART, expect=item))
+            assert not ad._fast.ready
             await w.write_part_stream(first, file_source(src, length=PART, expect=item))
-        assert not ad._fast.ready
-        await w.write_part_stream(first, file_source(src, length=PART, expect=item))
+        else:
+            await w.write_part(parts_of(data)[0])
+            assert not ad._fast.ready
         await w.write_part(parts_of(data)[1])
         await w.complete({"crc64nvme": crc(data)}, len(data))
         assert proxy.faults.statuses == {f"PUT /{bucket}/r/big.bin": 1}
@@ -167,6 +183,107 @@ async def test_a_refused_connection_is_transient_naming_the_call() -> None:
                          endpoint_url="http://127.0.0.1:9", fast_path=False) as ad:
         with pytest.raises(errors.TransientError, match=r"ListObjectsV2 s3://b/p/: connection failed"):
             [x async for x in ad.list_remote()]
+
+
+async def test_the_first_control_calls_at_once_share_one_client(moto_server: S3TestServer) -> None:
+    """Keys and an endpoint at hand: the adapter starts without botocore; two items that start multipart
+    uploads at the same moment create one client between them, and both objects arrive."""
+    bucket = moto_server.new_bucket()
+    blobs = {f"m{i}.bin": payload(PART + i, seed=90 + i) for i in range(2)}
+    async with opened(moto_server, f"s3://{bucket}/m") as ad:
+        assert ad._client is None
+        writers = {rel: await ad.open_item(item_for(rel, data), None) for rel, data in blobs.items()}
+
+        async def one(rel: str) -> None:
+            await send_parts(writers[rel], parts_of(blobs[rel]))
+            await writers[rel].complete({"crc64nvme": crc(blobs[rel])}, len(blobs[rel]))
+
+        async with anyio.create_task_group() as tg:
+            for rel in blobs:
+                tg.start_soon(one, rel)
+        client = ad._client
+        assert client is not None and await ad.client() is client
+    for rel, data in blobs.items():
+        assert read_back(moto_server, bucket, f"m/{rel}")[0] == data
+
+
+async def test_without_an_endpoint_objects_are_presigned_for_aws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No endpoint: S3 itself, virtual-hosted addressing; the presigned GET is made locally."""
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    async with S3Adapter("s3://lab-data/run", Cfg(), {"aws_access_key_id": "AKID", "aws_secret_access_key": "s"},
+                         region="eu-west-1") as ad:
+        assert ad.describe() == "s3://lab-data/run"
+        got = await ad.plain_get(RemoteItem(rel="a b.bin", size=1, digests={}))
+    assert got.url.startswith("https://lab-data.s3.amazonaws.com/run/a%20b.bin?")
+    assert "%2Feu-west-1%2Fs3%2F" in got.url and "X-Amz-Signature=" in got.url
+    assert got.what == "GetObject s3://lab-data/run/a b.bin"
+
+
+async def test_an_https_endpoint_with_a_private_ca(moto_server: S3TestServer, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """An endpoint over TLS whose certificate only ``AWS_CA_BUNDLE`` trusts: botocore's control calls and
+    the fast path's PUTs both verify it, and the objects arrive."""
+    import asyncio
+    import ssl
+
+    from tests.tlscert import self_signed
+
+    cert, key = self_signed(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
+    host, _, port = moto_server.endpoint_url.removeprefix("http://").rpartition(":")
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+    tls = await asyncio.start_server(relay, "127.0.0.1", 0, ssl=server_ctx)
+    endpoint = f"https://127.0.0.1:{tls.sockets[0].getsockname()[1]}"
+    bucket = moto_server.new_bucket()
+    small, big = payload(3000, seed=95), payload(PART + 5, seed=96)
+    try:
+        async with opened(moto_server, f"s3://{bucket}/tls", endpoint) as ad:
+            w = await ad.open_item(item_for("small.bin", small), None)
+            await w.write(chunk(small, 0, len(small), 0, len(small)))
+            w = await ad.open_item(item_for("big.bin", big), None)
+            await send_parts(w, parts_of(big))
+            await w.complete({"crc64nvme": crc(big)}, len(big))
+            assert ad._fast is not None and ad._fast.ready and ad._client is not None
+    finally:
+        tls.close()
+    assert read_back(moto_server, bucket, "tls/small.bin")[0] == small
+    assert read_back(moto_server, bucket, "tls/big.bin")[0] == big
+
+
+async def test_an_endpoint_on_the_default_port_is_signed_without_it(rclone_server: S3TestServer) -> None:
+    """An endpoint on port 80 (as S3's own are on 443): the fast path's Host header, and so its signature,
+    carry no port, which rclone checks."""
+    host, _, port = rclone_server.endpoint_url.removeprefix("http://").rpartition(":")
+    proxy = FaultProxy((host, int(port)), port=80)
+    try:
+        await proxy.start()
+    except OSError as exc:
+        pytest.skip(f"port 80 is not available here: {exc}")
+    bucket = rclone_server.new_bucket()
+    data = payload(3000, seed=98)
+    try:
+        async with opened(rclone_server, f"s3://{bucket}/p80", "http://127.0.0.1") as ad:
+            w = await ad.open_item(item_for("f.bin", data), None)
+            await w.write(chunk(data, 0, len(data), 0, len(data)))
+            assert ad._client is None  # the fast path sent it
+    finally:
+        await proxy.stop()
+    assert proxy.faults.requests == {f"PUT /{bucket}/p80/f.bin": 1}
+    assert read_back(rclone_server, bucket, "p80/f.bin")[0] == data
 
 
 # -- pull ----------------------------------------------------------------------------------------------------
@@ -263,6 +380,29 @@ async def test_parts_without_a_digest_or_of_another_size_are_sent_again(moto_ser
     assert read_back(server, bucket, "j/grown.bin")[0] == grown
 
 
+async def test_a_changed_part_size_aborts_the_journaled_upload_and_starts_over(moto_server: S3TestServer) -> None:
+    """Parts journaled at 5 MiB, the next run sends 6 MiB parts (another --chunk-size): the first part that
+    shows the new size aborts the journaled upload (transient); reopened, the item is sent whole."""
+    bucket = moto_server.new_bucket()
+    data = payload(3 * PART, seed=97)
+    item = item_for("size.bin", data)
+    async with opened(moto_server, f"s3://{bucket}/z") as ad:
+        w = await ad.open_item(item, None)
+        await send_parts(w, parts_of(data)[:2])
+        saved = w.state()
+        w = await ad.open_item(item, saved)
+        assert sorted(w.parts) == [1, 2]
+        bigger = parts_of(data, 6 * MiB)
+        with pytest.raises(errors.TransientError, match="part size changed since the last run"):
+            await w.write_part(bigger[1])
+        assert not uploads(moto_server, bucket) and w.parts == {}
+        w = await ad.open_item(item, saved)
+        assert w.parts == {} and w.upload_id is None
+        await send_parts(w, bigger)
+        await w.complete({"crc64nvme": crc(data)}, len(data))
+    assert read_back(moto_server, bucket, "z/size.bin")[0] == data
+
+
 # -- uploads that vanish, orphans ------------------------------------------------------------------------------
 async def test_an_upload_vanishing_before_any_part_is_replaced(rclone_server: S3TestServer) -> None:
     """The upload is aborted on the server (a lifecycle rule) between its creation and the first part:
@@ -317,6 +457,9 @@ async def test_discard_without_a_journal_row_leaves_uploads_alone(moto_server: S
         await ad.discard("x.bin", None)
         assert [u["UploadId"] for u in uploads(moto_server, bucket)] == [upload_id]
         await ad.discard("x.bin", {})
+        assert not uploads(moto_server, bucket)
+        journaled = moto_server.client().create_multipart_upload(Bucket=bucket, Key="d/y.bin")["UploadId"]
+        await ad.discard("y.bin", {"key": "d/y.bin", "upload_id": journaled})
     assert not uploads(moto_server, bucket)
 
 
@@ -402,6 +545,47 @@ async def test_complete_without_a_reported_checksum_asks_head_and_survives_its_f
         assert proxy.faults.statuses == {f"HEAD /{bucket}/h/h.bin": 1}
     assert result["crc64nvme"] == crc(data)
     assert read_back(server, bucket, "h/h.bin")[0] == data
+
+
+async def test_complete_meeting_no_such_upload_looks_at_the_object_and_fails_without_it(
+        rclone_server: S3TestServer) -> None:
+    """The upload is aborted on the server (a lifecycle rule) just before Complete: NoSuchUpload; HEAD finds
+    no object, so the error stands (transient: the engine reopens the item) and the writer forgets the
+    upload; the reopened item is sent whole."""
+    server = rclone_server
+    bucket = server.new_bucket()
+    data = payload(PART + 100, seed=86)
+    client = server.client()
+    async with opened(server, f"s3://{bucket}/n", checksum="none", md5=True) as ad:
+        item = item_for("n.bin", data)
+        w = await ad.open_item(item, None)
+        await send_parts(w, parts_of(data))
+        saved = w.state()
+        client.abort_multipart_upload(Bucket=bucket, Key="n/n.bin", UploadId=saved["upload_id"])
+        with pytest.raises(errors.TransientError, match="NoSuchUpload") as info:
+            await w.complete({"md5": md5(data)}, len(data))
+        assert s3_code(info.value) == "NoSuchUpload" and w.parts == {} and w.upload_id is None
+        w = await ad.open_item(item, saved)
+        assert w.parts == {}
+        await send_parts(w, parts_of(data))
+        await w.complete({"md5": md5(data)}, len(data))
+    assert read_back(server, bucket, "n/n.bin")[0] == data
+
+
+async def test_a_part_answer_with_another_checksum_is_an_integrity_error(moto_server: S3TestServer) -> None:
+    """UploadPart's answer reports another checksum than the part carried (falsified on the way back): the
+    part is not confirmed (IntegrityError, retried by the engine); sent again, it is."""
+    bucket = moto_server.new_bucket()
+    data = payload(PART + 60, seed=87)  # its first part's base64 checksum has a hex digit for the proxy to change
+    async with behind_proxy(moto_server) as proxy, opened(moto_server, f"s3://{bucket}/g", proxy.url) as ad:
+        w = await ad.open_item(item_for("g.bin", data), None)
+        proxy.faults.add("PUT * digest first=1")
+        with pytest.raises(errors.IntegrityError, match="S3 reports crc64nvme"):
+            await w.write_part(parts_of(data)[0])
+        assert w.parts == {}
+        await send_parts(w, parts_of(data))
+        await w.complete({"crc64nvme": crc(data)}, len(data))
+    assert read_back(moto_server, bucket, "g/g.bin")[0] == data
 
 
 # -- the writer's contract with the engine ----------------------------------------------------------------------

@@ -98,3 +98,31 @@ def test_trimming_a_client_without_the_private_attributes_changes_nothing() -> N
     trim_per_request_work(bare)
     trim_per_request_work(plain)
     assert vars(bare) == {} and plain._user_agent_creator.to_string() == "botocore/x"
+
+
+@pytest.mark.parametrize("url", ["s3:///prefix", "s3://Bad_Bucket!/p", "s3://"])
+def test_a_url_without_a_valid_bucket_is_a_usage_error(url: str) -> None:
+    from asyncdepo.adapters.s3 import parse_s3_url
+
+    with pytest.raises(errors.UsageError, match="no valid bucket") as info:
+        parse_s3_url(url)
+    assert info.value.hint == "use s3://BUCKET/PREFIX"
+
+
+def test_an_unknown_checksum_is_a_usage_error_naming_the_choices() -> None:
+    from asyncdepo.adapters.s3 import S3Adapter
+
+    with pytest.raises(errors.UsageError, match="--s3-checksum 'sha1': choose from crc64nvme, crc32c, crc32, none"):
+        S3Adapter("s3://b/p", None, checksum="sha1")
+
+
+@pytest.mark.parametrize(("endpoint", "shown"), [
+    (None, "s3://b/p"),
+    ("https://key:secret@s3.lab.example.org/?token=x", "s3://b/p at https://s3.lab.example.org"),
+    ("http://[::1]:9000/base/", "s3://b/p at http://[::1]:9000/base"),
+])
+def test_the_description_shows_the_endpoint_without_credentials(endpoint: str | None, shown: str) -> None:
+    from asyncdepo.adapters.s3 import S3Adapter
+
+    adapter = S3Adapter("s3://b/p/", None, endpoint_url=endpoint)
+    assert adapter.describe() == shown and adapter.pool_size == 64
