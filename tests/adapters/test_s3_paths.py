@@ -22,6 +22,7 @@ import pytest
 
 from asyncdepo import errors
 from asyncdepo.adapters.s3 import S3Adapter, multipart_etag
+from asyncdepo.adapters.s3.writer import S3Writer
 from asyncdepo.contract import Chunk, Item, Part, RemoteItem
 from asyncdepo.engine.api import file_source
 from asyncdepo.sim.proxy import FaultProxy
@@ -57,6 +58,12 @@ async def opened(server: S3TestServer, url: str, endpoint: str | None = None,
                  **kw: Any) -> AsyncIterator[S3Adapter]:
     async with S3Adapter(url, Cfg(), server.secrets, endpoint_url=endpoint or server.endpoint_url, **kw) as ad:
         yield ad
+
+
+async def writer_for(adapter: S3Adapter, item: Item, saved: dict[str, Any] | None = None) -> S3Writer:
+    writer = await adapter.open_item(item, saved)
+    assert isinstance(writer, S3Writer)
+    return writer
 
 
 def uploads(server: S3TestServer, bucket: str) -> list[dict[str, Any]]:
@@ -107,7 +114,7 @@ async def test_handoff_freezes_a_profile_for_the_workers(aws_profile: str, moto_
     assert (worker.profile, worker.region) == (None, "eu-west-1")
     data = payload(3000, seed=70)
     async with worker:
-        w = await worker.open_item(item_for("h.bin", data), None)
+        w = await writer_for(worker, item_for("h.bin", data), None)
         await w.write(chunk(data, 0, len(data), 0, len(data)))
         await w.complete({"md5": md5(data)}, len(data))
     assert read_back(moto_server, bucket, "w/h.bin")[0] == data
@@ -156,11 +163,11 @@ async def test_a_redirect_turns_the_fast_path_off_and_botocore_sends_the_rest(
     async with behind_proxy(moto_server) as proxy, S3Adapter(f"s3://{bucket}/r", Cfg(), profile=aws_profile,
                                                              endpoint_url=proxy.url) as ad:
         small = payload(2000, seed=72)
-        w = await ad.open_item(item_for("small.bin", small), None)
+        w = await writer_for(ad, item_for("small.bin", small), None)
         await w.write(chunk(small, 0, len(small), 0, len(small)))  # through botocore: the fast path learns
         assert ad._fast is not None and ad._fast.ready
         proxy.faults.add("PUT * status=301 first=1")
-        w = await ad.open_item(item, None)
+        w = await writer_for(ad, item, None)
         first = Part(1, 0, PART, {"crc64nvme": crc(data[:PART])}, False)
         if body == "stream":
             with pytest.raises(errors.TransientError, match="redirected"):
@@ -192,7 +199,7 @@ async def test_the_first_control_calls_at_once_share_one_client(moto_server: S3T
     blobs = {f"m{i}.bin": payload(PART + i, seed=90 + i) for i in range(2)}
     async with opened(moto_server, f"s3://{bucket}/m") as ad:
         assert ad._client is None
-        writers = {rel: await ad.open_item(item_for(rel, data), None) for rel, data in blobs.items()}
+        writers = {rel: await writer_for(ad, item_for(rel, data), None) for rel, data in blobs.items()}
 
         async def one(rel: str) -> None:
             await send_parts(writers[rel], parts_of(blobs[rel]))
@@ -252,9 +259,9 @@ async def test_an_https_endpoint_with_a_private_ca(moto_server: S3TestServer, tm
     small, big = payload(3000, seed=95), payload(PART + 5, seed=96)
     try:
         async with opened(moto_server, f"s3://{bucket}/tls", endpoint) as ad:
-            w = await ad.open_item(item_for("small.bin", small), None)
+            w = await writer_for(ad, item_for("small.bin", small), None)
             await w.write(chunk(small, 0, len(small), 0, len(small)))
-            w = await ad.open_item(item_for("big.bin", big), None)
+            w = await writer_for(ad, item_for("big.bin", big), None)
             await send_parts(w, parts_of(big))
             await w.complete({"crc64nvme": crc(big)}, len(big))
             assert ad._fast is not None and ad._fast.ready and ad._client is not None
@@ -277,7 +284,7 @@ async def test_an_endpoint_on_the_default_port_is_signed_without_it(rclone_serve
     data = payload(3000, seed=98)
     try:
         async with opened(rclone_server, f"s3://{bucket}/p80", "http://127.0.0.1") as ad:
-            w = await ad.open_item(item_for("f.bin", data), None)
+            w = await writer_for(ad, item_for("f.bin", data), None)
             await w.write(chunk(data, 0, len(data), 0, len(data)))
             assert ad._client is None  # the fast path sent it
     finally:
@@ -321,13 +328,13 @@ async def test_listparts_failing_on_reopen_is_raised_and_the_next_reopen_resumes
     data = payload(2 * PART + 10, seed=74)
     item = item_for("lp.bin", data)
     async with behind_proxy(moto_server) as proxy, opened(moto_server, f"s3://{bucket}/j", proxy.url) as ad:
-        w = await ad.open_item(item, None)
+        w = await writer_for(ad, item, None)
         await send_parts(w, parts_of(data)[:2])
         saved = w.state()
         proxy.faults.add("GET * status=500 first=1")
         with pytest.raises(errors.TransientError, match=f"ListParts s3://{bucket}/j/lp.bin failed with HTTP 500"):
-            await ad.open_item(item, saved)
-        w = await ad.open_item(item, saved)
+            await writer_for(ad, item, saved)
+        w = await writer_for(ad, item, saved)
         assert sorted(w.parts) == [1, 2]
         await w.write_part(parts_of(data)[2])
         await w.complete({"crc64nvme": crc(data)}, len(data))
@@ -341,7 +348,7 @@ async def test_a_journaled_upload_without_parts_is_reused(moto_server: S3TestSer
     upload_id = moto_server.client().create_multipart_upload(
         Bucket=bucket, Key="j/reuse.bin", ChecksumAlgorithm="CRC64NVME", ChecksumType="FULL_OBJECT")["UploadId"]
     async with behind_proxy(moto_server) as proxy, opened(moto_server, f"s3://{bucket}/j", proxy.url) as ad:
-        w = await ad.open_item(item_for("reuse.bin", data),
+        w = await writer_for(ad, item_for("reuse.bin", data),
                                {"key": "j/reuse.bin", "upload_id": upload_id, "part_size": None, "parts": {}})
         assert w.upload_id == upload_id and w.parts == {}
         await send_parts(w, parts_of(data))
@@ -359,9 +366,9 @@ async def test_parts_without_a_digest_or_of_another_size_are_sent_again(moto_ser
     data = payload(2 * PART + 10, seed=76)
     async with opened(server, f"s3://{bucket}/j", checksum="none") as ad:
         item = item_for("nodigest.bin", data)
-        w = await ad.open_item(item, None)
+        w = await writer_for(ad, item, None)
         await send_parts(w, parts_of(data))
-        w = await ad.open_item(item, w.state())
+        w = await writer_for(ad, item, w.state())
         assert w.upload_id is not None and w.parts == {}  # nothing to check them with
         await send_parts(w, parts_of(data))
         result = await w.complete({}, len(data))
@@ -371,9 +378,9 @@ async def test_parts_without_a_digest_or_of_another_size_are_sent_again(moto_ser
 
     grown = data + b"more bytes"
     async with opened(server, f"s3://{bucket}/j") as ad:
-        w = await ad.open_item(item_for("grown.bin", data), None)
+        w = await writer_for(ad, item_for("grown.bin", data), None)
         await send_parts(w, parts_of(data))
-        w = await ad.open_item(item_for("grown.bin", grown), w.state())
+        w = await writer_for(ad, item_for("grown.bin", grown), w.state())
         assert sorted(w.parts) == [1, 2]  # the last part no longer fits the file
         await w.write_part(parts_of(grown)[2])
         await w.complete({"crc64nvme": crc(grown)}, len(grown))
@@ -387,16 +394,16 @@ async def test_a_changed_part_size_aborts_the_journaled_upload_and_starts_over(m
     data = payload(3 * PART, seed=97)
     item = item_for("size.bin", data)
     async with opened(moto_server, f"s3://{bucket}/z") as ad:
-        w = await ad.open_item(item, None)
+        w = await writer_for(ad, item, None)
         await send_parts(w, parts_of(data)[:2])
         saved = w.state()
-        w = await ad.open_item(item, saved)
+        w = await writer_for(ad, item, saved)
         assert sorted(w.parts) == [1, 2]
         bigger = parts_of(data, 6 * MiB)
         with pytest.raises(errors.TransientError, match="part size changed since the last run"):
             await w.write_part(bigger[1])
         assert not uploads(moto_server, bucket) and w.parts == {}
-        w = await ad.open_item(item, saved)
+        w = await writer_for(ad, item, saved)
         assert w.parts == {} and w.upload_id is None
         await send_parts(w, bigger)
         await w.complete({"crc64nvme": crc(data)}, len(data))
@@ -419,7 +426,7 @@ async def test_an_upload_vanishing_before_any_part_is_replaced(rclone_server: S3
 
     async with behind_proxy(server) as proxy, opened(server, f"s3://{bucket}/v", proxy.url) as ad:
         proxy.faults.on_request.append(abort_on_first_part)
-        w = await ad.open_item(item_for("v.bin", data), None)
+        w = await writer_for(ad, item_for("v.bin", data), None)
         for c in parts_of(data):
             await w.write_part(c)
         await w.complete({"crc64nvme": crc(data)}, len(data))
@@ -439,7 +446,7 @@ async def test_orphans_of_the_key_are_listed_page_by_page_and_aborted(rclone_ser
     data = payload(PART + 40, seed=78)
     async with behind_proxy(server) as proxy, opened(server, f"s3://{bucket}/o", proxy.url) as ad:
         ad.list_page_size = 1
-        w = await ad.open_item(item_for("f.bin", data), {})
+        w = await writer_for(ad, item_for("f.bin", data), {})
         await send_parts(w, parts_of(data))
         await w.complete({"crc64nvme": crc(data)}, len(data))
         listings = proxy.faults.requests[f"GET /{bucket}"]
@@ -466,7 +473,7 @@ async def test_an_abort_that_fails_is_logged_and_swallowed(moto_server: S3TestSe
     bucket = moto_server.new_bucket()
     data = payload(PART + 50, seed=79)
     async with behind_proxy(moto_server) as proxy, opened(moto_server, f"s3://{bucket}/a", proxy.url) as ad:
-        w = await ad.open_item(item_for("a.bin", data), None)
+        w = await writer_for(ad, item_for("a.bin", data), None)
         await w.write_part(parts_of(data)[0])
         proxy.faults.add("DELETE * status=500 first=1")
         with caplog.at_level(logging.WARNING, logger="asyncdepo.adapters.s3.writer"):
@@ -488,7 +495,7 @@ async def test_a_falsified_complete_answer_is_an_integrity_error_and_aborts(
     data = payload(PART + 60, seed=87)
     async with behind_proxy(moto_server) as proxy, opened(moto_server, f"s3://{bucket}/c", proxy.url,
                                                           checksum=checksum, md5=with_md5) as ad:
-        w = await ad.open_item(item_for("c.bin", data), None)
+        w = await writer_for(ad, item_for("c.bin", data), None)
         await send_parts(w, parts_of(data))
         proxy.faults.add(f"{answer} * digest first=1")
         with pytest.raises(errors.IntegrityError, match=f"S3 reports {caught}"):
@@ -504,7 +511,7 @@ async def test_a_falsified_etag_of_a_single_put_is_caught_by_complete(moto_serve
     async with behind_proxy(moto_server) as proxy, opened(moto_server, f"s3://{bucket}/s", proxy.url,
                                                           checksum="none") as ad:
         proxy.faults.add("PUT * digest first=1")
-        w = await ad.open_item(item_for("s.bin", data), None)
+        w = await writer_for(ad, item_for("s.bin", data), None)
         await w.write(chunk(data, 0, len(data), 0, len(data)))
         with pytest.raises(errors.IntegrityError, match=f"md5 is {md5(data)}"):
             await w.complete({"md5": md5(data)}, len(data))
@@ -514,10 +521,10 @@ async def test_complete_of_a_single_put_checks_size_and_digests(moto_server: S3T
     bucket = moto_server.new_bucket()
     data = payload(3000, seed=82)
     async with opened(moto_server, f"s3://{bucket}/s") as ad:
-        w = await ad.open_item(item_for("none.bin", data), None)
+        w = await writer_for(ad, item_for("none.bin", data), None)
         with pytest.raises(errors.IntegrityError, match="complete\\(\\) before any byte was sent"):
             await w.complete({}, len(data))
-        w = await ad.open_item(item_for("s.bin", data), None)
+        w = await writer_for(ad, item_for("s.bin", data), None)
         # a view of another format (here 32-bit words) goes as its bytes
         await w.write(Chunk(0, memoryview(array("I", data[:2000])), {}, True))
         with pytest.raises(errors.IntegrityError, match="sent 2000 bytes, file has 3000"):
@@ -536,7 +543,7 @@ async def test_complete_without_a_reported_checksum_asks_head_and_survives_its_f
     bucket = server.new_bucket()
     data = payload(PART + 70, seed=83)
     async with behind_proxy(server) as proxy, opened(server, f"s3://{bucket}/h", proxy.url) as ad:
-        w = await ad.open_item(item_for("h.bin", data), None)
+        w = await writer_for(ad, item_for("h.bin", data), None)
         await send_parts(w, parts_of(data))
         proxy.faults.add("HEAD * status=500 first=1")
         result = await w.complete({"crc64nvme": crc(data)}, len(data))
@@ -556,14 +563,14 @@ async def test_complete_meeting_no_such_upload_looks_at_the_object_and_fails_wit
     client = server.client()
     async with opened(server, f"s3://{bucket}/n", checksum="none", md5=True) as ad:
         item = item_for("n.bin", data)
-        w = await ad.open_item(item, None)
+        w = await writer_for(ad, item, None)
         await send_parts(w, parts_of(data))
         saved = w.state()
         client.abort_multipart_upload(Bucket=bucket, Key="n/n.bin", UploadId=saved["upload_id"])
         with pytest.raises(errors.TransientError, match="NoSuchUpload") as info:
             await w.complete({"md5": md5(data)}, len(data))
         assert s3_code(info.value) == "NoSuchUpload" and w.parts == {} and w.upload_id is None
-        w = await ad.open_item(item, saved)
+        w = await writer_for(ad, item, saved)
         assert w.parts == {}
         await send_parts(w, parts_of(data))
         await w.complete({"md5": md5(data)}, len(data))
@@ -576,7 +583,7 @@ async def test_a_part_answer_with_another_checksum_is_an_integrity_error(moto_se
     bucket = moto_server.new_bucket()
     data = payload(PART + 60, seed=87)  # its first part's base64 checksum has a hex digit for the proxy to change
     async with behind_proxy(moto_server) as proxy, opened(moto_server, f"s3://{bucket}/g", proxy.url) as ad:
-        w = await ad.open_item(item_for("g.bin", data), None)
+        w = await writer_for(ad, item_for("g.bin", data), None)
         proxy.faults.add("PUT * digest first=1")
         with pytest.raises(errors.IntegrityError, match="S3 reports crc64nvme"):
             await w.write_part(parts_of(data)[0])
@@ -593,7 +600,7 @@ async def test_calls_outside_the_contract_are_permanent_errors(moto_server: S3Te
     src = tmp_path / "k.bin"
     src.write_bytes(data)
     async with opened(moto_server, f"s3://{bucket}/k") as ad:
-        w = await ad.open_item(item_for("k.bin", data), None)
+        w = await writer_for(ad, item_for("k.bin", data), None)
         with pytest.raises(errors.PermanentError, match="cannot append at offset 5"):
             await w.write(Chunk(5, memoryview(data[5:10]), {}, True))
         with pytest.raises(errors.PermanentError, match="not a stream"):
@@ -613,7 +620,7 @@ async def test_a_part_stream_shorter_than_the_part_is_refused(moto_server: S3Tes
     src = tmp_path / "short.bin"
     src.write_bytes(data)
     async with opened(moto_server, f"s3://{bucket}/t", fast_path=False) as ad:
-        w = await ad.open_item(item_for("short.bin", data), None)
+        w = await writer_for(ad, item_for("short.bin", data), None)
         part = Part(1, 0, PART, {"crc64nvme": crc(data[:PART])}, False)
         with pytest.raises(errors.SourceChangedError, match=f"read {PART - 1} bytes of a {PART}-byte part"):
             await w.write_part_stream(part, file_source(src, length=PART - 1))

@@ -17,9 +17,10 @@ WHAT = "UploadPart s3://b/k part 2"
 
 
 def client_error(code: str, status: object, message: str = "", headers: dict[str, str] | None = None) -> Exception:
-    return bx.ClientError({"Error": {"Code": code, "Message": message},
-                           "ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": headers or {}}},
-                          "UploadPart")
+    error: Exception = bx.ClientError({"Error": {"Code": code, "Message": message},
+                                       "ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": headers or {}}},
+                                      "UploadPart")
+    return error
 
 
 def test_a_head_answer_without_body_takes_its_status_from_the_code() -> None:
