@@ -12,6 +12,8 @@ import contextlib
 import hashlib
 import logging
 import os
+import subprocess
+import sys
 from array import array
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -651,3 +653,20 @@ def test_the_fast_path_learns_no_base_from_a_url_that_fits_two_keys_in_flight(se
     fast.expecting = {sent}
     fast._learn(SimpleNamespace(url=url + "?partNumber=1&uploadId=x", headers=signed))
     assert fast.base == base and fast.signer is not None and fast.signer.region == "eu-west-1"
+
+
+def test_a_push_to_s3_without_the_s3_extra_says_how_to_install_it(tmp_path: Path) -> None:
+    """aiobotocore absent: a push to s3:// is refused before anything is read, with the extra to install
+    (it ended in "unexpected ModuleNotFoundError" once the connection was tried)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"x" * 10)
+    code = ("import sys\nsys.modules['aiobotocore'] = None  # as if not installed: its import fails\n"
+            "from asyncdepo.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    res = subprocess.run([sys.executable, "-c", code, "push", str(src), "s3://bucket/x",
+                          "--journal", str(tmp_path / "j.db")],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 2, res.stderr
+    assert "s3:// targets need aiobotocore, which is not installed" in res.stderr
+    assert "pip install 'asyncdepo[s3]'" in res.stderr
+    assert "Traceback" not in res.stderr

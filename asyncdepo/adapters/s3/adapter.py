@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import os
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -146,6 +147,9 @@ class S3Adapter(Adapter):
         md5: bool = False,
     ) -> None:
         self.bucket, self.prefix = parse_s3_url(url)
+        if importlib.util.find_spec("aiobotocore") is None:  # an optional dependency: say how to get it
+            raise errors.UsageError("s3:// targets need aiobotocore, which is not installed",
+                                    hint="pip install 'asyncdepo[s3]'")
         if checksum not in (*checksums.ALGORITHMS, "none"):
             raise errors.UsageError(f"--s3-checksum {checksum!r}: choose from {', '.join(checksums.ALGORITHMS)}, none")
         #: the additional checksum sent with every body (None: none), and whether Content-MD5 is sent too
