@@ -5,6 +5,7 @@ in shapes ImmPort does not (the adapter's checks of what it is told)."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -13,12 +14,14 @@ import pytest
 from aiohttp import web
 
 from asyncdepo.adapters.immport import READ_BLOCK, Endpoints, ImmportAdapter, Secret
-from asyncdepo.contract import FetchPlan, Item, RemoteItem
+from asyncdepo.contract import Fetch, FetchPlan, Item, RemoteItem
+from asyncdepo.engine.pull import pull
 from asyncdepo.errors import AuthError, RemoteValidationError, TransientError, UsageError
-from asyncdepo.sim.faults import FaultRule
+from asyncdepo.sim.faults import FaultInjector, FaultRule
+from asyncdepo.sim.immport import IMMPORT_KEY, build_app
 from asyncdepo.sim.server import SimServer
 from asyncdepo.transport.pacer import Pacer, RetryPolicy
-from tests.adapters.test_immport_sim import sim, study  # noqa: F401  (fixtures)
+from tests.adapters.test_immport_sim import FAST, _ascp_opts, sim, study  # noqa: F401  (fixtures)
 from tests.fakeclock import FakeClock
 
 LOGIN = "POST /auth/token"
@@ -346,3 +349,55 @@ async def test_a_ranged_answer_that_starts_elsewhere_is_not_used(odd, tmp_path: 
             await _drain(a, ImmportAdapter.item_of(row), 50, [])
     assert str(info.value) == "GET SDY1/a.bin: asked for bytes from 50, got 'bytes 49-199/200'"
 
+
+
+# -- the ascp route: a name ascp cannot carry, the token kept out of sight ---------------------------------
+
+
+@pytest.fixture
+async def ascp_sim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A study with a file whose name holds a line break (a pair list cannot name it) beside two plain ones,
+    and the stand-in ascp pointed at the same storage."""
+    root = tmp_path / "store"
+    (root / "SDY2" / "StudyFiles").mkdir(parents=True)
+    files = {"SDY2/StudyFiles/a.txt": b"alpha\n" * 50, "SDY2/StudyFiles/b.txt": b"beta\n" * 70,
+             "SDY2/StudyFiles/two\nlines.txt": b"gamma\n"}
+    for rel, data in files.items():
+        (root / rel).write_bytes(data)
+    app = build_app(root, FaultInjector(), None)
+    state = app[IMMPORT_KEY]
+    state.users = {"alice": "s3cret"}
+    async with SimServer(app) as server:
+        monkeypatch.setenv("ASYNCDEPO_SIM_ASCP_ROOT", str(root))
+        monkeypatch.setenv("ASYNCDEPO_SIM_ASCP_TOKEN_URL", f"{server.url}/_sim/aspera/check")
+        monkeypatch.setenv("ASYNCDEPO_SIM_ASCP_COUNTERS", str(tmp_path / "ascp-counters.jsonl"))
+        monkeypatch.delenv("ASYNCDEPO_SIM_ASCP_FAIL", raising=False)
+        yield server, state, files
+
+
+@pytest.mark.parametrize("batch", [1, 10], ids=["a-session-each", "one-session"])
+async def test_a_name_with_a_line_break_fails_alone_on_the_ascp_route(ascp_sim, tmp_path: Path, batch: int) -> None:
+    server, _, files = ascp_sim
+    out = tmp_path / "out"
+    adapter = _adapter(server.url, study="SDY2", paths=[], ascp=_ascp_opts(), session_files=batch)
+    async with adapter:
+        report = await pull(adapter, out, FAST)
+    assert [rel for rel, _ in report.failures] == ["SDY2/StudyFiles/two\nlines.txt"]
+    assert "ascp cannot name a path with a line break; fetch it with --via https" in report.failures[0][1]
+    assert report.files_done == 2
+    for rel in ("SDY2/StudyFiles/a.txt", "SDY2/StudyFiles/b.txt"):
+        assert (out / rel).read_bytes() == files[rel]
+    assert sorted(p.name for p in (out / "SDY2/StudyFiles").iterdir()) == ["a.txt", "b.txt"]
+    sessions = [json.loads(x) for x in (tmp_path / "ascp-counters.jsonl").read_text().splitlines()]
+    assert sum(s["files"] for s in sessions) == 2 and len(sessions) == (2 if batch == 1 else 1)
+
+
+async def test_an_ascp_session_keeps_its_token_out_of_its_repr(ascp_sim, tmp_path: Path) -> None:
+    server, state, _ = ascp_sim
+    async with _adapter(server.url, study="SDY2", paths=[], ascp=_ascp_opts()) as a:
+        item = await _item(a, "SDY2/StudyFiles/a.txt")
+        reader = await a.open_fetch_session(FetchPlan(root=tmp_path, fetches=(
+            Fetch(item=item, part=tmp_path / "a.part", offset=0),)))
+    (token,) = state.aspera_tokens  # the one the simulator issued, for exactly that path
+    assert state.aspera_tokens[token] == ("SDY2/StudyFiles/a.txt",)
+    assert repr(reader) == "AscpFetch(1 file(s))"
