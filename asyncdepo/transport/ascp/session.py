@@ -66,14 +66,13 @@ class _Session:
                  else [Path(os.path.abspath(dest))])
         self.account = P.SessionAccount(self._report, send=send, roots=roots, management=opts.management_port)
         self.report = report
-        self.stall_scope: anyio.CancelScope | None = None
+        self.stall_scope = anyio.CancelScope()  # entered by run_session before anything can report
         self.accept_scope = anyio.CancelScope()
         self.connected = anyio.Event()
         self._last: tuple[str, int, bool] | None = None
 
     def touch(self) -> None:
-        if self.stall_scope is not None:
-            self.stall_scope.deadline = anyio.current_time() + self.opts.stall_timeout
+        self.stall_scope.deadline = anyio.current_time() + self.opts.stall_timeout
 
     def _report(self, name: str, nbytes: int, total: int | None, rate: float | None, done: bool) -> int | None:
         if (name, nbytes, done) != self._last:
@@ -188,8 +187,7 @@ async def run_session(
         except OSError as exc:  # not executable, wrong architecture, a broken script
             raise errors.UsageError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
         try:
-            with anyio.CancelScope() as stall_scope:
-                session.stall_scope = stall_scope
+            with session.stall_scope as stall_scope:
                 session.touch()
                 try:
                     async with anyio.create_task_group() as tg:
