@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePath
 
@@ -305,10 +306,11 @@ class SessionAccount:
         """Size of the local copy of ``name`` (send: the source; recv: the written file), if found."""
         for root in self.roots:
             try:
-                if os.path.isfile(path := root / name):
-                    return os.stat(path).st_size
-            except (OSError, ValueError):
+                st = os.stat(root / name)  # one call: no window for the file to go between a check and a stat
+            except (OSError, ValueError):  # not there (or a name no path can hold): try the next root
                 continue
+            if stat.S_ISREG(st.st_mode):
+                return st.st_size
         return None
 
     # console -------------------------------------------------------------------------------------------
