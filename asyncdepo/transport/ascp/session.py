@@ -107,12 +107,14 @@ class _Session:
         self.connected.set()
         splitter = P.LineSplitter()
         async with conn:
-            try:
-                async for chunk in conn:
-                    for text, _ in splitter.feed(chunk):
-                        self.account.mgr_line(text)
-            except (anyio.BrokenResourceError, OSError):
-                pass  # ascp died mid-frame: its exit status and console say why
+            while True:
+                try:
+                    chunk = await conn.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    break  # ascp closed the port, or died mid-frame: its exit status and console say why
+                # outside the try: an error of the progress callback (an OSError too) is the caller's, not ascp's
+                for text, _ in splitter.feed(chunk):
+                    self.account.mgr_line(text)
 
     async def wait_exit(self, proc: Process) -> None:
         await proc.wait()
