@@ -180,9 +180,10 @@ def classify(
     if code is None:
         code = code_from_text(message)
     text = message or (stderr_tail[-1] if stderr_tail else None)
-    if not text:
-        text = (f"killed by signal {-returncode}" if returncode is not None and returncode < 0
-                else f"exited with status {returncode}")
+    if returncode is not None and returncode < 0:  # killed: that comes first (its last line may be a log line)
+        text = f"killed by signal {-returncode}" + (f"; it last said: {text}" if text else "")
+    elif not text:
+        text = f"exited with status {returncode}"
     what = f"ascp: {text}" + (f" (FASP error {code}: {FASP_ERRORS.get(code, 'unknown')})" if code else "")
     status = returncode
     if code in AUTH_CODES:
