@@ -5,9 +5,12 @@ a progress callback that fails mid-session)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from pathlib import Path
 
+import anyio
 import psutil
 import pytest
 
@@ -26,7 +29,16 @@ from asyncdepo.transport.ascp.runner import (
     transfer,
 )
 from tests.unit.test_ascp_parse import Seen, recorder
-from tests.unit.test_ascp_runner import PASSWORD, STANDIN, make_set, on_disk, opts, root, standin_children  # noqa: F401
+from tests.unit.test_ascp_runner import (  # noqa: F401
+    PASSWORD,
+    STANDIN,
+    counters,
+    make_set,
+    on_disk,
+    opts,
+    root,
+    standin_children,
+)
 
 DEST = "u@hx:upload/ABC123/data"
 
@@ -206,3 +218,58 @@ async def test_pairs_without_a_progress_callback_still_move_every_byte(tmp_path:
     assert result.files == 3 and on_disk(data, data) == on_disk(src, src.parent)
     assert all((data / p.dest).read_bytes() == Path(p.source).read_bytes() for p in pairs)
     assert os.listdir(data) == ["set1"]
+
+
+async def test_ascp_killed_from_outside_mid_file_is_transient_and_the_rerun_sends_the_rest(
+        tmp_path: Path, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """The stand-in stalls after 5000 bytes and says so on a FIFO; the test SIGKILLs it there (an OOM killer, an
+    operator): its last progress redraw was never ended by a line break, and is still read at EOF."""
+    src = make_set(tmp_path / "local", "set1", [9_000])
+    fifo = tmp_path / "notify"
+    os.mkfifo(fifo)
+    monkeypatch.setenv("ASYNCDEPO_SIM_ASCP_FAIL", "stall:5000")
+    monkeypatch.setenv("ASYNCDEPO_SIM_ASCP_NOTIFY", str(fifo))
+    events: list[AscpProgress] = []
+    stalled: list[int] = []
+
+    def kill_when_stalled() -> None:
+        with open(fifo) as f:
+            words = f.readline().split()  # "stalled <pid> <bytes>", or "" when the session ended first
+        if words:
+            stalled.append(int(words[2]))
+            os.kill(int(words[1]), signal.SIGKILL)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.to_thread.run_sync, kill_when_stalled)
+        try:
+            with pytest.raises(errors.TransientError, match="killed by signal 9"):
+                await run_once(opts(), [str(src)], DEST, secrets=AscpSecrets(password=PASSWORD),
+                               on_progress=events.append)
+        finally:
+            with contextlib.suppress(OSError):  # a reader still waiting (the session ended early): let it go
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert stalled == [5000] and max(e.bytes for e in events) == 5000 and not any(e.done for e in events)
+    data = root / "upload" / "ABC123" / "data" / "set1"
+    assert (data / "img 000.mrc.aspx").stat().st_size == 5000  # kept for -k
+    monkeypatch.delenv("ASYNCDEPO_SIM_ASCP_FAIL")
+    result = await run_once(opts(), [str(src)], DEST, secrets=AscpSecrets(password=PASSWORD))
+    assert (data / "img 000.mrc").read_bytes() == (src / "img 000.mrc").read_bytes()
+    assert result.files == 1 and counters(tmp_path)[-1]["bytes"] == 4000  # only the rest was sent
+    assert counters(tmp_path)[-1]["resumed_from"] == {"set1/img 000.mrc": 5000}
+
+
+class Abort(BaseException):
+    """A caller's own way to stop everything (not an Exception: it must not be caught as an error)."""
+
+
+async def test_a_callback_raising_a_base_exception_gets_it_back_in_its_group(tmp_path: Path,
+                                                                            root: Path) -> None:  # noqa: F811
+    src = make_set(tmp_path / "local", "set1", [300_000])
+
+    def abort(_: AscpProgress) -> None:
+        raise Abort("stop")
+
+    with pytest.raises(BaseExceptionGroup) as info:
+        await run_once(opts(), [str(src)], DEST, secrets=AscpSecrets(password=PASSWORD), on_progress=abort)
+    assert [type(e) for e in info.value.exceptions] == [Abort]
+    assert standin_children() == []
