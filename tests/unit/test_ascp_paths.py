@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from asyncdepo import errors
-from asyncdepo.transport.ascp.console import ConsoleParser, SessionAccount, code_from_text
+from asyncdepo.transport.ascp.console import ConsoleParser, SessionAccount, classify, code_from_text
 from asyncdepo.transport.ascp.pairs import Pair, capped_rate, rate_bits, run_pairs
 from asyncdepo.transport.ascp.runner import (
     AscpOptions,
@@ -133,6 +133,22 @@ def test_frames_out_of_order_and_names_outside_every_root(tmp_path: Path) -> Non
     (tmp_path / "f").write_bytes(b"12345")
     assert acc.local_size("f") == 5  # not under /a: found under the next root
     assert acc.local_size("d") is None and acc.local_size("nul\0name") is None
+
+
+def test_frames_with_relative_names_and_no_byte_count() -> None:
+    seen: Seen = []
+    acc = SessionAccount(recorder(seen), send=True, roots=[Path("/data")], management=True)
+    for line in ["FASPMGR 2", "Type: START", "File: set1/a.bin", "Size: 10", "",  # no TransferBytes
+                 "FASPMGR 2", "Type: STOP", "File: set1/a.bin", "Size: 10", ""]:
+        acc.mgr_line(line)
+    assert seen == [("set1/a.bin", 0, 10, False), ("set1/a.bin", 10, 10, True)] and acc.moved == 0
+
+
+def test_a_silent_failure_says_how_ascp_ended() -> None:
+    assert str(classify(returncode=3, message=None)) == "ascp: exited with status 3"
+    killed = classify(returncode=-9, message=None, stderr_tail=["LOG session start"])
+    assert isinstance(killed, errors.TransientError)
+    assert str(killed) == "ascp: killed by signal 9; it last said: LOG session start"
 
 
 def test_a_fasp_meaning_in_a_message_gives_its_code() -> None:
