@@ -79,6 +79,19 @@ def killed(argv: list[str], env: dict[str, str] | None, until: Any) -> Any:
         proc.wait()
 
 
+def exits(pid: int, timeout: float = 60.0) -> bool:
+    """Whether process ``pid`` (not a child of ours) ends within ``timeout`` s: waits on a pidfd."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        return bool(ready)
+    finally:
+        os.close(fd)
+
+
 def only_job(journal: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     res = cli("jobs", "--journal", str(journal), "--json", env=env)
     assert res.returncode == 0, res.stderr
@@ -113,7 +126,9 @@ def test_killed_ascp_deposition_resumes_by_job_id(world: World, notices: Notices
     argv = world.argv("--stall-timeout", "600", "-e", str(world.thumb))
     argv[argv.index("--transfers") + 1] = "1"  # one session at a time: nothing else runs on after the kill
     pid, moved = killed(["push", "empiar", *argv], None, notices.wait)
-    os.kill(pid, signal.SIGKILL)  # the stalled ascp runs in a session of its own: it outlives the CLI
+    # the stalled ascp runs in a session of its own (Ctrl-C in the terminal does not reach it) but dies with
+    # the CLI: a resumed run never races an old ascp over the same files
+    assert exits(pid)
     assert moved == 350_000 and [s["bytes"] for s in world.sessions()] == [readme]  # README's session
 
     job = only_job(world.journal)
@@ -236,7 +251,7 @@ def test_killed_ascp_pull_resumes_by_job_id(tmp_path: Path, store: Path, notices
                 str(journal), "-q"]
         faulty = {**env, "ASYNCDEPO_SIM_ASCP_FAIL": f"stall:{cut}:once", "ASYNCDEPO_SIM_ASCP_NOTIFY": str(notices.path)}
         pid, moved = killed(argv, faulty, notices.wait)
-        os.kill(pid, signal.SIGKILL)
+        assert exits(pid)  # the stalled ascp died with the CLI
         assert moved == cut
         job = only_job(journal, env)
         assert job["kind"] == "pull" and job["state"] == "running" and job["target"] == str(out)

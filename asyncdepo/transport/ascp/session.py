@@ -15,7 +15,11 @@ handed. Contract:
   ``TransientError``. An exception raised by ``report`` (a progress callback) propagates as it is.
 * However the session ends (exit, stall, error, cancellation), the child's process group gets SIGTERM,
   ``opts.grace`` seconds, then SIGKILL, and the child is always reaped and the listener closed, shielded
-  from cancellation. No child outlives :func:`run_session`.
+  from cancellation. No child outlives :func:`run_session`, nor the process that started it: ascp is
+  started through a few lines of Python (:data:`_WITH_PARENT`) that ask Linux to SIGKILL it when its parent
+  dies (``PR_SET_PDEATHSIG``) and then exec it, so a client killed with SIGKILL takes its ascp with it and a
+  resumed run never races an old ascp over the same files (anyio's ``open_process`` has no pre-exec hook,
+  and one in the parent is unsafe with threads). The wrapper costs one Python start-up (~20 ms) per session.
 * It returns a :class:`SessionOutcome`: bytes moved, files completed, partial, and the classified error
   (None on exit status 0), with ``hide`` scrubbed from ascp's text.
 
@@ -28,6 +32,7 @@ import dataclasses
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +47,24 @@ if TYPE_CHECKING:
     from asyncdepo.transport.ascp.options import AscpOptions
 
 __all__ = ("SessionOutcome", "run_session")
+
+
+#: the start of the line the wrapper prints when ascp cannot be executed (then it exits 127)
+_CANNOT_RUN = "asyncdepo: cannot run "
+
+#: run as ``python -S -c _WITH_PARENT PARENT_PID ASCP ARGS...``: die with the parent (Linux), then exec ascp.
+#: The parent may have died before the request took effect: then the parent id is no longer ``PARENT_PID``.
+_WITH_PARENT = f"""
+import ctypes, os, signal, sys
+prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+if prctl is not None and prctl(1, signal.SIGKILL) == 0 and os.getppid() != int(sys.argv[1]):
+    os._exit(137)
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as exc:
+    sys.stderr.write({_CANNOT_RUN!r} + sys.argv[2] + ": " + (exc.strerror or str(exc)) + "\\n")
+    os._exit(127)
+"""
 
 
 @dataclasses.dataclass
@@ -70,6 +93,7 @@ class _Session:
         self.accept_scope = anyio.CancelScope()
         self.connected = anyio.Event()
         self._last: tuple[str, int, bool] | None = None
+        self.cannot_run: str | None = None  # why the wrapper could not exec ascp
 
     def touch(self) -> None:
         self.stall_scope.deadline = anyio.current_time() + self.opts.stall_timeout
@@ -95,8 +119,14 @@ class _Session:
         splitter = P.LineSplitter()
         async for chunk in stream:
             for text, _ in splitter.feed(chunk):
-                self.account.stderr_line(text)
+                self._stderr_line(text)
         for text, _ in splitter.flush():
+            self._stderr_line(text)
+
+    def _stderr_line(self, text: str) -> None:
+        if text.startswith(_CANNOT_RUN):
+            self.cannot_run = text[len(_CANNOT_RUN):]
+        else:
             self.account.stderr_line(text)
 
     async def serve_mgmt(self, listener: SocketListener) -> None:
@@ -184,10 +214,8 @@ async def run_session(
             listener = only
             port = listener.extra(SocketAttribute.local_port)
         argv = make_argv(port)
-        try:
-            proc = await anyio.open_process(argv, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        except OSError as exc:  # not executable, wrong architecture, a broken script
-            raise errors.UsageError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+        wrapped = [sys.executable, "-S", "-c", _WITH_PARENT, str(os.getpid()), *argv]
+        proc = await anyio.open_process(wrapped, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         try:
             with session.stall_scope as stall_scope:
                 session.touch()
@@ -210,6 +238,8 @@ async def run_session(
         if listener is not None:
             with anyio.CancelScope(shield=True):
                 await listener.aclose()
+    if session.cannot_run is not None and proc.returncode == 127:  # not executable, wrong architecture
+        raise errors.UsageError(f"cannot run {session.cannot_run}")
     if stall_scope.cancelled_caught:
         return SessionOutcome(session.account.moved, session.account.completed, False, errors.TransientError(
             f"ascp made no progress for {opts.stall_timeout:g} s and was stopped",
