@@ -64,7 +64,7 @@ import anyio
 
 from asyncdepo.engine.joblock import JobLock, lock_path
 from asyncdepo.engine.journalrows import ITEM_FIELDS, MIGRATIONS, SCHEMA, db_key, db_text, dumps, loads
-from asyncdepo.errors import DiskFullError, TransientError
+from asyncdepo.errors import DiskFullError, TransientError, UsageError
 from asyncdepo.transport.failures import disk_error
 from asyncdepo.transport.pacer import RetryPolicy, retry_call
 
@@ -130,6 +130,8 @@ class Journal:
         """Open (creating when needed) the journal at ``path`` (default :func:`default_path`).
 
         :raises TransientError: the journal stayed locked by other processes through every try.
+        :raises DiskFullError: its disk is full.
+        :raises UsageError: ``path`` is no journal this run can use (not a database, a directory, read-only).
         """
         j = cls(Path(path) if path else default_path())
         await retry_call(lambda: j._run(j._open_sync), OPEN_RETRY)
@@ -141,7 +143,10 @@ class Journal:
         # SQLite creates the file; we never open it ourselves: closing any descriptor of a file drops every
         # POSIX lock this process holds on it, those of our other connections (other tasks) included, and
         # lets another process write over their transactions (seen as lost rows in the open-race test)
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT)
+        try:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT)
+        except sqlite3.Error as exc:  # a directory, or a folder this user may not write
+            raise self._unusable(exc) from None
         if fresh:
             os.chmod(self.path, 0o600)
         try:
@@ -162,14 +167,14 @@ class Journal:
                 if db.in_transaction:  # a failed COMMIT may have rolled it back already
                     db.execute("ROLLBACK")
                 raise
-        except sqlite3.OperationalError as exc:
+        except sqlite3.Error as exc:
             db.close()
             if _disk_full(exc):
                 raise self._full(exc) from None
             if "locked" in str(exc) or "busy" in str(exc):
                 raise TransientError(f"journal {self.path}: {exc}",
                                      hint="another asyncdepo is creating or migrating it; try again") from None
-            raise
+            raise self._unusable(exc) from None
         except BaseException:
             db.close()
             raise
@@ -192,6 +197,12 @@ class Journal:
             self._pending, self._chunks, self._forget = {}, {}, []
             return False
         return True
+
+    def _unusable(self, exc: sqlite3.Error) -> UsageError:
+        """The journal's path names no journal this run can use (not a database, a directory, read-only)."""
+        return UsageError(f"journal {self.path} cannot be used: {exc}",
+                          hint="give --journal the path of an asyncdepo journal (or of a new file) that this user "
+                               "may write; a damaged journal can be moved away (its jobs then start afresh)")
 
     def _full(self, exc: sqlite3.Error) -> DiskFullError:
         """The journal's disk is full, as the error the run reports (naming the journal and the space free)."""
