@@ -1,0 +1,170 @@
+"""The engine core's recovery paths, each reached by a real fault: the journal and its job lock on a really
+full filesystem (a small tmpfs, filled up), a journal path that is no journal (a file of random bytes, a
+directory), a job lock held by a second process that has not (or not legibly) said who it is, a lock file
+removed by hand while held."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asyncdepo.engine.joblock import lock_path
+from asyncdepo.engine.journal import Journal, job_id
+from asyncdepo.errors import DiskFullError, JobLockedError, UsageError
+
+
+class SmallDisk:
+    """A 256 KiB tmpfs at ``path``; :meth:`fill` takes every byte left, :meth:`free` gives them back."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._filler = path / "filler"
+
+    def fill(self) -> None:
+        with open(self._filler, "ab", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError as exc:
+                assert exc.errno == 28  # ENOSPC: the disk is full now
+        with open(self._filler, "ab", buffering=0) as f, pytest.raises(OSError, match="No space left"):
+            f.write(b"\0")
+
+    def free(self) -> None:
+        self._filler.unlink()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True,
+                             text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); needs root")
+    try:
+        yield SmallDisk(disk)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# -- the journal on a full disk -------------------------------------------------------------------------------
+async def test_opening_a_journal_on_a_full_disk_is_a_disk_full_error_naming_it(small_disk: SmallDisk) -> None:
+    path = small_disk.path / "journal.sqlite"
+    small_disk.fill()
+    with pytest.raises(DiskFullError) as info:
+        await Journal.open(path)
+    assert str(path) in str(info.value) and "full" in str(info.value)
+    assert "run the same command again" in (info.value.hint or "")
+    small_disk.free()
+    journal = await Journal.open(path)  # the space is back: the same journal opens and works
+    try:
+        jid, existed = await journal.open_job("push", "/src", "file:///dst")
+        assert not existed and journal.runs[jid] == 1
+    finally:
+        await journal.close()
+
+
+async def test_a_job_opened_on_a_full_disk_fails_clearly_and_leaves_the_job_unlocked(small_disk: SmallDisk) -> None:
+    """The job's row cannot be written: a DiskFullError naming the journal (not a bare OSError from writing the
+    lock's holder record), the lock given back, and the same job opens once there is space."""
+    path = small_disk.path / "journal.sqlite"
+    journal = await Journal.open(path)
+    try:
+        small_disk.fill()
+        with pytest.raises(DiskFullError) as info:
+            await journal.open_job("push", "/src", "file:///dst")
+        assert str(path) in str(info.value)
+        jid = job_id("push", "/src", "file:///dst")
+        assert not lock_path(path, jid).exists() and jid not in journal.runs
+        small_disk.free()
+        again, existed = await journal.open_job("push", "/src", "file:///dst")
+        assert again == jid and not existed and journal.runs[jid] == 1
+    finally:
+        await journal.close()
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("SELECT id, state FROM jobs").fetchall() == [(jid, "running")]
+    finally:
+        db.close()
+
+
+# -- a journal path that is no journal -------------------------------------------------------------------------
+async def test_a_file_that_is_not_a_journal_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    junk = os.urandom(8192)
+    path.write_bytes(junk)
+    with pytest.raises(UsageError) as info:
+        await Journal.open(path)
+    assert str(info.value) == f"journal {path} cannot be used: file is not a database"
+    assert "--journal" in (info.value.hint or "")
+    assert path.read_bytes() == junk
+
+
+async def test_a_directory_given_as_the_journal_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=f"journal {tmp_path} cannot be used: unable to open database file"):
+        await Journal.open(tmp_path)
+
+
+# -- the job lock ------------------------------------------------------------------------------------------------
+HOLD = ("import fcntl, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, sys.argv[2].encode())\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.readline()\n")
+
+
+@pytest.mark.parametrize("record", ["", "{not json", "[1, 2]", '{"pid": 0, "since": "yesterday"}'],
+                         ids=["empty", "torn", "not-a-map", "no-usable-field"])
+def test_a_holder_that_has_not_said_who_it_is_is_named_as_such(tmp_path: Path, record: str) -> None:
+    """Another process holds the job's lock file but its record is empty, torn or unusable (it has just taken the
+    lock, or its disk was full): the refusal says so instead of failing on the record."""
+    path = tmp_path / "journal.sqlite"
+    jid = job_id("push", "/src", "file:///dst")
+
+    async def refused() -> JobLockedError:
+        journal = await Journal.open(path)
+        try:
+            with pytest.raises(JobLockedError) as info:
+                await journal.open_job("push", "/src", "file:///dst")
+            assert jid not in journal.runs
+            return info.value
+        finally:
+            await journal.close()
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(lock_path(path, jid)), record],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        error = anyio.run(refused)
+        assert str(error) == f"job {jid} is already running: another process (it has not said which yet)"
+        assert lock_path(path, jid).read_text() == record  # the holder's file is not touched
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+async def test_a_lock_file_removed_while_held_is_released_all_the_same(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    first = await Journal.open(path)
+    try:
+        jid, _ = await first.open_job("push", "/src", "file:///dst")
+        lock_path(path, jid).unlink()  # someone tidied the journal's folder by hand
+    finally:
+        await first.close()
+    second = await Journal.open(path)
+    try:
+        again, existed = await second.open_job("push", "/src", "file:///dst")
+        assert again == jid and existed and second.runs[jid] == 2
+        assert lock_path(path, jid).exists()
+    finally:
+        await second.close()
+    assert not lock_path(path, jid).exists()
