@@ -51,7 +51,7 @@ def describe_holder(holder: dict[str, object]) -> str:
 
 
 class JobLock:
-    """A held lock; :meth:`release` (idempotent) gives it back. Blocking calls: use from a worker thread."""
+    """A held lock; :meth:`release` gives it back. Blocking calls: use from a worker thread."""
 
     def __init__(self, path: Path, fd: int) -> None:
         self.path = path
@@ -100,15 +100,13 @@ class JobLock:
                              hint="another run of this job is starting and stopping; try again")
 
     def release(self) -> None:
-        """Unlink the lock file (still holding the lock, see the module docstring) and close it."""
-        if self._fd < 0:
-            return
-        fd, self._fd = self._fd, -1
+        """Unlink the lock file (still holding the lock, see the module docstring) and close it. Called once:
+        the journal drops the lock from its table before it calls this."""
         try:
             os.unlink(self.path)
         except OSError:
             pass  # already gone, or a read-only directory: the closed descriptor releases the lock anyway
-        os.close(fd)
+        os.close(self._fd)
 
 
 def _read_holder(fd: int) -> dict[str, object]:
