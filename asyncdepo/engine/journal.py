@@ -263,10 +263,9 @@ class Journal:
         return jid, existed
 
     async def release_job(self, jid: str) -> None:
-        """Give back the lock of ``jid`` (no-op when this journal does not hold it)."""
-        lock = self._locks.pop(jid, None)
-        if lock is not None:
-            await anyio.to_thread.run_sync(lock.release)
+        """Give back the lock of ``jid``, which this journal holds (its callers: :meth:`open_job` when it fails
+        after taking the lock, and :meth:`close`)."""
+        await anyio.to_thread.run_sync(self._locks.pop(jid).release)
 
     async def set_job(self, jid: str, state: str) -> None:
         await self._write(lambda: self.db.execute("UPDATE jobs SET state=?, updated=? WHERE id=?",
@@ -510,11 +509,10 @@ class Journal:
     async def close(self) -> None:
         """Flush, close the database and release every job lock this journal holds."""
         with anyio.CancelScope(shield=True):
-            try:
-                if self._db is not None:
-                    await self.flush()
-                    db, self._db = self._db, None
-                    await self._run(db.close)
+            try:  # once: each opener closes its journal once (a second close fails on :attr:`db`)
+                await self.flush()
+                db, self._db = self.db, None
+                await self._run(db.close)
             finally:
                 for jid in list(self._locks):
                     await self.release_job(jid)
