@@ -361,10 +361,13 @@ class Journal:
                 row.update({k: v for k, v in p.items()})
         return found
 
-    async def failed_transient(self, jid: str, limit: int = 100_000) -> list[str]:
+    async def failed_transient_walked(self, jid: str, run: int, limit: int = 100_000) -> list[str]:
+        """Items of ``jid`` that failed transiently and that run ``run`` walked: what its end-of-run round
+        sends again (a file an earlier run failed and this one leaves out, e.g. by ``--exclude``, is not)."""
         await self.flush()
         return await self._run(lambda: [db_text(r[0]) for r in self.db.execute(
-            "SELECT rel FROM items WHERE job=? AND state='failed' AND transient=1 LIMIT ?", (jid, limit))])
+            "SELECT rel FROM items WHERE job=? AND state='failed' AND transient=1 AND walked=? LIMIT ?",
+            (jid, run, limit))])
 
     async def unseen(self, jid: str, run: int, after: str | bytes = "", limit: int = 256
                      ) -> list[tuple[str | bytes, dict[str, Any]]]:
