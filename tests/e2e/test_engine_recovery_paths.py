@@ -21,7 +21,7 @@ from asyncdepo.engine.journal import VANISHED
 from asyncdepo.sim import tus as tus_sim
 from asyncdepo.sim.faults import FaultInjector
 from tests.chaos.outcome import CLI, Outcome, check, run
-from tests.chaos.world import ImmportTarget, LocalTarget, MiB, TusTarget
+from tests.chaos.world import EmpiarTarget, GypsumTarget, ImmportTarget, LocalTarget, MiB, TusTarget
 from tests.conftest import cli_process, tree_digests, tus_args
 
 
@@ -227,3 +227,75 @@ def test_a_source_unreadable_at_the_resume_fails_naming_it_and_keeps_the_upload(
         assert "big.bin: cannot read: Permission denied" in outcome.text, outcome.text
         assert target.leftovers() == {"big.bin"} <= target.journaled()
         check(target, run(target), ok=True)  # readable again: the same command finishes it
+
+
+# -- the job's start and end ---------------------------------------------------------------------------------
+def test_a_finish_the_archive_refuses_for_good_fails_the_job(tmp_path: Path) -> None:
+    """gypsum's complete answered 400 (not retried): the files were sent, the version is not published, the
+    run fails naming the job's step."""
+    with GypsumTarget(tmp_path) as target:
+        target.make_source({"a/one.bin": b"1" * 1000})
+        target.faults.add("POST /upload/complete/* status=400 first=0")
+        outcome = run(target, "--json")
+        assert outcome.rc == 1, outcome.text
+        (report,) = _events(outcome, "job_finished")
+        (failure,) = report["report"]["failures"]
+        assert failure["rel"] == "(job)" and "400" in failure["error"], report
+        assert target.faults.requests["POST /upload/complete/{project}/{asset}/{version}"] == 1
+
+
+def test_a_name_a_session_target_cannot_store_fails_alone(tmp_path: Path) -> None:
+    """EMPIAR (sessions of the stand-in ascp) stores UTF-8 names only: the file named otherwise fails, named;
+    the others land."""
+    with EmpiarTarget(tmp_path) as target:
+        target.make_source({"a/m1.tif": b"m" * 5000, "b/p1.tif": b"n" * 7000})
+        bad = os.fsencode(target.src / "micrographs") + b"/bad\xff.tif"
+        with open(bad, "wb") as f:
+            f.write(b"x" * 3000)
+        outcome = run(target, "--json")
+        assert outcome.rc == 1, outcome.text
+        (failed,) = _events(outcome, "item_failed")
+        assert "not valid UTF-8" in failed["error"], failed
+        stored = target.stored()
+        assert {k: v for k, v in stored.items() if "bad" not in k} == {
+            k: v for k, v in target.expected().items() if "bad" not in k}
+        assert not any("bad" in k for k in stored)
+
+
+def test_a_source_changed_since_its_cut_upload_is_sent_anew_when_the_old_upload_cannot_be_removed(
+        tmp_path: Path) -> None:
+    """The file grew since the run that left its upload cut: it is sent again from zero; the server refuses to
+    terminate the old upload (403), which is a warning, not a failure."""
+    with PlainTus(tmp_path) as target:
+        path = _cut_inside_the_second_chunk(target)
+        with open(path, "ab") as f:
+            f.write(b"more")
+        target.faults.add("DELETE * status=403 first=0")
+        outcome = run(target, "--json")
+        assert outcome.rc == 0, outcome.text
+        assert "big.bin: could not remove what an earlier run left of it on the target" in outcome.text
+        assert target.faults.requests["DELETE /files/{upload_id}"] == 1
+        assert target.stored()["big.bin"] == path.read_bytes()
+        assert target.leftovers() == {"big.bin"}  # the old upload stays (the warning said so)
+
+
+def test_an_unfinished_file_left_out_of_a_run_is_kept_for_the_next(tmp_path: Path) -> None:
+    """A run that excludes a file whose upload is cut does not take it for vanished: its row and the upload
+    stay, and the next run without the filter finishes it from where the target is."""
+    with PlainTus(tmp_path) as target:
+        _cut_inside_the_second_chunk(target)
+        (target.src / "small.txt").write_bytes(b"s" * 100)
+        target.files["small.txt"] = b"s" * 100
+        outcome = run(target, "--json", "--exclude", "big.bin")
+        assert outcome.rc == 0, outcome.text
+        assert target.stored() == {"small.txt": b"s" * 100}
+        assert target.leftovers() == target.journaled() == {"big.bin"}
+        db = sqlite3.connect(target.journal)
+        try:
+            assert db.execute("SELECT state, transient FROM items WHERE rel='big.bin'").fetchall() == [("failed", 1)]
+        finally:
+            db.close()
+        outcome = run(target, "--json")
+        check(target, outcome, ok=True)
+        (report,) = _events(outcome, "job_finished")
+        assert report["report"]["bytes_sent"] < 3 * MiB - MiB  # the rest only: the held part was kept
