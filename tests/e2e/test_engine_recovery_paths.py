@@ -21,7 +21,16 @@ from asyncdepo.engine.journal import VANISHED
 from asyncdepo.sim import tus as tus_sim
 from asyncdepo.sim.faults import FaultInjector
 from tests.chaos.outcome import CLI, Outcome, check, run
-from tests.chaos.world import EmpiarTarget, GypsumTarget, ImmportTarget, LocalTarget, MiB, TusTarget
+from tests.chaos.world import (
+    EmpiarTarget,
+    GypsumTarget,
+    ImmportTarget,
+    LocalTarget,
+    MiB,
+    PdisTarget,
+    Target,
+    TusTarget,
+)
 from tests.conftest import cli_process, tree_digests, tus_args
 
 
@@ -30,7 +39,7 @@ def _events(outcome: Outcome, kind: str) -> list[dict[str, Any]]:
             if e.get("event") == kind]
 
 
-def _unprivileged(target: TusTarget, *extra: str) -> Outcome:
+def _unprivileged(target: Target, *extra: str) -> Outcome:
     """The run without root's power to ignore file permissions (the suite runs as root in CI)."""
     if os.geteuid() != 0:
         return run(target, *extra)
@@ -299,3 +308,34 @@ def test_an_unfinished_file_left_out_of_a_run_is_kept_for_the_next(tmp_path: Pat
         check(target, outcome, ok=True)
         (report,) = _events(outcome, "job_finished")
         assert report["report"]["bytes_sent"] < 3 * MiB - MiB  # the rest only: the held part was kept
+
+
+# -- a packed target (the whole tree as one tar) ---------------------------------------------------------------
+def test_a_folder_that_cannot_be_read_fails_the_pack_naming_it(tmp_path: Path) -> None:
+    with PdisTarget(tmp_path) as target:
+        target.make_source({"a/one.bin": b"1" * 3000, "b/two.bin": b"2" * 2000})
+        folder = target.src / "b"
+        folder.chmod(0o000)
+        try:
+            outcome = _unprivileged(target, "--json")
+        finally:
+            folder.chmod(0o755)
+        assert outcome.rc == 1, outcome.text
+        (failed,) = _events(outcome, "item_failed")
+        assert failed["rel"] == f"{target.src.name}.tar.zst" and "b: cannot list directory" in failed["error"], failed
+        assert "the archive would miss it" in failed["error"]
+        assert not target.stored() and not target.leftovers()
+
+
+def test_an_upload_refused_as_a_duplicate_the_account_does_not_hold_fails_without_asking_again(
+        tmp_path: Path) -> None:
+    """PDIS answers the upload with 409 (it holds that archive) but none of this account's submissions has its
+    md5: a conflict the run reports, not one it retries."""
+    with PdisTarget(tmp_path) as target:
+        target.make_source({"a/one.bin": b"1" * 3000})
+        target.faults.add("POST /api/v1/upload/ status=409 first=0")
+        outcome = run(target, "--json")
+        assert outcome.rc != 0, outcome.text
+        assert "PDIS already holds an archive with md5" in outcome.text, outcome.text
+        assert target.faults.requests["POST /api/v1/upload/"] == 1
+        assert not target.stored()
