@@ -15,8 +15,11 @@ from pathlib import Path
 import anyio
 import pytest
 
+from asyncdepo.contract import Item
+from asyncdepo.engine.checks import content_check
 from asyncdepo.engine.joblock import lock_path
 from asyncdepo.engine.journal import Journal, job_id
+from asyncdepo.engine.pipeline import FileSource
 from asyncdepo.errors import DiskFullError, JobLockedError, UsageError
 
 
@@ -168,3 +171,62 @@ async def test_a_lock_file_removed_while_held_is_released_all_the_same(tmp_path:
     finally:
         await second.close()
     assert not lock_path(path, jid).exists()
+
+
+async def test_a_journal_whose_disk_fills_mid_run_drops_what_comes_after(small_disk: SmallDisk) -> None:
+    """Rows and chunk digests queued once the journal's disk is full are dropped (the run's own cleanup must
+    not fail in turn); what was committed before stays, and the job opens again once there is space."""
+    path = small_disk.path / "journal.sqlite"
+    journal = await Journal.open(path)
+    try:
+        jid, _ = await journal.open_job("push", "/src", "file:///dst")
+        await journal.record(jid, "kept.bin", size=1, mtime_ns=1, state="done")
+        await journal.flush()
+        small_disk.fill()
+        for i in range(300):
+            await journal.record(jid, f"lost-{i:03d}.bin", size=i, mtime_ns=1, state="partial", error="x" * 400)
+            await journal.record_chunk(jid, f"lost-{i:03d}.bin", 0, 1 << 20, f"{i:032x}")
+        await journal.flush()
+        assert isinstance(journal.broken, DiskFullError) and str(path) in str(journal.broken)
+        await journal.record_chunk(jid, "after.bin", 0, 1 << 20, "0" * 32)
+        assert [b async for b in journal.chunks(jid, "after.bin")] == []
+    finally:
+        await journal.close()
+    small_disk.free()
+    again = await Journal.open(path)
+    try:
+        assert list(await again.lookup(jid, ["kept.bin", "lost-000.bin", "after.bin"])) == ["kept.bin"]
+        assert (await again.open_job("push", "/src", "file:///dst"))[1]
+    finally:
+        await again.close()
+
+
+async def test_a_job_opened_twice_by_one_journal_keeps_one_lock(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    journal = await Journal.open(path)
+    try:
+        jid, existed = await journal.open_job("push", "/src", "file:///dst")
+        again, existed_again = await journal.open_job("push", "/src", "file:///dst")
+        assert (again, existed, existed_again, journal.runs[jid]) == (jid, False, True, 2)
+        assert [p.name for p in tmp_path.glob("*.lock")] == [lock_path(path, jid).name]
+        with pytest.raises(ValueError, match="unknown journal fields"):
+            await journal.record(jid, "a.bin", colour="red")
+    finally:
+        await journal.close()
+    assert not list(tmp_path.glob("*.lock"))
+
+
+# -- pure logic ---------------------------------------------------------------------------------------------------
+def test_checksum_compares_with_the_cheapest_digest_the_journal_holds() -> None:
+    assert content_check({}) == ("", "")
+    assert content_check({"xxh3": "", "sha1": None, "crc32c": "abcd", "md5": "0f" * 16}) == ("md5", "0f" * 16)
+    assert content_check({"md5": "0f" * 16, "xxh3": "ab" * 8}) == ("xxh3", "ab" * 8)
+
+
+async def test_a_file_source_is_read_once(tmp_path: Path) -> None:
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"a" * 1000)
+    src = FileSource(Item(str(path), "a.bin", 1000, path.stat().st_mtime_ns))
+    assert b"".join([bytes(b) async for b in src]) == b"a" * 1000
+    with pytest.raises(RuntimeError, match="only once"):
+        src.__aiter__()
