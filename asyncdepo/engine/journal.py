@@ -167,16 +167,10 @@ class Journal:
                 if db.in_transaction:  # a failed COMMIT may have rolled it back already
                     db.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as exc:
+        except BaseException as exc:
             db.close()
-            if _disk_full(exc):
-                raise self._full(exc) from None
-            if "locked" in str(exc) or "busy" in str(exc):
-                raise TransientError(f"journal {self.path}: {exc}",
-                                     hint="another asyncdepo is creating or migrating it; try again") from None
-            raise self._unusable(exc) from None
-        except BaseException:
-            db.close()
+            if isinstance(exc, sqlite3.Error):
+                raise self._failed(exc) from None
             raise
         self._db = db
 
@@ -197,6 +191,16 @@ class Journal:
             self._pending, self._chunks, self._forget = {}, {}, []
             return False
         return True
+
+    def _failed(self, exc: sqlite3.Error) -> DiskFullError | TransientError | UsageError:
+        """What a failed open (of the journal or of a job) raises: its disk is full; it is locked by another
+        process past the busy timeout (worth another try); or it is no journal this run can use."""
+        if _disk_full(exc):
+            return self._full(exc)
+        if "locked" in str(exc) or "busy" in str(exc):
+            return TransientError(f"journal {self.path}: {exc}",
+                                  hint="another asyncdepo is creating or migrating it; try again")
+        return self._unusable(exc)
 
     def _unusable(self, exc: sqlite3.Error) -> UsageError:
         """The journal's path names no journal this run can use (not a database, a directory, read-only)."""
@@ -224,6 +228,8 @@ class Journal:
         The lock is held until :meth:`close` (or :meth:`release_job`); :attr:`runs` holds this run's number.
 
         :raises JobLockedError: another process runs this job now.
+        :raises DiskFullError: the journal's disk is full.
+        :raises UsageError: the journal's tables are not an asyncdepo journal's (another program's database).
         """
         jid = job_id(kind, source, target)
         if jid not in self._locks:
@@ -252,13 +258,10 @@ class Journal:
 
         try:
             existed, self.runs[jid] = await self._run(do)
-        except sqlite3.OperationalError as exc:
+        except BaseException as exc:
             await self.release_job(jid)
-            if _disk_full(exc):
-                raise self._full(exc) from None
-            raise
-        except BaseException:
-            await self.release_job(jid)
+            if isinstance(exc, sqlite3.Error):
+                raise self._failed(exc) from None
             raise
         return jid, existed
 
