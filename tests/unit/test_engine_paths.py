@@ -116,6 +116,47 @@ async def test_a_directory_given_as_the_journal_is_refused(tmp_path: Path) -> No
         await Journal.open(tmp_path)
 
 
+def _foreign(path: Path, schema: str) -> None:
+    """A SQLite database of another program at ``path``."""
+    db = sqlite3.connect(path)
+    db.executescript(schema)
+    db.close()
+
+
+async def test_another_programs_database_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    """Its ``items`` table has other columns: creating the journal's index fails inside the schema's
+    transaction, which is rolled back (nothing of ours is left in it), and the open is a UsageError."""
+    path = tmp_path / "other.sqlite"
+    _foreign(path, "CREATE TABLE items (name TEXT, price REAL); INSERT INTO items VALUES ('tea', 2.5);")
+    with pytest.raises(UsageError, match=f"journal {path} cannot be used: no such column: job"):
+        await Journal.open(path)
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("items",)]
+        assert db.execute("SELECT * FROM items").fetchall() == [("tea", 2.5)]
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("jobs", ["CREATE TABLE jobs (id TEXT PRIMARY KEY, owner TEXT)",
+                                  ("CREATE TABLE jobs (id TEXT PRIMARY KEY, kind TEXT, source TEXT, target TEXT, "
+                                   "argv TEXT, created REAL, updated REAL, state TEXT, colour TEXT NOT NULL)")],
+                         ids=["missing-columns", "extra-required-column"])
+async def test_a_jobs_table_of_another_program_refuses_the_job_and_frees_it(tmp_path: Path, jobs: str) -> None:
+    path = tmp_path / "other.sqlite"
+    _foreign(path, jobs + ";")
+    journal = await Journal.open(path)  # the tables it lacks are created, the one it has is kept
+    try:
+        with pytest.raises(UsageError, match=f"journal {path} cannot be used: "):
+            await journal.open_job("push", "/src", "file:///dst")
+        jid = job_id("push", "/src", "file:///dst")
+        assert not lock_path(path, jid).exists() and jid not in journal.runs
+        assert journal.db.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+        assert not journal.db.in_transaction
+    finally:
+        await journal.close()
+
+
 # -- the job lock ------------------------------------------------------------------------------------------------
 HOLD = ("import fcntl, os, sys\n"
         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
