@@ -196,6 +196,14 @@ class PlainTus(TusTarget):
                                  tus_args(extensions="creation,creation-with-upload,termination"))
 
 
+class PlainDeferTus(TusTarget):
+    """As :class:`PlainTus`, taking uploads of a length told at the end (a compressed stream's)."""
+
+    def _factory(self) -> Any:
+        return tus_sim.build_app(self.tmp / "tus", FaultInjector(), tus_args(
+            extensions="creation,creation-with-upload,creation-defer-length,termination"))
+
+
 def _cut_inside_the_second_chunk(target: PlainTus) -> Path:
     """One 3 MiB file whose upload ends 500 KB into its second chunk (the run fails); returns its path."""
     target.make_source({"big.bin": random.Random(3).randbytes(3 * MiB)})
@@ -339,3 +347,38 @@ def test_an_upload_refused_as_a_duplicate_the_account_does_not_hold_fails_withou
         assert "PDIS already holds an archive with md5" in outcome.text, outcome.text
         assert target.faults.requests["POST /api/v1/upload/"] == 1
         assert not target.stored()
+
+
+def test_a_compressed_stream_cut_inside_a_chunk_is_resumed_and_arrives_whole(tmp_path: Path) -> None:
+    """With --compress the stream is made again on the resume: the chunks the target holds are compared with
+    the journal's digests as they pass, the one held in part (no digest: it was cut) is checked by size and
+    mtime, and the rest is sent."""
+    import zstandard
+
+    with PlainDeferTus(tmp_path) as target:
+        target.make_source({"big.bin": random.Random(3).randbytes(3 * MiB)})
+        target.faults.add("PATCH * drop after=500K skip=1 first=1")
+        outcome = run(target, "--json", "--compress", "zstd", "--request-attempts", "1")
+        assert outcome.rc == 0, outcome.text
+        first, again = _events(outcome, "item_started")
+        assert (first["offset"], again["offset"]) == (0, MiB + 500 * 1024)  # resumed where the cut left it
+        stored = target.stored()["big.bin.zst"]
+        assert zstandard.ZstdDecompressor().decompressobj().decompress(stored) == target.files["big.bin"]
+
+
+def test_a_file_deleted_while_its_cut_upload_is_looked_up_fails_as_vanished(tmp_path: Path) -> None:
+    """The file is removed as the resume asks the server where its upload stands (HEAD): the check of the cut
+    chunk finds no file, the item fails as vanished, and its upload on the server is terminated."""
+    with PlainTus(tmp_path) as target:
+        path = _cut_inside_the_second_chunk(target)
+
+        def on_request(route: str, count: int) -> None:
+            if route.startswith("HEAD") and path.exists():
+                path.unlink()
+
+        target.faults.on_request.append(on_request)
+        outcome = run(target, "--json")
+        assert outcome.rc == 1, outcome.text
+        (failed,) = _events(outcome, "item_failed")
+        assert failed["rel"] == "big.bin" and VANISHED in failed["error"], failed
+        assert not target.stored() and not target.leftovers()
