@@ -1,10 +1,13 @@
 """The engine core's recovery paths, each reached by a real fault: the journal and its job lock on a really
 full filesystem (a small tmpfs, filled up), a journal path that is no journal (a file of random bytes, a
-directory), a job lock held by a second process that has not (or not legibly) said who it is, a lock file
-removed by hand while held."""
+directory, another program's database), a job lock held by a second process that has not (or not legibly)
+said who it is, a lock file removed by hand while held, and one that a second process removes (or replaces)
+while the opener waits on it (the kernel holds an open that breaks a file lease until the lease is given
+back: the unlink race of :mod:`asyncdepo.engine.joblock`, made to happen every time)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -271,3 +274,70 @@ async def test_a_file_source_is_read_once(tmp_path: Path) -> None:
     assert b"".join([bytes(b) async for b in src]) == b"a" * 1000
     with pytest.raises(RuntimeError, match="only once"):
         src.__aiter__()
+
+
+#: a process that holds a read lease on the lock file; each time an opener breaks it (the kernel holds that
+#: open until the lease is given back), it removes the file first, and makes a new one with a new lease while
+#: it has rounds left: the file the opener then locks no longer has the name (the unlink race of joblock.py)
+REPLACER = ("import fcntl, os, signal, sys\n"
+            "path, rounds = sys.argv[1], int(sys.argv[2])\n"
+            "state = {'fd': -1, 'left': rounds}\n"
+            "def arm():\n"
+            "    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)\n"
+            "    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)\n"
+            "    state['fd'] = fd\n"
+            "def broken(sig, frame):\n"
+            "    os.unlink(path)\n"
+            "    fd = state['fd']\n"
+            "    state['left'] -= 1\n"
+            "    if state['left'] > 0:\n"
+            "        arm()\n"
+            "    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)\n"
+            "    os.close(fd)\n"
+            "    print('replaced', flush=True)\n"
+            "signal.signal(signal.SIGIO, broken)\n"
+            "arm()\n"
+            "print('armed', flush=True)\n"
+            "sys.stdin.readline()\n")
+
+
+def _replaced(tmp_path: Path, rounds: int) -> tuple[str | JobLockedError, int]:
+    """Open the job while REPLACER replaces its lock file ``rounds`` times; (job id or the refusal, how many
+    times the file was replaced)."""
+    path = tmp_path / "journal.sqlite"
+    jid = job_id("push", "/src", "file:///dst")
+
+    async def open_job() -> str | JobLockedError:
+        journal = await Journal.open(path)
+        try:
+            try:
+                got, _ = await journal.open_job("push", "/src", "file:///dst")
+            except JobLockedError as exc:
+                return exc
+            assert json.loads(lock_path(path, jid).read_text())["pid"] == os.getpid()  # the file it locked
+            return got
+        finally:
+            await journal.close()
+
+    replacer = subprocess.Popen([sys.executable, "-c", REPLACER, str(lock_path(path, jid)), str(rounds)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert replacer.stdout is not None and replacer.stdout.readline().strip() == "armed"
+        outcome = anyio.run(open_job)
+    finally:
+        replacer.kill()
+        out, _ = replacer.communicate(timeout=30)
+    return outcome, out.split().count("replaced")
+
+
+def test_a_lock_file_removed_between_its_open_and_its_lock_is_made_again(tmp_path: Path) -> None:
+    got, replaced = _replaced(tmp_path, 1)
+    assert got == job_id("push", "/src", "file:///dst") and replaced == 1
+
+
+def test_a_lock_file_replaced_on_every_try_gives_up_naming_it(tmp_path: Path) -> None:
+    got, replaced = _replaced(tmp_path, 8)
+    assert isinstance(got, JobLockedError) and replaced == 8
+    assert str(got) == (f"job {job_id('push', '/src', 'file:///dst')}: its lock file "
+                        f"{lock_path(tmp_path / 'journal.sqlite', job_id('push', '/src', 'file:///dst'))} keeps "
+                        "being replaced by another process")
