@@ -7,8 +7,8 @@ flock, not ``fcntl`` record locks: a record lock belongs to the process, so two 
 process (a test, a program driving the engine twice) would not exclude each other.
 
 The holder writes ``{"pid", "host", "since"}`` into the file (when the disk has room for it); a run that finds
-the job locked reads it back for its message (:class:`~asyncdepo.errors.JobLockedError`). Each job has its own file, so different jobs that
-share one journal run side by side.
+the job locked reads it back for its message (:class:`~asyncdepo.errors.JobLockedError`). Each job has its own
+file, so different jobs that share one journal run side by side.
 
 Releasing unlinks the file while still holding the lock, so lock files do not pile up. That opens a race (a
 second run may open the old file just before it is unlinked and then lock a file that no longer has a
