@@ -164,10 +164,3 @@ class TarSource:
             reader, self._reader = self._reader, None
             await anyio.to_thread.run_sync(reader.close)
         self._finished = True
-
-
-def tar_source(items: AsyncIterable[Item] | Iterable[Item], *, prefix: str = "",
-               compress: str | None = None, level: int = 3, threads: int = 0,
-               digests: tuple[str, ...] = ("md5",)) -> TarSource:
-    """A ByteSource of a tar (optionally zstd) stream of ``items``; see :class:`TarSource`."""
-    return TarSource(items, prefix=prefix, compress=compress, level=level, threads=threads, digests=digests)

@@ -6,9 +6,9 @@ drops a flock when the last descriptor of it closes, which happens when the proc
 flock, not ``fcntl`` record locks: a record lock belongs to the process, so two runs of one job inside one
 process (a test, a program driving the engine twice) would not exclude each other.
 
-The holder writes ``{"pid", "host", "since"}`` into the file; a run that finds the job locked reads it back
-for its message (:class:`~asyncdepo.errors.JobLockedError`). Each job has its own file, so different jobs that
-share one journal run side by side.
+The holder writes ``{"pid", "host", "since"}`` into the file (when the disk has room for it); a run that finds
+the job locked reads it back for its message (:class:`~asyncdepo.errors.JobLockedError`). Each job has its own
+file, so different jobs that share one journal run side by side.
 
 Releasing unlinks the file while still holding the lock, so lock files do not pile up. That opens a race (a
 second run may open the old file just before it is unlinked and then lock a file that no longer has a
@@ -51,7 +51,7 @@ def describe_holder(holder: dict[str, object]) -> str:
 
 
 class JobLock:
-    """A held lock; :meth:`release` (idempotent) gives it back. Blocking calls: use from a worker thread."""
+    """A held lock; :meth:`release` gives it back. Blocking calls: use from a worker thread."""
 
     def __init__(self, path: Path, fd: int) -> None:
         self.path = path
@@ -87,22 +87,26 @@ class JobLock:
                 os.close(fd)  # the holder unlinked it between our open and our flock: try the new file
                 continue
             record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, record.encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, record.encode(), 0)
+            except OSError:
+                # a full disk: the record only names the holder in another run's refusal (which then says
+                # "it has not said which"); the lock is held all the same, and the journal beside it reports
+                # the full disk as its own error
+                pass
             return cls(path, fd)
         raise JobLockedError(f"job {job}: its lock file {path} keeps being replaced by another process",
                              hint="another run of this job is starting and stopping; try again")
 
     def release(self) -> None:
-        """Unlink the lock file (still holding the lock, see the module docstring) and close it."""
-        if self._fd < 0:
-            return
-        fd, self._fd = self._fd, -1
+        """Unlink the lock file (still holding the lock, see the module docstring) and close it. Called once:
+        the journal drops the lock from its table before it calls this."""
         try:
             os.unlink(self.path)
         except OSError:
             pass  # already gone, or a read-only directory: the closed descriptor releases the lock anyway
-        os.close(fd)
+        os.close(self._fd)
 
 
 def _read_holder(fd: int) -> dict[str, object]:

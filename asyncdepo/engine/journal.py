@@ -64,7 +64,7 @@ import anyio
 
 from asyncdepo.engine.joblock import JobLock, lock_path
 from asyncdepo.engine.journalrows import ITEM_FIELDS, MIGRATIONS, SCHEMA, db_key, db_text, dumps, loads
-from asyncdepo.errors import DiskFullError, TransientError
+from asyncdepo.errors import DiskFullError, TransientError, UsageError
 from asyncdepo.transport.failures import disk_error
 from asyncdepo.transport.pacer import RetryPolicy, retry_call
 
@@ -130,6 +130,8 @@ class Journal:
         """Open (creating when needed) the journal at ``path`` (default :func:`default_path`).
 
         :raises TransientError: the journal stayed locked by other processes through every try.
+        :raises DiskFullError: its disk is full.
+        :raises UsageError: ``path`` is no journal this run can use (not a database, a directory, read-only).
         """
         j = cls(Path(path) if path else default_path())
         await retry_call(lambda: j._run(j._open_sync), OPEN_RETRY)
@@ -141,7 +143,10 @@ class Journal:
         # SQLite creates the file; we never open it ourselves: closing any descriptor of a file drops every
         # POSIX lock this process holds on it, those of our other connections (other tasks) included, and
         # lets another process write over their transactions (seen as lost rows in the open-race test)
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT)
+        try:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT)
+        except sqlite3.Error as exc:  # a directory, or a folder this user may not write
+            raise self._unusable(exc) from None
         if fresh:
             os.chmod(self.path, 0o600)
         try:
@@ -162,16 +167,10 @@ class Journal:
                 if db.in_transaction:  # a failed COMMIT may have rolled it back already
                     db.execute("ROLLBACK")
                 raise
-        except sqlite3.OperationalError as exc:
+        except BaseException as exc:
             db.close()
-            if _disk_full(exc):
-                raise self._full(exc) from None
-            if "locked" in str(exc) or "busy" in str(exc):
-                raise TransientError(f"journal {self.path}: {exc}",
-                                     hint="another asyncdepo is creating or migrating it; try again") from None
-            raise
-        except BaseException:
-            db.close()
+            if isinstance(exc, sqlite3.Error):
+                raise self._failed(exc) from None
             raise
         self._db = db
 
@@ -193,6 +192,22 @@ class Journal:
             return False
         return True
 
+    def _failed(self, exc: sqlite3.Error) -> DiskFullError | TransientError | UsageError:
+        """What a failed open (of the journal or of a job) raises: its disk is full; it is locked by another
+        process past the busy timeout (worth another try); or it is no journal this run can use."""
+        if _disk_full(exc):
+            return self._full(exc)
+        if "locked" in str(exc) or "busy" in str(exc):
+            return TransientError(f"journal {self.path}: {exc}",
+                                  hint="another asyncdepo is creating or migrating it; try again")
+        return self._unusable(exc)
+
+    def _unusable(self, exc: sqlite3.Error) -> UsageError:
+        """The journal's path names no journal this run can use (not a database, a directory, read-only)."""
+        return UsageError(f"journal {self.path} cannot be used: {exc}",
+                          hint="give --journal the path of an asyncdepo journal (or of a new file) that this user "
+                               "may write; a damaged journal can be moved away (its jobs then start afresh)")
+
     def _full(self, exc: sqlite3.Error) -> DiskFullError:
         """The journal's disk is full, as the error the run reports (naming the journal and the space free)."""
         err = disk_error(f"journal {self.path}", OSError(errno.ENOSPC, str(exc)), self.path.parent)
@@ -213,6 +228,8 @@ class Journal:
         The lock is held until :meth:`close` (or :meth:`release_job`); :attr:`runs` holds this run's number.
 
         :raises JobLockedError: another process runs this job now.
+        :raises DiskFullError: the journal's disk is full.
+        :raises UsageError: the journal's tables are not an asyncdepo journal's (another program's database).
         """
         jid = job_id(kind, source, target)
         if jid not in self._locks:
@@ -241,21 +258,17 @@ class Journal:
 
         try:
             existed, self.runs[jid] = await self._run(do)
-        except sqlite3.OperationalError as exc:
+        except BaseException as exc:
             await self.release_job(jid)
-            if _disk_full(exc):
-                raise self._full(exc) from None
-            raise
-        except BaseException:
-            await self.release_job(jid)
+            if isinstance(exc, sqlite3.Error):
+                raise self._failed(exc) from None
             raise
         return jid, existed
 
     async def release_job(self, jid: str) -> None:
-        """Give back the lock of ``jid`` (no-op when this journal does not hold it)."""
-        lock = self._locks.pop(jid, None)
-        if lock is not None:
-            await anyio.to_thread.run_sync(lock.release)
+        """Give back the lock of ``jid``, which this journal holds (its callers: :meth:`open_job` when it fails
+        after taking the lock, and :meth:`close`)."""
+        await anyio.to_thread.run_sync(self._locks.pop(jid).release)
 
     async def set_job(self, jid: str, state: str) -> None:
         await self._write(lambda: self.db.execute("UPDATE jobs SET state=?, updated=? WHERE id=?",
@@ -351,10 +364,13 @@ class Journal:
                 row.update({k: v for k, v in p.items()})
         return found
 
-    async def failed_transient(self, jid: str, limit: int = 100_000) -> list[str]:
+    async def failed_transient_walked(self, jid: str, run: int, limit: int = 100_000) -> list[str]:
+        """Items of ``jid`` that failed transiently and that run ``run`` walked: what its end-of-run round
+        sends again (a file an earlier run failed and this one leaves out, e.g. by ``--exclude``, is not)."""
         await self.flush()
         return await self._run(lambda: [db_text(r[0]) for r in self.db.execute(
-            "SELECT rel FROM items WHERE job=? AND state='failed' AND transient=1 LIMIT ?", (jid, limit))])
+            "SELECT rel FROM items WHERE job=? AND state='failed' AND transient=1 AND walked=? LIMIT ?",
+            (jid, run, limit))])
 
     async def unseen(self, jid: str, run: int, after: str | bytes = "", limit: int = 256
                      ) -> list[tuple[str | bytes, dict[str, Any]]]:
@@ -499,11 +515,10 @@ class Journal:
     async def close(self) -> None:
         """Flush, close the database and release every job lock this journal holds."""
         with anyio.CancelScope(shield=True):
-            try:
-                if self._db is not None:
-                    await self.flush()
-                    db, self._db = self._db, None
-                    await self._run(db.close)
+            try:  # once: each opener closes its journal once (a second close fails on :attr:`db`)
+                await self.flush()
+                db, self._db = self.db, None
+                await self._run(db.close)
             finally:
                 for jid in list(self._locks):
                     await self.release_job(jid)

@@ -18,7 +18,9 @@ compressor that did not make the same bytes again.
 
 The digest of each chunk of a multi-chunk item is committed to the journal before the chunk is sent, so a
 chunk the target holds only in part (the one in flight when a run was killed or a connection dropped) is
-checked too: the source's bytes of the whole chunk are compared with its digest (:func:`check_cut_chunk`). A
+checked too: the source's bytes of the whole chunk are compared with its digest (:func:`check_cut_chunk`),
+and the part the target holds is journaled as a chunk of its own (the cut chunk's row goes: it is sent again
+from the cut), so the next resume checks those bytes like any other. A
 file that fits in one request and is held in part is sent again whole (no digest is journaled for a part of
 a request). Without ``--compress``; a compressed stream's chunk held in part is checked by size and mtime.
 """
@@ -133,9 +135,14 @@ def _check(reader: RawReader, batch: list[ChunkRecord], buf: Buffer, algo: str) 
 
 
 async def check_cut_chunk(item: Item, stop: int, rows: AsyncIterator[list[ChunkRecord]], algo: str, *,
-                          limiter: anyio.CapacityLimiter) -> None:
+                          limiter: anyio.CapacityLimiter) -> ChunkRecord | None:
     """Compare the journaled chunk that ``stop`` (where the target's copy ends) cuts, if any, with the
     source's bytes of the whole chunk: the target holds the start of it, sent from the source as it was.
+
+    Returns the record of the part the target holds, ``(offset, stop - offset, digest)`` of the source's bytes
+    there, now known to be what was sent (None when ``stop`` cuts no journaled chunk). The caller journals it
+    in place of the cut chunk's row, which it forgets (that chunk is sent again from ``stop``): without it the
+    held bytes would have no digest, and a later resume could not tell that the source changed under them.
 
     :raises PrefixChangedError: the source's bytes there differ, or the file no longer holds the chunk.
     :raises SourceError: it cannot be read.
@@ -146,23 +153,27 @@ async def check_cut_chunk(item: Item, stop: int, rows: AsyncIterator[list[ChunkR
             if offset < stop < offset + length:
                 cut = (offset, length, digest)
     if cut is None:
-        return
+        return None
     offset, length, digest = cut
 
-    def same() -> bool:
+    def held() -> str | None:
+        """The digest of the source's bytes the target holds, or None when the whole chunk differs."""
         try:
             with open(item.path, "rb", buffering=0) as f:
                 data = os.pread(f.fileno(), length, offset)
         except FileNotFoundError:
-            return False
+            return None
         except OSError as exc:
             raise SourceError(f"{item.rel}: cannot read: {exc.strerror or type(exc).__name__}") from exc
-        piece = MultiHash((algo,))
-        piece.update(data)
-        return len(data) == length and piece.hexdigests()[algo] == digest
+        whole, part = MultiHash((algo,)), MultiHash((algo,))
+        whole.update(data)
+        part.update(data[:stop - offset])
+        return part.hexdigests()[algo] if len(data) == length and whole.hexdigests()[algo] == digest else None
 
-    if not await anyio.to_thread.run_sync(same, limiter=limiter):
+    part = await anyio.to_thread.run_sync(held, limiter=limiter)
+    if part is None:
         raise PrefixChangedError(f"{item.rel}: bytes {offset}-{offset + length} differ from what an earlier run "
                                  "began to send (the file was rewritten, though its size and mtime are "
                                  "unchanged); what the target holds is discarded and the file is sent again "
                                  "from the start")
+    return offset, stop - offset, part

@@ -410,13 +410,13 @@ async def _run_all(run: Run, root: Path, report: RunReport, passes: PassFn,
                 return  # the disk is full: nothing more can be written in this run
             await sweep_vanished(run, root, report)
         else:
-            again = await run.journal.failed_transient(run.job)
+            again = await run.journal.failed_transient_walked(run.job, run.journal.runs.get(run.job, 0))
             run.reporter.message(f"retrying {len(again)} item(s) that failed transiently")
             _requeue(run, report, set(again))
             await passes(run, named(run, root, again, report), report, skip, digests, count=False)
             if report.stopped or run.journal.broken is not None:
                 return
-        left = await run.journal.failed_transient(run.job, limit=1)
+        left = await run.journal.failed_transient_walked(run.job, run.journal.runs.get(run.job, 0), limit=1)
         if left:
             raise _Unfinished("some items failed transiently")
 

@@ -408,11 +408,14 @@ async def _attempt(run: Run, item: Item, saved: dict[str, Any] | None, known: di
         # check what the target holds against the journaled chunk digests before building on it; chunks
         # past the verified offset are forgotten (they are sent, and recorded, again)
         await writer.verify(run.journal.chunks(run.job, item.rel), CHUNK_DIGEST)
+        held = None
         if mode == "chunked" and run.config.compress is None:
             # the chunk in flight when the last run stopped: the target may hold part of it (prefix.py)
-            await check_cut_chunk(item, writer.confirmed, run.journal.chunks(run.job, item.rel), CHUNK_DIGEST,
-                                  limiter=run.io)
+            held = await check_cut_chunk(item, writer.confirmed, run.journal.chunks(run.job, item.rel),
+                                         CHUNK_DIGEST, limiter=run.io)
         run.journal.forget_chunks(run.job, item.rel, writer.confirmed)
+        if held is not None:  # the part of the cut chunk the target holds keeps a digest for the next resume
+            await run.journal.record_chunk(run.job, item.rel, *held)
     run.reporter.emit(ItemStarted(rel=item.rel, size=item.size, offset=writer.confirmed))
     streamed = mode == "multipart" and run.features.part_streams and run.config.compress is None
     # streamed parts: whole-file CRCs the target also wants per part are composed from the parts' values
