@@ -3,6 +3,8 @@ subprocess killed with SIGKILL mid-transfer, ``asyncdepo jobs`` and ``asyncdepo 
 ``asyncdepo resume JOB``: only what is missing moves (counted by the stand-in ascp and the simulators) and the
 target ends equal to the source. The kill point comes from the simulators (the stand-in ascp says on a FIFO
 when its stall fault fires; the Globus simulator sets an event at the first status poll), never from a clock.
+The stalled stand-in runs in a session of its own: it outlives the CLI, then ends by itself once it sees its
+client gone (awaited on a pidfd opened while the client still lived, so the pid cannot be another process's).
 """
 
 from __future__ import annotations
@@ -54,6 +56,20 @@ class Notices:
     def close(self) -> None:
         os.close(self._read)
         os.close(self._keep)
+
+    def held(self) -> tuple[int, int]:
+        """``wait()``, then a pidfd of the stalled stand-in (opened while its client lives) and its bytes."""
+        pid, moved = self.wait()
+        return os.pidfd_open(pid), moved
+
+
+def ended(pidfd: int, timeout: float = 120.0) -> None:
+    """The stalled stand-in ends by itself once its client is gone (it used to stall for ever)."""
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+    assert ready, "the stalled stand-in ascp outlived its client"
 
 
 @pytest.fixture
@@ -112,9 +128,10 @@ def test_killed_ascp_deposition_resumes_by_job_id(world: World, notices: Notices
     monkeypatch.setenv("ASYNCDEPO_SIM_ASCP_NOTIFY", str(notices.path))
     argv = world.argv("--stall-timeout", "600", "-e", str(world.thumb))
     argv[argv.index("--transfers") + 1] = "1"  # one session at a time: nothing else runs on after the kill
-    pid, moved = killed(["push", "empiar", *argv], None, notices.wait)
-    os.kill(pid, signal.SIGKILL)  # the stalled ascp runs in a session of its own: it outlives the CLI
-    assert moved == 350_000 and [s["bytes"] for s in world.sessions()] == [readme]  # README's session
+    pidfd, moved = killed(["push", "empiar", *argv], None, notices.held)
+    ended(pidfd)
+    # README's session, then the stalled one, which failed (its part file stays for -k 3)
+    assert moved == 350_000 and [(s["bytes"], s["status"]) for s in world.sessions()] == [(readme, 0), (moved, 1)]
 
     job = only_job(world.journal)
     assert job["kind"] == "empiar" and job["state"] == "running" and job["source"] == str(world.data)
@@ -235,8 +252,8 @@ def test_killed_ascp_pull_resumes_by_job_id(tmp_path: Path, store: Path, notices
                 "ascp", "--ascp", SIM_ASCP, "--aspera-host", "127.0.0.1", "--stall-timeout", "600", "--journal",
                 str(journal), "-q"]
         faulty = {**env, "ASYNCDEPO_SIM_ASCP_FAIL": f"stall:{cut}:once", "ASYNCDEPO_SIM_ASCP_NOTIFY": str(notices.path)}
-        pid, moved = killed(argv, faulty, notices.wait)
-        os.kill(pid, signal.SIGKILL)
+        pidfd, moved = killed(argv, faulty, notices.held)
+        ended(pidfd)
         assert moved == cut
         job = only_job(journal, env)
         assert job["kind"] == "pull" and job["state"] == "running" and job["target"] == str(out)
@@ -244,8 +261,9 @@ def test_killed_ascp_pull_resumes_by_job_id(tmp_path: Path, store: Path, notices
         assert res.returncode == 0, res.stderr
         code, st = status(journal, job["id"], env)
     sessions = [json.loads(x) for x in (tmp_path / "ascp.jsonl").read_text().splitlines()]
-    assert [s["bytes"] for s in sessions] == [total - cut]  # the killed session wrote no line; the rest moved once
-    assert len(sessions[0]["resumed_from"]) == 1
+    # the stalled session failed once its client was gone; the resume moved the rest once
+    assert [(s["bytes"], s["status"]) for s in sessions] == [(cut, 1), (total - cut, 0)]
+    assert len(sessions[1]["resumed_from"]) == 1
     _identical(store, out)
     assert code == 0 and counts(st) == {"done": 16} and st["job"]["state"] == "done"
 
