@@ -1,7 +1,8 @@
 """How long the stand-in ascp (``asyncdepo-sim-ascp``) lives, and that it never spins: a stand-in held by a fault
 (stall, wedge) ends once its client is killed (it runs in a session of its own, so nothing else reaches it),
 or at its hold limit while the client lives; the bytes it wrote stay whole or in a part file a resume can
-use; a source that shrinks under a transfer fails that file instead of looping at its end for ever.
+use; a session that can finish without its client finishes, as real ascp does; a source that shrinks under a
+transfer fails that file instead of looping at its end for ever.
 
 Every wait is on a process or a FIFO with a bound (``Popen.wait(timeout=)``, a pidfd in ``select``), never on
 a clock; the bounds are guards against a hang, not timings.
@@ -187,6 +188,33 @@ def test_a_wedged_standin_ends_once_its_client_is_killed(tmp_path: Path) -> None
             client.stdout.close()
     assert exits(pidfd), "the wedged stand-in ascp outlived its client"
     assert not (tmp_path / "a.bin").exists()
+
+
+def test_a_session_that_can_finish_without_its_client_finishes(tmp_path: Path) -> None:
+    """Real ascp goes on when its client dies, and so does the stand-in unless a fault holds it: here it waits
+    to meet a second session (``ASYNCDEPO_SIM_ASCP_MEET``), which this test starts only after the kill, so the
+    whole transfer happens without the client; its output pipes are gone and it still ends well."""
+    src = _source(tmp_path, "a.bin", 700_000)
+    meet = tmp_path / "server" / ".ascp-meet"
+    meet.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ASYNCDEPO_", "ASPERA_"))}
+    env.update(ASYNCDEPO_SIM_ASCP_ROOT=str(tmp_path / "server"), ASYNCDEPO_SIM_ASCP_MEET="2",
+               ASYNCDEPO_SIM_ASCP_COUNTERS=str(tmp_path / "counters.jsonl"))
+    client = subprocess.Popen([sys.executable, "-c", _CLIENT, STANDIN, "-k", "3", str(src), "u@hx:/"], env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None
+        pidfd = os.pidfd_open(int(client.stdout.readline()))
+    finally:
+        client.send_signal(signal.SIGKILL)
+        client.wait(GUARD)
+        if client.stdout is not None:
+            client.stdout.close()
+    (meet / "second-session").touch()  # the meeting is complete only now, with the client gone
+    assert exits(pidfd), "the orphaned stand-in did not finish"
+    assert (tmp_path / "server" / "a.bin").read_bytes() == src.read_bytes()
+    (line,) = sessions(tmp_path / "counters.jsonl")
+    assert (line["bytes"], line["files"], line["status"], line["met"]) == (700_000, 1, 0, True)
 
 
 # the stand-in's session, with the source cut to 100 000 bytes once the first 256 KiB chunk was copied
