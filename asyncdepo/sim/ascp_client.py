@@ -89,11 +89,6 @@ class ClientWatch:
                 else:
                     return True
 
-    def close(self) -> None:
-        if self._parent is not None:
-            os.close(self._parent)
-            self._parent = None
-
 
 def _is_stream(fd: int) -> bool:
     try:

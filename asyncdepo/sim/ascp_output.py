@@ -31,7 +31,7 @@ def _write(stream: TextIO, text: str) -> None:
     try:
         stream.write(text)
         stream.flush()
-    except BrokenPipeError:  # the reader went away: nothing left to tell, now or at exit
+    except ConnectionError:  # the reader went away (EPIPE; a socket may say ECONNRESET): nothing left to tell
         devnull = os.open(os.devnull, os.O_WRONLY)
         try:
             os.dup2(devnull, stream.fileno())

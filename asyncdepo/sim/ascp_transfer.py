@@ -36,8 +36,9 @@ Environment:
 * ``ASYNCDEPO_SIM_ASCP_FAIL`` — one fault: ``auth`` | ``drop:N`` (lose the connection after N bytes of
   this session, FASP code 16) | ``stall`` or ``stall:N`` (after N bytes, stop printing and hang until
   signalled, the client is gone or the hold limit passed) | ``wedge`` (hang and ignore SIGTERM: only SIGKILL,
-  the client's end or the hold limit end it) | ``noserver`` (no SSH connection, code 12). A ``:once`` suffix fires it on the first session only (marker under
-  ``ROOT/.ascp-faults/``, created atomically when the fault fires: of concurrent sessions, one gets it).
+  the client's end or the hold limit end it) | ``noserver`` (no SSH connection, code 12). A ``:once``
+  suffix fires it on the first session only (marker under ``ROOT/.ascp-faults/``, created atomically when
+  the fault fires: of concurrent sessions, one gets it).
 * ``ASYNCDEPO_SIM_ASCP_COUNTERS`` — a file that gets one JSON line per session (also after a failure or
   SIGTERM): ``{"bytes", "files", "resumed_from": {name: offset}, "status", "mode", "met", "rate_bps", "ppid"}``
   (``rate_bps``: the ``-l`` it was given, bits per second, or null; ``ppid``: the process that started it,
@@ -332,8 +333,8 @@ class Session:
                 self.bytes += len(data)
                 if len(data) < n:
                     # The source ended before the size it had when the file started: it shrank under us. A
-                    # read at its end returns nothing, so going on would loop for ever at full speed (the
-                    # spin once seen on a stand-in whose source a test truncated). The part file stays.
+                    # read at its end returns nothing, so going on would loop for ever at full speed. The
+                    # part file stays (a resume checks it against the source).
                     raise FileFailed("Error reading source file from disk: the file shrank while it was sent", 35)
                 self.pace()
                 self.show(job, done, size)
