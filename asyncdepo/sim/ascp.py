@@ -17,6 +17,11 @@ Behaviour (paths, copying, resume, throttling) and the environment it reads (sto
 token URL, faults, counters) are described in :mod:`asyncdepo.sim.ascp_transfer`, which runs the
 session; :mod:`asyncdepo.sim.ascp_output` formats what it prints. This module is the command line:
 argv -> :class:`Args` -> one :class:`Session` -> exit status.
+
+Lifetime: like real ascp it lives on when its client is killed (the client starts it in a session of its
+own) and finishes what it can; a stand-in held by a fault (``stall``, ``wedge``) ends once its client is gone
+(:mod:`asyncdepo.sim.ascp_client` says how that is seen, without a busy loop), so killed test runs leave no
+stand-in behind.
 """
 
 from __future__ import annotations
@@ -25,11 +30,11 @@ import os
 import re
 import signal
 import sys
-import time
 from collections.abc import Sequence
 
+from asyncdepo.sim.ascp_client import ClientWatch
 from asyncdepo.sim.ascp_output import Manager, err, fmt_size, out, progress_line
-from asyncdepo.sim.ascp_transfer import Args, Dropped, Job, Session, SessionError, Usage
+from asyncdepo.sim.ascp_transfer import STALLED, Args, Dropped, Job, Session, SessionError, Usage
 
 # FASP error 27, as ascp describes it (the stand-in writes its own text: it shares nothing with the client)
 PARTIAL_FAILURE = "Some individual files failed"
@@ -149,6 +154,7 @@ def _terminated(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one session like ascp; returns the exit status (0, 1, or 112 for usage)."""
+    watch = ClientWatch()  # first: the parent is still the client
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
         err(USAGE)
@@ -167,14 +173,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_EXIT
     env = dict(os.environ)
     try:
-        session = Session(a, env)
+        session = Session(a, env, watch)
     except OSError as exc:
         err(f"ascp: failed to connect to management port: {exc.strerror or exc}, exiting.")
         return 1
     if session.fires("wedge"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        while True:
-            time.sleep(3600)
+        session.hold()  # until the client is gone (or the hold limit): a wedged orphan must not live for ever
+        err(f"ascp: {STALLED}, exiting.")
+        return 1
     # SIGTERM ends the session like a lost connection would: counters are still written.
     signal.signal(signal.SIGTERM, _terminated)
     status = 1

@@ -1,7 +1,8 @@
 """How the stand-in ascp talks: console writes, scp-style sizes and progress lines, management frames.
 
 Contract: :func:`out` writes to stdout and :func:`err` writes a line to stderr, both flushed at once and
-silent when the reader has gone (a closed pipe is not an error for a child). :func:`fmt_size` and
+silent when the reader has gone (a closed pipe is not an error for a child: the stream is then pointed at
+``/dev/null``, so later writes and the flush at exit cost nothing and raise nothing). :func:`fmt_size` and
 :func:`progress_line` format what real ascp prints (see :mod:`asyncdepo.transport.ascp.console` for the
 reader's side). :class:`Manager` connects to ``127.0.0.1:port`` when ``-M port`` was given (raising
 ``OSError`` when it cannot) and writes ``FASPMGR 2`` frames with escaped values; once the connection
@@ -10,26 +11,32 @@ fails it stops sending rather than failing the transfer. Nothing here ever recei
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
+from typing import TextIO
 
 __all__ = ("Manager", "err", "fmt_size", "out", "progress_line")
 
 
 def out(text: str) -> None:
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:  # the reader went away: nothing left to tell
-        pass
+    _write(sys.stdout, text)
 
 
 def err(text: str) -> None:
+    _write(sys.stderr, text + "\n")
+
+
+def _write(stream: TextIO, text: str) -> None:
     try:
-        sys.stderr.write(text + "\n")
-        sys.stderr.flush()
-    except BrokenPipeError:
-        pass
+        stream.write(text)
+        stream.flush()
+    except ConnectionError:  # the reader went away (EPIPE; a socket may say ECONNRESET): nothing left to tell
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
 
 
 def fmt_size(n: int) -> str:

@@ -16,6 +16,16 @@ Resume: with ``-k 1..3`` an existing ``.aspx`` that is no longer than the source
 (``-k 1``: size only; ``-k 2/3``: its bytes must equal the source's prefix, else it restarts from 0), and
 a complete destination (same size; ``-k 2/3`` same bytes) is skipped; without ``-k`` (or ``-k 0``) every
 file is sent from byte 0. ``-l`` really throttles (bits per second, K/M/G suffixes, default unit K).
+A source that shrinks while it is sent fails that file (``FILEERROR`` code 35, the part file kept) and the
+session goes on with the next one: its end would otherwise never come (see ``copy``).
+
+Lifetime: the client starts the stand-in in a session of its own, so a client killed with SIGKILL takes
+nothing with it. A session that is moving data then finishes (or fails) on its own and exits, as real ascp
+would. A session *held* by a fault (``stall``, ``wedge``) has nothing left to do once its client is gone:
+it waits on :class:`asyncdepo.sim.ascp_client.ClientWatch` (the client's pipes, its management connection and
+the parent process, all in one ``poll``; never a busy loop) and ends when the client is gone or after
+``ASYNCDEPO_SIM_ASCP_HOLD_LIMIT`` seconds (default 300, above any stall timeout a client uses), failing as a
+stalled FASP session (``Transfer stalled, timed out``, code 40, exit 1, counters written, part file kept).
 
 Environment:
 
@@ -25,15 +35,19 @@ Environment:
   ``{"token": ..., "paths": [remote paths]}`` there; 200 allows the session, anything else fails auth.
 * ``ASYNCDEPO_SIM_ASCP_FAIL`` — one fault: ``auth`` | ``drop:N`` (lose the connection after N bytes of
   this session, FASP code 16) | ``stall`` or ``stall:N`` (after N bytes, stop printing and hang until
-  signalled) | ``wedge`` (hang and ignore SIGTERM: only SIGKILL ends it) | ``noserver`` (no SSH
-  connection, code 12). A ``:once`` suffix fires it on the first session only (marker under
-  ``ROOT/.ascp-faults/``, created atomically when the fault fires: of concurrent sessions, one gets it).
+  signalled, the client is gone or the hold limit passed) | ``wedge`` (hang and ignore SIGTERM: only SIGKILL,
+  the client's end or the hold limit end it) | ``noserver`` (no SSH connection, code 12). A ``:once``
+  suffix fires it on the first session only (marker under ``ROOT/.ascp-faults/``, created atomically when
+  the fault fires: of concurrent sessions, one gets it).
 * ``ASYNCDEPO_SIM_ASCP_COUNTERS`` — a file that gets one JSON line per session (also after a failure or
   SIGTERM): ``{"bytes", "files", "resumed_from": {name: offset}, "status", "mode", "met", "rate_bps", "ppid"}``
   (``rate_bps``: the ``-l`` it was given, bits per second, or null; ``ppid``: the process that started it,
-  which tells a cluster's workers apart).
+  which tells a cluster's workers apart; a session killed with SIGKILL writes no line).
 * ``ASYNCDEPO_SIM_ASCP_NOTIFY`` — a path (a FIFO a test reads) that gets ``stalled <pid> <bytes>`` when a stall
-  fault fires, so a test can act at that moment (kill the client) without waiting on a clock.
+  fault fires, so a test can act at that moment (kill the client) without waiting on a clock. It is opened
+  without waiting for a reader and held open while the session stalls, so a reader that comes late still
+  reads the line.
+* ``ASYNCDEPO_SIM_ASCP_HOLD_LIMIT`` — seconds a ``stall`` or ``wedge`` holds at most (default 300).
 * ``ASYNCDEPO_SIM_ASCP_MEET`` — ``N``: before moving anything, a session waits (at most 30 s) until N sessions
   have started (markers under ``ROOT/.ascp-meet/``); ``met`` in its counters says whether they did, which
   proves that N sessions ran at once.
@@ -51,9 +65,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from asyncdepo.sim.ascp_client import HOLD_LIMIT, ClientWatch
 from asyncdepo.sim.ascp_output import Manager, err, out, progress_line
 
-__all__ = ("Args", "Dropped", "Job", "Session", "SessionError", "Usage")
+__all__ = ("Args", "Dropped", "FileFailed", "Job", "Session", "SessionError", "Usage")
+
+STALLED = "Transfer stalled, timed out"  # FASP error 40, as ascp describes it
 
 _REMOTE = re.compile(r"^(?:(?P<user>[^@/:]+)@)?(?P<host>[A-Za-z0-9_.\-]{2,}|\[[0-9a-fA-F:]+\]):(?P<path>.*)$")
 
@@ -73,6 +90,14 @@ class SessionError(Exception):
 
 class Dropped(SessionError):
     """The injected drop fault: the connection is lost mid-transfer."""
+
+
+class FileFailed(Exception):
+    """One file fails (``FILEERROR`` frame, ``ascp: name: text`` on stderr); the session goes on with the next."""
+
+    def __init__(self, text: str, code: int) -> None:
+        super().__init__(text)
+        self.code = code
 
 
 @dataclass
@@ -106,8 +131,11 @@ class Job:
 class Session:
     """One transfer: auth, plan, copy with resume and throttling, faults, counters."""
 
-    def __init__(self, a: Args, env: dict[str, str]) -> None:
+    def __init__(self, a: Args, env: dict[str, str], watch: ClientWatch | None = None) -> None:
         self.a, self.env = a, env
+        self.watch = watch if watch is not None else ClientWatch()
+        limit = env.get("ASYNCDEPO_SIM_ASCP_HOLD_LIMIT", "")
+        self.hold_limit = float(limit) if re.fullmatch(r"\d+(?:\.\d+)?", limit) else HOLD_LIMIT
         self.root = Path(env["ASYNCDEPO_SIM_ASCP_ROOT"]).resolve() if env.get("ASYNCDEPO_SIM_ASCP_ROOT") else None
         self.fault_spec = env.get("ASYNCDEPO_SIM_ASCP_FAIL", "")
         self.fault, self.fault_n, self.fault_once = _fault(self.fault_spec)
@@ -118,6 +146,7 @@ class Session:
         self.resumed: dict[str, int] = {}
         self.met: bool | None = None
         self.started = time.monotonic()
+        self.ppid = os.getppid()  # the client, while it lives (an orphan's getppid() names its reaper)
         self.send_mode = True
         self._last_print = 0.0
         self._pace_start = time.monotonic()
@@ -258,7 +287,12 @@ class Session:
                 self.mgr.send("FILEERROR", File=job.name, Code=4, Description="No such file or directory")
                 err(f"ascp: {job.name}: No such file or directory")
                 continue
-            self.copy(job)
+            try:
+                self.copy(job)
+            except FileFailed as exc:
+                self.failed += 1
+                self.mgr.send("FILEERROR", File=self.mgr_name(job), Code=exc.code, Description=str(exc))
+                err(f"ascp: {job.name}: {exc}")
         if missing and missing == len(jobs):
             raise SessionError("Server aborted session: No such file or directory", 4)
 
@@ -286,17 +320,22 @@ class Session:
             while done < size:
                 n = min(chunk, size - done)
                 if self.fault in ("drop", "stall") and self.bytes + n >= self.fault_n and self.fires(self.fault):
-                    n = max(0, self.fault_n - self.bytes)
-                    fout.write(fin.read(n))
+                    data = fin.read(max(0, self.fault_n - self.bytes))
+                    fout.write(data)
                     fout.flush()
-                    done += n
-                    self.bytes += n
+                    done += len(data)
+                    self.bytes += len(data)
                     self.show(job, done, size, force=True)
                     self.injected()
                 data = fin.read(n)
                 fout.write(data)
                 done += len(data)
                 self.bytes += len(data)
+                if len(data) < n:
+                    # The source ended before the size it had when the file started: it shrank under us. A
+                    # read at its end returns nothing, so going on would loop for ever at full speed. The
+                    # part file stays (a resume checks it against the source).
+                    raise FileFailed("Error reading source file from disk: the file shrank while it was sent", 35)
                 self.pace()
                 self.show(job, done, size)
         os.replace(part, job.dst)
@@ -329,18 +368,28 @@ class Session:
         self.met = True
 
     def injected(self) -> None:
+        """The drop or stall fault fires here. A stall holds the session until a signal ends it (the
+        runner's stall timeout), its client is gone, or ``hold_limit`` seconds passed; then it fails as a
+        stalled FASP session does. :raises SessionError: always (:class:`Dropped` for a drop)."""
         if self.fault == "drop":
             raise Dropped("Connection lost", 16)
-        self.fault = None  # stall: hang here until a signal ends us (the runner's stall timeout)
+        self.fault = None
         notify = self.env.get("ASYNCDEPO_SIM_ASCP_NOTIFY")
-        if notify:
-            fd = os.open(notify, os.O_WRONLY | os.O_APPEND)
-            try:
+        # O_RDWR: a FIFO opens at once even before its reader does (O_WRONLY would block until then: for
+        # ever if the reader never comes); held open during the stall, the line waits there for a late reader.
+        fd = os.open(notify, os.O_RDWR | os.O_APPEND | os.O_NONBLOCK) if notify else -1
+        try:
+            if fd >= 0:
                 os.write(fd, f"stalled {os.getpid()} {self.bytes}\n".encode())
-            finally:
+            self.hold()
+        finally:
+            if fd >= 0:
                 os.close(fd)
-        while True:
-            time.sleep(3600)
+        raise SessionError(STALLED, 40)
+
+    def hold(self) -> None:
+        """Wait, without using the CPU, until the client is gone or ``hold_limit`` seconds passed."""
+        self.watch.wait(self.hold_limit, self.mgr.sock)
 
     def pace(self) -> None:
         if self.a.rate_bps:
@@ -389,7 +438,7 @@ class Session:
             return
         line = json.dumps({"bytes": self.bytes, "files": self.files, "resumed_from": self.resumed,
                            "status": status, "mode": "send" if self.send_mode else "recv", "met": self.met,
-                           "rate_bps": self.a.rate_bps, "ppid": os.getppid()}) + "\n"
+                           "rate_bps": self.a.rate_bps, "ppid": self.ppid}) + "\n"
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line.encode())  # one write with O_APPEND: concurrent sessions do not interleave

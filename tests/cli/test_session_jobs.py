@@ -3,6 +3,8 @@ subprocess killed with SIGKILL mid-transfer, ``asyncdepo jobs`` and ``asyncdepo 
 ``asyncdepo resume JOB``: only what is missing moves (counted by the stand-in ascp and the simulators) and the
 target ends equal to the source. The kill point comes from the simulators (the stand-in ascp says on a FIFO
 when its stall fault fires; the Globus simulator sets an event at the first status poll), never from a clock.
+The stalled stand-in runs in a session of its own: it outlives the CLI, then ends by itself once it sees its
+client gone (awaited on a pidfd opened while the client still lived, so the pid cannot be another process's).
 """
 
 from __future__ import annotations
@@ -55,6 +57,21 @@ class Notices:
         os.close(self._read)
         os.close(self._keep)
 
+    def held(self) -> tuple[int, int]:
+        """``wait()``, then a pidfd of the stalled stand-in (opened while its client lives) and its bytes."""
+        pid, moved = self.wait()
+        return os.pidfd_open(pid), moved
+
+
+def ended(pidfd: int, timeout: float = 120.0) -> None:
+    """The stalled ascp ends once its client is gone: asyncdepo starts it to die with the client
+    (PR_SET_PDEATHSIG), so a resumed run never races an old ascp over the same files."""
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+    assert ready, "the stalled stand-in ascp outlived its client"
+
 
 @pytest.fixture
 def notices(tmp_path: Path) -> Iterator[Notices]:
@@ -77,19 +94,6 @@ def killed(argv: list[str], env: dict[str, str] | None, until: Any) -> Any:
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-
-
-def exits(pid: int, timeout: float = 60.0) -> bool:
-    """Whether process ``pid`` (not a child of ours) ends within ``timeout`` s: waits on a pidfd."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        ready, _, _ = select.select([fd], [], [], timeout)
-        return bool(ready)
-    finally:
-        os.close(fd)
 
 
 def only_job(journal: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -125,11 +129,12 @@ def test_killed_ascp_deposition_resumes_by_job_id(world: World, notices: Notices
     monkeypatch.setenv("ASYNCDEPO_SIM_ASCP_NOTIFY", str(notices.path))
     argv = world.argv("--stall-timeout", "600", "-e", str(world.thumb))
     argv[argv.index("--transfers") + 1] = "1"  # one session at a time: nothing else runs on after the kill
-    pid, moved = killed(["push", "empiar", *argv], None, notices.wait)
-    # the stalled ascp runs in a session of its own (Ctrl-C in the terminal does not reach it) but dies with
-    # the CLI: a resumed run never races an old ascp over the same files
-    assert exits(pid)
-    assert moved == 350_000 and [s["bytes"] for s in world.sessions()] == [readme]  # README's session
+    pidfd, moved = killed(["push", "empiar", *argv], None, notices.held)
+    ended(pidfd)
+    # README's session; the stalled one died with the CLI, killed before it wrote its counters or failing once
+    # it saw the CLI gone (its part file stays for -k 3)
+    assert moved == 350_000
+    assert [(s["bytes"], s["status"]) for s in world.sessions()] in ([(readme, 0)], [(readme, 0), (moved, 1)])
 
     job = only_job(world.journal)
     assert job["kind"] == "empiar" and job["state"] == "running" and job["source"] == str(world.data)
@@ -250,8 +255,8 @@ def test_killed_ascp_pull_resumes_by_job_id(tmp_path: Path, store: Path, notices
                 "ascp", "--ascp", SIM_ASCP, "--aspera-host", "127.0.0.1", "--stall-timeout", "600", "--journal",
                 str(journal), "-q"]
         faulty = {**env, "ASYNCDEPO_SIM_ASCP_FAIL": f"stall:{cut}:once", "ASYNCDEPO_SIM_ASCP_NOTIFY": str(notices.path)}
-        pid, moved = killed(argv, faulty, notices.wait)
-        assert exits(pid)  # the stalled ascp died with the CLI
+        pidfd, moved = killed(argv, faulty, notices.held)
+        ended(pidfd)
         assert moved == cut
         job = only_job(journal, env)
         assert job["kind"] == "pull" and job["state"] == "running" and job["target"] == str(out)
@@ -259,8 +264,10 @@ def test_killed_ascp_pull_resumes_by_job_id(tmp_path: Path, store: Path, notices
         assert res.returncode == 0, res.stderr
         code, st = status(journal, job["id"], env)
     sessions = [json.loads(x) for x in (tmp_path / "ascp.jsonl").read_text().splitlines()]
-    assert [s["bytes"] for s in sessions] == [total - cut]  # the killed session wrote no line; the rest moved once
-    assert len(sessions[0]["resumed_from"]) == 1
+    # the stalled session died with its client (killed with no counters, or failed once it saw the client
+    # gone); the resume moved the rest once
+    assert [(s["bytes"], s["status"]) for s in sessions] in ([(total - cut, 0)], [(cut, 1), (total - cut, 0)])
+    assert len(sessions[-1]["resumed_from"]) == 1
     _identical(store, out)
     assert code == 0 and counts(st) == {"done": 16} and st["job"]["state"] == "done"
 
