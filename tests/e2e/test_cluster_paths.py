@@ -1,19 +1,24 @@
 """The cluster job's recovery paths with real faults: a worker process killed while it sends, with the
 scheduler giving up on the batch at once (``KilledWorker``): the batch's items fail transiently and the
-run's retry rounds send them again; a scheduler address that refuses; dask missing; the sweep of a killed
-run's leftovers against a real scheduler's extensions. Outcomes: bytes on the target, the JSON events and
-report, exit codes and messages, what the scheduler holds."""
+run's retry rounds send them again; Ctrl-C while batches are out (the coordinator takes everything back
+from the scheduler; resume completes); the workers' ascp finding no server (each file goes by the
+coordinator's Globus); a scheduler address that refuses; a missing source; dask missing; a packed archive
+refused by the API; the sweep of a killed run's leftovers against a real scheduler's extensions. Outcomes:
+bytes on the target, the JSON events and report, exit codes and messages, what the scheduler holds."""
 
 from __future__ import annotations
 
 import os
 import signal
 import socket
+import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import web
 
@@ -22,8 +27,12 @@ from asyncdepo.engine.cluster_setup import sweep
 from asyncdepo.sim import tus
 from asyncdepo.sim.faults import FaultInjector
 from asyncdepo.sim.server import ThreadedSim
+from tests.cli.test_empiar_cli import World, tree_md5, world  # noqa: F401 - world is a fixture
 from tests.conftest import tree_digests, upload_bytes
+from tests.e2e.conftest import worker_env
 from tests.e2e.test_cluster import _finished, _lines, _peer_pid
+from tests.e2e.test_cluster_empiar import _ascp_env, _on_cluster, _report
+from tests.e2e.test_cluster_failures import CLI, _left_on_scheduler, _runtimes
 
 distributed = pytest.importorskip("distributed")
 
@@ -162,3 +171,91 @@ async def test_sweep_forgets_a_jobs_channels_checkpoints_and_semaphore_only() ->
         assert len(held("asyncdepo-j2-")) == 3  # another job's are left alone
         await sweep(_OnScheduler(client, sched), "asyncdepo-j2-", plugins=False)
         assert held("asyncdepo-j2-") == ["asyncdepo-j2-t-secrets"]  # channels only with plugins=True
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_cluster_job_takes_everything_back_and_resume_completes(
+        cluster: Any, client: Any, tmp_path: Path, dataset: Path, journal: Path, threaded_tus: ThreadedSim,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    faults = threaded_tus.faults  # type: ignore[attr-defined]
+    stalled = threading.Event()
+    faults.on_stall.append(lambda n: stalled.set())
+    threaded_tus.call(lambda: faults.add("PATCH * stall skip=2 first=0"))
+    url = f"tus+http://127.0.0.1:{threaded_tus.server.port}/files/"  # type: ignore[union-attr]
+    argv = ["push", str(dataset), url, "--scheduler", cluster.scheduler_address, "--batch-files", "4",
+            "--chunk-size", "1M", "--journal", str(journal)]
+    proc = subprocess.Popen([*CLI, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert stalled.wait(timeout=120), "the push never reached the stall"
+        proc.send_signal(signal.SIGINT)  # Ctrl-C while batches are out, items in flight on the workers
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err.decode()
+    assert b"interrupted" in err
+    (job,) = orjson.loads((cli_main(["jobs", "--journal", str(journal), "--json"]), capfd.readouterr().out)[1])
+    prefix = f"asyncdepo-{job['id']}-"
+    # the interrupted coordinator took its credentials back and forgot its checkpoints and semaphore
+    assert _left_on_scheduler(client, prefix) == {"plugins": [], "variables": [], "semaphores": []}
+    assert not [c for c in _runtimes(client) if c.startswith(prefix)]
+    threaded_tus.call(faults.clear)
+    threaded_tus.call(faults.release_stalls)
+    rc = cli_main(["resume", job["id"], "--journal", str(journal), "--scheduler", cluster.scheduler_address])
+    assert rc == 0, capfd.readouterr().err
+    assert tree_digests(threaded_tus.store / "complete") == tree_digests(dataset)  # type: ignore[attr-defined]
+
+
+def test_a_source_that_is_not_there_ends_the_cluster_job_before_any_batch(
+        cluster: Any, client: Any, tmp_path: Path, journal: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    rc = cli_main(["push", str(tmp_path / "missing"), f"file://{tmp_path / 'dst'}", "--scheduler",
+                   cluster.scheduler_address, "--journal", str(journal)])
+    err = capfd.readouterr().err
+    assert rc == 2 and str(tmp_path / "missing") in err, err
+    assert not (tmp_path / "dst").exists()
+    assert not [p for p in client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.worker_plugins))
+                if p.startswith("asyncdepo-")]
+
+
+async def test_push_on_cluster_refuses_a_packed_archive_before_it_connects(tmp_path: Path) -> None:
+    import dataclasses
+
+    from asyncdepo.adapters.local import LocalAdapter
+    from asyncdepo.config import EngineConfig
+    from asyncdepo.engine.cluster import push_on_cluster
+    from asyncdepo.engine.cluster_setup import ClusterOptions
+    from asyncdepo.errors import UsageError
+
+    # the option check of the API itself (the CLI refuses PDIS earlier): a target that packs the source
+    adapter = LocalAdapter(f"file://{tmp_path / 'dst'}")
+    adapter.features = dataclasses.replace(adapter.features, packed=True)
+    with pytest.raises(UsageError, match="one packed upload") as exc:
+        await push_on_cluster(tmp_path, adapter, EngineConfig(), lambda c: adapter,
+                              ClusterOptions(scheduler="tcp://127.0.0.1:9"))
+    assert "without --scheduler / --local-cluster" in (exc.value.hint or "")
+
+
+
+@pytest.mark.slow
+def test_files_the_workers_ascp_cannot_send_go_by_the_coordinators_globus(
+        world: World, cluster: Any, client: Any, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    from asyncdepo.cli import empiar as empiar_cli
+    from asyncdepo.sim import globus as globus_sim
+
+    # every ascp session on the workers finds no server (FASP code 12): not a refused login, so each file
+    # fails on its own and goes to the coordinator's Globus
+    with worker_env(client, **_ascp_env(ASYNCDEPO_SIM_ASCP_FAIL="noserver")):
+        rc = empiar_cli.push_main(_on_cluster(world, cluster.scheduler_address, "--attempts", "1",
+                                              *world.globus_argv()))
+    report = _report(capsys.readouterr().out)
+    assert rc == 0, report["failures"]
+    entry = world.only_entry()
+    assert entry.submitted and tree_md5(world.uploaded(entry)) == tree_md5(world.data)
+    sessions = world.sessions()
+    assert len(sessions) == 6 and all(s["status"] != 0 and s["bytes"] == 0 for s in sessions)  # one per file
+    assert world.globus.server is not None
+    tasks = globus_sim.state_of(world.globus.server.app).tasks.values()
+    assert sorted(i["destination_path"].rsplit("/", 1)[-1] for t in tasks for i in t.items) == sorted(
+        p.name for p in world.data.rglob("*") if p.is_file())
+    assert report["files_done"] == 6 and report["cluster"]["fallback"] == 6
