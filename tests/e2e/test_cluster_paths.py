@@ -1,6 +1,6 @@
 """The cluster job's recovery paths with real faults: a worker process killed while it sends, with the
 scheduler giving up on the batch at once (``KilledWorker``): the batch's items fail transiently and the
-run's retry rounds send them again; Ctrl-C while batches are out (the coordinator takes everything back
+run's retry rounds send them again, those its worker had finished stay done; Ctrl-C while batches are out (the coordinator takes everything back
 from the scheduler; resume completes); the workers' ascp finding no server (each file goes by the
 coordinator's Globus); a scheduler address that refuses; a missing source; dask missing; a packed archive
 refused by the API; the sweep of a killed run's leftovers against a real scheduler's extensions. Outcomes:
@@ -263,3 +263,80 @@ def test_files_the_workers_ascp_cannot_send_go_by_the_coordinators_globus(
     assert sorted(i["destination_path"].rsplit("/", 1)[-1] for t in tasks for i in t.items) == sorted(
         p.name for p in world.data.rglob("*") if p.is_file())
     assert report["files_done"] == 6 and report["cluster"]["fallback"] == 6
+
+
+@pytest.mark.slow
+def test_a_lost_batch_keeps_the_items_its_worker_had_finished(cluster: Any, client: Any, tmp_path: Path,
+                                                              journal: Path) -> None:
+    import asyncio
+    import queue
+
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {"small.bin": os.urandom(10_000), "big.bin": os.urandom(4 << 20)}
+    for rel, data in files.items():
+        (src / rel).write_bytes(data)
+    pids = set(client.run(os.getpid).values())
+    store = tmp_path / "tus-store"
+    holder: list[int] = []
+    hanging = threading.Event()
+
+    @web.middleware
+    async def hang(request: web.Request, handler: Any) -> web.StreamResponse:
+        # big.bin's second chunk, the first time: note the worker that sends it and never answer (the worker's
+        # death closes the connection)
+        if request.method == "PATCH" and not holder:
+            up = request.app[tus.STATE_KEY].uploads.get(request.path.rsplit("/", 1)[-1])
+            if up is not None and up.metadata.get("relpath") == "big.bin" and up.offset > 0:
+                peer = request.transport.get_extra_info("peername") if request.transport else None
+                pid = _peer_pid(peer[1], request.url.port or 0) if peer else None
+                if pid in pids:
+                    holder.append(pid)
+                    hanging.set()
+                    await asyncio.Event().wait()
+        return await handler(request)
+
+    def app() -> web.Application:
+        a = tus.build_app(store, FaultInjector(), None)
+        a.middlewares.insert(0, hang)
+        return a
+
+    old = _allowed_failures(client, 0)
+    lines: list[dict[str, Any]] = []
+    errfile = open(tmp_path / "stderr.txt", "wb")  # noqa: SIM115 - closed below
+    try:
+        with ThreadedSim(app) as sim:
+            url = f"tus+http://127.0.0.1:{sim.server.port}/files/"  # type: ignore[union-attr]
+            proc = subprocess.Popen([*CLI, "push", str(src), url, "--scheduler", cluster.scheduler_address,
+                                     "--batch-files", "2", "--transfers", "2", "--chunk-size", "1M", "--journal",
+                                     str(journal), "--json"], stdout=subprocess.PIPE, stderr=errfile)
+            out: queue.Queue[bytes] = queue.Queue()
+            reader = threading.Thread(target=lambda: [out.put(line) for line in proc.stdout or ()], daemon=True)
+            reader.start()
+            try:
+                # the coordinator has small.bin done (from the worker's progress) while big.bin hangs
+                while not any(d.get("event") == "item_done" and d.get("rel") == "small.bin" for d in lines):
+                    line = out.get(timeout=120)
+                    if line.startswith(b"{"):
+                        lines.append(orjson.loads(line))
+                assert hanging.wait(timeout=120), "big.bin's second chunk never came"
+                os.kill(holder[0], signal.SIGKILL)
+                proc.wait(timeout=300)
+                reader.join(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            while not out.empty():
+                line = out.get()
+                if line.startswith(b"{"):
+                    lines.append(orjson.loads(line))
+    finally:
+        _allowed_failures(client, old)
+        errfile.close()
+    assert proc.returncode == 0, (tmp_path / "stderr.txt").read_text()
+    assert tree_digests(store / "complete") == tree_digests(src)
+    failed = [(d["rel"], d["transient"]) for d in lines if d["event"] == "item_failed"
+              and "the cluster lost this batch (KilledWorker" in d["error"]]
+    assert failed == [("big.bin", True)]  # small.bin was finished: it is not failed with its batch
+    assert Counter(d["rel"] for d in lines if d["event"] == "item_done") == Counter(list(files))
