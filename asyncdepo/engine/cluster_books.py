@@ -191,9 +191,7 @@ class Books:
                 await run.journal.record_chunk(run.job, rel, offset, length, digest)
 
     def _forget(self, key: str) -> None:
-        held = self.held.pop(key, None)
-        if held is None:
-            return
+        held = self.held.pop(key)  # each batch once: after its result, or when the pass gives it up
         active = self.run.reporter.stats.active if self.run is not None else {}
         for rel in held.items:
             if self.owner.get(rel) is held:

@@ -50,10 +50,6 @@ class Batch:
     rate: float | None
     chunks: dict[str, list[list[Any]]] = dataclasses.field(default_factory=dict)
 
-    @property
-    def size(self) -> int:
-        return sum(max(0, i[2]) for i in self.items)
-
 
 #: error attributes that travel with a WireError (those of the classes in :mod:`asyncdepo.errors`)
 _ATTRS = ("path", "free", "status", "retry_after", "offset", "field", "holder")

@@ -477,8 +477,9 @@ class Watch:
 
     async def _found(self, found: list[Item], send: ObjectSendStream[list[Item]]) -> None:
         """Files that events (or a walk of a new directory) named: they start to settle (marker mode: those
-        released are handed over)."""
-        found = [it for it in found if it.rel not in self.pending and it.rel not in self.handed]
+        released are handed over). A file still in the pass is not dropped: :meth:`_hand` holds it back and
+        looks at it again once that version has ended (else its change would wait for the next rescan)."""
+        found = [it for it in found if it.rel not in self.pending]
         if self.options.ready is not None:
             await self._hand(found, send, first=False)
             return
