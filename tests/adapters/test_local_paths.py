@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from asyncdepo.contract import RemoteItem
 from asyncdepo.digests import digest_bytes
 from asyncdepo.errors import DiskFullError, PermanentError, SourceError, TransientError, UsageError
 from tests.adapters.test_local_adapter import chunks, digests, make_item
+from tests.tmpfs import remount, small_tmpfs
 
 KiB = 1 << 10
 
@@ -31,22 +31,14 @@ class Disk:
         self.path = path
 
     def remount(self, options: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,{options}", str(self.path)], check=True)
+        remount(self.path, options)
 
 
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[Disk]:
     """A 1 MiB tmpfs (the tests run as root; elsewhere they cannot make a small disk and fail, loudly)."""
-    path = tmp_path / "disk"
-    path.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], check=False,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.fail(f"cannot mount a small tmpfs (needs root): {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", "1m") as path:
         yield Disk(path)
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def journaled(data: bytes, size: int) -> list[tuple[int, int, str]]:

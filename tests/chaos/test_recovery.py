@@ -32,6 +32,7 @@ from tests.chaos.world import (
     write_tree,
 )
 from tests.conftest import tus_args
+from tests.tmpfs import small_tmpfs
 
 ONE = {"one/big.bin": random.Random(1).randbytes(3 * MiB + 4567)}
 
@@ -367,16 +368,9 @@ def run_unprivileged(target: Target, *extra: str) -> Outcome:
 def test_the_journal_on_a_full_disk_fails_the_run_clearly(tmp_path: Path) -> None:
     """The journal's commit fails (its disk is full): the transaction is rolled back, the run stops with a
     message naming the journal, and the target holds no file that differs."""
-    disk = tmp_path / "jdisk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=False).returncode:
-        pytest.fail("cannot mount a small tmpfs for the journal (needs root)")
-    try:
-        with LocalTarget(tmp_path) as target:
-            target.make_source({f"d/{i:04d}.bin": bytes([i % 256]) * 2000 for i in range(3000)})
-            target.journal = disk / "journal.sqlite"
-            outcome = run(target, "--json")
-            check(target, outcome, ok=False, also=(str(target.journal),))
-            assert "journal" in outcome.text, outcome.text
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+    with small_tmpfs(tmp_path / "jdisk", "1m") as disk, LocalTarget(tmp_path) as target:
+        target.make_source({f"d/{i:04d}.bin": bytes([i % 256]) * 2000 for i in range(3000)})
+        target.journal = disk / "journal.sqlite"
+        outcome = run(target, "--json")
+        check(target, outcome, ok=False, also=(str(target.journal),))
+        assert "journal" in outcome.text, outcome.text

@@ -9,7 +9,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from tests.chaos.outcome import FIGURES, Outcome, Watch, check, params, run, run_killed, start
 from tests.chaos.world import LocalTarget, MiB, Target
+from tests.tmpfs import small_tmpfs
 
 CHANGES = ("grow", "shrink", "rewrite", "vanish")
 
@@ -160,16 +160,8 @@ def test_different_jobs_sharing_a_journal_run_side_by_side(tmp_path: Path) -> No
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs (we run as root in CI; elsewhere the test cannot make a small disk and fails, loudly)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True,
-                          text=True, check=False)
-    if done.returncode != 0:
-        pytest.fail(f"cannot mount a small tmpfs for the disk-full cases (needs root): {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", "16m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _fill(disk: Path, world: LocalTarget) -> Path:

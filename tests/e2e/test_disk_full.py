@@ -19,6 +19,7 @@ import pytest
 
 from asyncdepo.cli import main as cli_main
 from tests.conftest import cli_process, tree_digests
+from tests.tmpfs import remount, small_tmpfs
 
 if TYPE_CHECKING:
     from tests.adapters.s3_servers import S3TestServer
@@ -32,21 +33,8 @@ MiB = 1 << 20
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[tuple[Path, Callable[[str], None]]]:
     """A 4 MiB tmpfs, and a function that resizes it (``"32m"``): "freeing space"."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); "
-                    "test_disk_full_injected covers the same path with an injected ENOSPC")
-
-    def resize(size: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
-
-    try:
-        yield disk, resize
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+    with small_tmpfs(tmp_path / "disk", "4m") as disk:
+        yield disk, lambda size: remount(disk, f"size={size}")
 
 
 def _source(root: Path) -> Path:
@@ -111,11 +99,11 @@ def test_s3_pull_into_a_full_disk_stops_with_one_message(
            "AWS_SECRET_ACCESS_KEY": moto_server.secret_key}
     argv = [sys.executable, "-m", "asyncdepo.cli", "pull", f"s3://{bucket}/ds", str(disk), "--endpoint-url",
             moto_server.endpoint_url, "--transfers", "2"]
-    full = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    full = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=300, env=env)
     assert full.returncode == 1, full.stderr
     _check_one_message(full.stderr, disk)
     resize("32m")
-    again = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    again = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stderr
     assert tree_digests(disk) == tree_digests(src)
 

@@ -24,6 +24,7 @@ from asyncdepo.engine.joblock import lock_path
 from asyncdepo.engine.journal import Journal, job_id
 from asyncdepo.engine.pipeline import FileSource
 from asyncdepo.errors import DiskFullError, JobLockedError, UsageError
+from tests.tmpfs import small_tmpfs
 
 
 class SmallDisk:
@@ -49,16 +50,8 @@ class SmallDisk:
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True,
-                             text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); needs root")
-    try:
+    with small_tmpfs(tmp_path / "disk", "256k") as disk:
         yield SmallDisk(disk)
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 # -- the journal on a full disk -------------------------------------------------------------------------------
