@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,35 @@ def _peer_pid(port: int, server_port: int) -> int | None:
     return None
 
 
+def worker_killing_tus(store: Path, pids: set[int], nth: int) -> tuple[Callable[[], web.Application],
+                                                                        FaultInjector, list[int]]:
+    """A tus simulator (its app factory, its fault injector) that SIGKILLs the worker process (one of ``pids``)
+    sending the ``nth`` request carrying bytes (a PATCH; a POST only creates the upload), while it sends; the
+    pid killed goes into the list returned."""
+    faults = FaultInjector()
+    killed: list[int] = []
+    seen = Counter[str]()
+
+    @web.middleware
+    async def killer(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method == "PATCH":
+            seen["patches"] += 1
+            if seen["patches"] == nth and not killed:
+                peer = request.transport.get_extra_info("peername") if request.transport else None
+                pid = _peer_pid(peer[1], request.url.port or 0) if peer else None
+                if pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+        return await handler(request)
+
+    def app() -> web.Application:
+        a = tus.build_app(store, faults, None)
+        a.middlewares.append(killer)
+        return a
+
+    return app, faults, killed
+
+
 def test_secrets_stay_out_of_the_task_graph_logs_and_events(cluster: Any, client: Any, tmp_path: Path,
                                                             dataset: Path, journal: Path,
                                                             threaded_tus: ThreadedSim) -> None:
@@ -284,29 +314,8 @@ def test_worker_killed_mid_batch_costs_at_most_a_chunk_per_item_in_flight(
     by_pid = {pid: str(client.scheduler_info()["workers"][addr]["name"])
               for addr, pid in client.run(os.getpid).items()}
     pids = set(by_pid)
-    faults = FaultInjector()
     store = tmp_path / "tus-store"
-    killed: list[int] = []
-    seen = Counter[str]()
-
-    @web.middleware
-    async def killer(request: web.Request, handler: Any) -> web.StreamResponse:
-        # the 24th request carrying bytes (a PATCH; a POST only creates the upload): kill the worker process
-        # that sent it, while it is sending
-        if request.method == "PATCH":
-            seen["uploads"] += 1
-            if seen["uploads"] == 24 and not killed:
-                peer = request.transport.get_extra_info("peername") if request.transport else None
-                pid = _peer_pid(peer[1], request.url.port or 0) if peer else None
-                if pid in pids:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-        return await handler(request)
-
-    def app() -> web.Application:
-        a = tus.build_app(store, faults, None)
-        a.middlewares.append(killer)
-        return a
+    app, faults, killed = worker_killing_tus(store, pids, 24)
 
     transfers = 2
     with ThreadedSim(app) as sim:

@@ -30,7 +30,7 @@ from asyncdepo.sim.server import ThreadedSim
 from tests.cli.test_empiar_cli import World, tree_md5, world  # noqa: F401 - world is a fixture
 from tests.conftest import tree_digests, upload_bytes
 from tests.e2e.conftest import worker_env
-from tests.e2e.test_cluster import _finished, _lines, _peer_pid
+from tests.e2e.test_cluster import _finished, _lines, _peer_pid, worker_killing_tus
 from tests.e2e.test_cluster_empiar import _ascp_env, _on_cluster, _report
 from tests.e2e.test_cluster_failures import CLI, _left_on_scheduler, _runtimes
 
@@ -55,28 +55,8 @@ def test_a_batch_the_cluster_gives_up_on_is_sent_again_by_the_retry_rounds(
     for rel, data in files.items():
         (src / rel).write_bytes(data)
     pids = set(client.run(os.getpid).values())
-    faults = FaultInjector()
     store = tmp_path / "tus-store"
-    killed: list[int] = []
-    seen = Counter[str]()
-
-    @web.middleware
-    async def killer(request: web.Request, handler: Any) -> web.StreamResponse:
-        # the 3rd request carrying bytes: SIGKILL the worker process that sends it, while it sends
-        if request.method == "PATCH":
-            seen["patches"] += 1
-            if seen["patches"] == 3 and not killed:
-                peer = request.transport.get_extra_info("peername") if request.transport else None
-                pid = _peer_pid(peer[1], request.url.port or 0) if peer else None
-                if pid in pids:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-        return await handler(request)
-
-    def app() -> web.Application:
-        a = tus.build_app(store, faults, None)
-        a.middlewares.append(killer)
-        return a
+    app, faults, killed = worker_killing_tus(store, pids, 3)
 
     old = _allowed_failures(client, 0)  # the scheduler gives up on a batch the first time its worker dies
     try:
