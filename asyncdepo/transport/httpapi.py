@@ -12,8 +12,9 @@ the threaded pool; urllib3's pool in the same threads cost 1.20x the CPU (1.17x 
 keep-alive pool. Errors come out of the one error boundary (:func:`asyncdepo.transport.failures.boundary`): a
 network failure or timeout as TransientError, an untrusted certificate as PermanentError with a hint;
 messages name the request by method and path, never its query or headers. HTTP statuses are the caller's to
-map (``Reply.status``), with the archive's own words in ``Reply.body``. No redirect is followed, no proxy
-used, nothing retried (the pacer is the one retry loop).
+map (``Reply.status``), with the archive's own words in ``Reply.body``. No redirect is followed, nothing
+retried (the pacer is the one retry loop). Requests go through the proxy the environment names for them
+(``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``NO_PROXY``, see :func:`asyncdepo.transport.httpbody.proxy_request_class`).
 """
 
 from __future__ import annotations

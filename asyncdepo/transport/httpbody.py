@@ -33,6 +33,7 @@ so a stuck request is retried, never waited on.
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
@@ -41,6 +42,7 @@ from typing import Any, Self
 import aiohttp
 import anyio
 from aiohttp import payload
+from yarl import URL
 
 from asyncdepo.contract import ByteSource
 from asyncdepo.errors import SourceChangedError, TransientError
@@ -266,9 +268,55 @@ def request_timeout(nbytes: int | None = None, *, min_rate: float = 1 << 20, bas
 
 def client_session(*, limit: int = 64, limit_per_host: int = 0, ssl: Any = None,
                    headers: dict[str, str] | None = None, **kw: Any) -> aiohttp.ClientSession:
-    """A ClientSession with a bounded connection pool and default timeouts (call inside a running loop)."""
+    """A ClientSession with a bounded connection pool and default timeouts (call inside a running loop).
+
+    Requests go through the proxy the environment names for them (:func:`proxy_request_class`), as curl and
+    requests do.
+    """
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit_per_host, ssl=ssl,
                                      enable_cleanup_closed=True)
+    kw.setdefault("request_class", proxy_request_class())
     return aiohttp.ClientSession(connector=connector, timeout=request_timeout(), headers=headers,
                                  auto_decompress=False, **kw)
 
+
+def proxy_request_class(proxies: Mapping[str, str] | None = None) -> type[aiohttp.ClientRequest]:
+    """The request class for a session that honours ``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``NO_PROXY`` (either
+    case; ``proxies`` as :func:`urllib.request.getproxies` returns them, read now when None).
+
+    Each request to a URL whose scheme has a proxy and whose host ``NO_PROXY`` does not exempt goes through
+    that proxy (``https`` through a CONNECT tunnel); credentials in the proxy's URL (``http://user:pw@host:port``)
+    go only to the proxy, as ``Proxy-Authorization``. A proxy given without a scheme is ``http://``.
+
+    Why not aiohttp's ``trust_env=True``: it also sends ``~/.netrc`` credentials as Basic auth to any host
+    without an ``Authorization`` of its own (a ``default`` entry: to every host, a presigned URL's storage
+    host included), refuses a request that carries its own ``Authorization`` to a host the file names, and
+    reads the environment and that file in a thread on every request. Here the environment is read once per
+    session, and when it names no proxy the plain request class is returned: nothing is added per request.
+    """
+    import urllib.request  # aiohttp imported it already
+
+    table = dict(urllib.request.getproxies() if proxies is None else proxies)
+    routes = {scheme: _proxy_url(table[scheme]) for scheme in ("http", "https") if table.get(scheme)}
+    if not routes:
+        return aiohttp.ClientRequest
+
+    @functools.lru_cache(maxsize=256)
+    def bypass(host: str) -> bool:
+        return bool(urllib.request.proxy_bypass(host))  # NO_PROXY, as httpget.proxied reads it
+
+    class EnvProxyRequest(aiohttp.ClientRequest):
+        def update_proxy(self, proxy: URL | None, proxy_auth: aiohttp.BasicAuth | None,
+                         proxy_headers: Any) -> None:
+            if proxy is None and (route := routes.get(self.url.scheme)) is not None \
+                    and not bypass(self.url.host or ""):
+                proxy, proxy_auth = route
+            super().update_proxy(proxy, proxy_auth, proxy_headers)
+
+    return EnvProxyRequest
+
+
+def _proxy_url(value: str) -> tuple[URL, aiohttp.BasicAuth | None]:
+    """A proxy setting -> its URL without credentials, and the credentials (only ever sent to the proxy)."""
+    url = URL(value if "://" in value else f"http://{value}")
+    return url.with_user(None), aiohttp.BasicAuth.from_url(url)

@@ -34,7 +34,7 @@ import anyio
 from yarl import URL
 
 from asyncdepo.contract import ByteSource
-from asyncdepo.transport.httpbody import SourcePayload, ViewPayload
+from asyncdepo.transport.httpbody import SourcePayload, ViewPayload, proxy_request_class
 from asyncdepo.transport.s3errors import map_error_response, map_s3_error, parse_s3_xml
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,7 @@ class FastPath:
                 timeout=timeout,
                 auto_decompress=False,
                 skip_auto_headers=("Content-Type", "Accept-Encoding", "User-Agent"),
+                request_class=proxy_request_class(),  # through the environment's proxy, as botocore goes
             )
         return self._session
 
