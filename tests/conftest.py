@@ -122,3 +122,15 @@ def _private_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     """Every push and pull is a journaled job: a test that names no journal (and the subprocesses it starts)
     writes it under a temporary XDG_STATE_HOME, never into the home directory."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+
+
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_from_the_developer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every HTTP session honours the proxy environment: a developer's own proxy variables (either case) must
+    not send the tests' loopback traffic (and the subprocesses they start) through a proxy."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
