@@ -50,7 +50,6 @@ All SQLite calls run in one worker thread (a CapacityLimiter of 1), never on the
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -63,9 +62,9 @@ from typing import Any, TypeVar, TypeVarTuple
 import anyio
 
 from asyncdepo.engine.joblock import JobLock, lock_path
+from asyncdepo.engine.journalerrors import disk_full, failed, full, unusable
 from asyncdepo.engine.journalrows import ITEM_FIELDS, MIGRATIONS, SCHEMA, db_key, db_text, dumps, loads
-from asyncdepo.errors import DiskFullError, TransientError, UsageError
-from asyncdepo.transport.failures import disk_error
+from asyncdepo.errors import DiskFullError
 from asyncdepo.transport.pacer import RetryPolicy, retry_call
 
 #: the error text of an item whose source vanished (the sweep of a later run recognises its own rows by it)
@@ -79,11 +78,6 @@ BUSY_TIMEOUT = 30.0
 
 _T = TypeVar("_T")
 _Args = TypeVarTuple("_Args")
-
-
-def _disk_full(exc: sqlite3.Error) -> bool:
-    """SQLite's answer when the disk under the journal (or its WAL) is full."""
-    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
 
 
 def default_path() -> Path:
@@ -146,7 +140,7 @@ class Journal:
         try:
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT)
         except sqlite3.Error as exc:  # a directory, or a folder this user may not write
-            raise self._unusable(exc) from None
+            raise unusable(self.path, exc) from None
         if fresh:
             os.chmod(self.path, 0o600)
         try:
@@ -170,7 +164,7 @@ class Journal:
         except BaseException as exc:
             db.close()
             if isinstance(exc, sqlite3.Error):
-                raise self._failed(exc) from None
+                raise failed(self.path, exc) from None
             raise
         self._db = db
 
@@ -185,36 +179,12 @@ class Journal:
         try:
             await self._run(fn)
         except sqlite3.OperationalError as exc:
-            if not _disk_full(exc):
+            if not disk_full(exc):
                 raise
-            self.broken = self._full(exc)
+            self.broken = full(self.path, exc)
             self._pending, self._chunks, self._forget = {}, {}, []
             return False
         return True
-
-    def _failed(self, exc: sqlite3.Error) -> DiskFullError | TransientError | UsageError:
-        """What a failed open (of the journal or of a job) raises: its disk is full; it is locked by another
-        process past the busy timeout (worth another try); or it is no journal this run can use."""
-        if _disk_full(exc):
-            return self._full(exc)
-        if "locked" in str(exc) or "busy" in str(exc):
-            return TransientError(f"journal {self.path}: {exc}",
-                                  hint="another asyncdepo is creating or migrating it; try again")
-        return self._unusable(exc)
-
-    def _unusable(self, exc: sqlite3.Error) -> UsageError:
-        """The journal's path names no journal this run can use (not a database, a directory, read-only)."""
-        return UsageError(f"journal {self.path} cannot be used: {exc}",
-                          hint="give --journal the path of an asyncdepo journal (or of a new file) that this user "
-                               "may write; a damaged journal can be moved away (its jobs then start afresh)")
-
-    def _full(self, exc: sqlite3.Error) -> DiskFullError:
-        """The journal's disk is full, as the error the run reports (naming the journal and the space free)."""
-        err = disk_error(f"journal {self.path}", OSError(errno.ENOSPC, str(exc)), self.path.parent)
-        assert isinstance(err, DiskFullError)
-        err.hint = ("free space on its disk (or give --journal a path on another) and run the same command "
-                    "again; files whose end it could not record are sent again")
-        return err
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -261,7 +231,7 @@ class Journal:
         except BaseException as exc:
             await self.release_job(jid)
             if isinstance(exc, sqlite3.Error):
-                raise self._failed(exc) from None
+                raise failed(self.path, exc) from None
             raise
         return jid, existed
 
