@@ -70,8 +70,9 @@ from asyncdepo.transport.pacer import RetryPolicy, retry_call
 #: the error text of an item whose source vanished (the sweep of a later run recognises its own rows by it)
 VANISHED = "source vanished"
 
-#: opening a journal that other processes are creating at the same moment: a few quick tries
-OPEN_RETRY = RetryPolicy(attempts=6, base=0.05, cap=1.0)
+#: opening a journal that other processes are creating or writing at the same moment: some quick tries, then
+#: slower ones (~10 s in all; SQLite answers "locked" at once, without its busy wait, in a few states of WAL)
+OPEN_RETRY = RetryPolicy(attempts=10, base=0.05, cap=2.0)
 
 #: seconds SQLite waits for a lock held by another connection before it answers "database is locked"
 BUSY_TIMEOUT = 30.0
@@ -145,7 +146,8 @@ class Journal:
             os.chmod(self.path, 0o600)
         try:
             db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
-            db.execute("PRAGMA journal_mode=WAL")
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":  # changing it takes an exclusive lock
+                db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("BEGIN IMMEDIATE")
             try:

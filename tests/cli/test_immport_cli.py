@@ -177,8 +177,10 @@ def test_stalled_ascp_is_killed_and_resumed_in_the_same_run(tmp_path: Path, stor
     assert res.returncode == 0, res.stderr
     assert "WARNING" not in res.stderr and "retrying" not in res.stderr, res.stderr  # -q: the retry is silent
     sessions = [json.loads(x) for x in (tmp_path / "ascp.jsonl").read_text().splitlines()]
-    # the hung ascp was stopped (its counters written on SIGTERM); the next session moved only the rest
-    assert [s["bytes"] for s in sessions] == [cut, total - cut] and sessions[0]["status"] != 0
+    # the hung ascp was stopped (SIGTERM: it writes its counters then; a loaded machine may see it SIGKILLed at
+    # the end of the grace before it did); the next session moved only the rest
+    assert [s["bytes"] for s in sessions] in ([cut, total - cut], [total - cut])
+    assert all(s["status"] != 0 for s in sessions[:-1]) and sessions[-1]["status"] == 0
     _identical(store, tmp_path / "out")
 
 
